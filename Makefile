@@ -1,0 +1,45 @@
+# The two commands of the README:
+#   make demo   set up, then run the main study end to end and write its report
+#   make test   set up, then run the test suite
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+TRIALS  ?= 50
+STAMP   := $(VENV)/.installed
+
+.PHONY: demo test setup data browser clean
+
+demo: setup data
+	$(PY) -m study launch vgg_ratio --trials $(TRIALS)
+	$(PY) -m study show vgg_ratio --top 5
+
+test: setup data browser
+	$(PY) -m pytest -q
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+# Fashion-MNIST: Debian's package when we are root with apt, else torchvision's downloader.
+data: setup
+	@$(PY) -m objectives.data locate >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && apt-get install -y -q dataset-fashion-mnist; \
+	  else \
+	    $(PY) -m pip install -q -c constraints.txt -e '.[download]' && $(PY) -m objectives.data download; \
+	  fi; }
+	@$(PY) -m objectives.data locate
+
+# Headless Chromium for the report and UI tests (Debian's, driven by Playwright).
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && apt-get install -y -q chromium; \
+	  else \
+	    echo "chromium not found: install it, or browser tests are skipped"; \
+	  fi; }
+
+clean:
+	rm -rf $(VENV) studies

@@ -1,0 +1,11 @@
+"""What a trial runs: data, models, training and cost measurement. Imports no Optuna or MLflow."""
+
+from objectives.data import DataError, FashionMNIST, load_fashion_mnist
+from objectives.models import ARCHITECTURES, InputTooSmallError, build_model, check_resize, get_architecture
+from objectives.train import DeviceOutOfMemoryError, DivergedError, EpochMetrics, TrainConfig, TrainResult, train
+
+__all__ = [
+    "ARCHITECTURES", "DataError", "DeviceOutOfMemoryError", "DivergedError", "EpochMetrics", "FashionMNIST",
+    "InputTooSmallError", "TrainConfig", "TrainResult", "build_model", "check_resize", "get_architecture",
+    "load_fashion_mnist", "train",
+]

@@ -1,0 +1,273 @@
+"""One training function: `train(config, data, on_epoch=None) -> TrainResult`.
+
+The whole split lives on the device as uint8; each batch is picked by a
+device-side permutation, converted to float and resized on the device. No
+DataLoader, no per-batch host-to-device copy, one host sync per epoch.
+
+Example:
+    >>> from objectives import TrainConfig, load_fashion_mnist, train
+    >>> result = train(TrainConfig(arch="lenet", lr=0.9, epochs=2, n_train=5000, n_val=1000), load_fashion_mnist())
+    >>> result.val_accuracy > 0.5
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from objectives.data import FashionMNIST
+from objectives.models import build_model, check_resize, get_architecture, parameter_count
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class DeviceOutOfMemoryError(RuntimeError):
+    """The device ran out of memory; the trial's memory has been released."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # what to train
+    arch: str = "vgg11"
+    resize: int | None = None  # input side in pixels; None: the architecture's default (224 for AlexNet and VGG)
+    ratio: int = 1             # divides every conv layer's channels (the d2l VGG exercise uses 4)
+    # optimisation (d2l: plain SGD, no momentum, no weight decay)
+    lr: float = 0.05
+    epochs: int = 10
+    batch_size: int = 128
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    # data subsets for smoke runs; None: the whole split
+    n_train: int | None = None
+    n_val: int | None = None
+    n_test: int | None = None
+    # speed
+    device: str = "auto"                 # "auto": cuda when available, else cpu
+    precision: str = "auto"              # "auto": bf16 autocast on CUDA, fp32 on CPU; or "bf16" / "fp32"
+    channels_last: bool | None = None    # None: on CUDA only, where convs run faster in NHWC
+    compile: bool = False                # torch.compile; pays off only for long runs
+    eval_batch_size: int = 1024          # evaluation has no backward pass, so bigger batches fit
+
+    def __post_init__(self) -> None:
+        get_architecture(self.arch)
+        if self.resize is not None:
+            check_resize(self.arch, self.resize)
+        for name in ("epochs", "batch_size", "ratio", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0; got {self.lr}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32; got {self.precision!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """A config from plain settings (a TOML table, Optuna params); unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int  # 1-based
+    train_loss: float
+    train_accuracy: float
+    val_accuracy: float
+    epoch_seconds: float         # training part of the epoch only
+    examples_per_second: float
+
+
+@dataclass
+class TrainResult:
+    val_accuracy: float
+    test_accuracy: float
+    train_loss: float
+    train_accuracy: float
+    history: list[EpochMetrics]
+    epochs_run: int
+    stopped_early: bool          # on_epoch asked to stop (pruning)
+    train_seconds: float         # sum of the training parts of all epochs
+    wall_seconds: float          # everything: model build, training, evaluation
+    examples_per_second: float   # training examples / train_seconds
+    flops_per_example: int       # forward FLOPs, torch.utils.flop_counter
+    train_flops: int             # forward + backward FLOPs of every training example seen
+    params: int
+    peak_memory_bytes: int
+    peak_memory_source: str      # "cuda_max_allocated", or "process_max_rss" on CPU (a process-wide peak)
+    device_name: str
+    config: TrainConfig = field(repr=False)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _prepare(images: torch.Tensor, resize: int, channels_last: bool) -> torch.Tensor:
+    # uint8 (B, 28, 28) on the device -> float (B, 1, R, R) in [0, 1], as ToTensor + Resize would give.
+    x = images.unsqueeze(1).float().div_(255)
+    if resize != x.shape[-1]:
+        x = F.interpolate(x, size=(resize, resize), mode="bilinear", align_corners=False)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _count_flops(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """(forward FLOPs, forward + backward FLOPs) for one example, from torch's own counter."""
+    with FlopCounterMode(display=False) as counter:
+        model(x[:1])
+    forward = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x[:1]), torch.zeros(1, dtype=torch.long, device=x.device)).backward()
+    model.zero_grad(set_to_none=True)
+    return forward, counter.get_total_flops()
+
+
+@torch.inference_mode()
+def _accuracy(model, images, labels, resize, channels_last, batch_size, autocast) -> float:
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=labels.device)
+    for start in range(0, len(labels), batch_size):
+        with autocast():
+            logits = model(_prepare(images[start:start + batch_size], resize, channels_last))
+        correct += (logits.argmax(1) == labels[start:start + batch_size]).sum()
+    return correct.item() / max(len(labels), 1)  # host sync, once per evaluation
+
+
+def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetrics], bool | None] | None = None) -> TrainResult:
+    """Train `config.arch` on `data` and return its accuracy and cost.
+
+    `on_epoch` is called after every epoch with that epoch's metrics; returning True stops training
+    (pruning). Raises DivergedError when the loss is NaN or infinite, DeviceOutOfMemoryError when the
+    device runs out of memory, InputTooSmallError (a ValueError) for a resize below the minimum.
+    """
+    wall_start = time.perf_counter()
+    arch = get_architecture(config.arch)
+    resize = config.resize or arch.default_resize
+    check_resize(config.arch, resize)
+    device = resolve_device(config.device)
+    on_cuda = device.type == "cuda"
+    channels_last = on_cuda if config.channels_last is None else config.channels_last
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and on_cuda)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    model = step_model = optimizer = None
+    out_of_memory = None
+    try:
+        # ---- data: whole split on the device, uint8 ----
+        data = data.subset(config.n_train, config.n_val, config.n_test)
+        train_images, train_labels = data.train_images.to(device), data.train_labels.to(device)
+        val_images, val_labels = data.val_images.to(device), data.val_labels.to(device)
+        test_images, test_labels = data.test_images.to(device), data.test_labels.to(device)
+        n_train = len(train_labels)
+
+        # ---- model and optimiser ----
+        torch.manual_seed(config.seed)
+        model = build_model(config.arch, resize, config.ratio).to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        params = parameter_count(model)
+        probe = _prepare(train_images[:1], resize, channels_last)
+        flops_per_example, step_flops_per_example = _count_flops(model, probe)
+        step_model = torch.compile(model) if config.compile else model
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+
+        history: list[EpochMetrics] = []
+        train_seconds = 0.0
+        stopped_early = False
+        for epoch in range(1, config.epochs + 1):
+            # ---- one epoch of training; metrics accumulate on the device ----
+            model.train()
+            epoch_start = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), dtype=torch.long, device=device)
+            order = torch.randperm(n_train, device=device, generator=generator)
+            for start in range(0, n_train, config.batch_size):
+                index = order[start:start + config.batch_size]
+                x, y = _prepare(train_images[index], resize, channels_last), train_labels[index]
+                with autocast():
+                    logits = step_model(x)
+                    loss = F.cross_entropy(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach().float() * len(index)
+                correct += (logits.argmax(1) == y).sum()
+            train_loss = loss_sum.item() / n_train  # host sync, once per epoch
+            epoch_seconds = time.perf_counter() - epoch_start
+            train_seconds += epoch_seconds
+            if not torch.isfinite(torch.tensor(train_loss)):
+                raise DivergedError(f"training loss became {train_loss} in epoch {epoch} (lr {config.lr} is too large for {config.arch})")
+
+            # ---- evaluation on the validation split, which steers the search ----
+            metrics = EpochMetrics(
+                epoch=epoch,
+                train_loss=train_loss,
+                train_accuracy=correct.item() / n_train,
+                val_accuracy=_accuracy(step_model, val_images, val_labels, resize, channels_last, config.eval_batch_size, autocast),
+                epoch_seconds=epoch_seconds,
+                examples_per_second=n_train / epoch_seconds,
+            )
+            history.append(metrics)
+            if on_epoch is not None and on_epoch(metrics):
+                stopped_early = True
+                break
+
+        # ---- the test split: measured and reported, never used to choose ----
+        test_accuracy = _accuracy(step_model, test_images, test_labels, resize, channels_last, config.eval_batch_size, autocast)
+    except torch.OutOfMemoryError as error:
+        out_of_memory = str(error).splitlines()[0]
+    if out_of_memory is not None:
+        # Outside the except block, so the traceback (and the activations its frames hold) is gone.
+        del model, step_model, optimizer
+        if on_cuda:
+            torch.cuda.empty_cache()
+        raise DeviceOutOfMemoryError(f"{device} ran out of memory training {config.arch} at resize {resize}, batch {config.batch_size}: {out_of_memory}")
+
+    if on_cuda:
+        peak_memory, peak_source = torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    else:
+        # ru_maxrss is KiB on Linux, bytes on macOS.
+        peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        peak_source = "process_max_rss"
+    last = history[-1]
+    examples_seen = n_train * len(history)
+    return TrainResult(
+        val_accuracy=last.val_accuracy,
+        test_accuracy=test_accuracy,
+        train_loss=last.train_loss,
+        train_accuracy=last.train_accuracy,
+        history=history,
+        epochs_run=len(history),
+        stopped_early=stopped_early,
+        train_seconds=train_seconds,
+        wall_seconds=time.perf_counter() - wall_start,
+        examples_per_second=examples_seen / train_seconds,
+        flops_per_example=flops_per_example,
+        train_flops=step_flops_per_example * examples_seen,
+        params=params,
+        peak_memory_bytes=peak_memory,
+        peak_memory_source=peak_source,
+        device_name=torch.cuda.get_device_name(device) if on_cuda else "cpu",
+        config=config,
+    )

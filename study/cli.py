@@ -1,0 +1,208 @@
+"""`python -m study COMMAND`: launch, list, show, report, ui.
+
+Each command is one function taking the parsed arguments and returning an exit code.
+User mistakes become one line on stderr and exit 1; `--debug` shows the traceback.
+Heavy imports (torch, optuna, mlflow) happen inside the commands, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _open_study(name: str, storage_url: str | None):
+    """An existing study, or a SpecError that says how to create it. Writes nothing."""
+    import optuna
+
+    from study.specs import SpecError
+    from study.storage import default_storage_url, mask, open_storage
+
+    if storage_url is None and not Path(default_storage_url()).exists():
+        raise SpecError(f"no study named {name!r}: {default_storage_url()} does not exist yet; run `python -m study launch {name}` first")
+    storage = open_storage(storage_url)
+    if name not in optuna.get_all_study_names(storage):
+        raise SpecError(f"no study named {name!r} in {mask(storage_url or default_storage_url())}; run `python -m study launch {name}` first")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def cmd_launch(args) -> int:
+    import optuna
+    from rich.console import Console
+
+    from dashboards import write_report
+    from study.launch import Launch, check_preset_matches, choose_preset, make_pruner, report_path
+    from study.specs import load_spec, resolve
+    from study.storage import home, mask, open_storage
+    from study.tracking import Tracker, tracking_uri, ui_url
+
+    if args.trials < 1:
+        raise ValueError(f"--trials must be >= 1; got {args.trials}")
+    if args.timeout is not None and args.timeout <= 0:
+        raise ValueError(f"--timeout must be > 0 seconds; got {args.timeout}")
+    console = Console()
+    spec = load_spec(args.name)
+    preset, why = choose_preset(args.preset)
+    plan = resolve(spec, preset)
+    console.print(f"preset [bold]{preset}[/bold]: {why}")
+    from objectives.data import locate  # fail on missing data before anything is written
+    locate(args.data_dir)
+    storage_url = args.storage
+    storage = open_storage(storage_url)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pruner = make_pruner(plan.spec.pruner)
+    study = optuna.create_study(study_name=spec.name, storage=storage, direction="maximize", load_if_exists=True,
+                                sampler=optuna.samplers.TPESampler(), pruner=pruner)
+    check_preset_matches(study, preset)
+    study_home = home()
+    uri = tracking_uri(study_home)
+    tracker = Tracker(spec.name, uri, artifact_root=study_home / "mlartifacts")
+    tracker.describe_study(spec.path.read_text(), preset, mask(storage_url or str(study_home / "optuna.journal")), "TPESampler", type(pruner).__name__)
+    launch = Launch(plan=plan, study=study, storage=storage, tracker=tracker, console=console, data_dir=args.data_dir)
+    try:
+        launch.run(args.trials, args.timeout)
+    except KeyboardInterrupt:
+        tracker.close_parent("KILLED")
+        console.print("interrupted: the running trial is recorded as interrupted and will run again; launch the same command to resume")
+        return 130
+    done = sum(t.state.name in ("COMPLETE", "PRUNED", "FAIL") and not t.user_attrs.get("interrupted") for t in study.get_trials(deepcopy=False))
+    tracker.close_parent("FINISHED" if done >= args.trials else "KILLED")
+    path = write_report([study], Path(args.output) if args.output else report_path(study_home, [spec.name]), uri, ui_url(uri))
+    console.print(f"optuna storage: {mask(storage_url or str(study_home / 'optuna.journal'))}")
+    console.print(f"mlflow store:   {mask(uri)}  (browse with `python -m study ui`)")
+    console.print(f"report:         {path}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from study.specs import available, load_spec
+
+    for name in available():
+        spec = load_spec(name)
+        print(f"{name:16} {spec.summary()}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from optuna.trial import TrialState
+    from rich.console import Console
+    from rich.table import Table
+
+    study = _open_study(args.name, args.storage)
+    trials = study.get_trials(deepcopy=False)
+    done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value, reverse=True)
+    counts = ", ".join(f"{sum(t.state == s for t in trials)} {s.name}" for s in TrialState if any(t.state == s for t in trials))
+    console = Console()
+    console.print(f"study {study.study_name} (preset {study.user_attrs.get('preset', '?')}): {len(trials)} trials, {counts}")
+    if not done:
+        console.print("no completed trials yet")
+        return 0
+    table = Table(title=f"best {min(args.top, len(done))} trials by validation accuracy")
+    param_names = sorted({name for t in done for name in t.params})
+    for column in ["trial", *param_names, "val_accuracy", "test_accuracy", "epochs", "train_seconds"]:
+        table.add_column(column, justify="right")
+    for t in done[:args.top]:
+        params = [f"{t.params[n]:.4g}" if isinstance(t.params.get(n), float) else str(t.params.get(n, "")) for n in param_names]
+        table.add_row(str(t.number), *params, f"{t.value:.4f}", f"{t.user_attrs.get('test_accuracy', float('nan')):.4f}",
+                      str(t.user_attrs.get("epochs_run", "")), f"{t.user_attrs.get('train_seconds', float('nan')):.1f}")
+    console.print(table)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from dashboards import write_report
+    from study.launch import report_path
+    from study.storage import home
+    from study.tracking import tracking_uri, ui_url
+
+    studies = [_open_study(name, args.storage) for name in args.names]
+    output = Path(args.output) if args.output else report_path(home(), args.names)
+    if output.suffix != ".html":
+        raise ValueError(f"-o {output}: the report is an HTML file; give a name ending in .html")
+    if not output.parent.is_dir():
+        raise ValueError(f"-o {output}: directory {output.parent} does not exist")
+    uri = tracking_uri(home())
+    print(write_report(studies, output, uri, ui_url(uri)))
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from study.storage import home
+    from study.tracking import tracking_uri
+
+    uri = tracking_uri(home())
+    if uri.startswith(("http://", "https://")):
+        print(f"MLFLOW_TRACKING_URI points to a tracking server; open {uri}")
+        return 0
+    print(f"MLflow UI on {uri}: http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
+               "--default-artifact-root", (home() / "mlartifacts").resolve().as_uri(), "--workers", "1"]
+    try:
+        return subprocess.run(command, check=False).returncode
+    except KeyboardInterrupt:
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m study", description="Optuna studies of classic CNNs on Fashion-MNIST, tracked in MLflow.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    storage_help = "Optuna storage: a journal file path or an SQLAlchemy URL such as postgresql://host/db (default: $STUDY_HOME/optuna.journal)"
+
+    launch = commands.add_parser("launch", help="run (or resume) a study")
+    launch.add_argument("name", help="a shipped study (see `list`) or a path to a .toml spec")
+    launch.add_argument("--trials", type=int, default=50, help="the study's total number of trials (default: 50); a relaunch runs only what is missing")
+    launch.add_argument("--preset", choices=["smoke", "full"], help="smoke: data subset, capped resize and epochs; full: the real thing (default: full on CUDA, smoke on CPU)")
+    launch.add_argument("--storage", help=storage_help)
+    launch.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    launch.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files (default: $FASHION_MNIST_DIR, the cache, Debian's package)")
+    launch.add_argument("-o", "--output", help="report file (default: $STUDY_HOME/reports/NAME.html)")
+    launch.set_defaults(run=cmd_launch)
+
+    listing = commands.add_parser("list", help="show every shipped study and its search space")
+    listing.set_defaults(run=cmd_list)
+
+    show = commands.add_parser("show", help="print a study's best trials")
+    show.add_argument("name")
+    show.add_argument("--storage", help=storage_help)
+    show.add_argument("--top", type=int, default=10, help="how many trials to show (default: 10)")
+    show.set_defaults(run=cmd_show)
+
+    report = commands.add_parser("report", help="write the HTML report of one or more studies")
+    report.add_argument("names", nargs="+", metavar="NAME")
+    report.add_argument("--storage", help=storage_help)
+    report.add_argument("-o", "--output", help="report file (default: $STUDY_HOME/reports/NAME.html)")
+    report.set_defaults(run=cmd_report)
+
+    ui = commands.add_parser("ui", help="serve the MLflow UI on the studies' tracking store")
+    ui.add_argument("--port", type=int, default=5000, help="default: 5000")
+    ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
+    ui.set_defaults(run=cmd_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except Exception as error:
+        if args.debug:
+            raise
+        from objectives.data import DataError
+        from study.specs import SpecError
+        from study.storage import StorageError
+
+        known = isinstance(error, (DataError, SpecError, StorageError, ValueError))
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"error: {message}" if known else f"error: {type(error).__name__}: {message} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,55 @@
+"""Where studies live: the study home directory and the Optuna storage.
+
+Default: $STUDY_HOME (or ./studies) holding `optuna.journal` (Optuna's journal file,
+safe for several processes and safe to reopen), `mlflow.db`, `mlartifacts/` and `reports/`.
+`--storage` takes any Optuna storage URL (sqlite:///..., postgresql://...) or a journal file path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import optuna
+
+
+class StorageError(RuntimeError):
+    """The storage URL is malformed or the storage cannot be reached."""
+
+
+def home() -> Path:
+    path = Path(os.environ.get("STUDY_HOME", "studies"))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StorageError(f"cannot create the study home {path} ({error.strerror}); set STUDY_HOME to a writable directory") from None
+    return path
+
+
+def mask(url: str) -> str:
+    """A storage URL fit for logs and reports: the password replaced by ***."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def default_storage_url() -> str:
+    return str(home() / "optuna.journal")
+
+
+def open_storage(url: str | None) -> optuna.storages.BaseStorage:
+    url = url or default_storage_url()
+    if "://" not in url:
+        # A plain path: Optuna's journal file, which several processes may append to safely.
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url)
+        if not path.parent.is_dir():
+            raise StorageError(f"journal storage {path}: directory {path.parent} does not exist")
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    try:
+        return optuna.storages.RDBStorage(url)
+    except ImportError as error:
+        raise StorageError(f"storage {mask(url)} needs a database driver that is not installed ({error})") from None
+    except Exception as error:  # noqa: BLE001 -- sqlalchemy raises several types for bad URLs and unreachable servers
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise StorageError(f"cannot open storage {mask(url)}: {first_line}") from None

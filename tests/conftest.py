@@ -1,0 +1,77 @@
+"""Shared fixtures: the real Fashion-MNIST files, a study home per test, a tiny study spec."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"  # screenshots and other things worth looking at after a run
+
+# A study small enough for tests: VGG-11 at its minimum input and ratio 16 on a few hundred images.
+# The second enqueued trial diverges on purpose (the loss overflows), so every run also exercises FAIL.
+TINY_SPEC = """
+description = "tiny VGG study for tests"
+
+[fixed]
+arch = "vgg11"
+batch_size = 32
+momentum = 0.9
+n_train = 256
+n_val = 128
+n_test = 128
+
+[search]
+lr = { low = 0.01, high = 0.1, log = true }
+epochs = { low = 1, high = 2 }
+resize = { choices = [32] }
+ratio = { choices = [16] }
+
+[[enqueue]]
+lr = 0.05
+epochs = 2
+resize = 32
+ratio = 16
+
+[[enqueue]]
+lr = 1e12
+epochs = 1
+resize = 32
+ratio = 16
+
+[pruner]
+name = "median"
+n_startup_trials = 2
+"""
+
+
+@pytest.fixture(scope="session")
+def fashion():
+    from objectives import load_fashion_mnist
+
+    return load_fashion_mnist()
+
+
+@pytest.fixture
+def study_home(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("STUDY_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return home
+
+
+@pytest.fixture
+def tiny_spec(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_SPEC)
+    return path
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m study ARGS` as a user runs it, in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "study", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=timeout, check=False)

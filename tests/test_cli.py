@@ -1,0 +1,140 @@
+"""End to end through `python -m study`, as a user runs it: real journal file, real SQLite MLflow store."""
+
+import os
+import re
+
+import mlflow
+import optuna
+from conftest import run_cli
+from mlflow.tracking import MlflowClient
+
+
+def _mlflow_runs(home, experiment):
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_launch_show_report_and_resume(study_home, tiny_spec):
+    first = run_cli("launch", str(tiny_spec), "--trials", "3", "--preset", "smoke")
+    assert first.returncode == 0, first.stderr
+    assert "preset smoke: as requested" in first.stdout
+    assert re.search(r"trial 1: .* -> FAIL \(diverged", first.stdout)
+
+    # The Optuna storage holds three finished trials: the enqueued notes' default first, the diverged one FAIL.
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(study_home / "optuna.journal")))
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    trials = study.get_trials()
+    assert [t.state.name for t in trials][:2] == ["COMPLETE", "FAIL"]
+    assert trials[0].params == {"lr": 0.05, "epochs": 2, "resize": 32, "ratio": 16}
+    assert all(t.state.is_finished() for t in trials) and len(trials) == 3
+    assert trials[1].user_attrs["fail_reason"].startswith("diverged")
+
+    # MLflow: one parent, one nested child per trial, per-epoch metrics with step = epoch.
+    client, runs = _mlflow_runs(study_home, "tiny")
+    parents = [r for r in runs if r.data.tags.get("study.role") == "parent"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 3 and len(runs) == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    by_name = {c.info.run_name: c for c in children}
+    assert set(by_name) == {"trial-0", "trial-1", "trial-2"}
+    for trial in trials:
+        run = by_name[f"trial-{trial.number}"]
+        assert run.data.tags["optuna.trial_number"] == str(trial.number)
+        assert run.data.tags["optuna.state"] == trial.state.name
+        assert run.info.status == {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}[trial.state.name]
+        assert run.data.params["lr"] == str(trial.params["lr"]) and run.data.params["arch"] == "vgg11"
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        if trial.state.name != "FAIL":
+            assert sorted(m.step for m in history) == list(range(1, trial.user_attrs["epochs_run"] + 1))
+            assert run.data.metrics["test_accuracy"] == trial.user_attrs["test_accuracy"]
+            assert run.data.metrics["flops_per_example"] > 0
+    assert by_name["trial-1"].data.tags["optuna.fail_reason"].startswith("diverged")
+    assert parents[0].info.status == "FINISHED"
+
+    # The report exists, is self-contained, and carries the three plots with data.
+    report = study_home / "reports" / "tiny.html"
+    assert f"report:         {report}" in first.stdout.replace("\n", " ") or str(report) in first.stdout
+    page = report.read_text()
+    assert not re.search(r"<script[^>]+src=[\"']https?:", page)
+    assert "plotly.js v" in page or "Plotly" in page
+    for div in ("plot-cost", "plot-history", "plot-curves"):
+        assert f'id="{div}"' in page
+    assert "Pareto front" in page
+
+    # `show` prints the best trials.
+    shown = run_cli("show", "tiny")
+    assert shown.returncode == 0, shown.stderr
+    assert "3 trials" in shown.stdout and "val_accuracy" in shown.stdout
+
+    # `--trials` is the total: a relaunch runs only what is missing, under the same parent run.
+    again = run_cli("launch", str(tiny_spec), "--trials", "4", "--preset", "smoke")
+    assert again.returncode == 0, again.stderr
+    assert len(optuna.load_study(study_name="tiny", storage=storage).get_trials()) == 4
+    _, runs = _mlflow_runs(study_home, "tiny")
+    assert sum(r.data.tags.get("study.role") == "parent" for r in runs) == 1 and len(runs) == 5
+    done = run_cli("launch", str(tiny_spec), "--trials", "4", "--preset", "smoke")
+    assert "already holds 4 finished trials" in done.stdout
+
+    # A study keeps its preset.
+    mixed = run_cli("launch", str(tiny_spec), "--trials", "5", "--preset", "full")
+    assert mixed.returncode == 1 and "was created with preset smoke" in mixed.stderr
+
+
+def test_postgresql_storage(study_home, tiny_spec):
+    import psycopg
+
+    name = f"study_test_{os.getpid()}"
+    admin = psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True)
+    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.execute(f'CREATE DATABASE "{name}"')
+    url = f"postgresql://postgres@127.0.0.1:5432/{name}"
+    try:
+        result = run_cli("launch", str(tiny_spec), "--trials", "2", "--preset", "smoke", "--storage", url)
+        assert result.returncode == 0, result.stderr
+        study = optuna.load_study(study_name="tiny", storage=url)
+        assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "FAIL"]
+        assert run_cli("show", "tiny", "--storage", url).returncode == 0
+        optuna.storages.RDBStorage(url).engine.dispose()
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def _one_line_error(result, *fragments):
+    assert result.returncode == 1
+    assert result.stdout == "" or "Traceback" not in result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_user_mistakes_are_one_line_errors(study_home, tmp_path, tiny_spec):
+    _one_line_error(run_cli("launch", "vgg_ratoi", "--trials", "2"), "unknown study 'vgg_ratoi'", "vgg_ratio")
+    small = tmp_path / "small.toml"
+    small.write_text(tiny_spec.read_text().replace("resize = { choices = [32] }", "resize = { choices = [16, 32] }"))
+    _one_line_error(run_cli("launch", str(small), "--trials", "2"), "vgg11 needs resize >= 32", "got 16")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[fixed\narch = 'vgg11'\n")
+    _one_line_error(run_cli("launch", str(broken)), "broken.toml", "line 1")
+    _one_line_error(run_cli("launch", str(tiny_spec), "--trials", "0"), "--trials must be >= 1")
+    _one_line_error(run_cli("launch", str(tiny_spec), "--storage", "postgresql://nobody@127.0.0.1:1/none"), "cannot open storage")
+    _one_line_error(run_cli("launch", str(tiny_spec), "--data-dir", str(tmp_path / "nowhere")), "does not exist")
+    _one_line_error(run_cli("show", "never_launched"), "no study named 'never_launched'")
+    _one_line_error(run_cli("report", "never_launched"), "no study named 'never_launched'")
+    # Nothing was recorded by any of these.
+    assert not (study_home / "optuna.journal").exists() and not (study_home / "mlflow.db").exists()
+
+
+def test_list_shows_every_spec():
+    result = run_cli("list")
+    assert result.returncode == 0
+    assert re.search(r"^vgg_ratio +lr 0.005..0.2 log, epochs 2..12, resize \{32, 64, 96, 128, 224\}, ratio \{1, 2, 4, 8, 16\}$", result.stdout, re.MULTILINE)
+    assert re.search(r"^alexnet_resize +arch \{alexnet, alexnet_28\}", result.stdout, re.MULTILINE)
+
+
+def test_mlflow_import_is_not_needed_for_help():
+    result = run_cli("--help")
+    assert result.returncode == 0 and "launch" in result.stdout
+    assert mlflow  # imported above for the store checks
