@@ -24,13 +24,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 # Fashion-MNIST: Debian's package when we are root with apt, else torchvision's downloader.
 data: setup
-	@$(PY) -m objectives.data locate >/dev/null 2>&1 || { \
+	@$(PY) -m objectives locate >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -q && apt-get install -y -q dataset-fashion-mnist; \
 	  else \
-	    $(PY) -m pip install -q -c constraints.txt -e '.[download]' && $(PY) -m objectives.data download; \
+	    $(PY) -m pip install -q -c constraints.txt -e '.[download]' && $(PY) -m objectives download; \
 	  fi; }
-	@$(PY) -m objectives.data locate
+	@$(PY) -m objectives locate
 
 # Headless Chromium for the report and UI tests (Debian's, driven by Playwright).
 browser:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
+import plotly.colors
 import plotly.graph_objects as go
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
@@ -69,7 +70,7 @@ def cost_figure(frame: pd.DataFrame, cost: str = "train_seconds") -> go.Figure:
     fig = go.Figure()
     for (study, arch), group in finished.groupby(["study", "arch"], dropna=False):
         params = [c for c in group.columns if c.startswith("param_")]
-        hover = group.apply(lambda r, params=params: "<br>".join([f"trial {r['trial']} ({r['state']})"] + [f"{p[6:]}={r[p]}" for p in params if pd.notna(r[p])]), axis=1)
+        hover = group.apply(lambda r, params=params: "<br>".join([f"trial {r['trial']} ({r['state']})"] + [f"{p[6:]}={_format(r[p])}" for p in params if pd.notna(r[p])]), axis=1)
         fig.add_trace(go.Scatter(
             x=group[cost], y=group["val_accuracy"], mode="markers", name=f"{arch} ({study})" if frame["study"].nunique() > 1 else str(arch),
             marker={"size": 9, "opacity": [1.0 if s == "COMPLETE" else 0.35 for s in group["state"]]},
@@ -77,10 +78,10 @@ def cost_figure(frame: pd.DataFrame, cost: str = "train_seconds") -> go.Figure:
         ))
     front = pareto_front(finished[finished["state"] == "COMPLETE"], cost)
     if len(front):
-        fig.add_trace(go.Scatter(x=front[cost], y=front["val_accuracy"], mode="lines", line={"dash": "dash", "color": "black"},
+        fig.add_trace(go.Scatter(x=front[cost], y=front["val_accuracy"], mode="lines", line={"dash": "dash", "color": "black", "shape": "hv"},
                                  name="Pareto front", hoverinfo="skip"))
     fig.update_layout(title="Validation accuracy against training cost (faded: pruned; click a point to open its MLflow run)",
-                      xaxis_title=COST_AXES[cost], yaxis_title="validation accuracy", xaxis_type="log", template="plotly_white")
+                      xaxis_title=COST_AXES[cost], yaxis_title="validation accuracy", xaxis_type="log", yaxis_range=[0, 1.02], template="plotly_white")
     return fig
 
 
@@ -90,28 +91,36 @@ def history_figure(frame: pd.DataFrame) -> go.Figure:
         done = group[group["state"] == "COMPLETE"].sort_values("trial")
         fig.add_trace(go.Scatter(x=done["trial"], y=done["val_accuracy"], mode="markers", name=f"{study}: trial"))
         fig.add_trace(go.Scatter(x=done["trial"], y=done["val_accuracy"].cummax(), mode="lines", name=f"{study}: best so far"))
-    fig.update_layout(title="Optimisation history", xaxis_title="trial number", yaxis_title="validation accuracy", template="plotly_white")
+    fig.update_layout(title="Optimisation history", xaxis_title="trial number", yaxis_title="validation accuracy", yaxis_range=[0, 1.02], template="plotly_white")
     return fig
 
 
 def learning_curves_figure(frame: pd.DataFrame, client: MlflowClient | None) -> go.Figure:
     fig = go.Figure()
     best = frame[frame["state"] == "COMPLETE"].nlargest(LEARNING_CURVES, "val_accuracy")
-    for _, row in best.iterrows():
+    for (_, row), color in zip(best.iterrows(), plotly.colors.qualitative.Plotly, strict=False):
         epochs = sorted(row["intermediate"])
         label = f"{row['study']} trial {row['trial']}"
-        fig.add_trace(go.Scatter(x=epochs, y=[row["intermediate"][e] for e in epochs], mode="lines+markers", name=f"{label}: val_accuracy"))
+        fig.add_trace(go.Scatter(x=epochs, y=[row["intermediate"][e] for e in epochs], mode="lines+markers", line={"color": color},
+                                 name=f"{label}: val_accuracy", legendgroup=label))
         if client is not None and row["mlflow_run_id"]:
             losses = sorted(client.get_metric_history(row["mlflow_run_id"], "train_loss"), key=lambda m: m.step)
-            fig.add_trace(go.Scatter(x=[m.step for m in losses], y=[m.value for m in losses], mode="lines", line={"dash": "dot"},
-                                     name=f"{label}: train_loss", yaxis="y2"))
-    fig.update_layout(title=f"Learning curves of the {LEARNING_CURVES} best trials", xaxis_title="epoch", yaxis_title="validation accuracy",
-                      yaxis2={"title": "training loss", "overlaying": "y", "side": "right"}, template="plotly_white")
+            fig.add_trace(go.Scatter(x=[m.step for m in losses], y=[m.value for m in losses], mode="lines", line={"dash": "dot", "color": color},
+                                     name=f"{label}: train_loss", yaxis="y2", legendgroup=label))
+    fig.update_layout(title=f"Learning curves of the {LEARNING_CURVES} best trials", xaxis_title="epoch", yaxis_title="validation accuracy", yaxis_range=[0, 1.02],
+                      xaxis_dtick=1, yaxis2={"title": "training loss (dotted)", "overlaying": "y", "side": "right"},
+                      legend={"orientation": "h", "y": -0.25}, template="plotly_white")
     return fig
 
 
+def _format(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _table(frame: pd.DataFrame) -> str:
-    columns = ["study", "trial", "state", "arch", *sorted(c for c in frame.columns if c.startswith("param_")), "resize", "val_accuracy", "test_accuracy",
+    params = sorted(c for c in frame.columns if c.startswith("param_"))
+    # resize shows once: as a param when searched, else as the resolved value.
+    columns = ["study", "trial", "state", "arch", *params, *([] if "param_resize" in params else ["resize"]), "val_accuracy", "test_accuracy",
                "train_seconds", "train_flops", "peak_memory_bytes", "epochs_run", "fail_reason"]
     head = "".join(f"<th>{html.escape(c.removeprefix('param_'))}</th>" for c in columns) + "<th>MLflow</th>"
     body = []
@@ -119,7 +128,7 @@ def _table(frame: pd.DataFrame) -> str:
         cells = []
         for c in columns:
             value = row.get(c)
-            text = "" if value is None or (isinstance(value, float) and pd.isna(value)) else f"{value:.4g}" if isinstance(value, float) else str(value)
+            text = "" if value is None or (isinstance(value, float) and pd.isna(value)) else _format(value)
             cells.append(f"<td>{html.escape(text)}</td>")
         link = f"<a href=\"{html.escape(row['run_url'])}\">run</a>" if row["run_url"] else ""
         body.append(f"<tr>{''.join(cells)}<td>{link}</td></tr>")
@@ -134,7 +143,7 @@ def _summary(frame: pd.DataFrame) -> str:
         best = ""
         if len(done):
             top = done.loc[done["val_accuracy"].idxmax()]
-            params = ", ".join(f"{c[6:]}={top[c]}" for c in done.columns if c.startswith("param_") and pd.notna(top[c]))
+            params = ", ".join(f"{c[6:]}={_format(top[c])}" for c in done.columns if c.startswith("param_") and pd.notna(top[c]))
             best = f"; best trial {top['trial']}: val_accuracy {top['val_accuracy']:.4f}, test_accuracy {top['test_accuracy']:.4f} ({params}) on {top['device']}"
         seconds = group["train_seconds"].fillna(0).sum()
         items.append(f"<li><b>{html.escape(study)}</b>: {len(group)} trials ({counts}); {seconds:.0f} s of training{html.escape(best)}</li>")

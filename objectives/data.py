@@ -6,8 +6,8 @@ last torchvision's downloader into the cache. Gzipped and plain IDX files are
 both accepted; content is checked by the md5 of the decompressed bytes, since
 mirrors wrap the same data in different gzip headers.
 
-    python -m objectives.data locate     # print where the data is, or fail with how to get it
-    python -m objectives.data download   # torchvision's downloader into the cache (needs internet)
+    python -m objectives locate     # print where the data is, or fail with how to get it
+    python -m objectives download   # torchvision's downloader into the cache (needs internet)
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ DEBIAN_PACKAGE = "dataset-fashion-mnist"
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 HOW_TO_GET = (
     f"install Debian's {DEBIAN_PACKAGE} (apt-get install {DEBIAN_PACKAGE}), "
-    "run `python -m objectives.data download`, or point FASHION_MNIST_DIR at the four IDX files"
+    "run `python -m objectives download`, or point FASHION_MNIST_DIR at the four IDX files"
 )
 VAL_SIZE = 5000  # held out of the 60,000 training images; Optuna optimises accuracy on these
 SPLIT_SEED = 0   # the train/validation split never changes between trials or studies
@@ -171,7 +171,7 @@ def download() -> Path:
 
 def main(argv: list[str]) -> int:
     if argv not in (["locate"], ["download"]):
-        print("usage: python -m objectives.data locate|download", file=sys.stderr)
+        print("usage: python -m objectives locate|download", file=sys.stderr)
         return 2
     try:
         directory = download() if argv == ["download"] else locate()

@@ -48,6 +48,11 @@ def _vgg_features(conv_arch: tuple[tuple[int, int], ...]) -> tuple:
 
 
 VGG11_CONV_ARCH = ((1, 64), (1, 128), (2, 256), (2, 512), (2, 512))
+# AlexNet after its first conv and pool; the 28-px variant differs only before this.
+_ALEXNET_REST = (
+    ("conv", 256, 5, 1, 2), ("max", 3, 2),
+    ("conv", 384, 3, 1, 1), ("conv", 384, 3, 1, 1), ("conv", 256, 3, 1, 1), ("max", 3, 2),
+)
 
 ARCHITECTURES: dict[str, Architecture] = {
     arch.name: arch
@@ -60,11 +65,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         ),
         Architecture(
             name="alexnet",
-            features=(
-                ("conv", 96, 11, 4, 1), ("max", 3, 2),
-                ("conv", 256, 5, 1, 2), ("max", 3, 2),
-                ("conv", 384, 3, 1, 1), ("conv", 384, 3, 1, 1), ("conv", 256, 3, 1, 1), ("max", 3, 2),
-            ),
+            features=(("conv", 96, 11, 4, 1), ("max", 3, 2), *_ALEXNET_REST),
             hidden=(4096, 4096), activation=nn.ReLU, dropout=0.5,
             min_resize=65, default_resize=224, lr=0.01, epochs=10, batch_size=128,
         ),
@@ -72,11 +73,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         # reach the same 256x5x5 = 6400 features as the 224 px original.
         Architecture(
             name="alexnet_28",
-            features=(
-                ("conv", 96, 5, 1, 2), ("max", 3, 1),
-                ("conv", 256, 5, 1, 2), ("max", 3, 2),
-                ("conv", 384, 3, 1, 1), ("conv", 384, 3, 1, 1), ("conv", 256, 3, 1, 1), ("max", 3, 2),
-            ),
+            features=(("conv", 96, 5, 1, 2), ("max", 3, 1), *_ALEXNET_REST),
             hidden=(4096, 4096), activation=nn.ReLU, dropout=0.5,
             min_resize=9, default_resize=28, lr=0.01, epochs=20, batch_size=128,
         ),

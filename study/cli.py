@@ -28,9 +28,18 @@ def _open_study(name: str, storage_url: str | None):
     return optuna.load_study(study_name=name, storage=storage)
 
 
+def _console():
+    """Rich console; off a terminal (logs, make), wide and without hard wraps so lines stay greppable."""
+    from rich.console import Console
+
+    console = Console(soft_wrap=True)
+    if not console.is_terminal:
+        console.width = 160
+    return console
+
+
 def cmd_launch(args) -> int:
     import optuna
-    from rich.console import Console
 
     from dashboards import write_report
     from study.launch import Launch, check_preset_matches, choose_preset, make_pruner, report_path
@@ -42,7 +51,7 @@ def cmd_launch(args) -> int:
         raise ValueError(f"--trials must be >= 1; got {args.trials}")
     if args.timeout is not None and args.timeout <= 0:
         raise ValueError(f"--timeout must be > 0 seconds; got {args.timeout}")
-    console = Console()
+    console = _console()
     spec = load_spec(args.name)
     preset, why = choose_preset(args.preset)
     plan = resolve(spec, preset)
@@ -87,21 +96,20 @@ def cmd_list(args) -> int:
 
 def cmd_show(args) -> int:
     from optuna.trial import TrialState
-    from rich.console import Console
     from rich.table import Table
 
     study = _open_study(args.name, args.storage)
     trials = study.get_trials(deepcopy=False)
     done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value, reverse=True)
     counts = ", ".join(f"{sum(t.state == s for t in trials)} {s.name}" for s in TrialState if any(t.state == s for t in trials))
-    console = Console()
+    console = _console()
     console.print(f"study {study.study_name} (preset {study.user_attrs.get('preset', '?')}): {len(trials)} trials, {counts}")
     if not done:
         console.print("no completed trials yet")
         return 0
     table = Table(title=f"best {min(args.top, len(done))} trials by validation accuracy")
     param_names = sorted({name for t in done for name in t.params})
-    for column in ["trial", *param_names, "val_accuracy", "test_accuracy", "epochs", "train_seconds"]:
+    for column in ["trial", *param_names, "val_accuracy", "test_accuracy", "epochs_run", "train_seconds"]:
         table.add_column(column, justify="right")
     for t in done[:args.top]:
         params = [f"{t.params[n]:.4g}" if isinstance(t.params.get(n), float) else str(t.params.get(n, "")) for n in param_names]
@@ -129,6 +137,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_ui(args) -> int:
+    from mlflow.tracking import MlflowClient
+
     from study.storage import home
     from study.tracking import tracking_uri
 
@@ -136,7 +146,12 @@ def cmd_ui(args) -> int:
     if uri.startswith(("http://", "https://")):
         print(f"MLFLOW_TRACKING_URI points to a tracking server; open {uri}")
         return 0
-    print(f"MLflow UI on {uri}: http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
+    base = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI on {uri}: {base}  (Ctrl-C stops it)")
+    for experiment in MlflowClient(tracking_uri=uri).search_experiments():
+        if experiment.name != "Default":
+            print(f"  {experiment.name}: {base}/#/experiments/{experiment.experiment_id}/runs")
+    sys.stdout.flush()
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
                "--default-artifact-root", (home() / "mlartifacts").resolve().as_uri(), "--workers", "1"]
     try:

@@ -60,7 +60,9 @@ class Tracker:
         experiment = self.client.get_experiment_by_name(study_name)
         if experiment is None:
             location = (artifact_root / study_name).resolve().as_uri() if artifact_root and not uri.startswith("http") else None
-            self.experiment_id = self.client.create_experiment(study_name, artifact_location=location)
+            # The experiment kind makes the MLflow UI open on the runs table, not its GenAI overview.
+            self.experiment_id = self.client.create_experiment(study_name, artifact_location=location,
+                                                               tags={"mlflow.experimentKind": "custom_model_development"})
         else:
             self.experiment_id = experiment.experiment_id
         self.parent_run_id = self._parent_run()

@@ -5,8 +5,9 @@ import re
 
 import mlflow
 import optuna
-from conftest import run_cli
 from mlflow.tracking import MlflowClient
+
+from conftest import run_cli
 
 
 def _mlflow_runs(home, experiment):

@@ -1,0 +1,121 @@
+"""The report and the MLflow UI in a real headless Chromium (Debian's, driven by Playwright)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ARTIFACTS, ROOT, TINY_SPEC, run_cli
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Without the background-networking flags Chromium keeps dialling out, which a closed network refuses.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """A tiny study launched once for this module: its home directory."""
+    home = tmp_path_factory.mktemp("browser") / "home"
+    spec = home.parent / "tiny.toml"
+    spec.write_text(TINY_SPEC)
+    result = run_cli("launch", str(spec), "--trials", "3", "--preset", "smoke", env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": ""})
+    assert result.returncode == 0, result.stderr
+    return home
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), "Chromium not found: `make test` installs Debian's chromium (apt-get install chromium)"
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1366, "height": 900})
+    yield context.new_page()
+    context.close()
+
+
+def test_report_renders_every_plot_and_sorts(launched, page):
+    errors = []
+    page.on("console", lambda message: message.type == "error" and errors.append(message.text))
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.route("http*://**", lambda route: (errors.append(f"network request {route.request.url}"), route.abort()))
+    page.goto((launched / "reports" / "tiny.html").as_uri())
+    for plot in ("plot-cost", "plot-history", "plot-curves"):
+        # calcdata: the points Plotly computed from the (binary-encoded) trace data and drew.
+        page.wait_for_function(f"document.getElementById('{plot}') && document.getElementById('{plot}').calcdata !== undefined")
+        points = page.evaluate(f"document.getElementById('{plot}').calcdata.filter(trace => trace.length > 0 && trace[0].x !== undefined).length")
+        assert points > 0, f"{plot} has no trace with data"
+        assert page.locator(f"#{plot} .main-svg").count() > 0, f"{plot} was not drawn"
+    # Clicking the trial header sorts the table: descending on the second click.
+    numbers = lambda: [int(n) for n in page.locator("#trials tbody tr td:nth-child(2)").all_inner_texts()]
+    assert numbers() == [0, 1, 2]
+    page.click("#trials th:nth-child(2)")
+    page.click("#trials th:nth-child(2)")
+    assert numbers() == [2, 1, 0]
+    page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
+    assert errors == []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_serves_the_study_runs_nested(launched, page):
+    port = _free_port()
+    env = {**os.environ, "STUDY_HOME": str(launched)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    server = subprocess.Popen([sys.executable, "-m", "study", "ui", "--port", str(port)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read()
+                assert time.monotonic() < deadline, "MLflow UI did not come up in 120 s"
+                time.sleep(1)
+        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny") as response:
+            experiment_id = json.load(response)["experiment"]["experiment_id"]
+        request = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", data=json.dumps({"experiment_ids": [experiment_id]}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request) as response:
+            runs = json.load(response)["runs"]
+        tags = [{t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in runs]
+        parent = [run["info"]["run_id"] for run, t in zip(runs, tags) if t.get("study.role") == "parent"]
+        assert len(parent) == 1
+        assert sorted(t["mlflow.runName"] for t in tags if t.get("mlflow.parentRunId") == parent[0]) == ["trial-0", "trial-1", "trial-2"]
+
+        # The runs table shows the parent run (named after the study); its expander reveals the trials.
+        page.goto(f"{base}/#/experiments/{experiment_id}/runs")
+        parent_cell = page.locator("[role=gridcell]", has_text="tiny").first
+        parent_cell.wait_for(timeout=60_000)
+        parent_cell.locator("button").first.click()
+        for name in ("trial-0", "trial-1", "trial-2"):
+            page.locator("[role=gridcell]", has_text=name).first.wait_for(timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "mlflow-ui.png"), full_page=True)
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
