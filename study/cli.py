@@ -42,7 +42,7 @@ def cmd_launch(args) -> int:
     import optuna
 
     from dashboards import write_report
-    from study.launch import Launch, check_preset_matches, choose_preset, make_pruner, report_path
+    from study.launch import Launch, check_preset_matches, choose_preset, counts_toward_total, make_pruner, report_path
     from study.specs import load_spec, resolve
     from study.storage import home, mask, open_storage
     from study.tracking import Tracker, tracking_uri, ui_url
@@ -76,7 +76,10 @@ def cmd_launch(args) -> int:
         tracker.close_parent("KILLED")
         console.print("interrupted: the running trial is recorded as interrupted and will run again; launch the same command to resume")
         return 130
-    done = sum(t.state.name in ("COMPLETE", "PRUNED", "FAIL") and not t.user_attrs.get("interrupted") for t in study.get_trials(deepcopy=False))
+    except Exception:
+        tracker.close_parent("FAILED")  # the failing trial is already recorded FAIL with its reason
+        raise
+    done = sum(counts_toward_total(t) for t in study.get_trials(deepcopy=False))
     tracker.close_parent("FINISHED" if done >= args.trials else "KILLED")
     path = write_report([study], Path(args.output) if args.output else report_path(study_home, [spec.name]), uri, ui_url(uri))
     console.print(f"optuna storage: {mask(storage_url or str(study_home / 'optuna.journal'))}")

@@ -1,0 +1,78 @@
+import pytest
+
+from study.specs import PRESETS, SpecError, available, load_spec, resolve
+
+
+def _spec(tmp_path, text, name="custom"):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return str(path)
+
+
+BASE = """
+[fixed]
+arch = "vgg11"
+[search]
+lr = { low = 0.01, high = 0.1, log = true }
+epochs = { low = 1, high = 10 }
+resize = { choices = [32, 224] }
+[[enqueue]]
+lr = 0.05
+epochs = 10
+resize = 224
+[presets.smoke]
+n_train = 512
+[presets.smoke.search]
+epochs = { low = 1, high = 2 }
+resize = { choices = [32] }
+"""
+
+
+def test_shipped_specs_load_and_resolve_for_every_preset():
+    assert {"vgg_ratio", "alexnet_resize"} <= set(available())
+    for name in available():
+        spec = load_spec(name)
+        for preset in PRESETS:
+            plan = resolve(spec, preset)
+            for row in plan.enqueue:
+                plan.config(row)  # builds a valid TrainConfig
+
+
+def test_notes_defaults_are_the_first_trials():
+    vgg = resolve(load_spec("vgg_ratio"), "full")
+    assert vgg.enqueue == [{"lr": 0.05, "epochs": 10, "resize": 224, "ratio": 4}]
+    alexnet = resolve(load_spec("alexnet_resize"), "full")
+    assert [(r["arch"], r["lr"], r["epochs"]) for r in alexnet.enqueue] == [("alexnet", 0.01, 10), ("alexnet_28", 0.01, 20)]
+    assert [alexnet.config(r).resize for r in alexnet.enqueue] == [224, 28]
+    assert alexnet.config(alexnet.enqueue[0]).batch_size == 128
+
+
+def test_preset_replaces_settings_and_moves_first_trials_inside(tmp_path):
+    spec = load_spec(_spec(tmp_path, BASE))
+    smoke = resolve(spec, "smoke")
+    assert smoke.fixed["n_train"] == 512 and smoke.search["epochs"] == {"low": 1, "high": 2}
+    assert smoke.enqueue == [{"lr": 0.05, "epochs": 2, "resize": 32}]
+    assert resolve(spec, "full").enqueue == [{"lr": 0.05, "epochs": 10, "resize": 224}]
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("lr = { low = 0.01,", "lr = { low = 0.0,", "log scale, so low must be > 0"),
+    ("epochs = { low = 1, high = 10 }", "epochs = { low = 0, high = 10 }", "epochs must be >= 1"),
+    ("epochs = { low = 1, high = 10 }", "epochs = { low = 10, high = 1 }", "low <= high"),
+    ("resize = { choices = [32, 224] }", "resize = { choices = [16, 224] }", "vgg11 needs resize >= 32"),
+    ('arch = "vgg11"', 'arch = "vgg12"', "unknown architecture 'vgg12'"),
+    ("[fixed]", "[fixed]\nlearning_rate = 0.1", "unknown setting 'learning_rate'"),
+    ("[presets.smoke]\n", "[presets.tiny]\n", "unknown preset 'tiny'"),
+    ("resize = { choices = [32] }", "resize = { choices = [8] }", "[presets.smoke]: vgg11 needs resize >= 32"),
+    ("[search]", "[serch]\n[search]", "unknown section(s) serch"),
+])
+def test_impossible_specs_are_refused_with_the_reason(tmp_path, old, new, message):
+    assert old in BASE
+    with pytest.raises(SpecError) as error:
+        load_spec(_spec(tmp_path, BASE.replace(old, new)))
+    assert message in str(error.value) and "custom.toml" in str(error.value)
+
+
+def test_unknown_study_lists_the_choices():
+    with pytest.raises(SpecError, match="unknown study 'nope'; choose one of alexnet_resize, vgg_ratio"):
+        load_spec("nope")
