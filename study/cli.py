@@ -28,6 +28,16 @@ def _open_study(name: str, storage_url: str | None):
     return optuna.load_study(study_name=name, storage=storage)
 
 
+def _report_output(output: str | None, default: Path) -> Path:
+    """The report path, checked before any work so a typo does not surface after a long study."""
+    path = Path(output) if output else default
+    if path.suffix != ".html":
+        raise ValueError(f"-o {path}: the report is an HTML file; give a name ending in .html")
+    if output and not path.parent.is_dir():
+        raise ValueError(f"-o {path}: directory {path.parent} does not exist")
+    return path
+
+
 def _console():
     """Rich console; off a terminal (logs, make), wide and without hard wraps so lines stay greppable."""
     from rich.console import Console
@@ -44,7 +54,7 @@ def cmd_launch(args) -> int:
     from dashboards import write_report
     from study.launch import Launch, check_preset_matches, choose_preset, counts_toward_total, make_pruner, report_path
     from study.specs import load_spec, resolve
-    from study.storage import home, mask, open_storage
+    from study.storage import home, make_home, mask, open_storage
     from study.tracking import Tracker, tracking_uri, ui_url
 
     if args.trials < 1:
@@ -53,6 +63,7 @@ def cmd_launch(args) -> int:
         raise ValueError(f"--timeout must be > 0 seconds; got {args.timeout}")
     console = _console()
     spec = load_spec(args.name)
+    output = _report_output(args.output, report_path(home(), [spec.name]))
     preset, why = choose_preset(args.preset)
     plan = resolve(spec, preset)
     console.print(f"preset [bold]{preset}[/bold]: {why}")
@@ -60,6 +71,7 @@ def cmd_launch(args) -> int:
     locate(args.data_dir)
     storage_url = args.storage
     storage = open_storage(storage_url)
+    make_home()  # for the MLflow store and the report, also when the storage is elsewhere
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     pruner = make_pruner(plan.spec.pruner)
     study = optuna.create_study(study_name=spec.name, storage=storage, direction="maximize", load_if_exists=True,
@@ -81,7 +93,7 @@ def cmd_launch(args) -> int:
         raise
     done = sum(counts_toward_total(t) for t in study.get_trials(deepcopy=False))
     tracker.close_parent("FINISHED" if done >= args.trials else "KILLED")
-    path = write_report([study], Path(args.output) if args.output else report_path(study_home, [spec.name]), uri, ui_url(uri))
+    path = write_report([study], output, uri, ui_url(uri))
     console.print(f"optuna storage: {mask(storage_url or str(study_home / 'optuna.journal'))}")
     console.print(f"mlflow store:   {mask(uri)}  (browse with `python -m study ui`)")
     console.print(f"report:         {path}")
@@ -128,12 +140,8 @@ def cmd_report(args) -> int:
     from study.storage import home
     from study.tracking import tracking_uri, ui_url
 
+    output = _report_output(args.output, report_path(home(), args.names))
     studies = [_open_study(name, args.storage) for name in args.names]
-    output = Path(args.output) if args.output else report_path(home(), args.names)
-    if output.suffix != ".html":
-        raise ValueError(f"-o {output}: the report is an HTML file; give a name ending in .html")
-    if not output.parent.is_dir():
-        raise ValueError(f"-o {output}: directory {output.parent} does not exist")
     uri = tracking_uri(home())
     print(write_report(studies, output, uri, ui_url(uri)))
     return 0
@@ -212,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         from study.specs import SpecError
         from study.storage import StorageError
 
-        known = isinstance(error, (DataError, SpecError, StorageError, ValueError))
+        # OSError: a file that cannot be written or read, named in the message.
+        known = isinstance(error, (DataError, SpecError, StorageError, ValueError, OSError))
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"error: {message}" if known else f"error: {type(error).__name__}: {message} (run with --debug for the traceback)", file=sys.stderr)
         return 1

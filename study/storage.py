@@ -19,12 +19,15 @@ class StorageError(RuntimeError):
 
 
 def home() -> Path:
-    path = Path(os.environ.get("STUDY_HOME", "studies"))
+    return Path(os.environ.get("STUDY_HOME", "studies"))
+
+
+def make_home() -> None:
+    """Create the study home; only a launch does, once its arguments and storage have been checked."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        home().mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise StorageError(f"cannot create the study home {path} ({error.strerror}); set STUDY_HOME to a writable directory") from None
-    return path
+        raise StorageError(f"cannot create the study home {home()} ({error.strerror}); set STUDY_HOME to a writable directory") from None
 
 
 def mask(url: str) -> str:
@@ -37,6 +40,8 @@ def default_storage_url() -> str:
 
 
 def open_storage(url: str | None) -> optuna.storages.BaseStorage:
+    if url is None:
+        make_home()
     url = url or default_storage_url()
     if "://" not in url:
         # A plain path: Optuna's journal file, which several processes may append to safely.

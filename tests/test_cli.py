@@ -124,8 +124,10 @@ def test_user_mistakes_are_one_line_errors(study_home, tmp_path, tiny_spec):
     _one_line_error(run_cli("launch", str(tiny_spec), "--data-dir", str(tmp_path / "nowhere")), "does not exist")
     _one_line_error(run_cli("show", "never_launched"), "no study named 'never_launched'")
     _one_line_error(run_cli("report", "never_launched"), "no study named 'never_launched'")
-    # Nothing was recorded by any of these.
-    assert not (study_home / "optuna.journal").exists() and not (study_home / "mlflow.db").exists()
+    _one_line_error(run_cli("launch", str(tiny_spec), "-o", str(tmp_path / "missing" / "r.html")), "directory", "does not exist")
+    _one_line_error(run_cli("launch", str(tiny_spec), "-o", str(tmp_path / "r.txt")), "ending in .html")
+    # Nothing was written by any of these, not even the study home.
+    assert not study_home.exists()
 
 
 def test_list_shows_every_spec():
