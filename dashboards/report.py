@@ -35,8 +35,8 @@ def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
                 "study": study.study_name,
                 "trial": trial.number,
                 "state": trial.state.name,
-                "val_accuracy": trial.value if trial.state == TrialState.COMPLETE else
-                max(trial.intermediate_values.values(), default=None) if trial.state == TrialState.PRUNED else None,
+                # A pruned trial's value is the last val_accuracy it reported.
+                "val_accuracy": trial.value if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) else None,
                 "arch": attrs.get("arch"),
                 **{f"param_{k}": v for k, v in trial.params.items()},
                 "resize": attrs.get("resize"),

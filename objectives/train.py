@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import resource
 import sys
 import time
@@ -216,7 +217,7 @@ def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetr
             train_loss = loss_sum.item() / n_train  # host sync, once per epoch
             epoch_seconds = time.perf_counter() - epoch_start
             train_seconds += epoch_seconds
-            if not torch.isfinite(torch.tensor(train_loss)):
+            if not math.isfinite(train_loss):
                 raise DivergedError(f"training loss became {train_loss} in epoch {epoch} (lr {config.lr} is too large for {config.arch})")
 
             # ---- evaluation on the validation split, which steers the search ----

@@ -183,7 +183,7 @@ class Launch:
         if trial.state == TrialState.FAIL:
             outcome = f"FAIL ({trial.user_attrs.get('fail_reason', 'unknown')})"
         else:
-            value = trial.value if trial.state == TrialState.COMPLETE else max(trial.intermediate_values.values(), default=float("nan"))
+            value = trial.value  # for a pruned trial Optuna keeps the last reported val_accuracy
             outcome = f"{trial.state.name} val_accuracy={value:.4f} after {trial.user_attrs.get('epochs_run')} epochs, {trial.user_attrs.get('train_seconds', 0):.1f} s"
         console.print(f"trial {trial.number}: {params} -> {outcome}")
 
