@@ -1,12 +1,19 @@
 """The networks of the notes, each a small table of layers plus one builder.
 
-A table row is a tuple: ("conv", out_channels, kernel, stride, padding),
-("max", kernel, stride) or ("avg", kernel, stride). A list of rows is a block
-(built as one nn.Sequential, as the VGG notes print per block). Conv widths are
-divided by `ratio`; the classifier's hidden widths are not (the d2l VGG
-exercise shrinks only the convolutions). The first linear layer takes whatever
-the features produce at the chosen resize, as MXNet's lazily sized Dense does
-in the notes, so AlexNet at 224 px gets the notes' 6400 inputs.
+A table row is a tuple naming a layer kind and its numbers:
+    ("conv", out_channels, kernel, stride, padding)   conv [+ batch norm] + activation
+    ("max" | "avg", kernel, stride[, padding])        pooling
+    ("nin", out_channels, kernel, stride, padding)    NiN block: that conv, then two 1x1 convs, each + ReLU
+    ("inception", c1, (c2a, c2b), (c3a, c3b), c4)     GoogLeNet's four parallel paths, concatenated
+    ("residual", out_channels, stride)                ResNet's basic block (1x1 shortcut when the shape changes)
+    ("dense", num_convs, growth)                      DenseNet block: BN-ReLU-conv layers, each input concatenated
+    ("transition",)                                   DenseNet transition: BN-ReLU-1x1 conv halving channels, 2x2 avg-pool
+    ("bn_relu",) | ("gap",) | ("dropout", p)
+A list of rows is a block (one nn.Sequential, as the notes print VGG, GoogLeNet and ResNet per block).
+Channel widths are divided by `ratio` (CLASSES is never divided); the classifier's hidden widths are
+not (the d2l VGG exercise shrinks only the convolutions). The first linear layer takes whatever the
+features produce at the chosen resize, as MXNet's lazily sized Dense does in the notes, so AlexNet at
+224 px gets the notes' 6400 inputs.
 
 Example:
     >>> net = build_model("vgg11", resize=224, ratio=4)
@@ -22,6 +29,7 @@ import torch
 from torch import nn
 
 NUM_CLASSES = 10
+CLASSES = "classes"  # a width that is the number of classes, never divided by ratio
 
 
 class InputTooSmallError(ValueError):
@@ -40,6 +48,8 @@ class Architecture:
     lr: float                # the notes' learning rate
     epochs: int              # the notes' epoch count
     batch_size: int          # the notes' batch size
+    batch_norm: bool = False  # batch norm after every conv and hidden linear layer (LeNet-BN)
+    head: bool = True         # False: the features already end in the class scores (NiN)
 
 
 def _vgg_features(conv_arch: tuple[tuple[int, int], ...]) -> tuple:
@@ -83,6 +93,63 @@ ARCHITECTURES: dict[str, Architecture] = {
             hidden=(4096, 4096), activation=nn.ReLU, dropout=0.5,
             min_resize=32, default_resize=224, lr=0.05, epochs=10, batch_size=128,
         ),
+        # d2l 7.5: LeNet with batch norm after every conv and hidden linear layer (and no first-conv padding).
+        Architecture(
+            name="lenet_bn",
+            features=(("conv", 6, 5, 1, 0), ("avg", 2, 2), ("conv", 16, 5, 1, 0), ("avg", 2, 2)),
+            hidden=(120, 84), activation=nn.Sigmoid, dropout=0.0, batch_norm=True,
+            min_resize=16, default_resize=28, lr=1.0, epochs=10, batch_size=256,
+        ),
+        Architecture(
+            name="nin",
+            features=(
+                ("nin", 96, 11, 4, 0), ("max", 3, 2),
+                ("nin", 256, 5, 1, 2), ("max", 3, 2),
+                ("nin", 384, 3, 1, 1), ("max", 3, 2), ("dropout", 0.5),
+                ("nin", CLASSES, 3, 1, 1), ("gap",),
+            ),
+            hidden=(), activation=nn.ReLU, dropout=0.0, head=False,
+            min_resize=67, default_resize=224, lr=0.1, epochs=10, batch_size=128,
+        ),
+        Architecture(
+            name="googlenet",
+            features=(
+                [("conv", 64, 7, 2, 3), ("max", 3, 2, 1)],
+                [("conv", 64, 1, 1, 0), ("conv", 192, 3, 1, 1), ("max", 3, 2, 1)],
+                [("inception", 64, (96, 128), (16, 32), 32), ("inception", 128, (128, 192), (32, 96), 64), ("max", 3, 2, 1)],
+                [("inception", 192, (96, 208), (16, 48), 64), ("inception", 160, (112, 224), (24, 64), 64),
+                 ("inception", 128, (128, 256), (24, 64), 64), ("inception", 112, (144, 288), (32, 64), 64),
+                 ("inception", 256, (160, 320), (32, 128), 128), ("max", 3, 2, 1)],
+                [("inception", 256, (160, 320), (32, 128), 128), ("inception", 384, (192, 384), (48, 128), 128), ("gap",)],
+            ),
+            hidden=(), activation=nn.ReLU, dropout=0.0,
+            # Padded pools never vanish; below its total stride of 32 the later stages see padding only.
+            min_resize=32, default_resize=96, lr=0.1, epochs=10, batch_size=128,
+        ),
+        Architecture(
+            name="resnet18",
+            features=(
+                [("conv", 64, 7, 2, 3), ("max", 3, 2, 1)],
+                [("residual", 64, 1), ("residual", 64, 1)],
+                [("residual", 128, 2), ("residual", 128, 1)],
+                [("residual", 256, 2), ("residual", 256, 1)],
+                [("residual", 512, 2), ("residual", 512, 1)],
+                ("gap",),
+            ),
+            hidden=(), activation=nn.ReLU, dropout=0.0, batch_norm=True,
+            min_resize=32, default_resize=96, lr=0.05, epochs=10, batch_size=256,  # total stride 32, as GoogLeNet
+        ),
+        Architecture(
+            name="densenet",
+            features=(
+                [("conv", 64, 7, 2, 3), ("max", 3, 2, 1)],
+                ("dense", 4, 32), ("transition",), ("dense", 4, 32), ("transition",),
+                ("dense", 4, 32), ("transition",), ("dense", 4, 32),
+                ("bn_relu",), ("gap",),
+            ),
+            hidden=(), activation=nn.ReLU, dropout=0.0, batch_norm=True,
+            min_resize=29, default_resize=96, lr=0.1, epochs=10, batch_size=256,
+        ),
     )
 }
 
@@ -100,25 +167,106 @@ def check_resize(arch: str, resize: int) -> None:
         raise InputTooSmallError(f"{arch} needs resize >= {minimum} (its feature maps vanish below that); got {resize}")
 
 
-def _make_layers(rows: tuple | list, in_channels: int, ratio: int, activation: type[nn.Module]) -> tuple[list[nn.Module], int]:
+class Inception(nn.Module):
+    """GoogLeNet's block: 1x1; 1x1 then 3x3; 1x1 then 5x5; 3x3 max-pool then 1x1; concatenated."""
+
+    def __init__(self, in_channels: int, c1: int, c2: tuple[int, int], c3: tuple[int, int], c4: int):
+        super().__init__()
+        self.p1 = nn.Sequential(nn.Conv2d(in_channels, c1, 1), nn.ReLU())
+        self.p2 = nn.Sequential(nn.Conv2d(in_channels, c2[0], 1), nn.ReLU(), nn.Conv2d(c2[0], c2[1], 3, padding=1), nn.ReLU())
+        self.p3 = nn.Sequential(nn.Conv2d(in_channels, c3[0], 1), nn.ReLU(), nn.Conv2d(c3[0], c3[1], 5, padding=2), nn.ReLU())
+        self.p4 = nn.Sequential(nn.MaxPool2d(3, 1, 1), nn.Conv2d(in_channels, c4, 1), nn.ReLU())
+
+    def forward(self, x):
+        return torch.cat([self.p1(x), self.p2(x), self.p3(x), self.p4(x)], dim=1)
+
+
+class Residual(nn.Module):
+    """ResNet's basic block: two 3x3 conv + BN, added to the input (through a 1x1 conv when the shape changes)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
+        self.bn1, self.bn2 = nn.BatchNorm2d(out_channels), nn.BatchNorm2d(out_channels)
+        self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride) if stride != 1 or in_channels != out_channels else None
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class DenseBlock(nn.Module):
+    """DenseNet's block: each BN-ReLU-3x3 conv sees the concatenation of the input and all earlier outputs."""
+
+    def __init__(self, in_channels: int, num_convs: int, growth: int):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            nn.Sequential(nn.BatchNorm2d(in_channels + i * growth), nn.ReLU(), nn.Conv2d(in_channels + i * growth, growth, 3, padding=1))
+            for i in range(num_convs)
+        )
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = torch.cat([x, conv(x)], dim=1)
+        return x
+
+
+def _width(channels, ratio: int) -> int:
+    if channels == CLASSES:
+        return NUM_CLASSES
+    if channels // ratio < 1:
+        raise ValueError(f"ratio {ratio} leaves a layer of {channels} channels with none; use a ratio <= {channels}")
+    return channels // ratio
+
+
+def _make_layers(rows: tuple | list, in_channels: int, ratio: int, arch: Architecture) -> tuple[list[nn.Module], int]:
     layers: list[nn.Module] = []
     for row in rows:
-        if isinstance(row, list):
-            block, in_channels = _make_layers(row, in_channels, ratio, activation)
+        kind = row[0] if isinstance(row, tuple) else "block"
+        if kind == "block":
+            block, in_channels = _make_layers(row, in_channels, ratio, arch)
             layers.append(nn.Sequential(*block))
-        elif row[0] == "conv":
+        elif kind == "conv":
             _, channels, kernel, stride, padding = row
-            out_channels = channels // ratio
-            if out_channels < 1:
-                raise ValueError(f"ratio {ratio} leaves a conv layer of {channels} channels with none; use a ratio <= {channels}")
-            layers += [nn.Conv2d(in_channels, out_channels, kernel, stride, padding), activation()]
-            in_channels = out_channels
-        elif row[0] == "max":
-            layers.append(nn.MaxPool2d(row[1], row[2]))
-        elif row[0] == "avg":
-            layers.append(nn.AvgPool2d(row[1], row[2]))
+            out = _width(channels, ratio)
+            layers += [nn.Conv2d(in_channels, out, kernel, stride, padding), *([nn.BatchNorm2d(out)] if arch.batch_norm else []), arch.activation()]
+            in_channels = out
+        elif kind in ("max", "avg"):
+            pool = nn.MaxPool2d if kind == "max" else nn.AvgPool2d
+            layers.append(pool(*row[1:]))
+        elif kind == "nin":
+            _, channels, kernel, stride, padding = row
+            out = _width(channels, ratio)
+            layers.append(nn.Sequential(nn.Conv2d(in_channels, out, kernel, stride, padding), nn.ReLU(),
+                                        nn.Conv2d(out, out, 1), nn.ReLU(), nn.Conv2d(out, out, 1), nn.ReLU()))
+            in_channels = out
+        elif kind == "inception":
+            _, c1, c2, c3, c4 = row
+            widths = (_width(c1, ratio), tuple(_width(c, ratio) for c in c2), tuple(_width(c, ratio) for c in c3), _width(c4, ratio))
+            layers.append(Inception(in_channels, *widths))
+            in_channels = widths[0] + widths[1][1] + widths[2][1] + widths[3]
+        elif kind == "residual":
+            out = _width(row[1], ratio)
+            layers.append(Residual(in_channels, out, row[2]))
+            in_channels = out
+        elif kind == "dense":
+            growth = _width(row[2], ratio)
+            layers.append(DenseBlock(in_channels, row[1], growth))
+            in_channels += row[1] * growth
+        elif kind == "transition":
+            out = in_channels // 2
+            layers.append(nn.Sequential(nn.BatchNorm2d(in_channels), nn.ReLU(), nn.Conv2d(in_channels, out, 1), nn.AvgPool2d(2, 2)))
+            in_channels = out
+        elif kind == "bn_relu":
+            layers += [nn.BatchNorm2d(in_channels), nn.ReLU()]
+        elif kind == "gap":
+            layers.append(nn.AdaptiveAvgPool2d((1, 1)))
+        elif kind == "dropout":
+            layers.append(nn.Dropout(row[1]))
         else:
-            raise ValueError(f"unknown layer kind {row[0]!r} in an architecture table")
+            raise ValueError(f"unknown layer kind {kind!r} in an architecture table")
     return layers, in_channels
 
 
@@ -129,18 +277,19 @@ def build_model(arch: str, resize: int | None = None, ratio: int = 1) -> nn.Sequ
     check_resize(arch, resize)
     if ratio < 1:
         raise ValueError(f"ratio must be a positive integer channel divisor; got {ratio}")
-    features, _ = _make_layers(spec.features, 1, ratio, spec.activation)
+    features, _ = _make_layers(spec.features, 1, ratio, spec)
     # The flattened width depends on the resize; a copy on the meta device finds it without computing anything.
     with torch.device("meta"):
-        probe, _ = _make_layers(spec.features, 1, ratio, spec.activation)
-        flat = nn.Sequential(*probe)(torch.zeros(1, 1, resize, resize)).numel()
+        probe, _ = _make_layers(spec.features, 1, ratio, spec)
+        flat = nn.Sequential(*probe).eval()(torch.zeros(1, 1, resize, resize)).numel()  # eval: batch norm takes a batch of 1
     classifier: list[nn.Module] = [nn.Flatten()]
-    for width in spec.hidden:
-        classifier += [nn.Linear(flat, width), spec.activation()]
+    for width in spec.hidden if spec.head else ():
+        classifier += [nn.Linear(flat, width), *([nn.BatchNorm1d(width)] if spec.batch_norm else []), spec.activation()]
         if spec.dropout:
             classifier.append(nn.Dropout(spec.dropout))
         flat = width
-    classifier.append(nn.Linear(flat, NUM_CLASSES))
+    if spec.head:
+        classifier.append(nn.Linear(flat, NUM_CLASSES))
     net = nn.Sequential(*features, *classifier)
     # d2l's init_weights: Xavier-uniform weights for every conv and linear layer, default biases.
     for module in net.modules():

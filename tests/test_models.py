@@ -98,5 +98,5 @@ def test_weights_are_xavier_uniform():
 def test_unknown_architecture_and_bad_ratio():
     with pytest.raises(ValueError, match="unknown architecture 'resnet99'; choose one of"):
         build_model("resnet99")
-    with pytest.raises(ValueError, match="ratio 8 leaves a conv layer of 6 channels with none"):
+    with pytest.raises(ValueError, match="ratio 8 leaves a layer of 6 channels with none"):
         build_model("lenet", ratio=8)
