@@ -130,12 +130,16 @@ def _prepare(images: torch.Tensor, resize: int, channels_last: bool) -> torch.Te
 
 def _count_flops(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, int]:
     """(forward FLOPs, forward + backward FLOPs) for one example, from torch's own counter."""
+    # Eval mode: batch norm leaves its running statistics alone and takes a batch of one;
+    # the counter counts matmuls and convolutions, which are the same in both modes.
+    model.eval()
     with FlopCounterMode(display=False) as counter:
         model(x[:1])
     forward = counter.get_total_flops()
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(x[:1]), torch.zeros(1, dtype=torch.long, device=x.device)).backward()
     model.zero_grad(set_to_none=True)
+    model.train()
     return forward, counter.get_total_flops()
 
 

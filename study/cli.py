@@ -105,7 +105,7 @@ def cmd_list(args) -> int:
 
     for name in available():
         spec = load_spec(name)
-        print(f"{name:16} {spec.summary()}")
+        print(f"{name:22} {spec.summary()}")
     return 0
 
 
@@ -131,6 +131,42 @@ def cmd_show(args) -> int:
         table.add_row(str(t.number), *params, f"{t.value:.4f}", f"{t.user_attrs.get('test_accuracy', float('nan')):.4f}",
                       str(t.user_attrs.get("epochs_run", "")), f"{t.user_attrs.get('train_seconds', float('nan')):.1f}")
     console.print(table)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    import dataclasses
+
+    import pandas as pd
+    from rich.table import Table
+
+    from objectives.inspect import layer_costs
+    from objectives.models import get_architecture
+
+    resize = args.resize or get_architecture(args.arch).default_resize
+    rows = layer_costs(args.arch, resize, args.ratio)
+    frame = pd.DataFrame([dataclasses.asdict(row) for row in rows])
+    frame["output_shape"] = frame["output_shape"].map(lambda shape: "x".join(map(str, shape)))
+    if args.format == "csv":
+        print(frame.to_csv(index=False), end="")
+        return 0
+    if args.format == "json":
+        print(frame.to_json(orient="records"))
+        return 0
+    console = _console()
+    table = Table(title=f"{args.arch} at {resize} px, ratio {args.ratio}: forward cost of one example (activations fp32, batch 1)")
+    for column in ("#", "layer", "output shape", "params", "FLOPs", "activation bytes"):
+        table.add_column(column, justify="left" if column in ("layer", "output shape") else "right")
+    for row in frame.itertuples():
+        table.add_row(str(row.index), row.layer, row.output_shape, f"{row.params:,}", f"{row.flops:,}", f"{row.activation_bytes:,}")
+    table.add_row("", "total", "", f"{frame.params.sum():,}", f"{frame.flops.sum():,}", f"{frame.activation_bytes.sum():,}", style="bold")
+    console.print(table)
+    heaviest = frame.loc[frame.flops.idxmax()]
+    largest = frame.loc[frame.activation_bytes.idxmax()]
+    console.print(f"most compute: #{heaviest['index']} {heaviest.layer} ({heaviest.flops / frame.flops.sum():.0%} of the FLOPs)")
+    console.print(f"most activation memory: #{largest['index']} {largest.layer} ({largest.activation_bytes / frame.activation_bytes.sum():.0%} of the bytes)")
+    most_params = frame.loc[frame.params.idxmax()]
+    console.print(f"most parameters: #{most_params['index']} {most_params.layer} ({most_params.params / frame.params.sum():.0%} of the parameters)")
     return 0
 
 
@@ -201,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--storage", help=storage_help)
     report.add_argument("-o", "--output", help="report file (default: $STUDY_HOME/reports/NAME.html)")
     report.set_defaults(run=cmd_report)
+
+    inspect = commands.add_parser("inspect", help="per-layer output shape, parameters, FLOPs and activation memory of a network")
+    inspect.add_argument("arch", help="lenet, lenet_bn, alexnet, alexnet_28, vgg11, nin, googlenet, resnet18, densenet")
+    inspect.add_argument("--resize", type=int, help="input side in pixels (default: the architecture's, e.g. 224 for alexnet)")
+    inspect.add_argument("--ratio", type=int, default=1, help="channel divisor (default: 1)")
+    inspect.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    inspect.set_defaults(run=cmd_inspect)
 
     ui = commands.add_parser("ui", help="serve the MLflow UI on the studies' tracking store")
     ui.add_argument("--port", type=int, default=5000, help="default: 5000")

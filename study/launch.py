@@ -49,16 +49,23 @@ def make_pruner(settings: dict) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(**settings)
 
 
-def suggest(trial: optuna.Trial, search: dict[str, dict]) -> dict:
+def suggest(trial: optuna.Trial, plan: Plan) -> dict:
+    """The trial's params: the spec's search, then the ranges that depend on the drawn architecture."""
     params = {}
-    for name, dist in search.items():
-        if "choices" in dist:
-            params[name] = trial.suggest_categorical(name, dist["choices"])
-        elif isinstance(dist["low"], int) and isinstance(dist["high"], int):
-            params[name] = trial.suggest_int(name, dist["low"], dist["high"], log=dist.get("log", False))
-        else:
-            params[name] = trial.suggest_float(name, dist["low"], dist["high"], log=dist.get("log", False))
+    for name, dist in plan.search.items():
+        params[name] = _suggest_one(trial, name, dist)
+    arch = params.get("arch", plan.fixed.get("arch"))
+    for name, dist in plan.conditional.get(arch, {}).items():
+        params[name] = _suggest_one(trial, name, dist)
     return params
+
+
+def _suggest_one(trial: optuna.Trial, name: str, dist: dict):
+    if "choices" in dist:
+        return trial.suggest_categorical(name, dist["choices"])
+    if isinstance(dist["low"], int) and isinstance(dist["high"], int):
+        return trial.suggest_int(name, dist["low"], dist["high"], step=dist.get("step", 1), log=dist.get("log", False))
+    return trial.suggest_float(name, dist["low"], dist["high"], step=dist.get("step"), log=dist.get("log", False))
 
 
 def _alive(pid: int) -> bool:
@@ -101,7 +108,7 @@ class Launch:
         trial = self.study.ask()
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
-        params = suggest(trial, self.plan.search)
+        params = suggest(trial, self.plan)
         config = self.plan.config(params)
         run_id = self.tracker.start_trial(trial.number, config, params)
         trial.set_user_attr("mlflow_run_id", run_id)

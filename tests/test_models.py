@@ -33,6 +33,22 @@ VGG_224 = [  # the notes print VGG per block; ratio divides the block widths
 ]
 
 
+NIN_224 = [
+    ("Sequential", (96, 54, 54)), ("MaxPool2d", (96, 26, 26)), ("Sequential", (256, 26, 26)), ("MaxPool2d", (256, 12, 12)),
+    ("Sequential", (384, 12, 12)), ("MaxPool2d", (384, 5, 5)), ("Dropout", (384, 5, 5)), ("Sequential", (10, 5, 5)),
+    ("AdaptiveAvgPool2d", (10, 1, 1)), ("Flatten", (10,)),
+]
+# d2l 7.4 and 7.6 print GoogLeNet and ResNet-18 per block at 96 px.
+GOOGLENET_96 = [
+    ("Sequential", (64, 24, 24)), ("Sequential", (192, 12, 12)), ("Sequential", (480, 6, 6)), ("Sequential", (832, 3, 3)),
+    ("Sequential", (1024, 1, 1)), ("Flatten", (1024,)), ("Linear", (10,)),
+]
+RESNET18_96 = [
+    ("Sequential", (64, 24, 24)), ("Sequential", (64, 24, 24)), ("Sequential", (128, 12, 12)), ("Sequential", (256, 6, 6)),
+    ("Sequential", (512, 3, 3)), ("AdaptiveAvgPool2d", (512, 1, 1)), ("Flatten", (512,)), ("Linear", (10,)),
+]
+
+
 def _vgg_at_ratio(ratio):
     rows = []
     for name, shape in VGG_224:
@@ -58,6 +74,9 @@ def layer_shapes(net, resize):
     ("alexnet_28", 28, 1, ALEXNET_28),
     ("vgg11", 224, 1, VGG_224),
     ("vgg11", 224, 4, _vgg_at_ratio(4)),
+    ("nin", 224, 1, NIN_224),
+    ("googlenet", 96, 1, GOOGLENET_96),
+    ("resnet18", 96, 1, RESNET18_96),
 ])
 def test_layer_shapes_match_the_notes(arch, resize, ratio, expected):
     with torch.device("meta"):  # shapes only; no memory for VGG-11's 129 M parameters
@@ -66,12 +85,35 @@ def test_layer_shapes_match_the_notes(arch, resize, ratio, expected):
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_minimum_resize_is_exact(arch):
-    minimum = ARCHITECTURES[arch].min_resize
+def test_minimum_and_default_resize_train_one_step(arch):
+    spec = ARCHITECTURES[arch]
+    for resize in sorted({spec.min_resize, spec.default_resize}):
+        torch.manual_seed(0)
+        net = build_model(arch, resize)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+        x, y = torch.rand(4, 1, resize, resize), torch.tensor([0, 1, 2, 3])
+        logits = net(x)
+        assert logits.shape == (4, 10)
+        before = [p.detach().clone() for p in net.parameters()]
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        optimizer.step()
+        assert any(not torch.equal(b, p) for b, p in zip(before, net.parameters(), strict=True))
+    with pytest.raises(InputTooSmallError, match=f"{arch} needs resize >= {spec.min_resize}"):
+        build_model(arch, spec.min_resize - 1)
+
+
+# Where pooling without padding makes the feature maps vanish, the declared minimum is exact.
+@pytest.mark.parametrize("arch", ["lenet", "lenet_bn", "alexnet", "alexnet_28", "vgg11", "nin", "densenet"])
+def test_minimum_resize_is_where_feature_maps_vanish(arch):
+    from objectives.models import _make_layers
+
+    spec = ARCHITECTURES[arch]
     with torch.device("meta"):
-        assert build_model(arch, minimum)(torch.zeros(2, 1, minimum, minimum)).shape == (2, 10)
-    with pytest.raises(InputTooSmallError, match=f"{arch} needs resize >= {minimum}"):
-        build_model(arch, minimum - 1)
+        layers, _ = _make_layers(spec.features, 1, 1, spec)
+        features = torch.nn.Sequential(*layers).eval()
+        features(torch.zeros(1, 1, spec.min_resize, spec.min_resize))
+        with pytest.raises(RuntimeError):
+            features(torch.zeros(1, 1, spec.min_resize - 1, spec.min_resize - 1))
 
 
 def test_parameter_counts_are_pinned():
@@ -83,8 +125,12 @@ def test_parameter_counts_are_pinned():
             "alexnet_28": parameter_count(build_model("alexnet_28")),
             "vgg11": parameter_count(build_model("vgg11", 224, 1)),
             "vgg11_ratio4": parameter_count(build_model("vgg11", 224, 4)),
+            **{arch: parameter_count(build_model(arch)) for arch in ("lenet_bn", "nin", "googlenet", "resnet18", "densenet")},
         }
-    assert counts == {"lenet": 61706, "alexnet": 46764746, "alexnet_28": 46755530, "vgg11": 128806154, "vgg11_ratio4": 43093322}
+    assert counts == {
+        "lenet": 61706, "alexnet": 46764746, "alexnet_28": 46755530, "vgg11": 128806154, "vgg11_ratio4": 43093322,
+        "lenet_bn": 44878, "nin": 1992166, "googlenet": 5977530, "resnet18": 11178378, "densenet": 758226,
+    }
 
 
 def test_weights_are_xavier_uniform():
@@ -100,3 +146,11 @@ def test_unknown_architecture_and_bad_ratio():
         build_model("resnet99")
     with pytest.raises(ValueError, match="ratio 8 leaves a layer of 6 channels with none"):
         build_model("lenet", ratio=8)
+
+
+def test_ratio_divides_every_width_but_the_class_scores():
+    with torch.device("meta"):
+        for arch in ("nin", "googlenet", "resnet18", "densenet"):
+            full, quarter = parameter_count(build_model(arch)), parameter_count(build_model(arch, ratio=4))
+            assert quarter < full / 8, arch  # conv parameters scale with width squared
+            assert build_model(arch, ratio=4)(torch.zeros(1, 1, 96, 96)).shape == (1, 10)

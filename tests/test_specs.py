@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from study.specs import PRESETS, SpecError, available, load_spec, resolve
@@ -74,5 +76,33 @@ def test_impossible_specs_are_refused_with_the_reason(tmp_path, old, new, messag
 
 
 def test_unknown_study_lists_the_choices():
-    with pytest.raises(SpecError, match="unknown study 'nope'; choose one of alexnet_resize, vgg_ratio"):
+    with pytest.raises(SpecError, match="unknown study 'nope'; choose one of alexnet_28_lr_epochs, .*, vgg_ratio, zoo or give a path"):
         load_spec("nope")
+
+
+ZOO_LIKE = """
+[search]
+arch = { choices = ["lenet", "vgg11"] }
+lr = { low = 0.01, high = 0.1, log = true }
+[conditional.vgg11]
+resize = { low = 32, high = 96, step = 32 }
+"""
+
+
+def test_conditional_ranges_are_checked_per_architecture(tmp_path):
+    plan = resolve(load_spec(_spec(tmp_path, ZOO_LIKE)), "full")
+    assert plan.conditional == {"vgg11": {"resize": {"low": 32, "high": 96, "step": 32}}}
+    for old, new, message in [
+        ("low = 32, high = 96", "low = 16, high = 96", "vgg11 needs resize >= 32"),
+        ("[conditional.vgg11]", "[conditional.nin]", "[conditional.nin] names an architecture that search.arch does not offer"),
+        ("resize = { low = 32, high = 96, step = 32 }", "resize = { choices = [32, 64] }", "Optuna cannot vary a categorical's choices"),
+        ("resize = { low = 32", "lr = { low = 32", "must be a setting that [search] does not already search"),
+    ]:
+        with pytest.raises(SpecError, match=re.escape(message)):
+            load_spec(_spec(tmp_path, ZOO_LIKE.replace(old, new)))
+
+
+def test_zoo_smoke_uses_each_architectures_smallest_input():
+    plan = resolve(load_spec("zoo"), "smoke")
+    resizes = {arch: plan.config({"arch": arch, "lr": 0.1, "epochs": 1}).resize for arch in plan.search["arch"]["choices"]}
+    assert resizes == {"lenet": 28, "lenet_bn": 28, "alexnet": 65, "alexnet_28": 28, "vgg11": 32, "nin": 67, "googlenet": 32, "resnet18": 32, "densenet": 32}
