@@ -52,9 +52,10 @@ def cmd_launch(args) -> int:
     import optuna
 
     from dashboards import write_report
+    from objectives.data import locate
     from study.launch import Launch, check_preset_matches, choose_preset, counts_toward_total, make_pruner, report_path
     from study.specs import load_spec, resolve
-    from study.storage import home, make_home, mask, open_storage
+    from study.storage import default_storage_url, home, make_home, mask, open_storage
     from study.tracking import Tracker, tracking_uri, ui_url
 
     if args.trials < 1:
@@ -67,10 +68,9 @@ def cmd_launch(args) -> int:
     preset, why = choose_preset(args.preset)
     plan = resolve(spec, preset)
     console.print(f"preset [bold]{preset}[/bold]: {why}")
-    from objectives.data import locate  # fail on missing data before anything is written
-    locate(args.data_dir)
-    storage_url = args.storage
-    storage = open_storage(storage_url)
+    locate(args.data_dir)  # fail on missing data before anything is written
+    storage = open_storage(args.storage)
+    storage_label = mask(args.storage or default_storage_url())
     make_home()  # for the MLflow store and the report, also when the storage is elsewhere
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     pruner = make_pruner(plan.spec.pruner)
@@ -80,7 +80,7 @@ def cmd_launch(args) -> int:
     study_home = home()
     uri = tracking_uri(study_home)
     tracker = Tracker(spec.name, uri, artifact_root=study_home / "mlartifacts")
-    tracker.describe_study(spec.path.read_text(), preset, mask(storage_url or str(study_home / "optuna.journal")), "TPESampler", type(pruner).__name__)
+    tracker.describe_study(spec.path.read_text(), preset, storage_label, "TPESampler", type(pruner).__name__)
     launch = Launch(plan=plan, study=study, storage=storage, tracker=tracker, console=console, data_dir=args.data_dir)
     try:
         launch.run(args.trials, args.timeout)
@@ -94,7 +94,7 @@ def cmd_launch(args) -> int:
     done = sum(counts_toward_total(t) for t in study.get_trials(deepcopy=False))
     tracker.close_parent("FINISHED" if done >= args.trials else "KILLED")
     path = write_report([study], output, uri, ui_url(uri))
-    console.print(f"optuna storage: {mask(storage_url or str(study_home / 'optuna.journal'))}")
+    console.print(f"optuna storage: {storage_label}")
     console.print(f"mlflow store:   {mask(uri)}  (browse with `python -m study ui`)")
     console.print(f"report:         {path}")
     return 0
