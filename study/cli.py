@@ -161,12 +161,10 @@ def cmd_inspect(args) -> int:
         table.add_row(str(row.index), row.layer, row.output_shape, f"{row.params:,}", f"{row.flops:,}", f"{row.activation_bytes:,}")
     table.add_row("", "total", "", f"{frame.params.sum():,}", f"{frame.flops.sum():,}", f"{frame.activation_bytes.sum():,}", style="bold")
     console.print(table)
-    heaviest = frame.loc[frame.flops.idxmax()]
-    largest = frame.loc[frame.activation_bytes.idxmax()]
-    console.print(f"most compute: #{heaviest['index']} {heaviest.layer} ({heaviest.flops / frame.flops.sum():.0%} of the FLOPs)")
-    console.print(f"most activation memory: #{largest['index']} {largest.layer} ({largest.activation_bytes / frame.activation_bytes.sum():.0%} of the bytes)")
-    most_params = frame.loc[frame.params.idxmax()]
-    console.print(f"most parameters: #{most_params['index']} {most_params.layer} ({most_params.params / frame.params.sum():.0%} of the parameters)")
+    for column, heading, unit in (("flops", "most compute", "FLOPs"), ("activation_bytes", "most activation memory", "bytes"),
+                                  ("params", "most parameters", "parameters")):
+        top = frame.loc[frame[column].idxmax()]
+        console.print(f"{heading}: #{top['index']} {top.layer} ({top[column] / frame[column].sum():.0%} of the {unit})")
     return 0
 
 
