@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +57,8 @@ class TrainConfig:
     n_test: int | None = None
     # speed
     device: str = "auto"                 # "auto": cuda when available, else cpu
-    precision: str = "auto"              # "auto": bf16 autocast on CUDA, fp32 on CPU; or "bf16" / "fp32"
-    channels_last: bool | None = None    # None: on CUDA only, where convs run faster in NHWC
+    precision: str = "auto"              # "auto": bf16 autocast where the device has bf16 arithmetic (CUDA, AVX512-BF16/AMX CPUs), else fp32
+    channels_last: bool | None = None    # None: on CUDA, and on CPU for networks without batch norm (see _use_channels_last)
     compile: bool = False                # torch.compile; pays off only for long runs
     eval_batch_size: int = 1024          # evaluation has no backward pass, so bigger batches fit
 
@@ -111,6 +112,8 @@ class TrainResult:
     peak_memory_bytes: int
     peak_memory_source: str      # "cuda_max_allocated", or "process_max_rss" on CPU (a process-wide peak)
     device_name: str
+    precision: str               # as resolved from config.precision: "bf16" (autocast) or "fp32"
+    channels_last: bool          # as resolved from config.channels_last
     config: TrainConfig = field(repr=False)
 
 
@@ -118,6 +121,27 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device multiplies bf16 in hardware, so autocast to bf16 is a speed-up rather than an emulation."""
+    if device.type == "cuda":
+        return True
+    # Without these instructions oneDNN emulates bf16 and is slower than fp32. Linux lists them in cpuinfo;
+    # elsewhere we stay with fp32.
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _use_channels_last(model: torch.nn.Module, device: torch.device) -> bool:
+    # NHWC lets cuDNN and oneDNN pick their fastest convolutions (AlexNet at 224 px trains several times faster
+    # on CPU), but oneDNN's batch norm is slower in NHWC, enough to lose overall on ResNet-18 (benchmarks/RESULTS.md).
+    if device.type == "cuda":
+        return True
+    return not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _prepare(images: torch.Tensor, resize: int, channels_last: bool) -> torch.Tensor:
@@ -167,8 +191,7 @@ def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetr
     check_resize(config.arch, resize)
     device = resolve_device(config.device)
     on_cuda = device.type == "cuda"
-    channels_last = on_cuda if config.channels_last is None else config.channels_last
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and on_cuda)
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and native_bf16(device))
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
@@ -188,6 +211,7 @@ def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetr
         # ---- model and optimiser ----
         torch.manual_seed(config.seed)
         model = build_model(config.arch, resize, config.ratio).to(device)
+        channels_last = _use_channels_last(model, device) if config.channels_last is None else config.channels_last
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         params = parameter_count(model)
@@ -274,5 +298,7 @@ def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetr
         peak_memory_bytes=peak_memory,
         peak_memory_source=peak_source,
         device_name=torch.cuda.get_device_name(device) if on_cuda else "cpu",
+        precision="bf16" if use_bf16 else "fp32",
+        channels_last=channels_last,
         config=config,
     )

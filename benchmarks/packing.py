@@ -1,0 +1,98 @@
+"""What running several trials on one device at once buys: trials per hour for 1, 2, 4 at a time.
+
+    python -m benchmarks.packing --device cuda                  # vgg_ratio's full preset, 8 trials of 2 epochs
+    python -m benchmarks.packing --device cpu --quick           # a check that it runs
+
+The trials are drawn at random (seeded, the same list for every packing) from the vgg_ratio
+study's search space for the chosen preset, with epochs capped so the benchmark stays short.
+Each trial runs `objectives.train` in its own process (spawned, as study workers are); with
+packing K, K processes share the device. Small networks leave a large GPU idle between kernels,
+so packing them can raise trials per hour; large ones only queue behind each other.
+Imports only torch and `objectives`/`study.specs` (which needs no Optuna or MLflow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import multiprocessing
+import random
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+from objectives import TrainConfig, load_fashion_mnist, train
+from study.specs import load_spec, resolve
+
+
+def draw_configs(preset: str, trials: int, max_epochs: int, seed: int, device: str, quick: bool) -> list[TrainConfig]:
+    """`trials` configs drawn uniformly (log-uniformly for log ranges) from vgg_ratio's search space."""
+    plan = resolve(load_spec("vgg_ratio"), preset)
+    rng = random.Random(seed)
+    configs = []
+    for _ in range(trials):
+        params = {}
+        for name, dist in plan.search.items():
+            if "choices" in dist:
+                params[name] = rng.choice(dist["choices"])
+            elif dist.get("log"):
+                params[name] = math.exp(rng.uniform(math.log(dist["low"]), math.log(dist["high"])))
+            elif isinstance(dist["low"], int):
+                params[name] = rng.randint(dist["low"], dist["high"])
+            else:
+                params[name] = rng.uniform(dist["low"], dist["high"])
+        params["epochs"] = min(params.get("epochs", max_epochs), max_epochs)
+        config = plan.config(params)
+        overrides = {"device": device}
+        if quick:
+            overrides |= {"n_train": 512, "n_val": 128, "n_test": 128, "epochs": 1}
+        configs.append(dataclasses.replace(config, **overrides))
+    return configs
+
+
+def _run_one(config: TrainConfig) -> tuple[float, float]:
+    result = train(config, load_fashion_mnist())
+    return result.wall_seconds, result.val_accuracy
+
+
+def trials_per_hour(configs: list[TrainConfig], packing: int) -> tuple[float, float]:
+    """(trials per hour, mean seconds per trial) running `packing` trials at a time."""
+    start = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=packing, mp_context=multiprocessing.get_context("spawn")) as pool:
+        seconds = [wall for wall, _ in pool.map(_run_one, configs)]
+    elapsed = time.perf_counter() - start
+    return len(configs) / elapsed * 3600, sum(seconds) / len(seconds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.packing", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", choices=["smoke", "full"], help="default: full on CUDA, smoke on CPU")
+    parser.add_argument("--packing", type=int, action="append", help="trials at a time; repeat (default: 1, 2, 4)")
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--max-epochs", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny data subsets and one epoch: checks that it runs")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 1
+    packings = args.packing or [1, 2, 4]
+    if args.trials < 1 or args.max_epochs < 1 or min(packings) < 1:
+        print("error: --trials, --max-epochs and --packing must be >= 1", file=sys.stderr)
+        return 1
+    preset = args.preset or ("full" if args.device == "cuda" else "smoke")
+    configs = draw_configs(preset, args.trials, args.max_epochs, seed=0, device=args.device, quick=args.quick)
+    print(f"vgg_ratio preset {preset}, {args.trials} trials of at most {args.max_epochs} epochs on {args.device}, torch {torch.__version__}")
+    base = None
+    for packing in packings:
+        rate, seconds = trials_per_hour(configs, packing)
+        base = base or rate
+        print(f"{packing} at a time: {rate:.0f} trials/hour ({rate / base:.2f}x of {packings[0]} at a time), {seconds:.1f} s per trial", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

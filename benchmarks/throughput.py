@@ -1,0 +1,148 @@
+"""Our trainer against the textbook pipeline, on the same machine, in the same run.
+
+    python -m benchmarks.throughput --device cpu            # about 6 minutes on 2 CPU cores
+    python -m benchmarks.throughput --device cuda           # the GPU figures (see benchmarks/gpu.sh)
+    python -m benchmarks.throughput --device cpu --quick    # a check that everything runs, seconds
+
+Claim: end-to-end training examples per second (model build, every epoch's training and
+evaluation; the dataset files are read once before the clock starts) of `objectives.train`
+against `benchmarks.reference.train_ch6`, for the networks and resizes the notes train, with the
+notes' learning rate and batch size and the same number of examples on both sides. Evidence and
+dates: benchmarks/RESULTS.md. The last line printed is the geometric-mean speed-up.
+
+Imports only torch, Pillow and `objectives`, so it runs on a machine that has nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from benchmarks.reference import train_ch6
+from objectives import TrainConfig, get_architecture, load_fashion_mnist, train
+
+
+@dataclass(frozen=True)
+class Case:
+    arch: str
+    resize: int
+    ratio: int
+    # (training examples, epochs, evaluation examples) per device; both sides train and evaluate exactly these.
+    cpu: tuple[int, int, int]
+    cuda: tuple[int, int, int]
+
+
+CASES = (
+    Case("lenet", 28, 1, cpu=(10240, 2, 2048), cuda=(55000, 3, 5000)),
+    Case("alexnet", 224, 1, cpu=(512, 1, 128), cuda=(55000, 1, 5000)),
+    Case("alexnet_28", 28, 1, cpu=(512, 1, 128), cuda=(55000, 1, 5000)),
+    Case("vgg11", 224, 4, cpu=(512, 1, 128), cuda=(55000, 1, 5000)),
+    Case("resnet18", 96, 1, cpu=(1024, 1, 128), cuda=(55000, 1, 5000)),
+)
+QUICK_DIVISOR = 8  # --quick: an eighth of the examples, at least one batch
+
+# Dense bf16 peak of the GPUs we are lent, in FLOP/s, from the vendors' data sheets (without sparsity).
+BF16_PEAK = {"H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+
+
+def bf16_peak(device_name: str) -> float | None:
+    """The GPU's dense bf16 peak; the most specific name that matches wins."""
+    for name in sorted(BF16_PEAK, key=len, reverse=True):
+        if name in device_name:
+            return BF16_PEAK[name]
+    return None
+
+
+@dataclass
+class Row:
+    arch: str
+    resize: int
+    ratio: int
+    examples: int                 # training examples on each side (train size x epochs)
+    reference_per_second: float
+    ours_per_second: float
+    speedup: float
+    reference_test_accuracy: float
+    ours_test_accuracy: float
+    train_flops_per_second: float  # ours, over the training part of its epochs
+    mfu: float | None              # train_flops_per_second over the GPU's dense bf16 peak (CUDA only)
+
+
+def measure(case: Case, data, device: str, quick: bool, precision: str, channels_last: bool | None, compile_model: bool) -> Row:
+    n_train, epochs, n_eval = case.cuda if device == "cuda" else case.cpu
+    arch = get_architecture(case.arch)
+    if quick:
+        n_train, epochs, n_eval = max(n_train // QUICK_DIVISOR, arch.batch_size), 1, max(n_eval // QUICK_DIVISOR, 64)
+    examples = n_train * epochs
+    common = {"lr": arch.lr, "epochs": epochs, "batch_size": arch.batch_size}
+
+    reference = train_ch6(case.arch, case.resize, case.ratio, train_images=data.train_images[:n_train], train_labels=data.train_labels[:n_train],
+                          test_images=data.test_images[:n_eval], test_labels=data.test_labels[:n_eval], device=device, **common)
+    config = TrainConfig(arch=case.arch, resize=case.resize, ratio=case.ratio, n_train=n_train, n_val=n_eval, n_test=n_eval, device=device,
+                         precision=precision, channels_last=channels_last, compile=compile_model, **common)
+    ours = train(config, data)
+    flops_per_second = ours.train_flops / ours.train_seconds
+    peak = bf16_peak(ours.device_name) if device == "cuda" else None
+    return Row(
+        arch=case.arch, resize=case.resize, ratio=case.ratio, examples=examples,
+        reference_per_second=examples / reference.wall_seconds,
+        ours_per_second=examples / ours.wall_seconds,
+        speedup=reference.wall_seconds / ours.wall_seconds,
+        reference_test_accuracy=reference.test_accuracy, ours_test_accuracy=ours.test_accuracy,
+        train_flops_per_second=flops_per_second, mfu=flops_per_second / peak if peak else None,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="an eighth of the examples and one epoch: checks that it runs, measures little")
+    parser.add_argument("--arch", action="append", help="only these architectures (repeatable; default: all five cases)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="our trainer's precision (default: auto)")
+    parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto", help="our trainer's memory format (default: auto)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our model (its compile time counts)")
+    parser.add_argument("--json", help="also write the rows and settings to this JSON file")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 1
+    cases = [c for c in CASES if not args.arch or c.arch in args.arch]
+    if not cases:
+        print(f"error: --arch {args.arch} matches none of {', '.join(c.arch for c in CASES)}", file=sys.stderr)
+        return 1
+    channels_last = {"auto": None, "on": True, "off": False}[args.channels_last]
+
+    data = load_fashion_mnist()
+    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or platform.machine()
+    print(f"device {args.device} ({device_name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"precision {args.precision}, channels_last {args.channels_last}, compile {args.compile}{', quick' if args.quick else ''}")
+    print(f"{'network':<22}{'examples':>9}{'reference ex/s':>16}{'ours ex/s':>11}{'speed-up':>10}{'ref test acc':>14}{'our test acc':>14}{'TFLOP/s':>9}{'MFU':>7}")
+    rows = []
+    for case in cases:
+        started = time.perf_counter()
+        row = measure(case, data, args.device, args.quick, args.precision, channels_last, args.compile)
+        rows.append(row)
+        name = f"{case.arch} {case.resize}px" + (f" r{case.ratio}" if case.ratio != 1 else "")
+        mfu = f"{row.mfu:.1%}" if row.mfu is not None else "-"
+        print(f"{name:<22}{row.examples:>9}{row.reference_per_second:>16.1f}{row.ours_per_second:>11.1f}{row.speedup:>9.2f}x"
+              f"{row.reference_test_accuracy:>14.3f}{row.ours_test_accuracy:>14.3f}{row.train_flops_per_second / 1e12:>9.2f}{mfu:>7}"
+              f"   ({time.perf_counter() - started:.0f} s)", flush=True)
+    geomean = math.exp(sum(math.log(r.speedup) for r in rows) / len(rows))
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k != "json"}
+        with open(args.json, "w") as out:
+            json.dump({"device": device_name, "torch": torch.__version__, "settings": settings, "rows": [asdict(r) for r in rows],
+                       "geomean_speedup": geomean, "date": time.strftime("%Y-%m-%d")}, out, indent=2)
+    print(f"geometric-mean speed-up over {len(rows)} networks: {geomean:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

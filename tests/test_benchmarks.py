@@ -1,0 +1,64 @@
+"""The benchmark's yardstick is faithful, and its commands run. Speed itself is measured in benchmarks/, not here."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks.reference import _TextbookDataset, train_ch6
+from conftest import ROOT
+from objectives import TrainConfig, train
+from objectives.train import _prepare, native_bf16
+
+
+@pytest.mark.parametrize("resize", [224, 96, 32, 28])
+def test_resize_on_the_device_matches_the_textbooks_pil_resize(fashion, resize):
+    images, labels = fashion.test_images[:32], fashion.test_labels[:32]
+    textbook = torch.stack([_TextbookDataset(images, labels, resize)[i][0] for i in range(32)])
+    ours = _prepare(images, resize, channels_last=False)
+    assert ours.shape == textbook.shape == (32, 1, resize, resize)
+    # PIL rounds its output to 8 bits; the device keeps floats. Nothing else differs.
+    assert (ours - textbook).abs().max().item() <= 1 / 255 + 1e-6
+
+
+def test_reference_trains_the_same_network_to_a_similar_accuracy(fashion):
+    # LeNet-BN leaves chance (0.1) within 16 steps, so a small run shows both loops really train.
+    n_train, n_eval = 4096, 1000
+    reference = train_ch6("lenet_bn", 28, 1, lr=1.0, epochs=1, batch_size=256, train_images=fashion.train_images[:n_train],
+                          train_labels=fashion.train_labels[:n_train], test_images=fashion.val_images[:n_eval], test_labels=fashion.val_labels[:n_eval])
+    ours = train(TrainConfig(arch="lenet_bn", lr=1.0, epochs=1, batch_size=256, n_train=n_train, n_val=n_eval, n_test=64), fashion)
+    assert reference.test_accuracy > 0.3 and ours.val_accuracy > 0.3
+    assert abs(reference.test_accuracy - ours.val_accuracy) < 0.15
+
+
+def test_cpu_precision_and_layout_are_resolved_and_reported(fashion):
+    result = train(TrainConfig(arch="lenet", lr=0.9, epochs=1, n_train=256, n_val=64, n_test=64), fashion)
+    assert result.precision == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
+    assert result.channels_last  # no batch norm in LeNet
+    result = train(TrainConfig(arch="lenet_bn", lr=0.9, epochs=1, n_train=256, n_val=64, n_test=64, precision="fp32"), fashion)
+    assert result.precision == "fp32" and not result.channels_last
+
+
+def test_throughput_command_runs_and_ends_with_the_geometric_mean(tmp_path):
+    out = tmp_path / "throughput.json"
+    run = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--device", "cpu", "--quick", "--arch", "lenet", "--json", str(out)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr
+    last = run.stdout.strip().splitlines()[-1]
+    speedup = float(re.fullmatch(r"geometric-mean speed-up over 1 networks: ([0-9.]+)x", last).group(1))
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["arch"] for row in rows] == ["lenet"]
+    assert speedup == pytest.approx(rows[0]["speedup"], rel=0.01) and speedup > 0
+    assert 0 <= rows[0]["reference_test_accuracy"] <= 1 and rows[0]["examples"] > 0
+
+
+def test_throughput_refuses_cuda_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    run = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--device", "cuda"], capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+    assert run.returncode == 1 and run.stderr.strip() == "error: --device cuda, but torch sees no CUDA device"
