@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 import optuna
@@ -39,7 +40,12 @@ def default_storage_url() -> str:
     return str(home() / "optuna.journal")
 
 
-def open_storage(url: str | None) -> optuna.storages.BaseStorage:
+def open_storage(url: str | None, heartbeat: int | None = None) -> optuna.storages.BaseStorage:
+    """The storage at `url` (default: the study home's journal file).
+
+    `heartbeat` (seconds, relational storage only): trials record a heartbeat this often, and a trial
+    silent for three intervals belongs to a dead worker; it is failed and queued again once.
+    """
     if url is None:
         make_home()
     url = url or default_storage_url()
@@ -51,10 +57,20 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
         if not path.parent.is_dir():
             raise StorageError(f"journal storage {path}: directory {path.parent} does not exist")
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    beats = {}
+    if heartbeat is not None:
+        beats = {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat,
+                 "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
     try:
-        return optuna.storages.RDBStorage(url)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, **beats)
     except ImportError as error:
         raise StorageError(f"storage {mask(url)} needs a database driver that is not installed ({error})") from None
     except Exception as error:  # noqa: BLE001 -- sqlalchemy raises several types for bad URLs and unreachable servers
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise StorageError(f"cannot open storage {mask(url)}: {first_line}") from None
+
+
+def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:
+    return isinstance(storage, optuna.storages.RDBStorage) and storage.get_heartbeat_interval() is not None
