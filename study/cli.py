@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 
-def _open_study(name: str, storage_url: str | None, heartbeat: int | None = None):
+def _open_study(name: str, storage_url: str | None):
     """An existing study, or a SpecError that says how to create it. Writes nothing."""
     import optuna
 
@@ -22,7 +22,7 @@ def _open_study(name: str, storage_url: str | None, heartbeat: int | None = None
 
     if storage_url is None and not Path(default_storage_url()).exists():
         raise SpecError(f"no study named {name!r}: {default_storage_url()} does not exist yet; run `python -m study launch {name}` first")
-    storage = open_storage(storage_url, heartbeat)
+    storage = open_storage(storage_url)
     if name not in optuna.get_all_study_names(storage):
         raise SpecError(f"no study named {name!r} in {mask(storage_url or default_storage_url())}; run `python -m study launch {name}` first")
     return optuna.load_study(study_name=name, storage=storage)
@@ -114,9 +114,8 @@ def _run_study(args, join: bool) -> int:
     locate(args.data_dir)  # fail on missing data before anything is written
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if join:
-        study = _open_study(spec.name, args.storage, args.heartbeat)
-        storage = study._storage
-        recorded = study.user_attrs
+        recorded = _open_study(spec.name, args.storage).user_attrs
+        storage = open_storage(args.storage, args.heartbeat)
         if "trials" not in recorded:
             raise SpecError(f"study {spec.name} does not record its total; launch it again with `python -m study launch {args.name} --trials N`")
         total, preset, why = recorded["trials"], recorded["preset"], "the study's"
@@ -188,12 +187,12 @@ def cmd_show(args) -> int:
 
     study = _open_study(args.name, args.storage)
     trials = study.get_trials(deepcopy=False)
-    done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value, reverse=True)
     counts = ", ".join(f"{sum(t.state == s for t in trials)} {s.name}" for s in TrialState if any(t.state == s for t in trials))
     console = _console()
     console.print(f"study {study.study_name} (preset {study.user_attrs.get('preset', '?')}): {len(trials)} trials, {counts}")
     if len(study.directions) > 1:
         return _show_pareto(study, console)
+    done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value, reverse=True)
     if not done:
         console.print("no completed trials yet")
         return 0

@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from objectives import DeviceOutOfMemoryError, DivergedError, TrainResult, load_fashion_mnist, train
 from study.pool import Worker, WorkerDied, cpu_threads
 from study.specs import Plan, SpecError
-from study.storage import heartbeat_enabled
+from study.storage import claim_lock, heartbeat_enabled
 from study.tracking import Tracker
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -177,9 +177,10 @@ class Launch:
     def run_trial(self, train_fn: Callable, claim: Callable[[], bool] | None = None, device: str | None = None) -> optuna.trial.FrozenTrial | None:
         """One trial: ask, train with `train_fn(config, on_epoch)`, tell. None when `claim` says the study is full."""
         with self.lock:
-            if claim is not None and not claim():
-                return None
-            trial = self.study.ask()
+            with claim_lock(self.storage, self.study.study_name):
+                if claim is not None and not claim():
+                    return None
+                trial = self.study.ask()
             self.in_flight.add(trial._trial_id)
             trial.set_user_attr("host", socket.gethostname())
             trial.set_user_attr("pid", os.getpid())
@@ -321,6 +322,7 @@ class Launch:
         state = {}
 
         def claim() -> bool:
+            self.recover_dead_trials()
             trials = self.study.get_trials(deepcopy=False)
             state["done"] = count_done(trials)
             state["running"] = sum(t.state == TrialState.RUNNING for t in trials)
@@ -334,10 +336,7 @@ class Launch:
             if frozen is None:
                 if state["done"] >= total:
                     return
-                # Other trials are running; one may fail (dead worker) and be queued again.
-                time.sleep(1.0)
-                with self.lock:
-                    self.recover_dead_trials()
+                time.sleep(1.0)  # other trials are running; one may still fail (dead worker) and be queued again
                 continue
             with self.lock:
                 self.ran += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -57,13 +58,13 @@ def open_storage(url: str | None, heartbeat: int | None = None) -> optuna.storag
         if not path.parent.is_dir():
             raise StorageError(f"journal storage {path}: directory {path.parent} does not exist")
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    beats = {}
-    if heartbeat is not None:
-        beats = {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat,
-                 "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            beats = {}
+            if heartbeat is not None:
+                beats = {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat,
+                         "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
             return optuna.storages.RDBStorage(url, **beats)
     except ImportError as error:
         raise StorageError(f"storage {mask(url)} needs a database driver that is not installed ({error})") from None
@@ -74,3 +75,22 @@ def open_storage(url: str | None, heartbeat: int | None = None) -> optuna.storag
 
 def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:
     return isinstance(storage, optuna.storages.RDBStorage) and storage.get_heartbeat_interval() is not None
+
+
+@contextmanager
+def claim_lock(storage: optuna.storages.BaseStorage, study_name: str):
+    """Held while a worker counts a study's trials and asks for a new one, so that workers on several
+    machines never start more trials than the study's total. PostgreSQL only (an advisory lock);
+    elsewhere the one launcher process already does this under its own lock."""
+    if not (isinstance(storage, optuna.storages.RDBStorage) and storage.engine.dialect.name == "postgresql"):
+        yield
+        return
+    import sqlalchemy
+
+    key = {"key": storage.get_study_id_from_name(study_name)}
+    with storage.engine.connect() as connection:
+        connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), key)
+        try:
+            yield
+        finally:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), key)
