@@ -108,8 +108,10 @@ def _run_study(args, join: bool) -> int:
     if args.heartbeat < 1:
         raise ValueError(f"--heartbeat must be >= 1 second; got {args.heartbeat}")
     slots = devices(args.workers, args.gpus, args.trials_per_gpu)
+    _objective(args, None)  # the flags alone, before anything is written; the study's record is checked below
     console = _console()
     spec = load_spec(args.name)
+    _search_strategy(spec, args, {})
     output = None if join else _report_output(args.output, report_path(home(), [spec.name]))
     locate(args.data_dir)  # fail on missing data before anything is written
     optuna.logging.set_verbosity(optuna.logging.WARNING)

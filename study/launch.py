@@ -54,10 +54,18 @@ def count_done(trials: list[optuna.trial.FrozenTrial]) -> int:
     return sum(t.state in FINISHED and t.number not in retried for t in trials)
 
 
+class GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler, less its `study.stop()` once the grid is covered: that works only inside
+    `study.optimize`, and here the study's total says when to stop."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
 # Each name maps to the Optuna class; [pruner] / [sampler] settings other than `name` are its arguments.
 PRUNERS = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner, "none": optuna.pruners.NopPruner}
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler, "random": optuna.samplers.RandomSampler,
-            "grid": optuna.samplers.GridSampler}
+            "grid": GridSampler}
 # Costs a multi-objective study minimises beside validation accuracy: TrainResult fields.
 COSTS = ("train_seconds", "train_flops")
 
@@ -76,7 +84,7 @@ def make_sampler(settings: dict, plan: Plan) -> optuna.samplers.BaseSampler:
     if name == "tpe":
         settings.setdefault("constant_liar", True)  # parallel trials do not all draw the same point
     if name == "grid":
-        return optuna.samplers.GridSampler(grid_space(plan), **settings)
+        return GridSampler(grid_space(plan), **settings)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return SAMPLERS[name](**settings)
@@ -138,6 +146,7 @@ class Launch:
     # One lock around every storage and MLflow write: trial threads share this process's clients.
     lock: threading.RLock = field(default_factory=threading.RLock)
     in_flight: set[int] = field(default_factory=set)  # trial ids whose heartbeat this process records
+    stopping: threading.Event = field(default_factory=threading.Event)  # Ctrl-C or an error: start no more trials
 
     def recover_dead_trials(self) -> None:
         """Close trials whose worker died and retry them once.
@@ -297,6 +306,7 @@ class Launch:
                 self._slot_loop(train_fn, device, total, deadline)
             except BaseException as error:  # noqa: BLE001 -- re-raised by the main thread
                 errors.append(error)
+                self.stopping.set()
                 for worker in workers:
                     worker.stop()  # one unexpected error ends the launch, as it does with one worker
 
@@ -308,6 +318,7 @@ class Launch:
                 while thread.is_alive():
                     thread.join(0.2)  # short waits, so Ctrl-C reaches this thread
         except KeyboardInterrupt:
+            self.stopping.set()
             for worker in workers:
                 worker.stop()  # each running trial then records itself as interrupted
             for thread in threads:
@@ -322,6 +333,8 @@ class Launch:
         state = {}
 
         def claim() -> bool:
+            if self.stopping.is_set():
+                return False
             self.recover_dead_trials()
             trials = self.study.get_trials(deepcopy=False)
             state["done"] = count_done(trials)
@@ -334,7 +347,7 @@ class Launch:
                 return
             frozen = self.run_trial(train_fn, claim, device)
             if frozen is None:
-                if state["done"] >= total:
+                if self.stopping.is_set() or state["done"] >= total:
                     return
                 time.sleep(1.0)  # other trials are running; one may still fail (dead worker) and be queued again
                 continue

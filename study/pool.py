@@ -89,6 +89,8 @@ class Worker:
             raise WorkerDied(f"worker process died (exit code {code})") from None
 
     def train(self, config: TrainConfig, on_epoch: Callable[[EpochMetrics], bool]) -> TrainResult:
+        if self.stopping:
+            raise KeyboardInterrupt
         if self.process is None:
             self.start()
         self.conn.send(config)

@@ -44,10 +44,10 @@ SLOW = """
 [fixed]
 arch = "lenet"
 batch_size = 256
-n_train = 12000
+n_train = 6000
 n_val = 500
 n_test = 500
-epochs = 6
+epochs = 4
 [search]
 lr = { low = 0.1, high = 1.0, log = true }
 [pruner]
@@ -216,7 +216,9 @@ def test_killed_worker_is_failed_by_heartbeat_and_retried(study_home, tmp_path, 
     optuna.storages.RDBStorage(url).engine.dispose()
 
 
-def test_pareto_front_of_accuracy_against_cost(study_home, tiny_spec):
+def test_pareto_front_of_accuracy_against_cost(study_home, tmp_path):
+    tiny_spec = tmp_path / "tiny.toml"
+    tiny_spec.write_text(FAST.replace("epochs = 1\n", "").replace("[search]", "[search]\nepochs = { low = 1, high = 2 }"))
     result = run_cli("launch", str(tiny_spec), "--trials", "5", "--preset", "smoke", "--objective", "accuracy,cost", "--cost", "train_flops")
     assert result.returncode == 0, result.stderr
     assert "no pruning" in result.stdout
