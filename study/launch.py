@@ -300,8 +300,9 @@ class Launch:
 
     def _run_threads(self, slots, total, deadline, workers) -> None:
         errors: list[BaseException] = []
+        finished = [threading.Event() for _ in slots]
 
-        def loop(train_fn, device):
+        def loop(train_fn, device, done):
             try:
                 self._slot_loop(train_fn, device, total, deadline)
             except BaseException as error:  # noqa: BLE001 -- re-raised by the main thread
@@ -309,20 +310,21 @@ class Launch:
                 self.stopping.set()
                 for worker in workers:
                     worker.stop()  # one unexpected error ends the launch, as it does with one worker
+            finally:
+                done.set()
 
-        threads = [threading.Thread(target=loop, args=slot, daemon=True) for slot in slots]
-        for thread in threads:
-            thread.start()
+        for slot, done in zip(slots, finished):
+            threading.Thread(target=loop, args=(*slot, done), daemon=True).start()
+        # Events rather than Thread.join: a join cut short by Ctrl-C may not wait for its thread again.
         try:
-            for thread in threads:
-                while thread.is_alive():
-                    thread.join(0.2)  # short waits, so Ctrl-C reaches this thread
+            while not all(done.wait(0.2) for done in finished):
+                pass
         except KeyboardInterrupt:
             self.stopping.set()
             for worker in workers:
                 worker.stop()  # each running trial then records itself as interrupted
-            for thread in threads:
-                thread.join()
+            for done in finished:
+                done.wait()
             raise
         real = [error for error in errors if not isinstance(error, KeyboardInterrupt)]
         if real:

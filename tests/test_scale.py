@@ -252,28 +252,37 @@ def test_grid_sampler_runs_every_combination(study_home, tmp_path):
     assert study.user_attrs["pruner"] == "hyperband" and study.user_attrs["sampler"] == "grid"
 
 
-def _one_line_error(result, *fragments):
-    assert result.returncode == 1, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+def _one_line_error(capsys, argv, *fragments):
+    """The command as a user runs it, in this process (each subprocess would import torch again)."""
+    from study.cli import main
+
+    assert main(argv) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
 
 
-def test_bad_input_is_a_one_line_error_and_writes_nothing(study_home, tiny_spec):
+def test_bad_input_is_a_one_line_error_and_writes_nothing(study_home, tiny_spec, capsys):
     import torch
 
-    _one_line_error(run_cli("launch", str(tiny_spec), "--storage", "postgresql://nobody@127.0.0.1:1/none"), "cannot open storage")
-    _one_line_error(run_cli("launch", str(tiny_spec), "--storage", "nosuchdb://x/y"), "cannot open storage")
-    _one_line_error(run_cli("worker", str(tiny_spec), "--storage", "postgresql://nobody@127.0.0.1:1/none"), "cannot open storage")
-    _one_line_error(run_cli("launch", str(tiny_spec), "--workers", "0"), "--workers must be >= 1")
-    missing = torch.cuda.device_count()
-    _one_line_error(run_cli("launch", str(tiny_spec), "--gpus", str(missing)), f"GPU {missing} is not there")
-    _one_line_error(run_cli("launch", str(tiny_spec), "--gpus", "first"), "GPU indices")
-    _one_line_error(run_cli("launch", str(tiny_spec), "--trials-per-gpu", "0"), "--trials-per-gpu must be >= 1")
-    _one_line_error(run_cli("launch", str(tiny_spec), "--objective", "speed"), "--objective speed")
-    _one_line_error(run_cli("launch", str(tiny_spec), "--cost", "train_flops"), "needs --objective accuracy,cost")
-    _one_line_error(run_cli("launch", str(tiny_spec), "--sampler", "cmaes"), "--sampler cmaes")
-    _one_line_error(run_cli("worker", str(tiny_spec)), "no study named 'tiny'")
-    _one_line_error(run_cli("export", "tiny", "-o", "trials.xlsx"), ".csv or .parquet")
+    spec = str(tiny_spec)
+    _one_line_error(capsys, ["launch", spec, "--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot open storage")
+    _one_line_error(capsys, ["launch", spec, "--storage", "nosuchdb://x/y"], "cannot open storage")
+    _one_line_error(capsys, ["worker", spec, "--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot open storage")
+    _one_line_error(capsys, ["launch", spec, "--workers", "0"], "--workers must be >= 1")
+    missing = torch.cuda.device_count()  # 0 on a machine without a GPU
+    _one_line_error(capsys, ["launch", spec, "--gpus", str(missing)], f"GPU {missing} is not there")
+    _one_line_error(capsys, ["launch", spec, "--gpus", "first"], "GPU indices")
+    _one_line_error(capsys, ["launch", spec, "--trials-per-gpu", "0"], "--trials-per-gpu must be >= 1")
+    _one_line_error(capsys, ["launch", spec, "--objective", "speed"], "--objective speed")
+    _one_line_error(capsys, ["launch", spec, "--cost", "train_flops"], "needs --objective accuracy,cost")
+    _one_line_error(capsys, ["launch", spec, "--sampler", "cmaes"], "--sampler cmaes")
+    _one_line_error(capsys, ["worker", spec], "no study named 'tiny'")
+    _one_line_error(capsys, ["export", "tiny", "-o", "trials.xlsx"], ".csv or .parquet")
+    assert not study_home.exists()
+    # And once through a real process: the one line is all a user sees.
+    result = run_cli("launch", spec, "--gpus", str(missing), "--workers", "2")
+    assert result.returncode == 1 and result.stderr.strip() == f"error: --gpus {missing}: GPU {missing} is not there; this machine has " + (
+        f"GPUs 0..{missing - 1}" if missing else "no CUDA GPU") + f" (torch.cuda.device_count() is {missing})"
     assert not study_home.exists()
