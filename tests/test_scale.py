@@ -286,3 +286,37 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(study_home, tiny_spec,
     assert result.returncode == 1 and result.stderr.strip() == f"error: --gpus {missing}: GPU {missing} is not there; this machine has " + (
         f"GPUs 0..{missing - 1}" if missing else "no CUDA GPU") + f" (torch.cuda.device_count() is {missing})"
     assert not study_home.exists()
+
+
+def test_ctrl_c_stops_every_worker_cleanly(study_home, tmp_path):
+    spec = tmp_path / "slow.toml"
+    spec.write_text(SLOW.replace("epochs = 4", "epochs = 20"))
+    env = {**os.environ, "STUDY_HOME": str(study_home)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    process = subprocess.Popen([sys.executable, "-m", "study", "launch", str(spec), "--trials", "4", "--workers", "2", "--preset", "smoke"],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while True:
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        if (study_home / "optuna.journal").exists():
+            try:
+                trials = optuna.load_study(study_name="slow", storage=_journal(study_home)).get_trials()
+            except KeyError:
+                trials = []
+            if len([t for t in trials if t.intermediate_values]) == 2:
+                break
+        time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "will run again" in out
+    trials = optuna.load_study(study_name="slow", storage=_journal(study_home)).get_trials()
+    interrupted = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(interrupted) == 2 and all(t.user_attrs["fail_reason"] == "interrupted" for t in interrupted)
+    # Each is queued again with its params; nothing is left RUNNING, in Optuna or in MLflow.
+    queued = {t.user_attrs["retry_of"]: t.system_attrs["fixed_params"] for t in trials if t.state == TrialState.WAITING}
+    assert queued == {t.number: t.params for t in interrupted}
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    client = MlflowClient(tracking_uri=f"sqlite:///{study_home / 'mlflow.db'}")
+    parents, children = _children_by_trial(client, "slow")
+    assert sorted(c.info.status for c in children) == ["KILLED", "KILLED"] and parents[0].info.status == "KILLED"
