@@ -43,11 +43,6 @@ def choose_preset(requested: str | None) -> tuple[str, str]:
     return "smoke", "no CUDA device, so a data subset with capped resize and epochs (use --preset full for the real study)"
 
 
-def counts_toward_total(trial: optuna.trial.FrozenTrial) -> bool:
-    # An interrupted trial is retried, so it does not use up one of the study's N trials.
-    return trial.state in FINISHED and not trial.user_attrs.get("interrupted")
-
-
 def count_done(trials: list[optuna.trial.FrozenTrial]) -> int:
     """Finished trials that use up one of the study's N: not those queued again (interrupted, dead worker)."""
     retried = {t.user_attrs.get("retry_of") for t in trials} | {t.system_attrs.get("failed_trial") for t in trials}
@@ -156,13 +151,12 @@ class Launch:
         Journal file: trials left RUNNING by a process of this host that no longer exists.
         """
         if heartbeat_enabled(self.storage):
-            running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(self.study)
-            for trial in running:
-                if self.study._storage.get_trial(trial._trial_id).state != TrialState.FAIL:
-                    continue
+            failed = self.storage.get_heartbeat_stale_trial_callback().failed
+            while failed:
+                trial = failed.pop()
                 reason = f"worker stopped sending heartbeats (host {trial.user_attrs.get('host')}, pid {trial.user_attrs.get('pid')})"
                 if run_id := trial.user_attrs.get("mlflow_run_id"):
                     self.tracker.finish_trial(run_id, "INTERRUPTED", reason=reason)
@@ -365,9 +359,9 @@ class Launch:
             return
         interval = self.storage.get_heartbeat_interval()
         while not stop.is_set():
-            with self.lock:
-                for trial_id in list(self.in_flight):
-                    self.storage.record_heartbeat(trial_id)
+            # No self.lock: a heartbeat must not wait behind slow MLflow calls (RDB sessions are per thread).
+            for trial_id in list(self.in_flight):
+                self.storage.record_heartbeat(trial_id)
             stop.wait(interval)
 
     def _best(self) -> str:

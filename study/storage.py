@@ -41,6 +41,20 @@ def default_storage_url() -> str:
     return str(home() / "optuna.journal")
 
 
+class RetryStaleTrial:
+    """Optuna's RetryHeartbeatStaleTrialCallback(max_retry=1): a trial whose worker stopped sending heartbeats
+    runs once more with the same params. It also keeps the trials it failed, for the launcher to close
+    their MLflow runs (this process failed them, so no other process does)."""
+
+    def __init__(self):
+        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+        self.failed: list[optuna.trial.FrozenTrial] = []
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.failed.append(trial)
+        self.retry(study, trial)
+
+
 def open_storage(url: str | None, heartbeat: int | None = None) -> optuna.storages.BaseStorage:
     """The storage at `url` (default: the study home's journal file).
 
@@ -63,8 +77,7 @@ def open_storage(url: str | None, heartbeat: int | None = None) -> optuna.storag
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             beats = {}
             if heartbeat is not None:
-                beats = {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat,
-                         "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
+                beats = {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat, "heartbeat_stale_trial_callback": RetryStaleTrial()}
             return optuna.storages.RDBStorage(url, **beats)
     except ImportError as error:
         raise StorageError(f"storage {mask(url)} needs a database driver that is not installed ({error})") from None

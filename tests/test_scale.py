@@ -185,7 +185,7 @@ def test_killed_worker_is_failed_by_heartbeat_and_retried(study_home, tmp_path, 
     spec.write_text(SLOW)
     env = {**os.environ, "STUDY_HOME": str(study_home), "MLFLOW_TRACKING_URI": mlflow_server}
     url = postgres["optuna"]
-    process = subprocess.Popen([sys.executable, "-m", "study", "launch", str(spec), "--trials", "2", "--preset", "smoke", "--storage", url, "--heartbeat", "1"],
+    process = subprocess.Popen([sys.executable, "-m", "study", "launch", str(spec), "--trials", "2", "--preset", "smoke", "--storage", url, "--heartbeat", "2"],
                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     killed = None
@@ -198,7 +198,7 @@ def test_killed_worker_is_failed_by_heartbeat_and_retried(study_home, tmp_path, 
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=30)
 
-    resumed = run_cli("worker", str(spec), "--storage", url, "--heartbeat", "1", env={"MLFLOW_TRACKING_URI": mlflow_server})
+    resumed = run_cli("worker", str(spec), "--storage", url, "--heartbeat", "2", env={"MLFLOW_TRACKING_URI": mlflow_server})
     assert resumed.returncode == 0, resumed.stderr
     assert re.search(rf"trial {killed}: worker stopped sending heartbeats .*; marked FAIL and queued again", resumed.stdout)
     trials = optuna.load_study(study_name="slow", storage=url).get_trials()
@@ -320,3 +320,26 @@ def test_ctrl_c_stops_every_worker_cleanly(study_home, tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{study_home / 'mlflow.db'}")
     parents, children = _children_by_trial(client, "slow")
     assert sorted(c.info.status for c in children) == ["KILLED", "KILLED"] and parents[0].info.status == "KILLED"
+
+
+def test_samplers_and_pruners_from_the_spec(tmp_path):
+    from study.launch import make_pruner, make_sampler
+    from study.specs import SpecError, load_spec, resolve
+
+    path = tmp_path / "gp.toml"
+    path.write_text(FAST.replace('[pruner]\nname = "none"', '[pruner]\nname = "hyperband"\nmin_resource = 1\nreduction_factor = 2\n[sampler]\nname = "gp"\nseed = 3'))
+    spec = load_spec(str(path))
+    plan = resolve(spec, "smoke")
+    assert type(make_sampler(spec.sampler, plan)).__name__ == "GPSampler"
+    assert type(make_pruner(spec.pruner)).__name__ == "HyperbandPruner"
+    assert type(make_pruner(spec.pruner, multi_objective=True)).__name__ == "NopPruner"
+    assert type(make_sampler({"name": "random"}, plan)).__name__ == "RandomSampler"
+    assert make_sampler({"name": "tpe"}, plan)._constant_liar  # parallel workers do not pile onto one point
+    with pytest.raises(SpecError, match="grid sampler needs choices or an integer range for lr"):
+        make_sampler({"name": "grid"}, plan)
+    zoo = load_spec("zoo")
+    with pytest.raises(SpecError, match="cannot search ranges that depend on the architecture"):
+        make_sampler({"name": "grid"}, resolve(zoo, "full"))
+    path.write_text(FAST + '[sampler]\nname = "cmaes"\n')
+    with pytest.raises(SpecError, match="sampler 'cmaes' is not supported; use tpe, gp, random, grid"):
+        load_spec(str(path))
