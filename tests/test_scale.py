@@ -343,3 +343,20 @@ def test_samplers_and_pruners_from_the_spec(tmp_path):
     path.write_text(FAST + '[sampler]\nname = "cmaes"\n')
     with pytest.raises(SpecError, match="sampler 'cmaes' is not supported; use tpe, gp, random, grid"):
         load_spec(str(path))
+
+
+def test_trial_slots_follow_the_machine():
+    import torch
+
+    from study.pool import devices
+
+    gpus = torch.cuda.device_count()
+    if gpus == 0:
+        assert devices(None, None, 1) == ["auto"]  # one worker on a CPU
+        assert devices(3, None, 1) == ["auto"] * 3
+    else:
+        assert devices(None, None, 2) == [f"cuda:{i}" for i in range(gpus) for _ in range(2)]
+        assert devices(None, "0", 1) == ["cuda:0"]
+        assert devices(2 * gpus + 1, None, 1)[-1] == "cuda:0"  # round robin
+    with pytest.raises(ValueError, match=f"GPU {gpus} is not there"):
+        devices(None, ",".join(str(i) for i in range(gpus + 1)), 1)
