@@ -97,7 +97,12 @@ class Worker:
         while True:
             message = self._recv()
             if message[0] == "epoch":
-                self.conn.send(bool(on_epoch(message[1])))
+                try:
+                    stop = bool(on_epoch(message[1]))
+                except BaseException:
+                    self._end()  # it waits for an answer that will not come; the next trial gets a fresh process
+                    raise
+                self.conn.send(stop)
             elif message[0] == "result":
                 return message[1]
             else:
@@ -109,6 +114,12 @@ class Worker:
         self.stopping = True
         if self.process is not None and self.process.is_alive():
             os.kill(self.process.pid, signal.SIGKILL)
+
+    def _end(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.join(5)
+            self.process = None
 
 
 def cpu_threads(workers: int) -> int:
