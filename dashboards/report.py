@@ -36,7 +36,7 @@ def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
                 "trial": trial.number,
                 "state": trial.state.name,
                 # A pruned trial's value is the last val_accuracy it reported.
-                "val_accuracy": trial.value if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) else None,
+                "val_accuracy": trial.values[0] if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) else None,
                 "arch": attrs.get("arch"),
                 **{f"param_{k}": v for k, v in trial.params.items()},
                 "resize": attrs.get("resize"),

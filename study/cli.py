@@ -1,4 +1,4 @@
-"""`python -m study COMMAND`: launch, list, show, report, ui.
+"""`python -m study COMMAND`: launch, worker, list, show, export, report, inspect, ui.
 
 Each command is one function taking the parsed arguments and returning an exit code.
 User mistakes become one line on stderr and exit 1; `--debug` shows the traceback.
@@ -49,54 +49,128 @@ def _console():
 
 
 def cmd_launch(args) -> int:
+    return _run_study(args, join=False)
+
+
+def cmd_worker(args) -> int:
+    return _run_study(args, join=True)
+
+
+def _objective(args, recorded: str | None) -> str:
+    """The study's objective as recorded on it: `accuracy` or `accuracy,<cost>`."""
+    from study.launch import COSTS
+    from study.specs import SpecError
+
+    if args.objective not in (None, "accuracy", "accuracy,cost"):
+        raise ValueError(f"--objective {args.objective}: use accuracy or accuracy,cost")
+    if args.cost is not None and args.objective != "accuracy,cost":
+        raise ValueError(f"--cost {args.cost} needs --objective accuracy,cost")
+    if args.cost is not None and args.cost not in COSTS:
+        raise ValueError(f"--cost {args.cost}: use {' or '.join(COSTS)}")
+    if args.objective is None:
+        return recorded or "accuracy"
+    wanted = "accuracy" if args.objective == "accuracy" else f"accuracy,{args.cost or COSTS[0]}"
+    if recorded is not None and recorded != wanted:
+        raise SpecError(f"study {args.name} optimises {recorded}; it cannot change to {wanted} (use another --storage or study name)")
+    return wanted
+
+
+def _search_strategy(spec, args, recorded: dict) -> tuple[dict, dict]:
+    """Sampler and pruner settings: the flag (or what the study recorded), with the spec's arguments when the names agree."""
+    from study.specs import PRUNER_NAMES, SAMPLER_NAMES
+
+    for flag, value, names in (("--sampler", args.sampler, SAMPLER_NAMES), ("--pruner", args.pruner, PRUNER_NAMES)):
+        if value is not None and value not in names:
+            raise ValueError(f"{flag} {value}: choose one of {', '.join(names)}")
+    sampler_name = args.sampler or recorded.get("sampler") or spec.sampler.get("name", "tpe")
+    pruner_name = args.pruner or recorded.get("pruner") or spec.pruner.get("name", "median")
+    sampler = spec.sampler if spec.sampler.get("name", "tpe") == sampler_name else {}
+    pruner = spec.pruner if spec.pruner.get("name", "median") == pruner_name else {}
+    return {**sampler, "name": sampler_name}, {**pruner, "name": pruner_name}
+
+
+def _run_study(args, join: bool) -> int:
+    """`launch` (create or resume a study) and `worker` (join one that exists): the same trial loop."""
     import optuna
 
     from dashboards import write_report
     from objectives.data import locate
-    from study.launch import Launch, check_preset_matches, choose_preset, counts_toward_total, make_pruner, report_path
-    from study.specs import load_spec, resolve
+    from study.launch import Launch, check_preset_matches, choose_preset, count_done, make_pruner, make_sampler, report_path
+    from study.pool import devices
+    from study.specs import SpecError, load_spec, resolve
     from study.storage import default_storage_url, home, make_home, mask, open_storage
     from study.tracking import Tracker, tracking_uri, ui_url
 
-    if args.trials < 1:
+    if not join and args.trials < 1:
         raise ValueError(f"--trials must be >= 1; got {args.trials}")
     if args.timeout is not None and args.timeout <= 0:
         raise ValueError(f"--timeout must be > 0 seconds; got {args.timeout}")
+    if args.heartbeat < 1:
+        raise ValueError(f"--heartbeat must be >= 1 second; got {args.heartbeat}")
+    slots = devices(args.workers, args.gpus, args.trials_per_gpu)
+    _objective(args, None)  # the flags alone, before anything is written; the study's record is checked below
     console = _console()
     spec = load_spec(args.name)
-    output = _report_output(args.output, report_path(home(), [spec.name]))
-    preset, why = choose_preset(args.preset)
-    plan = resolve(spec, preset)
-    console.print(f"preset [bold]{preset}[/bold]: {why}")
+    _search_strategy(spec, args, {})
+    output = None if join else _report_output(args.output, report_path(home(), [spec.name]))
     locate(args.data_dir)  # fail on missing data before anything is written
-    storage = open_storage(args.storage)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if join:
+        recorded = _open_study(spec.name, args.storage).user_attrs
+        storage = open_storage(args.storage, args.heartbeat)
+        if "trials" not in recorded:
+            raise SpecError(f"study {spec.name} does not record its total; launch it again with `python -m study launch {args.name} --trials N`")
+        total, preset, why = recorded["trials"], recorded["preset"], "the study's"
+    else:
+        storage = open_storage(args.storage, args.heartbeat)
+        exists = spec.name in optuna.get_all_study_names(storage)
+        recorded = optuna.load_study(study_name=spec.name, storage=storage).user_attrs if exists else {}
+        total = args.trials
+        preset, why = choose_preset(args.preset)
+    objective = _objective(args, recorded.get("objective"))
+    cost = objective.split(",")[1] if "," in objective else None
+    plan = resolve(spec, preset)
+    sampler_settings, pruner_settings = _search_strategy(spec, args, recorded)
+    sampler, pruner = make_sampler(sampler_settings, plan), make_pruner(pruner_settings, multi_objective=cost is not None)
+    console.print(f"preset [bold]{preset}[/bold]: {why}")
     storage_label = mask(args.storage or default_storage_url())
     make_home()  # for the MLflow store and the report, also when the storage is elsewhere
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    pruner = make_pruner(plan.spec.pruner)
-    study = optuna.create_study(study_name=spec.name, storage=storage, direction="maximize", load_if_exists=True,
-                                sampler=optuna.samplers.TPESampler(), pruner=pruner)
-    check_preset_matches(study, preset)
+    if join:
+        study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler, pruner=pruner)
+    else:
+        directions = ["maximize", "minimize"] if cost else ["maximize"]
+        study = optuna.create_study(study_name=spec.name, storage=storage, directions=directions, load_if_exists=True, sampler=sampler, pruner=pruner)
+        check_preset_matches(study, preset)
+        for key, value in (("objective", objective), ("sampler", sampler_settings["name"]), ("pruner", pruner_settings["name"]), ("trials", total)):
+            study.set_user_attr(key, value)
+    if cost:
+        console.print(f"objectives: maximise val_accuracy, minimise {cost} (no pruning: Optuna cannot prune multi-objective studies)")
     study_home = home()
     uri = tracking_uri(study_home)
     tracker = Tracker(spec.name, uri, artifact_root=study_home / "mlartifacts")
-    tracker.describe_study(spec.path.read_text(), preset, storage_label, "TPESampler", type(pruner).__name__)
-    launch = Launch(plan=plan, study=study, storage=storage, tracker=tracker, console=console, data_dir=args.data_dir)
+    if not join:
+        tracker.describe_study(spec.path.read_text(), preset, storage_label, type(sampler).__name__, type(pruner).__name__)
+    launch = Launch(plan=plan, study=study, storage=storage, tracker=tracker, console=console, data_dir=args.data_dir, cost=cost)
+    if len(slots) > 1:
+        console.print(f"{len(slots)} workers: {', '.join('cpu' if d == 'auto' else d for d in slots)}")
     try:
-        launch.run(args.trials, args.timeout)
+        launch.run(total, args.timeout, slots)
     except KeyboardInterrupt:
-        tracker.close_parent("KILLED")
-        console.print("interrupted: the running trial is recorded as interrupted and will run again; launch the same command to resume")
+        if not join:
+            tracker.close_parent("KILLED")
+        console.print("interrupted: the running trials are recorded as interrupted and will run again; launch the same command to resume")
         return 130
     except Exception:
-        tracker.close_parent("FAILED")  # the failing trial is already recorded FAIL with its reason
+        if not join:
+            tracker.close_parent("FAILED")  # the failing trial is already recorded FAIL with its reason
         raise
-    done = sum(counts_toward_total(t) for t in study.get_trials(deepcopy=False))
-    tracker.close_parent("FINISHED" if done >= args.trials else "KILLED")
-    path = write_report([study], output, uri, ui_url(uri))
+    done = count_done(study.get_trials(deepcopy=False))
+    if not join or done >= total:
+        tracker.close_parent("FINISHED" if done >= total else "KILLED")
     console.print(f"optuna storage: {storage_label}")
     console.print(f"mlflow store:   {mask(uri)}  (browse with `python -m study ui`)")
-    console.print(f"report:         {path}")
+    if not join:
+        console.print(f"report:         {write_report([study], output, uri, ui_url(uri))}")
     return 0
 
 
@@ -115,10 +189,12 @@ def cmd_show(args) -> int:
 
     study = _open_study(args.name, args.storage)
     trials = study.get_trials(deepcopy=False)
-    done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value, reverse=True)
     counts = ", ".join(f"{sum(t.state == s for t in trials)} {s.name}" for s in TrialState if any(t.state == s for t in trials))
     console = _console()
     console.print(f"study {study.study_name} (preset {study.user_attrs.get('preset', '?')}): {len(trials)} trials, {counts}")
+    if len(study.directions) > 1:
+        return _show_pareto(study, console)
+    done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value, reverse=True)
     if not done:
         console.print("no completed trials yet")
         return 0
@@ -131,6 +207,48 @@ def cmd_show(args) -> int:
         table.add_row(str(t.number), *params, f"{t.value:.4f}", f"{t.user_attrs.get('test_accuracy', float('nan')):.4f}",
                       str(t.user_attrs.get("epochs_run", "")), f"{t.user_attrs.get('train_seconds', float('nan')):.1f}")
     console.print(table)
+    return 0
+
+
+def _show_pareto(study, console) -> int:
+    """A multi-objective study: its Pareto front (Optuna's best_trials), cheapest first."""
+    from rich.table import Table
+
+    cost = study.user_attrs.get("objective", "accuracy,cost").split(",")[1]
+    front = sorted(study.best_trials, key=lambda t: t.values[1])
+    if not front:
+        console.print("no completed trials yet")
+        return 0
+    table = Table(title=f"Pareto front: {len(front)} trials, none beaten on both val_accuracy (max) and {cost} (min)")
+    param_names = sorted({name for t in front for name in t.params})
+    for column in ["trial", *param_names, "val_accuracy", cost, "test_accuracy"]:
+        table.add_column(column, justify="right")
+    for t in front:
+        params = [f"{t.params[n]:.4g}" if isinstance(t.params.get(n), float) else str(t.params.get(n, "")) for n in param_names]
+        table.add_row(str(t.number), *params, f"{t.values[0]:.4f}", f"{t.values[1]:.4g}", f"{t.user_attrs.get('test_accuracy', float('nan')):.4f}")
+    console.print(table)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from study.export import trials_table, write_table
+    from study.storage import home
+    from study.tracking import tracking_uri
+
+    path = Path(args.output)
+    if path.suffix not in (".csv", ".parquet"):
+        raise ValueError(f"-o {path}: give a name ending in .csv or .parquet")
+    if not path.parent.is_dir():
+        raise ValueError(f"-o {path}: directory {path.parent} does not exist")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow  # noqa: F401 -- pandas writes Parquet through it
+        except ImportError:
+            raise ValueError(f"-o {path}: writing Parquet needs pyarrow (pip install pyarrow), or export to .csv") from None
+    study = _open_study(args.name, args.storage)
+    frame = trials_table(study, tracking_uri(home()))
+    write_table(frame, path)
+    print(f"{path}: {len(frame)} trials, {len(frame.columns)} columns")
     return 0
 
 
@@ -205,6 +323,14 @@ def cmd_ui(args) -> int:
         return 0
 
 
+def _add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, help="trials run at once, one worker process each (default: one per GPU slot, 1 on a CPU)")
+    parser.add_argument("--gpus", help="GPU indices to use, e.g. 0,1 (default: every visible GPU)")
+    parser.add_argument("--trials-per-gpu", type=int, default=1, help="trials sharing one GPU, for small models (default: 1)")
+    parser.add_argument("--heartbeat", type=int, default=10,
+                        help="relational storage: seconds between a trial's heartbeats; a trial silent for 3 of them is failed and run again (default: 10)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m study", description="Optuna studies of classic CNNs on Fashion-MNIST, tracked in MLflow.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -219,7 +345,20 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     launch.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files (default: $FASHION_MNIST_DIR, the cache, Debian's package)")
     launch.add_argument("-o", "--output", help="report file (default: $STUDY_HOME/reports/NAME.html)")
+    launch.add_argument("--objective", help="accuracy (default), or accuracy,cost: maximise val_accuracy and minimise --cost (Pareto front, no pruning)")
+    launch.add_argument("--cost", help="the cost of --objective accuracy,cost: train_seconds (default) or train_flops")
+    launch.add_argument("--sampler", help="Optuna sampler: tpe, gp, random or grid (default: the spec's [sampler], else tpe)")
+    launch.add_argument("--pruner", help="Optuna pruner: median, hyperband or none (default: the spec's [pruner], else median)")
+    _add_worker_arguments(launch)
     launch.set_defaults(run=cmd_launch)
+
+    worker = commands.add_parser("worker", help="join a launched study (from this or another machine) and run trials until its total is reached")
+    worker.add_argument("name", help="the study's spec: a shipped study or a path to its .toml")
+    worker.add_argument("--storage", help=storage_help + "; postgresql://... to share a study between machines")
+    worker.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    worker.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files")
+    worker.set_defaults(objective=None, cost=None, sampler=None, pruner=None, run=cmd_worker)
+    _add_worker_arguments(worker)
 
     listing = commands.add_parser("list", help="show every shipped study and its search space")
     listing.set_defaults(run=cmd_list)
@@ -229,6 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--storage", help=storage_help)
     show.add_argument("--top", type=int, default=10, help="how many trials to show (default: 10)")
     show.set_defaults(run=cmd_show)
+
+    export = commands.add_parser("export", help="write one row per trial (params, state, MLflow metrics) to CSV or Parquet")
+    export.add_argument("name")
+    export.add_argument("-o", "--output", required=True, help="FILE.csv or FILE.parquet")
+    export.add_argument("--storage", help=storage_help)
+    export.set_defaults(run=cmd_export)
 
     report = commands.add_parser("report", help="write the HTML report of one or more studies")
     report.add_argument("names", nargs="+", metavar="NAME")

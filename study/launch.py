@@ -7,10 +7,14 @@ interruption or a dead process left behind, and reuses the study's MLflow parent
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
+import threading
 import time
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -20,7 +24,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from objectives import DeviceOutOfMemoryError, DivergedError, TrainResult, load_fashion_mnist, train
+from study.pool import Worker, WorkerDied, cpu_threads
 from study.specs import Plan, SpecError
+from study.storage import claim_lock, heartbeat_enabled
 from study.tracking import Tracker
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -37,16 +43,61 @@ def choose_preset(requested: str | None) -> tuple[str, str]:
     return "smoke", "no CUDA device, so a data subset with capped resize and epochs (use --preset full for the real study)"
 
 
-def counts_toward_total(trial: optuna.trial.FrozenTrial) -> bool:
-    # An interrupted trial is retried, so it does not use up one of the study's N trials.
-    return trial.state in FINISHED and not trial.user_attrs.get("interrupted")
+def count_done(trials: list[optuna.trial.FrozenTrial]) -> int:
+    """Finished trials that use up one of the study's N: not those queued again (interrupted, dead worker)."""
+    retried = {t.user_attrs.get("retry_of") for t in trials} | {t.system_attrs.get("failed_trial") for t in trials}
+    return sum(t.state in FINISHED and t.number not in retried for t in trials)
 
 
-def make_pruner(settings: dict) -> optuna.pruners.BasePruner:
+class GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler, less its `study.stop()` once the grid is covered: that works only inside
+    `study.optimize`, and here the study's total says when to stop."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
+# Each name maps to the Optuna class; [pruner] / [sampler] settings other than `name` are its arguments.
+PRUNERS = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner, "none": optuna.pruners.NopPruner}
+SAMPLERS = {"tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler, "random": optuna.samplers.RandomSampler,
+            "grid": GridSampler}
+# Costs a multi-objective study minimises beside validation accuracy: TrainResult fields.
+COSTS = ("train_seconds", "train_flops")
+
+
+def make_pruner(settings: dict, multi_objective: bool = False) -> optuna.pruners.BasePruner:
     settings = dict(settings)
-    if settings.pop("name", "median") == "none":
-        return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(**settings)
+    name = settings.pop("name", "median")
+    if multi_objective or name == "none":
+        return optuna.pruners.NopPruner()  # Optuna cannot prune multi-objective studies (trial.report is single-objective)
+    return PRUNERS[name](**settings)
+
+
+def make_sampler(settings: dict, plan: Plan) -> optuna.samplers.BaseSampler:
+    settings = dict(settings)
+    name = settings.pop("name", "tpe")
+    if name == "tpe":
+        settings.setdefault("constant_liar", True)  # parallel trials do not all draw the same point
+    if name == "grid":
+        return GridSampler(grid_space(plan), **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return SAMPLERS[name](**settings)
+
+
+def grid_space(plan: Plan) -> dict[str, list]:
+    """Every value of every searched setting, for the grid sampler: choices, or integer ranges."""
+    if plan.conditional:
+        raise SpecError(f"{plan.spec.name}: the grid sampler cannot search ranges that depend on the architecture ([conditional])")
+    space = {}
+    for name, dist in plan.search.items():
+        if "choices" in dist:
+            space[name] = list(dist["choices"])
+        elif isinstance(dist["low"], int) and isinstance(dist["high"], int) and not dist.get("log"):
+            space[name] = list(range(dist["low"], dist["high"] + 1, dist.get("step", 1)))
+        else:
+            raise SpecError(f"{plan.spec.name}: the grid sampler needs choices or an integer range for {name}; got {dist}")
+    return space
 
 
 def suggest(trial: optuna.Trial, plan: Plan) -> dict:
@@ -86,9 +137,31 @@ class Launch:
     tracker: Tracker
     console: Console
     data_dir: str | None = None
+    cost: str | None = None  # None: maximise validation accuracy; else also minimise this TrainResult field
+    # One lock around every storage and MLflow write: trial threads share this process's clients.
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    in_flight: set[int] = field(default_factory=set)  # trial ids whose heartbeat this process records
+    stopping: threading.Event = field(default_factory=threading.Event)  # Ctrl-C or an error: start no more trials
 
     def recover_dead_trials(self) -> None:
-        """Close trials left RUNNING by a process of this host that no longer exists, and retry them once."""
+        """Close trials whose worker died and retry them once.
+
+        Relational storage: Optuna's heartbeats; a trial whose heartbeat is older than the grace period is
+        failed by `fail_stale_trials`, whose callback (RetryHeartbeatStaleTrialCallback) queues it again.
+        Journal file: trials left RUNNING by a process of this host that no longer exists.
+        """
+        if heartbeat_enabled(self.storage):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(self.study)
+            failed = self.storage.get_heartbeat_stale_trial_callback().failed
+            while failed:
+                trial = failed.pop()
+                reason = f"worker stopped sending heartbeats (host {trial.user_attrs.get('host')}, pid {trial.user_attrs.get('pid')})"
+                if run_id := trial.user_attrs.get("mlflow_run_id"):
+                    self.tracker.finish_trial(run_id, "INTERRUPTED", reason=reason)
+                self.console.print(f"trial {trial.number}: {reason}; marked FAIL and queued again")
+            return
         host = socket.gethostname()
         study_id = self.storage.get_study_id_from_name(self.study.study_name)
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -104,84 +177,198 @@ class Launch:
             self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
             self.console.print(f"trial {trial.number}: its process {pid} died; marked FAIL and queued again")
 
-    def run_trial(self, data) -> optuna.trial.FrozenTrial:
-        trial = self.study.ask()
-        trial.set_user_attr("host", socket.gethostname())
-        trial.set_user_attr("pid", os.getpid())
-        params = suggest(trial, self.plan)
-        config = self.plan.config(params)
-        run_id = self.tracker.start_trial(trial.number, config, params)
-        trial.set_user_attr("mlflow_run_id", run_id)
-        # Resolved values, also when the spec fixes them or leaves them to the architecture.
-        trial.set_user_attr("arch", config.arch)
-        trial.set_user_attr("resize", config.resize)
+    def run_trial(self, train_fn: Callable, claim: Callable[[], bool] | None = None, device: str | None = None) -> optuna.trial.FrozenTrial | None:
+        """One trial: ask, train with `train_fn(config, on_epoch)`, tell. None when `claim` says the study is full."""
+        with self.lock:
+            with claim_lock(self.storage, self.study.study_name):
+                if claim is not None and not claim():
+                    return None
+                trial = self.study.ask()
+            self.in_flight.add(trial._trial_id)
+            trial.set_user_attr("host", socket.gethostname())
+            trial.set_user_attr("pid", os.getpid())
+            params = suggest(trial, self.plan)
+            config = self.plan.config(params)
+            if device is not None:
+                config = dataclasses.replace(config, device=device)
+            run_id = self.tracker.start_trial(trial.number, config, params)
+            trial.set_user_attr("mlflow_run_id", run_id)
+            # Resolved values, also when the spec fixes them or leaves them to the architecture.
+            trial.set_user_attr("arch", config.arch)
+            trial.set_user_attr("resize", config.resize)
+        try:
+            return self._train_and_tell(trial, params, config, run_id, train_fn)
+        finally:
+            self.in_flight.discard(trial._trial_id)
 
+    def _train_and_tell(self, trial, params, config, run_id, train_fn) -> optuna.trial.FrozenTrial:
         def on_epoch(metrics) -> bool:
-            self.tracker.log_epoch(run_id, metrics)
-            trial.report(metrics.val_accuracy, metrics.epoch)
-            return trial.should_prune()
+            with self.lock:
+                self.tracker.log_epoch(run_id, metrics)
+                if self.cost is not None:
+                    return False
+                trial.report(metrics.val_accuracy, metrics.epoch)
+                return trial.should_prune()
 
         try:
-            result: TrainResult = train(config, data, on_epoch)
-        except (DivergedError, DeviceOutOfMemoryError) as error:
-            reason = "diverged" if isinstance(error, DivergedError) else "out of memory"
-            trial.set_user_attr("fail_reason", f"{reason}: {error}")
-            self.tracker.finish_trial(run_id, "FAIL", reason=f"{reason}: {error}")
-            return self.study.tell(trial, state=TrialState.FAIL)
+            result: TrainResult = train_fn(config, on_epoch)
+        except (DivergedError, DeviceOutOfMemoryError, WorkerDied) as error:
+            reason = str(error) if isinstance(error, WorkerDied) else f"{'diverged' if isinstance(error, DivergedError) else 'out of memory'}: {error}"
+            with self.lock:
+                trial.set_user_attr("fail_reason", reason)
+                self.tracker.finish_trial(run_id, "FAIL", reason=reason)
+                return self.study.tell(trial, state=TrialState.FAIL)
         except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted")
-            trial.set_user_attr("interrupted", True)
-            self.study.tell(trial, state=TrialState.FAIL)
-            self.tracker.finish_trial(run_id, "INTERRUPTED", reason="interrupted")
-            self.study.enqueue_trial(params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+            with self.lock:
+                trial.set_user_attr("fail_reason", "interrupted")
+                trial.set_user_attr("interrupted", True)
+                self.study.tell(trial, state=TrialState.FAIL)
+                self.tracker.finish_trial(run_id, "INTERRUPTED", reason="interrupted")
+                self.study.enqueue_trial(params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
             raise
         except BaseException as error:
             reason = f"{type(error).__name__}: {error}".splitlines()[0]
-            trial.set_user_attr("fail_reason", reason)
-            self.study.tell(trial, state=TrialState.FAIL)
-            self.tracker.finish_trial(run_id, "FAIL", reason=reason)
+            with self.lock:
+                trial.set_user_attr("fail_reason", reason)
+                self.study.tell(trial, state=TrialState.FAIL)
+                self.tracker.finish_trial(run_id, "FAIL", reason=reason)
             raise
-        for name in RESULT_ATTRS:
-            trial.set_user_attr(name, getattr(result, name))
-        trial.set_user_attr("device", result.device_name)
-        state = TrialState.PRUNED if result.stopped_early else TrialState.COMPLETE
-        self.tracker.finish_trial(run_id, state.name, result)
-        if state == TrialState.PRUNED:
-            return self.study.tell(trial, state=TrialState.PRUNED)
-        return self.study.tell(trial, result.val_accuracy)
+        with self.lock:
+            for name in RESULT_ATTRS:
+                trial.set_user_attr(name, getattr(result, name))
+            trial.set_user_attr("device", result.device_name)
+            state = TrialState.PRUNED if result.stopped_early else TrialState.COMPLETE
+            self.tracker.finish_trial(run_id, state.name, result)
+            if state == TrialState.PRUNED:
+                return self.study.tell(trial, state=TrialState.PRUNED)
+            if self.cost is not None:
+                return self.study.tell(trial, [result.val_accuracy, float(getattr(result, self.cost))])
+            return self.study.tell(trial, result.val_accuracy)
 
-    def run(self, total: int, timeout: float | None) -> int:
-        """Run trials until the study holds `total`; returns how many this launch ran."""
-        data = load_fashion_mnist(self.data_dir)
-        self.recover_dead_trials()
-        trials = self.study.get_trials(deepcopy=False)
-        if not trials:
-            for row in self.plan.enqueue:
-                self.study.enqueue_trial(row)
-        done = sum(counts_toward_total(t) for t in trials)
+    def run(self, total: int, timeout: float | None, devices: list[str] | None = None) -> int:
+        """Run trials until the study holds `total`; returns how many this launch ran.
+
+        `devices` has one entry per trial slot ("auto" or "cuda:N"). One slot trains in this process. Several
+        get a worker process each, driven by one thread each running the same trial loop; the lock keeps this
+        process the only writer of the storage and the MLflow store.
+        """
+        devices = devices or ["auto"]
+        with self.lock:
+            self.recover_dead_trials()
+            trials = self.study.get_trials(deepcopy=False)
+            if not trials:
+                for row in self.plan.enqueue:
+                    self.study.enqueue_trial(row)
+            done = count_done(trials)
         if done >= total:
             self.console.print(f"study {self.study.study_name} already holds {done} finished trials (asked for {total}); nothing to run")
             return 0
-        start, ran = time.monotonic(), 0
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("best val_accuracy {task.fields[best]}"),
+        deadline = None if timeout is None else time.monotonic() + timeout
+        workers = []
+        if len(devices) == 1:
+            data = load_fashion_mnist(self.data_dir)
+            slots = [(lambda config, on_epoch: train(config, data, on_epoch), None if devices[0] == "auto" else devices[0])]
+        else:
+            workers = [Worker(device, self.data_dir, cpu_threads(len(devices))) for device in devices]
+            slots = [(worker.train, None if worker.device == "auto" else worker.device) for worker in workers]
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("best {task.fields[best]}"),
                    TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn())
+        self.ran, self.timed_out, stop = 0, False, threading.Event()
         with Progress(*columns, console=self.console) as progress:
-            task = progress.add_task(self.study.study_name, total=total, completed=done, best=self._best())
-            while done < total:
-                if timeout is not None and time.monotonic() - start > timeout:
-                    self.console.print(f"timeout of {timeout:g} s reached after {ran} trials; launch again to continue")
-                    break
-                frozen = self.run_trial(data)
-                ran += 1
-                done += counts_toward_total(frozen)
-                self._log_line(progress.console, frozen)
-                progress.update(task, completed=done, best=self._best())
+            self._task = progress.add_task(self.study.study_name, total=total, completed=done, best=self._best())
+            self._progress = progress
+            heartbeat = threading.Thread(target=self._beat, args=(stop,), daemon=True)
+            heartbeat.start()
+            try:
+                if len(slots) == 1:
+                    self._slot_loop(*slots[0], total, deadline)
+                else:
+                    self._run_threads(slots, total, deadline, workers)
+            finally:
+                stop.set()
+                for worker in workers:
+                    worker.stop()
+        if self.timed_out:
+            self.console.print(f"timeout of {timeout:g} s reached after {self.ran} trials; launch again to continue")
+        return self.ran
+
+    def _run_threads(self, slots, total, deadline, workers) -> None:
+        errors: list[BaseException] = []
+        finished = [threading.Event() for _ in slots]
+
+        def loop(train_fn, device, done):
+            try:
+                self._slot_loop(train_fn, device, total, deadline)
+            except BaseException as error:  # noqa: BLE001 -- re-raised by the main thread
+                errors.append(error)
+                self.stopping.set()
+                for worker in workers:
+                    worker.stop()  # one unexpected error ends the launch, as it does with one worker
+            finally:
+                done.set()
+
+        for slot, done in zip(slots, finished):
+            threading.Thread(target=loop, args=(*slot, done), daemon=True).start()
+        # Events rather than Thread.join: a join cut short by Ctrl-C may not wait for its thread again.
+        try:
+            while not all(done.wait(0.2) for done in finished):
+                pass
+        except KeyboardInterrupt:
+            self.stopping.set()
+            for worker in workers:
+                worker.stop()  # each running trial then records itself as interrupted
+            for done in finished:
+                done.wait()
+            raise
+        real = [error for error in errors if not isinstance(error, KeyboardInterrupt)]
+        if real:
+            raise real[0]
+
+    def _slot_loop(self, train_fn, device, total: int, deadline: float | None) -> None:
+        """Run trials until the study holds `total`, waiting while other workers' trials could still reach it."""
+        state = {}
+
+        def claim() -> bool:
+            if self.stopping.is_set():
+                return False
+            self.recover_dead_trials()
+            trials = self.study.get_trials(deepcopy=False)
+            state["done"] = count_done(trials)
+            state["running"] = sum(t.state == TrialState.RUNNING for t in trials)
+            return state["done"] + state["running"] < total
+
+        while True:
+            if deadline is not None and time.monotonic() > deadline:
+                self.timed_out = True
+                return
+            frozen = self.run_trial(train_fn, claim, device)
+            if frozen is None:
+                if self.stopping.is_set() or state["done"] >= total:
+                    return
+                time.sleep(1.0)  # other trials are running; one may still fail (dead worker) and be queued again
+                continue
+            with self.lock:
+                self.ran += 1
+                self._log_line(self._progress.console, frozen)
+                self._progress.update(self._task, completed=count_done(self.study.get_trials(deepcopy=False)), best=self._best())
                 self._update_parent()
-        return ran
+
+    def _beat(self, stop: threading.Event) -> None:
+        """Record the heartbeat of every trial this process runs (relational storage only)."""
+        if not heartbeat_enabled(self.storage):
+            return
+        interval = self.storage.get_heartbeat_interval()
+        while not stop.is_set():
+            # No self.lock: a heartbeat must not wait behind slow MLflow calls (RDB sessions are per thread).
+            for trial_id in list(self.in_flight):
+                self.storage.record_heartbeat(trial_id)
+            stop.wait(interval)
 
     def _best(self) -> str:
+        if self.cost is not None:
+            return f"Pareto front of {len(self.study.best_trials)} trials"
         try:
-            return f"{self.study.best_value:.4f} (trial {self.study.best_trial.number})"
+            return f"val_accuracy {self.study.best_value:.4f} (trial {self.study.best_trial.number})"
         except ValueError:
             return "-"
 
@@ -190,14 +377,15 @@ class Launch:
         if trial.state == TrialState.FAIL:
             outcome = f"FAIL ({trial.user_attrs.get('fail_reason', 'unknown')})"
         else:
-            value = trial.value  # for a pruned trial Optuna keeps the last reported val_accuracy
-            outcome = f"{trial.state.name} val_accuracy={value:.4f} after {trial.user_attrs.get('epochs_run')} epochs, {trial.user_attrs.get('train_seconds', 0):.1f} s"
+            value = trial.values[0]  # for a pruned trial Optuna keeps the last reported val_accuracy
+            cost = f" {self.cost}={trial.values[1]:.4g}" if self.cost and trial.state == TrialState.COMPLETE else ""
+            outcome = f"{trial.state.name} val_accuracy={value:.4f}{cost} after {trial.user_attrs.get('epochs_run')} epochs, {trial.user_attrs.get('train_seconds', 0):.1f} s"
         console.print(f"trial {trial.number}: {params} -> {outcome}")
 
     def _update_parent(self) -> None:
         trials = self.study.get_trials(deepcopy=False)
         counts = {state.name: sum(t.state == state for t in trials) for state in FINISHED}
-        best = self.study.best_trial if counts["COMPLETE"] else None
+        best = self.study.best_trial if counts["COMPLETE"] and self.cost is None else None
         self.tracker.update_parent(best.number if best else None, best.value if best else None, counts)
 
 

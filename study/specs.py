@@ -7,7 +7,9 @@ A spec (see study/specs/*.toml) has:
     [conditional.ARCH]  numeric ranges searched only when the trial's arch is ARCH (the zoo: resize
                   and ratio depend on the architecture); Optuna cannot vary a categorical's choices
     [[enqueue]]   settings tried first (the notes' defaults)
-    [pruner]      name = "median" | "none", plus MedianPruner's arguments
+    [pruner]      name = "median" | "hyperband" | "none", plus that pruner's arguments (default: median)
+    [sampler]     name = "tpe" | "gp" | "random" | "grid", plus that sampler's arguments (default: tpe);
+                  grid runs every combination of [search] choices and integer ranges
     [presets.P]   settings that replace [fixed] ones (data subsets, batch size...), `max_resize`
                   (a cap on every input side), [presets.P.search] ranges that replace [search] ones,
                   and [presets.P.conditional] that replaces [conditional]
@@ -26,7 +28,9 @@ from objectives.models import get_architecture
 from objectives.train import TrainConfig
 
 SPEC_DIR = Path(__file__).parent / "specs"
-TOP_LEVEL_KEYS = {"description", "fixed", "search", "conditional", "enqueue", "pruner", "presets"}
+TOP_LEVEL_KEYS = {"description", "fixed", "search", "conditional", "enqueue", "pruner", "sampler", "presets"}
+PRUNER_NAMES = ("median", "hyperband", "none")
+SAMPLER_NAMES = ("tpe", "gp", "random", "grid")
 PRESETS = ("smoke", "full")
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
@@ -46,6 +50,7 @@ class Spec:
     presets: dict[str, dict]
     path: Path
     conditional: dict[str, dict[str, dict]]
+    sampler: dict = dataclasses.field(default_factory=lambda: {"name": "tpe"})
 
     def summary(self) -> str:
         """The search space in one line, e.g. `lr 0.005..0.2 log, ratio {1, 2, 4}`."""
@@ -115,6 +120,7 @@ def load_spec(name: str) -> Spec:
         presets=raw.get("presets", {}),
         path=path,
         conditional=raw.get("conditional", {}),
+        sampler=raw.get("sampler", {"name": "tpe"}),
     )
     _validate(spec, set(raw))
     return spec
@@ -125,7 +131,7 @@ def _validate(spec: Spec, keys: set[str]) -> None:
     unknown = keys - TOP_LEVEL_KEYS
     if unknown:
         raise SpecError(f"{where}: unknown section(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(TOP_LEVEL_KEYS))}")
-    for section in ("fixed", "search", "pruner", "presets"):
+    for section in ("fixed", "search", "pruner", "sampler", "presets"):
         if not isinstance(getattr(spec, section), dict):
             raise SpecError(f"{where}: [{section}] must be a table")
     for name in [*spec.fixed, *spec.search, *(k for row in spec.enqueue for k in row)]:
@@ -145,8 +151,10 @@ def _validate(spec: Spec, keys: set[str]) -> None:
                 raise SpecError(f"{where}: [presets.{preset}.search] sets {name!r}, which [search] does not search")
             _check_distribution(where, name, dist)
         _check_conditional(f"{where} [presets.{preset}]", caps.get("conditional", {}), spec.search)
-    if spec.pruner.get("name", "median") not in ("median", "none"):
-        raise SpecError(f"{where}: pruner {spec.pruner.get('name')!r} is not supported; use median or none")
+    if spec.pruner.get("name", "median") not in PRUNER_NAMES:
+        raise SpecError(f"{where}: pruner {spec.pruner.get('name')!r} is not supported; use {', '.join(PRUNER_NAMES)}")
+    if spec.sampler.get("name", "tpe") not in SAMPLER_NAMES:
+        raise SpecError(f"{where}: sampler {spec.sampler.get('name')!r} is not supported; use {', '.join(SAMPLER_NAMES)}")
     _check_values(where, spec.fixed, spec.search, spec.enqueue, spec.conditional)
     for preset in spec.presets:
         plan = resolve(spec, preset)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -39,7 +41,26 @@ def default_storage_url() -> str:
     return str(home() / "optuna.journal")
 
 
-def open_storage(url: str | None) -> optuna.storages.BaseStorage:
+class RetryStaleTrial:
+    """Optuna's RetryHeartbeatStaleTrialCallback(max_retry=1): a trial whose worker stopped sending heartbeats
+    runs once more with the same params. It also keeps the trials it failed, for the launcher to close
+    their MLflow runs (this process failed them, so no other process does)."""
+
+    def __init__(self):
+        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+        self.failed: list[optuna.trial.FrozenTrial] = []
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.failed.append(trial)
+        self.retry(study, trial)
+
+
+def open_storage(url: str | None, heartbeat: int | None = None) -> optuna.storages.BaseStorage:
+    """The storage at `url` (default: the study home's journal file).
+
+    `heartbeat` (seconds, relational storage only): trials record a heartbeat this often, and a trial
+    silent for three intervals belongs to a dead worker; it is failed and queued again once.
+    """
     if url is None:
         make_home()
     url = url or default_storage_url()
@@ -52,9 +73,37 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
             raise StorageError(f"journal storage {path}: directory {path.parent} does not exist")
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     try:
-        return optuna.storages.RDBStorage(url)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            beats = {}
+            if heartbeat is not None:
+                beats = {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat, "heartbeat_stale_trial_callback": RetryStaleTrial()}
+            return optuna.storages.RDBStorage(url, **beats)
     except ImportError as error:
         raise StorageError(f"storage {mask(url)} needs a database driver that is not installed ({error})") from None
     except Exception as error:  # noqa: BLE001 -- sqlalchemy raises several types for bad URLs and unreachable servers
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise StorageError(f"cannot open storage {mask(url)}: {first_line}") from None
+
+
+def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:
+    return isinstance(storage, optuna.storages.RDBStorage) and storage.get_heartbeat_interval() is not None
+
+
+@contextmanager
+def claim_lock(storage: optuna.storages.BaseStorage, study_name: str):
+    """Held while a worker counts a study's trials and asks for a new one, so that workers on several
+    machines never start more trials than the study's total. PostgreSQL only (an advisory lock);
+    elsewhere the one launcher process already does this under its own lock."""
+    if not (isinstance(storage, optuna.storages.RDBStorage) and storage.engine.dialect.name == "postgresql"):
+        yield
+        return
+    import sqlalchemy
+
+    key = {"key": storage.get_study_id_from_name(study_name)}
+    with storage.engine.connect() as connection:
+        connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), key)
+        try:
+            yield
+        finally:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), key)

@@ -1,0 +1,160 @@
+"""Trial worker processes: each holds the data on its device, trains one config at a time, and streams
+per-epoch metrics back to the launcher, which reports, prunes and logs.
+
+So locally the launcher stays the only writer of the Optuna storage and the MLflow store, and the
+trainer stays free of Optuna and MLflow. A worker is a spawned process (CUDA cannot be forked);
+the launcher talks to it over a pipe:
+
+    launcher -> worker   TrainConfig                 train this
+    worker -> launcher   ("epoch", EpochMetrics)     after every epoch; the launcher answers True to stop (pruning)
+    worker -> launcher   ("result", TrainResult)     or ("error", kind, message)
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from collections.abc import Callable
+
+from objectives import DeviceOutOfMemoryError, DivergedError, EpochMetrics, TrainConfig, TrainResult
+
+ERRORS = {"diverged": DivergedError, "out of memory": DeviceOutOfMemoryError}
+
+
+class WorkerDied(RuntimeError):
+    """The worker process ended in the middle of a trial (killed, out of host memory)."""
+
+
+def _serve(conn, data_dir: str | None, threads: int) -> None:
+    """The worker process: load the data once, then train whatever the launcher sends until it hangs up."""
+    import torch
+
+    from objectives import load_fashion_mnist, train
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle; it stops us
+    torch.set_num_threads(threads)
+    data = load_fashion_mnist(data_dir)
+    conn.send(("ready",))
+    while True:
+        try:
+            config = conn.recv()
+        except (EOFError, OSError):
+            return  # the launcher is gone
+
+        def on_epoch(metrics: EpochMetrics) -> bool:
+            conn.send(("epoch", metrics))
+            return conn.recv()
+
+        try:
+            result = train(config, data, on_epoch)
+        except (DivergedError, DeviceOutOfMemoryError) as error:
+            kind = "diverged" if isinstance(error, DivergedError) else "out of memory"
+            conn.send(("error", kind, str(error)))
+            continue
+        except (EOFError, OSError):
+            return
+        except Exception as error:  # noqa: BLE001 -- sent back so the launcher records it on the trial
+            conn.send(("error", type(error).__name__, str(error)))
+            continue
+        conn.send(("result", result))
+
+
+class Worker:
+    """One trial slot: a process pinned to one device."""
+
+    def __init__(self, device: str, data_dir: str | None, threads: int):
+        self.device = device  # "auto" (the CPU here) or "cuda:N"
+        self.data_dir, self.threads = data_dir, threads
+        self.process = None
+        self.stopping = False
+
+    def start(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child, self.data_dir, self.threads), daemon=True)
+        self.process.start()
+        child.close()
+        self._recv()  # ("ready",): the data is loaded
+
+    def _recv(self):
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            if self.stopping:
+                raise KeyboardInterrupt from None
+            self.process.join(5)
+            code = self.process.exitcode
+            self.process = None
+            raise WorkerDied(f"worker process died (exit code {code})") from None
+
+    def train(self, config: TrainConfig, on_epoch: Callable[[EpochMetrics], bool]) -> TrainResult:
+        if self.stopping:
+            raise KeyboardInterrupt
+        if self.process is None:
+            self.start()
+        self.conn.send(config)
+        while True:
+            message = self._recv()
+            if message[0] == "epoch":
+                try:
+                    stop = bool(on_epoch(message[1]))
+                except BaseException:
+                    self._end()  # it waits for an answer that will not come; the next trial gets a fresh process
+                    raise
+                self.conn.send(stop)
+            elif message[0] == "result":
+                return message[1]
+            else:
+                _, kind, text = message
+                raise ERRORS.get(kind, RuntimeError)(text if kind in ERRORS else f"{kind}: {text}")
+
+    def stop(self) -> None:
+        """End the process now, also in the middle of a trial (Ctrl-C); that trial then sees KeyboardInterrupt."""
+        self.stopping = True
+        if self.process is not None and self.process.is_alive():
+            os.kill(self.process.pid, signal.SIGKILL)
+
+    def _end(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.join(5)
+            self.process = None
+
+
+def cpu_threads(workers: int) -> int:
+    """Torch threads per worker so that the workers together use each core once."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def devices(workers: int | None, gpus: str | None, trials_per_gpu: int) -> list[str]:
+    """One device per trial slot, from --workers, --gpus and --trials-per-gpu, checked against this machine.
+
+    Default: every visible GPU, `trials_per_gpu` slots each; without a GPU, one slot on the CPU.
+    """
+    import torch
+
+    if workers is not None and workers < 1:
+        raise ValueError(f"--workers must be >= 1; got {workers}")
+    if trials_per_gpu < 1:
+        raise ValueError(f"--trials-per-gpu must be >= 1; got {trials_per_gpu}")
+    count = torch.cuda.device_count()
+    if gpus is None:
+        indices = list(range(count))
+    else:
+        try:
+            indices = [int(part) for part in gpus.split(",")]
+        except ValueError:
+            raise ValueError(f"--gpus {gpus}: give GPU indices separated by commas, e.g. --gpus 0,1") from None
+        missing = [i for i in indices if not 0 <= i < count]
+        if missing:
+            have = f"GPUs 0..{count - 1}" if count else "no CUDA GPU"
+            raise ValueError(f"--gpus {gpus}: GPU {missing[0]} is not there; this machine has {have} (torch.cuda.device_count() is {count})")
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"--gpus {gpus}: a GPU is named twice; use --trials-per-gpu to share one")
+    if not indices:
+        return ["auto"] * (workers or 1)
+    slots = [f"cuda:{i}" for i in indices for _ in range(trials_per_gpu)]
+    if workers is not None:
+        slots = [slots[i % len(slots)] for i in range(workers)]  # round robin over the GPUs
+    return slots

@@ -1,0 +1,362 @@
+"""Studies that scale: parallel worker processes, workers on other machines (PostgreSQL and an MLflow server),
+a worker killed mid-trial, the accuracy-against-cost Pareto front, samplers, export, and bad input."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import optuna
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from conftest import ROOT, run_cli
+
+# One epoch of a tiny VGG: the cheapest trial that still goes through the whole trainer.
+FAST = """
+[fixed]
+arch = "vgg11"
+batch_size = 32
+momentum = 0.9
+n_train = 256
+n_val = 128
+n_test = 128
+epochs = 1
+resize = 32
+ratio = 16
+[search]
+lr = { low = 0.01, high = 0.1, log = true }
+[pruner]
+name = "none"
+"""
+
+# LeNet for a few seconds per epoch on two cores: long enough to be killed mid-trial.
+SLOW = """
+[fixed]
+arch = "lenet"
+batch_size = 256
+n_train = 6000
+n_val = 500
+n_test = 500
+epochs = 4
+[search]
+lr = { low = 0.1, high = 1.0, log = true }
+[pruner]
+name = "none"
+"""
+
+
+def _journal(home):
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(home / "optuna.journal")))
+
+
+def _children_by_trial(client: MlflowClient, experiment: str) -> tuple[list, list]:
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("study.role") == "parent"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def _check_parallel_study(study: optuna.Study, client: MlflowClient, total: int) -> None:
+    """Exactly `total` finished trials with unique numbers, and one MLflow child run each under one parent."""
+    trials = study.get_trials()
+    assert len(trials) == total and all(t.state.is_finished() for t in trials), [t.state.name for t in trials]
+    assert sorted(t.number for t in trials) == list(range(total))
+    parents, children = _children_by_trial(client, study.study_name)
+    assert len(parents) == 1
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert sorted(int(c.data.tags["optuna.trial_number"]) for c in children) == list(range(total))
+    assert {c.info.run_id for c in children} == {t.user_attrs["mlflow_run_id"] for t in trials}
+    assert not [c for c in children if c.info.status == "RUNNING"]
+
+
+def test_four_workers_on_the_local_default_storage(study_home, tmp_path):
+    spec = tmp_path / "fast.toml"
+    spec.write_text(FAST)
+    result = run_cli("launch", str(spec), "--trials", "8", "--workers", "4", "--preset", "smoke")
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert "4 workers: cpu, cpu, cpu, cpu" in output
+    assert "database is locked" not in output and "Traceback" not in output
+    study = optuna.load_study(study_name="fast", storage=_journal(study_home))
+    client = MlflowClient(tracking_uri=f"sqlite:///{study_home / 'mlflow.db'}")
+    _check_parallel_study(study, client, 8)
+    # Four processes trained; the launcher (one pid) recorded every trial.
+    assert len({t.user_attrs["pid"] for t in study.trials}) == 1
+
+    # Export: one row per trial, Optuna and MLflow joined.
+    for name in ("trials.csv", "trials.parquet"):
+        exported = run_cli("export", "fast", "-o", str(tmp_path / name))
+        assert exported.returncode == 0, exported.stderr
+        frame = pd.read_csv(tmp_path / name) if name.endswith(".csv") else pd.read_parquet(tmp_path / name)
+        assert sorted(frame["number"]) == list(range(8))
+        assert set(frame["state"]) <= {"COMPLETE", "PRUNED", "FAIL"} and set(frame["mlflow.status"]) == {"FINISHED"}
+        assert (frame["mlflow.val_accuracy"] == frame["val_accuracy"]).all() and frame["params_lr"].notna().all()
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A fresh PostgreSQL database for Optuna and one for MLflow, dropped afterwards."""
+    import psycopg
+
+    prefix = f"issue5_{secrets.token_hex(4)}"
+    names = {"optuna": f"{prefix}_optuna", "mlflow": f"{prefix}_mlflow"}
+    admin = psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True)
+    for name in names.values():
+        admin.execute(f'CREATE DATABASE "{name}"')
+    urls = {role: f"postgresql://postgres@127.0.0.1:5432/{name}" for role, name in names.items()}
+    optuna.storages.RDBStorage(urls["optuna"]).engine.dispose()  # Optuna's tables, before several processes race to create them
+    try:
+        yield urls
+    finally:
+        for name in names.values():
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(postgres, tmp_path_factory):
+    """A real `mlflow server` on PostgreSQL, as the README sets it up for several machines."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    artifacts = tmp_path_factory.mktemp("mlartifacts")
+    log = open(artifacts / "server.log", "w")  # noqa: SIM115 -- open while the server runs
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres["mlflow"], "--host", "127.0.0.1",
+                               "--port", str(port), "--workers", "1", "--default-artifact-root", artifacts.as_uri()],
+                              stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        assert server.poll() is None, (artifacts / "server.log").read_text()
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+    yield url
+    server.terminate()
+    server.wait(30)
+    log.close()
+
+
+def test_four_workers_from_two_machines_on_postgresql(study_home, tmp_path, postgres, mlflow_server):
+    """A launch with 2 workers and a `worker` command with 2 more, on one PostgreSQL study and one MLflow server."""
+    spec = tmp_path / "shared.toml"
+    spec.write_text(FAST)
+    env = {**os.environ, "STUDY_HOME": str(study_home), "MLFLOW_TRACKING_URI": mlflow_server, "COLUMNS": "200"}
+    url = postgres["optuna"]
+    command = [sys.executable, "-m", "study"]
+    launch = subprocess.Popen([*command, "launch", str(spec), "--trials", "8", "--workers", "2", "--preset", "smoke", "--storage", url, "--heartbeat", "2"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while "shared" not in optuna.get_all_study_names(url) or "trials" not in optuna.load_study(study_name="shared", storage=url).user_attrs:
+        assert launch.poll() is None and time.monotonic() < deadline, launch.communicate()
+        time.sleep(0.5)
+    # The second "machine": a study home of its own, the same storage URL and tracking server.
+    other_env = {**env, "STUDY_HOME": str(tmp_path / "other")}
+    worker = subprocess.run([*command, "worker", str(spec), "--storage", url, "--workers", "2", "--heartbeat", "2"],
+                            cwd=ROOT, env=other_env, capture_output=True, text=True, timeout=300, check=False)
+    out, err = launch.communicate(timeout=300)
+    assert launch.returncode == 0, err
+    assert worker.returncode == 0, worker.stderr
+    for output in (out + err, worker.stdout + worker.stderr):
+        assert "database is locked" not in output and "Traceback" not in output
+    study = optuna.load_study(study_name="shared", storage=url)
+    _check_parallel_study(study, MlflowClient(tracking_uri=mlflow_server), 8)
+    # Both "machines" ran trials.
+    assert len({(t.user_attrs["host"], t.user_attrs["pid"]) for t in study.trials}) == 2
+    optuna.storages.RDBStorage(url).engine.dispose()
+
+
+def test_killed_worker_is_failed_by_heartbeat_and_retried(study_home, tmp_path, postgres, mlflow_server):
+    """kill -9 in the middle of a trial: the heartbeat goes stale, the trial is FAIL, retried once, its MLflow run KILLED."""
+    spec = tmp_path / "slow.toml"
+    spec.write_text(SLOW)
+    env = {**os.environ, "STUDY_HOME": str(study_home), "MLFLOW_TRACKING_URI": mlflow_server}
+    url = postgres["optuna"]
+    process = subprocess.Popen([sys.executable, "-m", "study", "launch", str(spec), "--trials", "2", "--preset", "smoke", "--storage", url, "--heartbeat", "2"],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    killed = None
+    while killed is None:
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        if "slow" in optuna.get_all_study_names(url):
+            running = [t for t in optuna.load_study(study_name="slow", storage=url).get_trials() if t.intermediate_values]
+            killed = running[0].number if running else None
+        time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=30)
+
+    resumed = run_cli("worker", str(spec), "--storage", url, "--heartbeat", "2", env={"MLFLOW_TRACKING_URI": mlflow_server})
+    assert resumed.returncode == 0, resumed.stderr
+    assert re.search(rf"trial {killed}: worker stopped sending heartbeats .*; marked FAIL and queued again", resumed.stdout)
+    trials = optuna.load_study(study_name="slow", storage=url).get_trials()
+    dead = trials[killed]
+    assert dead.state == TrialState.FAIL
+    retries = [t for t in trials if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == killed]
+    assert len(retries) == 1 and retries[0].params == dead.params and retries[0].state == TrialState.COMPLETE
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2 and not [t for t in trials if not t.state.is_finished()]
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(dead.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["optuna.fail_reason"].startswith("worker stopped sending heartbeats")
+    _, children = _children_by_trial(client, "slow")
+    assert not [c for c in children if c.info.status == "RUNNING"] and len(children) == len(trials)
+    optuna.storages.RDBStorage(url).engine.dispose()
+
+
+def test_pareto_front_of_accuracy_against_cost(study_home, tmp_path):
+    tiny_spec = tmp_path / "tiny.toml"
+    tiny_spec.write_text(FAST.replace("epochs = 1\n", "").replace("[search]", "[search]\nepochs = { low = 1, high = 2 }"))
+    result = run_cli("launch", str(tiny_spec), "--trials", "5", "--preset", "smoke", "--objective", "accuracy,cost", "--cost", "train_flops")
+    assert result.returncode == 0, result.stderr
+    assert "no pruning" in result.stdout
+    study = optuna.load_study(study_name="tiny", storage=_journal(study_home))
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    shown = run_cli("show", "tiny")
+    assert shown.returncode == 0, shown.stderr
+    assert "Pareto front" in shown.stdout and "train_flops" in shown.stdout
+    rows = [line for line in shown.stdout.splitlines() if re.match(r"^│\s+\d+ │", line)]
+    front = {int(row.split("│")[1]) for row in rows}
+    assert front == {t.number for t in study.best_trials} and front
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    for number in front:
+        mine = study.trials[number].values
+        assert not any(o.values[0] >= mine[0] and o.values[1] <= mine[1] and o.values != mine for o in complete)
+    for trial in complete:
+        assert trial.values[1] == trial.user_attrs["train_flops"]
+    # A study keeps its objective.
+    changed = run_cli("launch", str(tiny_spec), "--trials", "6", "--preset", "smoke", "--objective", "accuracy")
+    assert changed.returncode == 1 and "optimises accuracy,train_flops" in changed.stderr
+
+
+def test_grid_sampler_runs_every_combination(study_home, tmp_path):
+    spec = tmp_path / "grid.toml"
+    spec.write_text(FAST.replace('lr = { low = 0.01, high = 0.1, log = true }', 'lr = { choices = [0.02, 0.05] }\nbatch_size = { choices = [32, 64] }')
+                    .replace("batch_size = 32\n", "").replace('[pruner]\nname = "none"', '[pruner]\nname = "hyperband"\n[sampler]\nname = "random"'))
+    result = run_cli("launch", str(spec), "--trials", "4", "--preset", "smoke", "--sampler", "grid")
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name="grid", storage=_journal(study_home))
+    assert sorted((t.params["lr"], t.params["batch_size"]) for t in study.trials) == [(0.02, 32), (0.02, 64), (0.05, 32), (0.05, 64)]
+    assert study.user_attrs["pruner"] == "hyperband" and study.user_attrs["sampler"] == "grid"
+
+
+def _one_line_error(capsys, argv, *fragments):
+    """The command as a user runs it, in this process (each subprocess would import torch again)."""
+    from study.cli import main
+
+    assert main(argv) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_bad_input_is_a_one_line_error_and_writes_nothing(study_home, tiny_spec, capsys):
+    import torch
+
+    spec = str(tiny_spec)
+    _one_line_error(capsys, ["launch", spec, "--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot open storage")
+    _one_line_error(capsys, ["launch", spec, "--storage", "nosuchdb://x/y"], "cannot open storage")
+    _one_line_error(capsys, ["worker", spec, "--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot open storage")
+    _one_line_error(capsys, ["launch", spec, "--workers", "0"], "--workers must be >= 1")
+    missing = torch.cuda.device_count()  # 0 on a machine without a GPU
+    _one_line_error(capsys, ["launch", spec, "--gpus", str(missing)], f"GPU {missing} is not there")
+    _one_line_error(capsys, ["launch", spec, "--gpus", "first"], "GPU indices")
+    _one_line_error(capsys, ["launch", spec, "--trials-per-gpu", "0"], "--trials-per-gpu must be >= 1")
+    _one_line_error(capsys, ["launch", spec, "--objective", "speed"], "--objective speed")
+    _one_line_error(capsys, ["launch", spec, "--cost", "train_flops"], "needs --objective accuracy,cost")
+    _one_line_error(capsys, ["launch", spec, "--sampler", "cmaes"], "--sampler cmaes")
+    _one_line_error(capsys, ["worker", spec], "no study named 'tiny'")
+    _one_line_error(capsys, ["export", "tiny", "-o", "trials.xlsx"], ".csv or .parquet")
+    assert not study_home.exists()
+    # And once through a real process: the one line is all a user sees.
+    result = run_cli("launch", spec, "--gpus", str(missing), "--workers", "2")
+    assert result.returncode == 1 and result.stderr.strip() == f"error: --gpus {missing}: GPU {missing} is not there; this machine has " + (
+        f"GPUs 0..{missing - 1}" if missing else "no CUDA GPU") + f" (torch.cuda.device_count() is {missing})"
+    assert not study_home.exists()
+
+
+def test_ctrl_c_stops_every_worker_cleanly(study_home, tmp_path):
+    spec = tmp_path / "slow.toml"
+    spec.write_text(SLOW.replace("epochs = 4", "epochs = 20"))
+    env = {**os.environ, "STUDY_HOME": str(study_home)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    process = subprocess.Popen([sys.executable, "-m", "study", "launch", str(spec), "--trials", "4", "--workers", "2", "--preset", "smoke"],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while True:
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        if (study_home / "optuna.journal").exists():
+            try:
+                trials = optuna.load_study(study_name="slow", storage=_journal(study_home)).get_trials()
+            except KeyError:
+                trials = []
+            if len([t for t in trials if t.intermediate_values]) == 2:
+                break
+        time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "will run again" in out
+    trials = optuna.load_study(study_name="slow", storage=_journal(study_home)).get_trials()
+    interrupted = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(interrupted) == 2 and all(t.user_attrs["fail_reason"] == "interrupted" for t in interrupted)
+    # Each is queued again with its params; nothing is left RUNNING, in Optuna or in MLflow.
+    queued = {t.user_attrs["retry_of"]: t.system_attrs["fixed_params"] for t in trials if t.state == TrialState.WAITING}
+    assert queued == {t.number: t.params for t in interrupted}
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    client = MlflowClient(tracking_uri=f"sqlite:///{study_home / 'mlflow.db'}")
+    parents, children = _children_by_trial(client, "slow")
+    assert sorted(c.info.status for c in children) == ["KILLED", "KILLED"] and parents[0].info.status == "KILLED"
+
+
+def test_samplers_and_pruners_from_the_spec(tmp_path):
+    from study.launch import make_pruner, make_sampler
+    from study.specs import SpecError, load_spec, resolve
+
+    path = tmp_path / "gp.toml"
+    path.write_text(FAST.replace('[pruner]\nname = "none"', '[pruner]\nname = "hyperband"\nmin_resource = 1\nreduction_factor = 2\n[sampler]\nname = "gp"\nseed = 3'))
+    spec = load_spec(str(path))
+    plan = resolve(spec, "smoke")
+    assert type(make_sampler(spec.sampler, plan)).__name__ == "GPSampler"
+    assert type(make_pruner(spec.pruner)).__name__ == "HyperbandPruner"
+    assert type(make_pruner(spec.pruner, multi_objective=True)).__name__ == "NopPruner"
+    assert type(make_sampler({"name": "random"}, plan)).__name__ == "RandomSampler"
+    assert make_sampler({"name": "tpe"}, plan)._constant_liar  # parallel workers do not pile onto one point
+    with pytest.raises(SpecError, match="grid sampler needs choices or an integer range for lr"):
+        make_sampler({"name": "grid"}, plan)
+    zoo = load_spec("zoo")
+    with pytest.raises(SpecError, match="cannot search ranges that depend on the architecture"):
+        make_sampler({"name": "grid"}, resolve(zoo, "full"))
+    path.write_text(FAST + '[sampler]\nname = "cmaes"\n')
+    with pytest.raises(SpecError, match="sampler 'cmaes' is not supported; use tpe, gp, random, grid"):
+        load_spec(str(path))
+
+
+def test_trial_slots_follow_the_machine():
+    import torch
+
+    from study.pool import devices
+
+    gpus = torch.cuda.device_count()
+    if gpus == 0:
+        assert devices(None, None, 1) == ["auto"]  # one worker on a CPU
+        assert devices(3, None, 1) == ["auto"] * 3
+    else:
+        assert devices(None, None, 2) == [f"cuda:{i}" for i in range(gpus) for _ in range(2)]
+        assert devices(None, "0", 1) == ["cuda:0"]
+        assert devices(2 * gpus + 1, None, 1)[-1] == "cuda:0"  # round robin
+    with pytest.raises(ValueError, match=f"GPU {gpus} is not there"):
+        devices(None, ",".join(str(i) for i in range(gpus + 1)), 1)
