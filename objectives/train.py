@@ -112,6 +112,7 @@ class TrainResult:
     peak_memory_source: str      # "cuda_max_allocated", or "process_max_rss" on CPU (a process-wide peak)
     device_name: str
     config: TrainConfig = field(repr=False)
+    model: torch.nn.Module | None = field(default=None, repr=False)  # the trained network, in eval mode, on its device
 
 
 def resolve_device(device: str) -> torch.device:
@@ -275,4 +276,5 @@ def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetr
         peak_memory_source=peak_source,
         device_name=torch.cuda.get_device_name(device) if on_cuda else "cpu",
         config=config,
+        model=model.eval(),
     )

@@ -62,6 +62,8 @@ def cmd_launch(args) -> int:
         raise ValueError(f"--trials must be >= 1; got {args.trials}")
     if args.timeout is not None and args.timeout <= 0:
         raise ValueError(f"--timeout must be > 0 seconds; got {args.timeout}")
+    if args.register is not None and (args.log_model == "none" or not args.register.strip()):
+        raise ValueError(f"--register {args.register!r}: give a model name, and keep --log-model best or all so there is a model to register")
     console = _console()
     spec = load_spec(args.name)
     output = _report_output(args.output, report_path(home(), [spec.name]))
@@ -81,7 +83,7 @@ def cmd_launch(args) -> int:
     uri = tracking_uri(study_home)
     tracker = Tracker(spec.name, uri, artifact_root=study_home / "mlartifacts")
     tracker.describe_study(spec.path.read_text(), preset, storage_label, "TPESampler", type(pruner).__name__)
-    launch = Launch(plan=plan, study=study, storage=storage, tracker=tracker, console=console, data_dir=args.data_dir)
+    launch = Launch(plan=plan, study=study, storage=storage, tracker=tracker, console=console, data_dir=args.data_dir, log_model=args.log_model)
     try:
         launch.run(args.trials, args.timeout)
     except KeyboardInterrupt:
@@ -94,10 +96,27 @@ def cmd_launch(args) -> int:
     done = sum(counts_toward_total(t) for t in study.get_trials(deepcopy=False))
     tracker.close_parent("FINISHED" if done >= args.trials else "KILLED")
     path = write_report([study], output, uri, ui_url(uri))
+    if args.register:
+        _register_best(tracker, study, args.register, console)
     console.print(f"optuna storage: {storage_label}")
     console.print(f"mlflow store:   {mask(uri)}  (browse with `python -m study ui`)")
     console.print(f"report:         {path}")
     return 0
+
+
+def _register_best(tracker, study, name: str, console) -> None:
+    """--register NAME: the study's best trial's logged model as a version of registered model NAME."""
+    from optuna.trial import TrialState
+
+    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        console.print(f"--register {name}: no completed trial, so no model to register")
+        return
+    best = study.best_trial
+    version = tracker.register_model(name, best.user_attrs["mlflow_run_id"])
+    if version is None:
+        console.print(f"--register {name}: best trial {best.number} has no logged model (it ran with --log-model none)")
+        return
+    console.print(f"registered model: {name} version {version.version} (trial {best.number}, {version.source})")
 
 
 def cmd_list(args) -> int:
@@ -189,8 +208,7 @@ def cmd_ui(args) -> int:
 
     uri = tracking_uri(home())
     if uri.startswith(("http://", "https://")):
-        print(f"MLFLOW_TRACKING_URI points to a tracking server; open {uri}")
-        return 0
+        return _remote_ui(uri)
     base = f"http://{args.host}:{args.port}"
     print(f"MLflow UI on {uri}: {base}  (Ctrl-C stops it)")
     for experiment in MlflowClient(tracking_uri=uri).search_experiments():
@@ -203,6 +221,26 @@ def cmd_ui(args) -> int:
         return subprocess.run(command, check=False).returncode
     except KeyboardInterrupt:
         return 0
+
+
+def _remote_ui(uri: str) -> int:
+    """MLFLOW_TRACKING_URI names an `mlflow server`: it already serves the UI, so say where instead of starting one."""
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    from study.storage import mask
+
+    shown = mask(uri).rstrip("/")
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10)
+    except OSError as error:
+        raise ValueError(f"MLFLOW_TRACKING_URI={shown} does not answer ({getattr(error, 'reason', error)}); start that `mlflow server` or unset the variable") from None
+    print(f"MLFLOW_TRACKING_URI points to the MLflow server {shown}, which serves the UI itself; no local UI started. Open {shown}")
+    for experiment in MlflowClient(tracking_uri=uri).search_experiments():
+        if experiment.name != "Default":
+            print(f"  {experiment.name}: {shown}/#/experiments/{experiment.experiment_id}/runs")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     launch.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files (default: $FASHION_MNIST_DIR, the cache, Debian's package)")
     launch.add_argument("-o", "--output", help="report file (default: $STUDY_HOME/reports/NAME.html)")
+    launch.add_argument("--log-model", choices=["best", "all", "none"], default="best",
+                        help="trained networks logged to MLflow as PyTorch models, with a test-set confusion matrix: "
+                             "each new best trial, every trial, or none (default: best)")
+    launch.add_argument("--register", metavar="NAME", help="register the study's best model in the MLflow model registry under NAME")
     launch.set_defaults(run=cmd_launch)
 
     listing = commands.add_parser("list", help="show every shipped study and its search space")

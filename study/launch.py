@@ -86,6 +86,7 @@ class Launch:
     tracker: Tracker
     console: Console
     data_dir: str | None = None
+    log_model: str = "best"  # which trials' networks go to MLflow: best (each new best), all, none
 
     def recover_dead_trials(self) -> None:
         """Close trials left RUNNING by a process of this host that no longer exists, and retry them once."""
@@ -110,7 +111,7 @@ class Launch:
         trial.set_user_attr("pid", os.getpid())
         params = suggest(trial, self.plan)
         config = self.plan.config(params)
-        run_id = self.tracker.start_trial(trial.number, config, params)
+        run_id = self.tracker.start_trial(trial.number, config, params, data)
         trial.set_user_attr("mlflow_run_id", run_id)
         # Resolved values, also when the spec fixes them or leaves them to the architecture.
         trial.set_user_attr("arch", config.arch)
@@ -147,8 +148,19 @@ class Launch:
         state = TrialState.PRUNED if result.stopped_early else TrialState.COMPLETE
         self.tracker.finish_trial(run_id, state.name, result)
         if state == TrialState.PRUNED:
-            return self.study.tell(trial, state=TrialState.PRUNED)
-        return self.study.tell(trial, result.val_accuracy)
+            frozen = self.study.tell(trial, state=TrialState.PRUNED)
+        else:
+            frozen = self.study.tell(trial, result.val_accuracy)
+        if self._keeps_model(frozen):
+            self.tracker.log_model(run_id, frozen.number, result, data)
+        return frozen
+
+    def _keeps_model(self, frozen: optuna.trial.FrozenTrial) -> bool:
+        """--log-model: every trained network (all), or each one that is best when it finishes (best)."""
+        if self.log_model == "all":
+            return True
+        # best_trials: the best trial(s), or the Pareto front of a multi-objective study.
+        return self.log_model == "best" and frozen.state == TrialState.COMPLETE and frozen.number in {t.number for t in self.study.best_trials}
 
     def run(self, total: int, timeout: float | None) -> int:
         """Run trials until the study holds `total`; returns how many this launch ran."""
@@ -198,7 +210,9 @@ class Launch:
         trials = self.study.get_trials(deepcopy=False)
         counts = {state.name: sum(t.state == state for t in trials) for state in FINISHED}
         best = self.study.best_trial if counts["COMPLETE"] else None
-        self.tracker.update_parent(best.number if best else None, best.value if best else None, counts)
+        best_metrics = {key: best.user_attrs[key] for key in ("test_accuracy", "train_seconds", "epochs_run", "params") if key in best.user_attrs} if best else None
+        self.tracker.update_parent(best.number if best else None, best.value if best else None, counts, best_metrics,
+                                   best.user_attrs.get("mlflow_run_id") if best else None)
 
 
 def check_preset_matches(study: optuna.Study, preset: str) -> None:
