@@ -12,6 +12,7 @@ and a confusion matrix on the test split.
 from __future__ import annotations
 
 import dataclasses
+import getpass
 import hashlib
 import importlib.metadata
 import json
@@ -94,6 +95,8 @@ class Tracker:
             "torch_version": torch.__version__,
             "cuda_version": torch.version.cuda or "none",
             "project_version": project_version(),
+            "mlflow.source.name": "python -m study launch",  # what the UI shows as the run's source
+            "mlflow.user": getpass.getuser(),
             # mlflow.source.git.commit is the tag the MLflow UI shows on the run page.
             **({"git_commit": commit, "mlflow.source.git.commit": commit} if (commit := git_commit()) else {}),
         }
@@ -151,6 +154,12 @@ class Tracker:
             reason = f"pruned after epoch {result.epochs_run} at val_accuracy {result.val_accuracy:.4f}"
         if reason:
             tags.append(RunTag("optuna.state_reason", reason))
+        # The run page's description: the outcome in one sentence.
+        note = f"Optuna state {tags[0].value}"
+        if result is not None:
+            note += (f": val_accuracy {result.val_accuracy:.4f}, test_accuracy {result.test_accuracy:.4f} after {result.epochs_run} epochs "
+                     f"({result.train_seconds:.1f} s of training on {result.device_name})")
+        tags.append(RunTag("mlflow.note.content", note + (f"; {reason}" if reason else "")))
         metrics = []
         if result is not None:
             timestamp = _now_ms()
@@ -202,7 +211,8 @@ class Tracker:
             mlflow_model = Model(artifact_path=logged.artifact_location, run_id=run_id, model_uuid=logged.model_id, model_id=logged.model_id)
             # Explicit requirements: MLflow would otherwise infer them by loading the model in a subprocess.
             mlflow.pytorch.save_model(model, str(path), mlflow_model=mlflow_model, signature=signature, input_example=example.numpy(),
-                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], metadata=metadata)
+                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], metadata=metadata,
+                                      serialization_format="pickle")  # a plain nn.Module back; MLflow 3 defaults to torch.export
             self.client.log_model_artifacts(logged.model_id, str(path))
         self.client.finalize_logged_model(logged.model_id, "READY")
         self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=result.epochs_run)])
@@ -223,10 +233,14 @@ class Tracker:
             return None
         if not self.client.search_registered_models(filter_string=f"name = '{name}'"):
             self.client.create_registered_model(name, tags={"optuna.study_name": self.study_name})
+        model_id = model_uri.removeprefix("models:/")
+        # The artifact location, not models:/<id>: a local registry store would resolve that URI through
+        # MLflow's global tracking URI rather than this client's.
+        source = self.client.get_logged_model(model_id).artifact_location
         for version in self.client.search_model_versions(f"name = '{name}'"):
-            if version.source == model_uri:
+            if version.source == source:
                 return version
-        return self.client.create_model_version(name, model_uri, run_id=run_id, model_id=model_uri.removeprefix("models:/"))
+        return self.client.create_model_version(name, source, run_id=run_id, model_id=model_id)
 
     def close_parent(self, status: str) -> None:
         self.client.set_terminated(self.parent_run_id, status=status)
