@@ -262,6 +262,7 @@ def test_logged_model_predicts_what_the_trained_one_did(tracked, fashion, monkey
     assert len(before.unique()) > 1  # a network that learnt something, so the comparison means something
 
 
+@pytest.mark.parametrize("tracked", ["sqlite"], indirect=True)
 def test_ui_names_the_remote_server(tracked, tmp_path):
     result = run_cli("ui", env={"STUDY_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": tracked["uri"]})
     assert result.returncode == 0, result.stderr
@@ -269,9 +270,12 @@ def test_ui_names_the_remote_server(tracked, tmp_path):
     experiment_id = tracked["client"].get_experiment_by_name("tracked").experiment_id
     assert f"tracked: {tracked['uri']}/#/experiments/{experiment_id}/runs" in result.stdout
     assert not (tmp_path / "home").exists()
-    # A server that does not answer is one line on stderr.
+
+
+def test_ui_says_when_the_remote_server_does_not_answer(tmp_path):
     down = run_cli("ui", env={"STUDY_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_free_port()}"})
     assert down.returncode == 1 and down.stderr.startswith("error: MLFLOW_TRACKING_URI=http://127.0.0.1:") and len(down.stderr.splitlines()) == 1
+    assert "does not answer" in down.stderr and down.stdout == ""
 
 
 @pytest.mark.parametrize("tracked", ["sqlite"], indirect=True)
@@ -294,6 +298,13 @@ def test_run_pages_in_the_browser(tracked):
         page.get_by_text("fashion-mnist").first.wait_for(timeout=30_000)  # the dataset input
         page.get_by_text("val_accuracy").first.wait_for(timeout=30_000)
         page.screenshot(path=str(ARTIFACTS / "mlflow-child-run.png"), full_page=True)
+        # Its artifacts: the layer table and the confusion matrix on the test split.
+        page.get_by_role("tab", name="Artifacts").click()
+        page.get_by_text("layers.csv").first.wait_for(timeout=30_000)
+        page.get_by_text("confusion_matrix.png").first.click()
+        # The preview is an <img> of a blob URL; the figure is 750 px wide, wider than any icon.
+        page.wait_for_function("[...document.images].some(image => image.complete && image.naturalWidth >= 700)", timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "mlflow-child-artifacts.png"), full_page=True)
         parent_id = best.data.tags["mlflow.parentRunId"]
         page.goto(f"{tracked['uri']}/#/experiments/{experiment_id}/runs/{parent_id}")
         page.get_by_text("best_val_accuracy").first.wait_for(timeout=60_000)
