@@ -310,3 +310,10 @@ def test_run_pages_in_the_browser(tracked):
         page.get_by_text("best_val_accuracy").first.wait_for(timeout=60_000)
         page.screenshot(path=str(ARTIFACTS / "mlflow-parent-run.png"), full_page=True)
         browser.close()
+
+
+def test_register_needs_a_logged_model(study_home, tiny_spec):
+    result = run_cli("launch", str(tiny_spec), "--trials", "1", "--log-model", "none", "--register", "best")
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith("error: --register 'best'") and "--log-model best or all" in result.stderr
+    assert not study_home.exists()  # nothing written
