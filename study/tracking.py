@@ -62,6 +62,13 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else resolved.type
 
 
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name in some containers
+        return "unknown"
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "-C", str(PROJECT_DIR), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
@@ -96,7 +103,7 @@ class Tracker:
             "cuda_version": torch.version.cuda or "none",
             "project_version": project_version(),
             "mlflow.source.name": "python -m study launch",  # what the UI shows as the run's source
-            "mlflow.user": getpass.getuser(),
+            "mlflow.user": _user(),
             # mlflow.source.git.commit is the tag the MLflow UI shows on the run page.
             **({"git_commit": commit, "mlflow.source.git.commit": commit} if (commit := git_commit()) else {}),
         }
@@ -252,8 +259,8 @@ def dataset_input(data: FashionMNIST, config: TrainConfig) -> DatasetInput:
     MLflow keeps one dataset per (name, digest) in an experiment, so the digest covers the split
     sizes as well as the files: trials on different subsets show as different datasets.
     """
-    used = data.subset(config.n_train, config.n_val, config.n_test)
-    sizes = {"train": len(used.train_labels), "validation": len(used.val_labels), "test": len(used.test_labels)}
+    sizes = {split: min(n or len(full), len(full)) for split, n, full in
+             (("train", config.n_train, data.train_labels), ("validation", config.n_val, data.val_labels), ("test", config.n_test, data.test_labels))}
     digest = hashlib.md5(f"{data.digest}:{sizes['train']}:{sizes['validation']}:{sizes['test']}".encode()).hexdigest()
     profile = {"num_rows": sum(sizes.values()), **sizes, "files_md5": data.digest, "image_shape": [28, 28], "classes": 10}
     dataset = Dataset(name="fashion-mnist", digest=digest, source_type="local", source=json.dumps({"uri": Path(data.source).resolve().as_uri()}),
