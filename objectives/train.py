@@ -115,6 +115,7 @@ class TrainResult:
     precision: str               # as resolved from config.precision: "bf16" (autocast) or "fp32"
     channels_last: bool          # as resolved from config.channels_last
     config: TrainConfig = field(repr=False)
+    model: torch.nn.Module | None = field(default=None, repr=False)  # the trained network, in eval mode, on its device
 
 
 def resolve_device(device: str) -> torch.device:
@@ -301,4 +302,5 @@ def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetr
         precision="bf16" if use_bf16 else "fp32",
         channels_last=channels_last,
         config=config,
+        model=model.eval(),
     )

@@ -109,6 +109,8 @@ def _run_study(args, join: bool) -> int:
         raise ValueError(f"--heartbeat must be >= 1 second; got {args.heartbeat}")
     slots = devices(args.workers, args.gpus, args.trials_per_gpu)
     _objective(args, None)  # the flags alone, before anything is written; the study's record is checked below
+    if args.register is not None and (args.log_model == "none" or not args.register.strip()):
+        raise ValueError(f"--register {args.register!r}: give a model name, and keep --log-model best or all so there is a model to register")
     console = _console()
     spec = load_spec(args.name)
     _search_strategy(spec, args, {})
@@ -150,7 +152,8 @@ def _run_study(args, join: bool) -> int:
     tracker = Tracker(spec.name, uri, artifact_root=study_home / "mlartifacts")
     if not join:
         tracker.describe_study(spec.path.read_text(), preset, storage_label, type(sampler).__name__, type(pruner).__name__)
-    launch = Launch(plan=plan, study=study, storage=storage, tracker=tracker, console=console, data_dir=args.data_dir, cost=cost)
+    launch = Launch(plan=plan, study=study, storage=storage, tracker=tracker, console=console, data_dir=args.data_dir, cost=cost,
+                    log_model=args.log_model)
     if len(slots) > 1:
         console.print(f"{len(slots)} workers: {', '.join('cpu' if d == 'auto' else d for d in slots)}")
     try:
@@ -167,11 +170,28 @@ def _run_study(args, join: bool) -> int:
     done = count_done(study.get_trials(deepcopy=False))
     if not join or done >= total:
         tracker.close_parent("FINISHED" if done >= total else "KILLED")
+    if args.register:
+        _register_best(tracker, study, args.register, console)
     console.print(f"optuna storage: {storage_label}")
     console.print(f"mlflow store:   {mask(uri)}  (browse with `python -m study ui`)")
     if not join:
         console.print(f"report:         {write_report([study], output, uri, ui_url(uri))}")
     return 0
+
+
+def _register_best(tracker, study, name: str, console) -> None:
+    """--register NAME: the study's best trial's logged model as a version of registered model NAME."""
+    from optuna.trial import TrialState
+
+    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        console.print(f"--register {name}: no completed trial, so no model to register")
+        return
+    best = max(study.best_trials, key=lambda t: t.values[0])  # the most accurate, also on a Pareto front
+    version = tracker.register_model(name, best.user_attrs["mlflow_run_id"])
+    if version is None:
+        console.print(f"--register {name}: best trial {best.number} has no logged model (it ran with --log-model none)")
+        return
+    console.print(f"registered model: {name} version {version.version} (trial {best.number}, {version.source})")
 
 
 def cmd_list(args) -> int:
@@ -307,8 +327,7 @@ def cmd_ui(args) -> int:
 
     uri = tracking_uri(home())
     if uri.startswith(("http://", "https://")):
-        print(f"MLFLOW_TRACKING_URI points to a tracking server; open {uri}")
-        return 0
+        return _remote_ui(uri)
     base = f"http://{args.host}:{args.port}"
     print(f"MLflow UI on {uri}: {base}  (Ctrl-C stops it)")
     for experiment in MlflowClient(tracking_uri=uri).search_experiments():
@@ -331,6 +350,26 @@ def _add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="relational storage: seconds between a trial's heartbeats; a trial silent for 3 of them is failed and run again (default: 10)")
 
 
+def _remote_ui(uri: str) -> int:
+    """MLFLOW_TRACKING_URI names an `mlflow server`: it already serves the UI, so say where instead of starting one."""
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    from study.storage import mask
+
+    shown = mask(uri).rstrip("/")
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10)
+    except OSError as error:
+        raise ValueError(f"MLFLOW_TRACKING_URI={shown} does not answer ({getattr(error, 'reason', error)}); start that `mlflow server` or unset the variable") from None
+    print(f"MLFLOW_TRACKING_URI points to the MLflow server {shown}, which serves the UI itself; no local UI started. Open {shown}")
+    for experiment in MlflowClient(tracking_uri=uri).search_experiments():
+        if experiment.name != "Default":
+            print(f"  {experiment.name}: {shown}/#/experiments/{experiment.experiment_id}/runs")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m study", description="Optuna studies of classic CNNs on Fashion-MNIST, tracked in MLflow.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -350,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--sampler", help="Optuna sampler: tpe, gp, random or grid (default: the spec's [sampler], else tpe)")
     launch.add_argument("--pruner", help="Optuna pruner: median, hyperband or none (default: the spec's [pruner], else median)")
     _add_worker_arguments(launch)
+    launch.add_argument("--log-model", choices=["best", "all", "none"], default="best",
+                        help="trained networks logged to MLflow as PyTorch models, with a test-set confusion matrix: "
+                             "each new best trial, every trial, or none (default: best)")
+    launch.add_argument("--register", metavar="NAME", help="register the study's best model in the MLflow model registry under NAME")
     launch.set_defaults(run=cmd_launch)
 
     worker = commands.add_parser("worker", help="join a launched study (from this or another machine) and run trials until its total is reached")
@@ -357,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--storage", help=storage_help + "; postgresql://... to share a study between machines")
     worker.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     worker.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files")
-    worker.set_defaults(objective=None, cost=None, sampler=None, pruner=None, run=cmd_worker)
+    worker.set_defaults(objective=None, cost=None, sampler=None, pruner=None, log_model="best", register=None, run=cmd_worker)
     _add_worker_arguments(worker)
 
     listing = commands.add_parser("list", help="show every shipped study and its search space")

@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from objectives import DeviceOutOfMemoryError, DivergedError, TrainResult, load_fashion_mnist, train
+from objectives import DeviceOutOfMemoryError, DivergedError, FashionMNIST, TrainResult, load_fashion_mnist, train
 from study.pool import Worker, WorkerDied, cpu_threads
 from study.specs import Plan, SpecError
 from study.storage import claim_lock, heartbeat_enabled
@@ -142,6 +142,8 @@ class Launch:
     lock: threading.RLock = field(default_factory=threading.RLock)
     in_flight: set[int] = field(default_factory=set)  # trial ids whose heartbeat this process records
     stopping: threading.Event = field(default_factory=threading.Event)  # Ctrl-C or an error: start no more trials
+    log_model: str = "best"  # which trials' networks go to MLflow: best (each new best), all, none
+    data: FashionMNIST | None = None  # loaded by run()
 
     def recover_dead_trials(self) -> None:
         """Close trials whose worker died and retry them once.
@@ -191,7 +193,7 @@ class Launch:
             config = self.plan.config(params)
             if device is not None:
                 config = dataclasses.replace(config, device=device)
-            run_id = self.tracker.start_trial(trial.number, config, params)
+            run_id = self.tracker.start_trial(trial.number, config, params, self.data)
             trial.set_user_attr("mlflow_run_id", run_id)
             # Resolved values, also when the spec fixes them or leaves them to the architecture.
             trial.set_user_attr("arch", config.arch)
@@ -240,10 +242,21 @@ class Launch:
             state = TrialState.PRUNED if result.stopped_early else TrialState.COMPLETE
             self.tracker.finish_trial(run_id, state.name, result)
             if state == TrialState.PRUNED:
-                return self.study.tell(trial, state=TrialState.PRUNED)
-            if self.cost is not None:
-                return self.study.tell(trial, [result.val_accuracy, float(getattr(result, self.cost))])
-            return self.study.tell(trial, result.val_accuracy)
+                frozen = self.study.tell(trial, state=TrialState.PRUNED)
+            elif self.cost is not None:
+                frozen = self.study.tell(trial, [result.val_accuracy, float(getattr(result, self.cost))])
+            else:
+                frozen = self.study.tell(trial, result.val_accuracy)
+            if self._keeps_model(frozen):
+                self.tracker.log_model(run_id, frozen.number, result, self.data)
+            return frozen
+
+    def _keeps_model(self, frozen: optuna.trial.FrozenTrial) -> bool:
+        """--log-model: every trained network (all), or each one that is best when it finishes (best)."""
+        if self.log_model == "all":
+            return True
+        # best_trials: the best trial(s), or the Pareto front of a multi-objective study.
+        return self.log_model == "best" and frozen.state == TrialState.COMPLETE and frozen.number in {t.number for t in self.study.best_trials}
 
     def run(self, total: int, timeout: float | None, devices: list[str] | None = None) -> int:
         """Run trials until the study holds `total`; returns how many this launch ran.
@@ -265,8 +278,9 @@ class Launch:
             return 0
         deadline = None if timeout is None else time.monotonic() + timeout
         workers = []
+        # Loaded here also with worker processes: MLflow's dataset input and the logged models' test predictions need it.
+        self.data = data = load_fashion_mnist(self.data_dir)
         if len(devices) == 1:
-            data = load_fashion_mnist(self.data_dir)
             slots = [(lambda config, on_epoch: train(config, data, on_epoch), None if devices[0] == "auto" else devices[0])]
         else:
             workers = [Worker(device, self.data_dir, cpu_threads(len(devices))) for device in devices]
@@ -385,8 +399,10 @@ class Launch:
     def _update_parent(self) -> None:
         trials = self.study.get_trials(deepcopy=False)
         counts = {state.name: sum(t.state == state for t in trials) for state in FINISHED}
-        best = self.study.best_trial if counts["COMPLETE"] and self.cost is None else None
-        self.tracker.update_parent(best.number if best else None, best.value if best else None, counts)
+        best = max(self.study.best_trials, key=lambda t: t.values[0]) if counts["COMPLETE"] else None  # the most accurate, also on a Pareto front
+        best_metrics = {key: best.user_attrs[key] for key in ("test_accuracy", "train_seconds", "epochs_run", "params") if key in best.user_attrs} if best else None
+        self.tracker.update_parent(best.number if best else None, best.values[0] if best else None, counts, best_metrics,
+                                   best.user_attrs.get("mlflow_run_id") if best else None)
 
 
 def check_preset_matches(study: optuna.Study, preset: str) -> None:

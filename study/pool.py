@@ -57,6 +57,8 @@ def _serve(conn, data_dir: str | None, threads: int) -> None:
         except Exception as error:  # noqa: BLE001 -- sent back so the launcher records it on the trial
             conn.send(("error", type(error).__name__, str(error)))
             continue
+        if result.model is not None:
+            result.model = result.model.to("cpu")  # a CUDA tensor cannot be unpickled by another process as it is
         conn.send(("result", result))
 
 

@@ -2,23 +2,34 @@
 
 Layout: one experiment per study, one parent run per study, one nested child run per
 trial named `trial-<number>`. Params are the trial's resolved TrainConfig; metrics per
-epoch use step = epoch; tags say the Optuna study, trial number, state and why.
+epoch use step = epoch; tags say the Optuna study, trial number, state and why, device,
+torch/CUDA versions, project version and git commit. Each child run also holds its
+dataset input (Fashion-MNIST: digest and split sizes) and its layer table; chosen trials
+hold their trained network as an MLflow PyTorch model (a LoggedModel linked to the run)
+and a confusion matrix on the test split.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import getpass
+import hashlib
+import importlib.metadata
+import json
 import os
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from objectives.train import EpochMetrics, TrainConfig, TrainResult
+from objectives.data import FashionMNIST
+from objectives.models import get_architecture
+from objectives.train import EpochMetrics, TrainConfig, TrainResult, resolve_device
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_accuracy", "epoch_seconds", "examples_per_second")
@@ -37,6 +48,25 @@ def tracking_uri(home: Path) -> str:
 def ui_url(uri: str) -> str:
     """Where run links in reports point: the tracking server itself, or `python -m study ui`'s default."""
     return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def project_version() -> str:
+    try:
+        return importlib.metadata.version("cnn-study")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def device_name(device: str) -> str:
+    resolved = resolve_device(device)
+    return torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else resolved.type
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name in some containers
+        return "unknown"
 
 
 def git_commit() -> str | None:
@@ -71,7 +101,11 @@ class Tracker:
             "host": socket.gethostname(),
             "torch_version": torch.__version__,
             "cuda_version": torch.version.cuda or "none",
-            **({"git_commit": commit} if (commit := git_commit()) else {}),
+            "project_version": project_version(),
+            "mlflow.source.name": "python -m study launch",  # what the UI shows as the run's source
+            "mlflow.user": _user(),
+            # mlflow.source.git.commit is the tag the MLflow UI shows on the run page.
+            **({"git_commit": commit, "mlflow.source.git.commit": commit} if (commit := git_commit()) else {}),
         }
 
     def _parent_run(self) -> str:
@@ -88,21 +122,31 @@ class Tracker:
         params = [Param("preset", preset), Param("sampler", sampler), Param("pruner", pruner)]
         existing = self.client.get_run(self.parent_run_id).data.params
         params = [p for p in params if p.key not in existing]  # params are write-once in MLflow
-        self.client.log_batch(self.parent_run_id, params=params, tags=[RunTag("optuna.storage", storage)])
+        note = (f"Optuna study **{self.study_name}** (preset {preset}, {sampler}, {pruner}); one nested run per trial. "
+                "The spec is the artifact spec.toml; best_trial and the best_* metrics follow the study as it runs.")
+        tags = [RunTag("optuna.storage", storage), RunTag("mlflow.note.content", note),
+                *(RunTag(key, value) for key, value in self.common_tags.items() if key != "host")]
+        self.client.log_batch(self.parent_run_id, params=params, tags=tags)
         self.client.log_text(self.parent_run_id, spec_text, "spec.toml")
 
-    def start_trial(self, number: int, config: TrainConfig, sampled: dict) -> str:
+    def start_trial(self, number: int, config: TrainConfig, sampled: dict, data: FashionMNIST | None = None) -> str:
+        """Open a trial's child run: tags, every setting as a param, its layer table and its dataset input."""
         tags = {
             **self.common_tags,
             "mlflow.parentRunId": self.parent_run_id,
             "optuna.trial_number": str(number),
             "optuna.state": "RUNNING",
             "sampled_params": ",".join(sorted(sampled)),
+            "device": device_name(config.device),
         }
         run = self.client.create_run(self.experiment_id, run_name=f"trial-{number}", tags=tags)
+        run_id = run.info.run_id
         params = [Param(key, str(value)) for key, value in dataclasses.asdict(config).items()]
-        self.client.log_batch(run.info.run_id, params=params)
-        return run.info.run_id
+        self.client.log_batch(run_id, params=params)
+        self.client.log_text(run_id, layer_table_csv(config), "layers.csv")
+        if data is not None:
+            self.client.log_inputs(run_id, datasets=[dataset_input(data, config)])
+        return run_id
 
     def log_epoch(self, run_id: str, metrics: EpochMetrics) -> None:
         timestamp = _now_ms()
@@ -113,21 +157,158 @@ class Tracker:
         tags = [RunTag("optuna.state", "FAIL" if state == "INTERRUPTED" else state)]
         if reason:
             tags.append(RunTag("optuna.fail_reason", reason))
+        if state == "PRUNED" and result is not None:
+            reason = f"pruned after epoch {result.epochs_run} at val_accuracy {result.val_accuracy:.4f}"
+        if reason:
+            tags.append(RunTag("optuna.state_reason", reason))
+        # The run page's description: the outcome in one sentence.
+        note = f"Optuna state {tags[0].value}"
+        if result is not None:
+            note += (f": val_accuracy {result.val_accuracy:.4f}, test_accuracy {result.test_accuracy:.4f} after {result.epochs_run} epochs "
+                     f"({result.train_seconds:.1f} s of training on {result.device_name})")
+        tags.append(RunTag("mlflow.note.content", note + (f"; {reason}" if reason else "")))
         metrics = []
         if result is not None:
             timestamp = _now_ms()
             metrics = [Metric(key, float(getattr(result, key)), timestamp, result.epochs_run) for key in FINAL_METRICS]
-            tags += [RunTag("device", result.device_name), RunTag("peak_memory_source", result.peak_memory_source)]
+            tags += [RunTag("device", result.device_name), RunTag("peak_memory_source", result.peak_memory_source),
+                     RunTag("precision", result.precision), RunTag("channels_last", str(result.channels_last))]  # as resolved from "auto"
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self.client.set_terminated(run_id, status=RUN_STATUS[state])
 
-    def update_parent(self, best_number: int | None, best_value: float | None, counts: dict[str, int]) -> None:
-        metrics = [Metric(f"trials_{state.lower()}", float(n), _now_ms(), 0) for state, n in counts.items()]
+    def update_parent(self, best_number: int | None, best_value: float | None, counts: dict[str, int],
+                      best_metrics: dict[str, float] | None = None, best_run_id: str | None = None) -> None:
+        """The study so far; step = finished trials, so the parent's charts show the best value as the study goes."""
+        step, now = sum(counts.values()), _now_ms()
+        metrics = [Metric(f"trials_{state.lower()}", float(n), now, step) for state, n in counts.items()]
         tags = []
         if best_number is not None:
-            metrics.append(Metric("best_val_accuracy", float(best_value), _now_ms(), 0))
+            metrics.append(Metric("best_val_accuracy", float(best_value), now, step))
+            metrics += [Metric(f"best_{key}", float(value), now, step) for key, value in (best_metrics or {}).items()]
             tags.append(RunTag("best_trial", str(best_number)))
+            if best_run_id:
+                tags.append(RunTag("best_trial_run_id", best_run_id))
         self.client.log_batch(self.parent_run_id, metrics=metrics, tags=tags)
+
+    def log_model(self, run_id: str, number: int, result: TrainResult, data: FashionMNIST) -> str:
+        """The trial's trained network as an MLflow PyTorch model, and its confusion matrix on the test split.
+
+        MLflow 3 keeps models as LoggedModels beside runs; the client API below does what
+        mlflow.pytorch.log_model does for an active run, with explicit ids. Returns the model's URI,
+        `models:/<model_id>`, which mlflow.pytorch.load_model and the model registry accept.
+        """
+        import mlflow.pytorch
+        from mlflow.models import Model, infer_signature
+
+        from objectives.predict import confusion_matrix, model_inputs, predict
+
+        config = result.config
+        resize = config.resize or get_architecture(config.arch).default_resize
+        model = result.model.to("cpu").eval()  # loadable on machines without the training device
+        test = data.subset(n_test=config.n_test)
+        example = model_inputs(test.test_images[:4], resize)
+        with torch.inference_mode():
+            signature = infer_signature(example.numpy(), model(example).numpy())
+        params = {key: str(value) for key, value in dataclasses.asdict(config).items()}
+        logged = self.client.create_logged_model(self.experiment_id, name=f"trial-{number}", source_run_id=run_id, params=params,
+                                                 tags={"optuna.study_name": self.study_name, "optuna.trial_number": str(number)}, model_type="pytorch")
+        metadata = {"input": f"float32 images (N, 1, {resize}, {resize}) in [0, 1]: Fashion-MNIST resized bilinearly (objectives.predict.model_inputs)",
+                    "output": "logits (N, 10), Fashion-MNIST classes by label", "project_version": project_version()}
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model"
+            mlflow_model = Model(artifact_path=logged.artifact_location, run_id=run_id, model_uuid=logged.model_id, model_id=logged.model_id)
+            # Explicit requirements: MLflow would otherwise infer them by loading the model in a subprocess.
+            mlflow.pytorch.save_model(model, str(path), mlflow_model=mlflow_model, signature=signature, input_example=example.numpy(),
+                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], metadata=metadata,
+                                      serialization_format="pickle")  # a plain nn.Module back; MLflow 3 defaults to torch.export
+            self.client.log_model_artifacts(logged.model_id, str(path))
+        self.client.finalize_logged_model(logged.model_id, "READY")
+        self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=result.epochs_run)])
+        model_uri = f"models:/{logged.model_id}"
+        self.client.set_tag(run_id, "model_uri", model_uri)
+
+        # On the GPU when there is one: the test split through a large network takes minutes on a CPU.
+        predict_device = "cuda" if torch.cuda.is_available() else "cpu"
+        counts = confusion_matrix(predict(model.to(predict_device), test.test_images, resize), test.test_labels)
+        model.to("cpu")
+        self.client.log_text(run_id, confusion_csv(counts), "confusion_matrix.csv")
+        self.client.log_figure(run_id, confusion_figure(counts, f"trial-{number}: test split, {int(counts.sum())} images"), "confusion_matrix.png")
+        return model_uri
+
+    def register_model(self, name: str, run_id: str):
+        """A version of registered model `name` for the model logged on `run_id`; None when that run has no model.
+
+        Registering the same model again returns its existing version."""
+        model_uri = self.client.get_run(run_id).data.tags.get("model_uri")
+        if model_uri is None:
+            return None
+        if not self.client.search_registered_models(filter_string=f"name = '{name}'"):
+            self.client.create_registered_model(name, tags={"optuna.study_name": self.study_name})
+        model_id = model_uri.removeprefix("models:/")
+        # The artifact location, not models:/<id>: a local registry store would resolve that URI through
+        # MLflow's global tracking URI rather than this client's.
+        source = self.client.get_logged_model(model_id).artifact_location
+        for version in self.client.search_model_versions(f"name = '{name}'"):
+            if version.source == source:
+                return version
+        return self.client.create_model_version(name, source, run_id=run_id, model_id=model_id)
 
     def close_parent(self, status: str) -> None:
         self.client.set_terminated(self.parent_run_id, status=status)
+
+
+def dataset_input(data: FashionMNIST, config: TrainConfig) -> DatasetInput:
+    """Fashion-MNIST as the run's MLflow dataset input: the verified files and the split sizes the trial used.
+
+    MLflow keeps one dataset per (name, digest) in an experiment, so the digest covers the split
+    sizes as well as the files: trials on different subsets show as different datasets.
+    """
+    sizes = {split: min(n or len(full), len(full)) for split, n, full in
+             (("train", config.n_train, data.train_labels), ("validation", config.n_val, data.val_labels), ("test", config.n_test, data.test_labels))}
+    digest = hashlib.md5(f"{data.digest}:{sizes['train']}:{sizes['validation']}:{sizes['test']}".encode()).hexdigest()
+    profile = {"num_rows": sum(sizes.values()), **sizes, "files_md5": data.digest, "image_shape": [28, 28], "classes": 10}
+    dataset = Dataset(name="fashion-mnist", digest=digest, source_type="local", source=json.dumps({"uri": Path(data.source).resolve().as_uri()}),
+                      profile=json.dumps(profile))
+    tags = [InputTag("mlflow.data.context", "training"), *(InputTag(f"n_{split}", str(n)) for split, n in sizes.items())]
+    return DatasetInput(dataset, tags)
+
+
+def layer_table_csv(config: TrainConfig) -> str:
+    """`python -m study inspect` for the trial's network, as CSV: per layer output shape, params, FLOPs, activation bytes."""
+    from objectives.inspect import layer_costs
+
+    rows = layer_costs(config.arch, config.resize, config.ratio)
+    lines = ["index,layer,output_shape,params,flops,activation_bytes"]
+    lines += [f"{r.index},{r.layer},{'x'.join(map(str, r.output_shape))},{r.params},{r.flops},{r.activation_bytes}" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def confusion_csv(counts: torch.Tensor) -> str:
+    from objectives.predict import CLASS_NAMES
+
+    lines = ["true \\ predicted," + ",".join(CLASS_NAMES)]
+    lines += [f"{name}," + ",".join(str(int(n)) for n in row) for name, row in zip(CLASS_NAMES, counts.tolist())]
+    return "\n".join(lines) + "\n"
+
+
+def confusion_figure(counts: torch.Tensor, title: str):
+    """A labelled heat map of the counts (matplotlib, so the PNG needs no browser to render)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; also safe in a launcher started from a terminal without one
+    import matplotlib.pyplot as plt
+
+    from objectives.predict import CLASS_NAMES
+
+    figure, axes = plt.subplots(figsize=(7.5, 6.5), layout="constrained")
+    axes.imshow(counts.numpy(), cmap="Blues")
+    for (row, column), n in zip(((r, c) for r in range(len(counts)) for c in range(len(counts))), counts.flatten().tolist()):
+        if n:
+            axes.text(column, row, str(n), ha="center", va="center", fontsize=8, color="white" if n > counts.max() / 2 else "black")
+    axes.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, rotation=45, ha="right")
+    axes.set_yticks(range(len(CLASS_NAMES)), CLASS_NAMES)
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    axes.set_title(title)
+    plt.close(figure)  # log_figure saves it; pyplot need not keep it
+    return figure
