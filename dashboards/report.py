@@ -16,6 +16,7 @@ import dataclasses
 import html
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -257,7 +258,10 @@ def _importances(study: optuna.Study, target) -> dict[str, float] | str:
     if len(complete) < 2:
         return f"{study.study_name}: parameter importance needs at least 2 complete trials; it has {len(complete)}."
     try:
-        values = optuna.importance.get_param_importances(study, target=target)
+        with warnings.catch_warnings():
+            # With a target, Optuna's default evaluator asks for one to minimise, which -accuracy is; it warns regardless.
+            warnings.filterwarnings("ignore", message=".*importances of params to achieve low `target` values")
+            values = optuna.importance.get_param_importances(study, target=target)
     except (ValueError, RuntimeError, ZeroDivisionError) as error:
         return f"{study.study_name}: Optuna could not compute parameter importances ({str(error).splitlines()[0]})."
     if not values:
@@ -273,8 +277,7 @@ def search_section(studies: list[optuna.Study], frame: pd.DataFrame) -> Section:
     importances = {}
     for study in studies:
         index = accuracy_index(study)
-        target = None if len(study.directions) == 1 else (lambda t, index=index: t.values[index])
-        found = _importances(study, target)
+        found = _importances(study, None if len(study.directions) == 1 else (lambda t, index=index: -t.values[index]))
         if isinstance(found, str):
             section.note(found)
         else:
