@@ -122,7 +122,8 @@ def learning_curves_figure(frame: pd.DataFrame, losses: dict[str, list[tuple[int
 
     `losses` maps an MLflow run id to its (epoch, train_loss) points; the accuracies come from Optuna.
     """
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("validation accuracy", "training loss"), horizontal_spacing=0.08)
+    panels = ("validation accuracy", "training loss") if losses else ("validation accuracy",)  # losses come from MLflow only
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=panels, horizontal_spacing=0.08)
     shown_pruned = False
     for study, group in frame.groupby("study", sort=False):
         best = group[group["state"] == "COMPLETE"].nlargest(LEARNING_CURVES, "val_accuracy")
@@ -137,7 +138,8 @@ def learning_curves_figure(frame: pd.DataFrame, losses: dict[str, list[tuple[int
                       legend={"orientation": "h", "y": -0.2})
     fig.update_xaxes(title_text="epoch", dtick=1)
     fig.update_yaxes(title_text="validation accuracy (fraction)", range=[0, 1.02], row=1, col=1)
-    fig.update_yaxes(title_text="training loss (cross-entropy)", row=1, col=2)
+    if losses:
+        fig.update_yaxes(title_text="training loss (cross-entropy)", row=1, col=2)
     return fig
 
 
@@ -146,6 +148,8 @@ def _curves(fig: go.Figure, row, losses: dict, label: str, line: dict, opacity: 
     common = {"mode": "lines+markers", "line": line, "opacity": opacity, "legendgroup": label, "name": label}
     fig.add_trace(go.Scatter(x=epochs, y=[row["intermediate"][e] for e in epochs], showlegend=legend, **common,
                              hovertemplate=f"{label}<br>epoch %{{x}}: val_accuracy %{{y:.4f}}<extra></extra>"), row=1, col=1)
+    if not losses:
+        return
     points = losses.get(row["mlflow_run_id"] or "", [])
     fig.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], showlegend=False, **common,
                              hovertemplate=f"{label}<br>epoch %{{x}}: train_loss %{{y:.4f}}<extra></extra>"), row=1, col=2)
@@ -158,7 +162,7 @@ def importance_figure(importances: dict[str, dict[str, float]]) -> go.Figure:
         names = list(values)[::-1]  # most important on top
         fig.add_trace(go.Bar(x=[values[n] for n in names], y=names, orientation="h", name=study,
                              hovertemplate=f"{study}: %{{y}} %{{x:.2f}}<extra></extra>"))
-    fig.update_layout(**{**LAYOUT, "height": 200 + 40 * max(len(v) for v in importances.values())},
+    fig.update_layout(**{**LAYOUT, "height": 200 + 40 * max(len(v) for v in importances.values()), "margin": {**LAYOUT["margin"], "l": 120}},
                       title_text="Parameter importance for validation accuracy (Optuna's importance evaluator)",
                       xaxis_title="importance (fraction of the total)", yaxis_title="parameter", barmode="group")
     return fig
