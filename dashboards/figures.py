@@ -105,13 +105,14 @@ def cost_figure(frame: pd.DataFrame, cost: str = "train_seconds") -> go.Figure:
 
 def history_figure(frame: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
-    for study, group in frame.groupby("study", sort=False):
+    for (study, group), colour in zip(frame.groupby("study", sort=False), PALETTE, strict=False):
         done = group[group["state"] == "COMPLETE"].sort_values("trial")
         pruned = group[group["state"] == "PRUNED"]
-        fig.add_trace(go.Scatter(x=done["trial"], y=done["val_accuracy"], mode="markers", name=f"{study}: complete trial"))
-        fig.add_trace(go.Scatter(x=pruned["trial"], y=pruned["val_accuracy"], mode="markers", marker={"symbol": "x", "opacity": 0.5},
+        fig.add_trace(go.Scatter(x=done["trial"], y=done["val_accuracy"], mode="markers", marker={"color": colour}, name=f"{study}: complete trial"))
+        fig.add_trace(go.Scatter(x=pruned["trial"], y=pruned["val_accuracy"], mode="markers", marker={"symbol": "x", "opacity": 0.5, "color": colour},
                                  name=f"{study}: pruned (when stopped)"))
-        fig.add_trace(go.Scatter(x=done["trial"], y=done["val_accuracy"].cummax(), mode="lines", line={"shape": "hv"}, name=f"{study}: best so far"))
+        fig.add_trace(go.Scatter(x=done["trial"], y=done["val_accuracy"].cummax(), mode="lines", line={"shape": "hv", "color": colour},
+                                 name=f"{study}: best so far"))
     fig.update_layout(**LAYOUT, title_text="Optimisation history", xaxis_title="trial number", yaxis_title="validation accuracy (fraction)",
                       yaxis_range=[0, 1.02], xaxis_dtick=1 if frame["trial"].max() < 20 else None)
     return fig
@@ -124,13 +125,14 @@ def learning_curves_figure(frame: pd.DataFrame, losses: dict[str, list[tuple[int
     """
     panels = ("validation accuracy", "training loss") if losses else ("validation accuracy",)  # losses come from MLflow only
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=panels, horizontal_spacing=0.08)
-    shown_pruned = False
+    shown_pruned, drawn = False, 0
     for study, group in frame.groupby("study", sort=False):
         best = group[group["state"] == "COMPLETE"].nlargest(LEARNING_CURVES, "val_accuracy")
         pruned = group[group["state"] == "PRUNED"]
-        for (_, row), colour in zip(best.iterrows(), PALETTE, strict=False):
+        for _, row in best.iterrows():
             label = f"{study} trial {row['trial']} ({row['arch']})"
-            _curves(fig, row, losses, label, {"color": colour}, 1.0, True)
+            _curves(fig, row, losses, label, {"color": PALETTE[drawn % len(PALETTE)]}, 1.0, True)
+            drawn += 1
         for _, row in pruned.iterrows():
             _curves(fig, row, losses, "pruned trials", {"color": "#999", "width": 1}, 0.35, not shown_pruned)
             shown_pruned = True

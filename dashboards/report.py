@@ -80,10 +80,6 @@ def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
     return frame
 
 
-def pareto_front(frame: pd.DataFrame, cost: str) -> pd.DataFrame:
-    return figures.pareto_front(frame, cost)
-
-
 @dataclass
 class Section:
     """A part of the page: HTML snippets and figures, in order. A figure is (div id, go.Figure)."""
@@ -138,10 +134,20 @@ def _best(group: pd.DataFrame):
 
 def _config(row, mlflow: Mlflow) -> dict:
     """The best trial's resolved configuration: MLflow's params hold fixed settings too; Optuna's are the fallback."""
-    logged = mlflow.params(row["mlflow_run_id"])
+    logged = {k: _number(v) for k, v in mlflow.params(row["mlflow_run_id"]).items()}
     sampled = {c[6:]: row[c] for c in row.index if c.startswith("param_") and pd.notna(row[c])}
     known = {"arch": row["arch"], "resize": row["resize"], **sampled, **logged}
     return {k: known[k] for k in CONFIG_SHOWN if k in known and known[k] not in (None, "None")}
+
+
+def _number(text: str):
+    """An MLflow param (always a string) as the number it was, when it was one."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _bytes(n) -> str:
