@@ -348,9 +348,9 @@ def table_section(frame: pd.DataFrame) -> Section:
     section = Section("table", "All trials")
     if frame.empty:
         return section.note("No trials yet.")
-    params = sorted(c for c in frame.columns if c.startswith("param_"))
-    # resize shows once: as a param when searched, else as the resolved value.
-    columns = ["study", "trial", "state", "arch", *params, *([] if "param_resize" in params else ["resize"]), "val_accuracy", "test_accuracy",
+    # arch and resize show once, as what ran (a preset may cap the searched resize).
+    params = sorted(c for c in frame.columns if c.startswith("param_") and c not in ("param_arch", "param_resize"))
+    columns = ["study", "trial", "state", "arch", "resize", *params, "val_accuracy", "test_accuracy",
                "train_seconds", "seconds_per_epoch", "train_flops", "flops_per_example", "params", "peak_memory_bytes", "epochs_run", "device", "fail_reason"]
     head = "".join(f"<th>{html.escape(c.removeprefix('param_'))}</th>" for c in columns) + "<th>MLflow</th>"
     body = []
