@@ -1,153 +1,367 @@
 """Self-contained HTML reports from Optuna studies and their MLflow runs.
 
-One file, plotly.js inlined, opens offline. Sections: summary, accuracy against
-training cost with the Pareto front, optimisation history, learning curves of the
-best trials, and a sortable table of every trial with a link to its MLflow run.
+One file, plotly.js inlined once, opens offline. Sections: summary; accuracy against training
+cost (buttons switch the cost axis) with the Pareto front; the 224 versus 28-px AlexNet
+comparison; learning curves; the search (history, parameter importance, parallel coordinates,
+slices); per-layer cost of the best configuration; a sortable, filterable table of every trial
+with a link to its MLflow run. `png_dir` also writes every figure as a PNG (kaleido + Chromium).
+
+The per-layer section imports `objectives.inspect`, the cost-analysis module: it builds the
+network on the CPU and counts FLOPs and activation bytes; it trains nothing and loads no data.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import html
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
 import pandas as pd
-import plotly.colors
 import plotly.graph_objects as go
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
-COST_AXES = {
-    "train_seconds": "training time (s, log scale)",
-    "train_flops": "training FLOPs (log scale)",
-    "peak_memory_bytes": "peak memory (bytes, log scale)",
-}
-LEARNING_CURVES = 5  # best trials drawn in the learning-curve section
+from dashboards import figures
+from dashboards.figures import COST_AXES, format_value
+
+RESULT_ATTRS = ("test_accuracy", "train_seconds", "wall_seconds", "train_flops", "peak_memory_bytes", "flops_per_example", "params", "epochs_run", "device")
+CONFIG_SHOWN = ("arch", "resize", "ratio", "lr", "epochs", "batch_size", "momentum")  # a best trial's configuration, in this order
+ALEXNET_PAIR = ("alexnet", "alexnet_28")  # the original and note 004's 28-px variant
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
+
+
+def accuracy_index(study: optuna.Study) -> int:
+    """Which of the study's objectives is validation accuracy: the first one maximised."""
+    return next((i for i, d in enumerate(study.directions) if d == StudyDirection.MAXIMIZE), 0)
+
+
+def _accuracy(trial: optuna.trial.FrozenTrial, index: int) -> float | None:
+    if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+        return None
+    if trial.values is not None:
+        return trial.values[index]  # a pruned single-objective trial keeps the last val_accuracy it reported
+    # Optuna stores no values for a pruned trial of a multi-objective study: use its last report.
+    return trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else None
 
 
 def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
     """One row per trial of every study: state, params, final metrics and the MLflow run id."""
     rows = []
     for study in studies:
+        index = accuracy_index(study)
         for trial in study.get_trials(deepcopy=False):
             attrs = trial.user_attrs
             rows.append({
                 "study": study.study_name,
                 "trial": trial.number,
                 "state": trial.state.name,
-                # A pruned trial's value is the last val_accuracy it reported.
-                "val_accuracy": trial.values[0] if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) else None,
-                "arch": attrs.get("arch"),
+                "val_accuracy": _accuracy(trial, index),
+                "arch": attrs.get("arch", trial.params.get("arch")),
                 **{f"param_{k}": v for k, v in trial.params.items()},
-                "resize": attrs.get("resize"),
-                **{k: attrs.get(k) for k in ("test_accuracy", "train_seconds", "train_flops", "peak_memory_bytes", "flops_per_example", "params", "epochs_run", "device")},
+                "resize": attrs.get("resize", trial.params.get("resize")),
+                **{k: attrs.get(k) for k in RESULT_ATTRS},
                 "fail_reason": attrs.get("fail_reason"),
                 "mlflow_run_id": attrs.get("mlflow_run_id"),
                 "intermediate": dict(trial.intermediate_values),
             })
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        for column in ("val_accuracy", "test_accuracy", "train_seconds", "wall_seconds", "train_flops", "peak_memory_bytes", "flops_per_example",
+                       "params", "epochs_run"):
+            frame[column] = pd.to_numeric(frame[column], errors="coerce")
+        frame["seconds_per_epoch"] = frame["train_seconds"] / frame["epochs_run"]
+    return frame
 
 
-def pareto_front(frame: pd.DataFrame, cost: str) -> pd.DataFrame:
-    """Trials no other trial beats on both accuracy (higher) and cost (lower)."""
-    points = frame.dropna(subset=["val_accuracy", cost]).sort_values([cost, "val_accuracy"], ascending=[True, False])
-    front, best = [], -1.0
-    for index, row in points.iterrows():
-        if row["val_accuracy"] > best:
-            front.append(index)
-            best = row["val_accuracy"]
-    return points.loc[front]
+@dataclass
+class Section:
+    """A part of the page: HTML snippets and figures, in order. A figure is (div id, go.Figure)."""
+
+    id: str
+    title: str
+    parts: list = field(default_factory=list)
+
+    def note(self, text: str) -> Section:
+        self.parts.append(f'<p class="note">{html.escape(text)}</p>')
+        return self
 
 
-def _run_url(ui_url: str, experiment_ids: dict[str, str], row) -> str:
-    if not row["mlflow_run_id"] or row["study"] not in experiment_ids:
+class Mlflow:
+    """What the report reads from MLflow; every lookup degrades to nothing when a run or the store is missing."""
+
+    def __init__(self, tracking_uri: str | None, ui_url: str, studies: list[optuna.Study]):
+        self.client = MlflowClient(tracking_uri=tracking_uri) if tracking_uri else None
+        self.ui_url = ui_url
+        self.experiment_ids = {}
+        for study in studies if self.client else []:
+            experiment = self.client.get_experiment_by_name(study.study_name)
+            if experiment is not None:
+                self.experiment_ids[study.study_name] = experiment.experiment_id
+
+    def run_url(self, row) -> str:
+        if not row["mlflow_run_id"] or row["study"] not in self.experiment_ids:
+            return ""
+        return f"{self.ui_url}/#/experiments/{self.experiment_ids[row['study']]}/runs/{row['mlflow_run_id']}"
+
+    def params(self, run_id: str | None) -> dict:
+        try:
+            return dict(self.client.get_run(run_id).data.params) if self.client and run_id else {}
+        except MlflowException:
+            return {}
+
+    def losses(self, run_ids) -> dict[str, list[tuple[int, float]]]:
+        found = {}
+        for run_id in run_ids if self.client else []:
+            try:
+                history = self.client.get_metric_history(run_id, "train_loss")
+            except MlflowException:
+                continue
+            found[run_id] = sorted((m.step, m.value) for m in history)
+        return found
+
+
+def _best(group: pd.DataFrame):
+    done = group[group["state"] == "COMPLETE"].dropna(subset=["val_accuracy"])
+    return done.loc[done["val_accuracy"].idxmax()] if len(done) else None
+
+
+def _config(row, mlflow: Mlflow) -> dict:
+    """The best trial's resolved configuration: MLflow's params hold fixed settings too; Optuna's are the fallback."""
+    logged = {k: _number(v) for k, v in mlflow.params(row["mlflow_run_id"]).items()}
+    sampled = {c[6:]: row[c] for c in row.index if c.startswith("param_") and pd.notna(row[c])}
+    known = {"arch": row["arch"], "resize": row["resize"], **sampled, **logged}
+    return {k: known[k] for k in CONFIG_SHOWN if k in known and known[k] not in (None, "None")}
+
+
+def _number(text: str):
+    """An MLflow param (always a string) as the number it was, when it was one."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _bytes(n) -> str:
+    return "" if pd.isna(n) else f"{n / 2**20:,.0f} MiB"
+
+
+def _seconds(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 120 else f"{s:.1f} s"
+
+
+def summary_section(studies: list[optuna.Study], frame: pd.DataFrame, mlflow: Mlflow) -> Section:
+    section = Section("summary", "Summary")
+    if frame.empty:
+        return section.note("No trials yet: launch the study first.")
+    counts = ", ".join(f"{n} {state}" for state, n in frame["state"].value_counts().items())
+    # Compute time: wall seconds of every trial that finished training, by device.
+    by_device = frame.dropna(subset=["wall_seconds"]).groupby("device")["wall_seconds"].sum()
+    compute = ", ".join(f"{_seconds(s)} on {device}" for device, s in by_device.items()) or "none recorded"
+    section.parts.append(f"<p><b>{len(studies)} stud{'y' if len(studies) == 1 else 'ies'}, {len(frame)} trials</b> ({counts}); "
+                         f"compute time {html.escape(compute)}.</p>")
+    head = "".join(f"<th>{h}</th>" for h in ("study", "preset", "objectives", "trials", "best trial", "val_accuracy", "test_accuracy",
+                                               "configuration", "device", "training time"))
+    body = []
+    for study in studies:
+        group = frame[frame["study"] == study.study_name]
+        names = study.metric_names or ["val_accuracy" if i == accuracy_index(study) else f"objective {i}" for i in range(len(study.directions))]
+        objectives = ", ".join(f"{'max' if d == StudyDirection.MAXIMIZE else 'min'} {n}" for d, n in zip(study.directions, names, strict=True))
+        states = ", ".join(f"{n} {state}" for state, n in group["state"].value_counts().items()) or "none"
+        best = _best(group) if len(group) else None
+        if best is None:
+            cells = ["none complete", "", "", "", ""]
+        else:
+            config = ", ".join(f"{k}={format_value(v)}" for k, v in _config(best, mlflow).items())
+            link = f' <a href="{html.escape(best["run_url"])}">MLflow run</a>' if best["run_url"] else ""
+            cells = [f"{best['trial']}{link}", f"{best['val_accuracy']:.4f}", f"{best['test_accuracy']:.4f}", html.escape(config), html.escape(str(best["device"]))]
+        time_spent = f"{_seconds(group['train_seconds'].sum())} training, {_seconds(group['wall_seconds'].sum())} wall"
+        row = [html.escape(study.study_name), html.escape(str(study.user_attrs.get("preset", ""))), html.escape(objectives), states, *cells, time_spent]
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>")
+    section.parts.append(f'<div class="scroll"><table class="summary"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>')
+    return section
+
+
+def cost_section(frame: pd.DataFrame, cost: str) -> Section:
+    section = Section("cost", "Accuracy against training cost")
+    finished = frame[frame["state"].isin(["COMPLETE", "PRUNED"])].dropna(subset=["val_accuracy"]) if not frame.empty else frame
+    if finished.empty:
+        return section.note("No complete or pruned trial yet, so nothing to plot.")
+    section.parts.append("<p>The buttons above the plot switch the cost axis: training time, training FLOPs or peak memory. "
+                         "One colour per architecture; with several studies, one marker symbol per study.</p>")
+    section.parts.append(("plot-cost", figures.cost_figure(frame, cost)))
+    return section
+
+
+def alexnet_section(frame: pd.DataFrame) -> Section:
+    section = Section("alexnet", "AlexNet at 224 px against the 28-px variant")
+    found = False
+    for number, (study, group) in enumerate(frame.groupby("study", sort=False) if not frame.empty else []):
+        original, variant = (_best(group[group["arch"] == arch]) for arch in ALEXNET_PAIR)
+        if original is None or variant is None:
+            continue
+        found = True
+        # (row, column, how to print it, higher is better)
+        measures = [("validation accuracy", "val_accuracy", "{:.4f}", True), ("test accuracy", "test_accuracy", "{:.4f}", True),
+                    ("seconds per epoch", "seconds_per_epoch", "{:.3g} s", False), ("forward FLOPs per example", "flops_per_example", "{:,.0f}", False),
+                    ("parameters", "params", "{:,.0f}", False), ("peak memory", "peak_memory_bytes", None, False)]
+        large, small = f"AlexNet at {original['resize']} px", f"the {variant['resize']}-px variant"
+        head = f"<tr><th>measure</th><th>alexnet ({original['resize']} px), trial {original['trial']}</th>" \
+               f"<th>alexnet_28 ({variant['resize']} px), trial {variant['trial']}</th><th>variant / original</th></tr>"
+        body = []
+        for name, column, pattern, _ in measures:
+            a, b = original[column], variant[column]
+            shown = [_bytes(v) if pattern is None else ("" if pd.isna(v) else pattern.format(v)) for v in (a, b)]
+            ratio = f"{b / a:.2f}×" if pd.notna(a) and pd.notna(b) and a else ""
+            body.append(f"<tr><td>{name}</td><td>{shown[0]}</td><td>{shown[1]}</td><td>{ratio}</td></tr>")
+        for name, column in (("epochs trained", "epochs_run"), ("learning rate", "param_lr"), ("device", "device")):
+            body.append(f"<tr><td>{name}</td><td>{html.escape(format_value(original.get(column)))}</td>"
+                        f"<td>{html.escape(format_value(variant.get(column)))}</td><td></td></tr>")
+        finding = (f"In {study}, {small} takes {variant['seconds_per_epoch'] / original['seconds_per_epoch']:.2f}× the seconds per epoch and "
+                   f"{variant['flops_per_example'] / original['flops_per_example']:.2f}× the FLOPs per example of {large}, and reaches "
+                   f"{variant['val_accuracy']:.4f} against {original['val_accuracy']:.4f} validation accuracy (best trial of each).")
+        section.parts.append(f"<h3>{html.escape(study)}</h3><p>{html.escape(finding)}</p>")
+        section.parts.append(f'<div class="scroll"><table class="compare">{head}{"".join(body)}</table></div>')
+        if original["device"] == "cpu":
+            section.note("On the CPU, peak memory is the launch process's peak resident set, which only grows from trial to trial; "
+                         "compare it between networks on a GPU, where it is each trial's own peak allocation.")
+        rows = [(name, original[column], variant[column], higher) for name, column, _, higher in measures]
+        section.parts.append((f"plot-alexnet-{number}", figures.alexnet_figure(rows, small, large)))
+    if not found:
+        present = sorted(frame["arch"].dropna().unique()) if not frame.empty else []
+        section.note(f"Not shown: it needs a complete trial of both alexnet and alexnet_28 in one study (launch alexnet_resize); "
+                     f"the architectures here are {', '.join(present) or 'none'}.")
+    return section
+
+
+def curves_section(frame: pd.DataFrame, mlflow: Mlflow) -> Section:
+    section = Section("curves", "Learning curves")
+    finished = frame[frame["state"].isin(["COMPLETE", "PRUNED"])] if not frame.empty else frame
+    if finished.empty:
+        return section.note("No complete or pruned trial yet, so no learning curves.")
+    wanted = []
+    for _, group in finished.groupby("study", sort=False):
+        wanted += group[group["state"] == "COMPLETE"].nlargest(figures.LEARNING_CURVES, "val_accuracy")["mlflow_run_id"].tolist()
+        wanted += group[group["state"] == "PRUNED"]["mlflow_run_id"].tolist()
+    losses = mlflow.losses(run_id for run_id in wanted if run_id)
+    if not losses:
+        section.note("The training losses come from MLflow, which holds no runs for these trials; only validation accuracy is drawn.")
+    section.parts.append(("plot-curves", figures.learning_curves_figure(finished, losses)))
+    return section
+
+
+def _importances(study: optuna.Study, target) -> dict[str, float] | str:
+    """Optuna's parameter importances, or a sentence saying why there are none."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < 2:
+        return f"{study.study_name}: parameter importance needs at least 2 complete trials; it has {len(complete)}."
+    try:
+        with warnings.catch_warnings():
+            # With a target, Optuna's default evaluator asks for one to minimise, which -accuracy is; it warns regardless.
+            warnings.filterwarnings("ignore", message=".*importances of params to achieve low `target` values")
+            values = optuna.importance.get_param_importances(study, target=target)
+    except (ValueError, RuntimeError, ZeroDivisionError) as error:
+        return f"{study.study_name}: Optuna could not compute parameter importances ({str(error).splitlines()[0]})."
+    if not values:
+        return f"{study.study_name}: no parameter varied between the complete trials, so none has an importance."
+    return dict(values)
+
+
+def search_section(studies: list[optuna.Study], frame: pd.DataFrame) -> Section:
+    section = Section("search", "The search: history, parameter importance, parallel coordinates, slices")
+    if frame.empty or not (frame["state"] == "COMPLETE").any():
+        return section.note("No complete trial yet, so there is no search to show.")
+    section.parts.append(("plot-history", figures.history_figure(frame)))
+    importances = {}
+    for study in studies:
+        index = accuracy_index(study)
+        found = _importances(study, None if len(study.directions) == 1 else (lambda t, index=index: -t.values[index]))
+        if isinstance(found, str):
+            section.note(found)
+        else:
+            importances[study.study_name] = found
+    if importances:
+        section.parts.append(("plot-importance", figures.importance_figure(importances)))
+    for number, study in enumerate(studies):
+        index = accuracy_index(study)
+        target = None if len(study.directions) == 1 else (lambda t, index=index: t.values[index])
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not complete or not any(t.params for t in complete):
+            section.note(f"{study.study_name}: no complete trial with parameters, so no parallel coordinates or slices.")
+            continue
+        parallel = optuna.visualization.plot_parallel_coordinate(study, target=target, target_name="validation accuracy")
+        section.parts.append((f"plot-parallel-{number}", figures.styled(
+            parallel, f"Parallel coordinates of {study.study_name}'s complete trials (colour: validation accuracy)")))
+        slices = optuna.visualization.plot_slice(study, target=target, target_name="validation accuracy (fraction)")
+        section.parts.append((f"plot-slice-{number}", figures.styled(
+            slices, f"Validation accuracy against each parameter in {study.study_name} (colour: trial number)", 440)))
+    return section
+
+
+def layers_section(frame: pd.DataFrame, mlflow: Mlflow) -> Section:
+    section = Section("layers", "Per-layer cost of the best configuration")
+    if frame.empty or not (frame["state"] == "COMPLETE").any():
+        return section.note("No complete trial yet, so no best configuration.")
+    from objectives.inspect import layer_costs  # cost analysis only: builds the network on the CPU, trains nothing
+
+    seen = set()
+    for number, (study, group) in enumerate(frame.groupby("study", sort=False)):
+        best = _best(group)
+        if best is None:
+            continue
+        config = _config(best, mlflow)
+        arch, resize, ratio = str(config["arch"]), int(float(config["resize"])), int(float(config.get("ratio", 1)))
+        if (arch, resize, ratio) in seen:
+            continue
+        seen.add((arch, resize, ratio))
+        try:
+            rows = [dataclasses.asdict(row) for row in layer_costs(arch, resize, ratio)]
+        except ValueError as error:
+            section.note(f"{study}: cannot measure {arch} at {resize} px ({error}).")
+            continue
+        heaviest = max(rows, key=lambda r: r["flops"])
+        share = heaviest["flops"] / sum(r["flops"] for r in rows)
+        title = f"{study}, best trial {best['trial']}: {arch} at {resize} px, ratio {ratio} (forward pass of one example)"
+        section.parts.append(f"<p>{html.escape(title)}: {sum(r['flops'] for r in rows):,} FLOPs in all; layer #{heaviest['index']} "
+                             f"({heaviest['layer']}) does {share:.0%} of them.</p>")
+        section.parts.append((f"plot-layers-{number}", figures.layers_figure(rows, title)))
+    return section
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
         return ""
-    return f"{ui_url}/#/experiments/{experiment_ids[row['study']]}/runs/{row['mlflow_run_id']}"
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 1e4:
+        return f"{value:.4g}"
+    return format_value(value)
 
 
-def cost_figure(frame: pd.DataFrame, cost: str = "train_seconds") -> go.Figure:
-    finished = frame[frame["state"].isin(["COMPLETE", "PRUNED"])].dropna(subset=["val_accuracy", cost])
-    fig = go.Figure()
-    for (study, arch), group in finished.groupby(["study", "arch"], dropna=False):
-        params = [c for c in group.columns if c.startswith("param_")]
-        hover = group.apply(lambda r, params=params: "<br>".join([f"trial {r['trial']} ({r['state']})"] + [f"{p[6:]}={_format(r[p])}" for p in params if pd.notna(r[p])]), axis=1)
-        fig.add_trace(go.Scatter(
-            x=group[cost], y=group["val_accuracy"], mode="markers", name=f"{arch} ({study})" if frame["study"].nunique() > 1 else str(arch),
-            marker={"size": 9, "opacity": [1.0 if s == "COMPLETE" else 0.35 for s in group["state"]]},
-            text=hover, customdata=group["run_url"], hovertemplate="%{text}<br>val_accuracy=%{y:.4f}<br>%{x:.3g}<extra></extra>",
-        ))
-    front = pareto_front(finished[finished["state"] == "COMPLETE"], cost)
-    if len(front):
-        fig.add_trace(go.Scatter(x=front[cost], y=front["val_accuracy"], mode="lines", line={"dash": "dash", "color": "black", "shape": "hv"},
-                                 name="Pareto front", hoverinfo="skip"))
-    fig.update_layout(title="Validation accuracy against training cost (faded: pruned; click a point to open its MLflow run)",
-                      xaxis_title=COST_AXES[cost], yaxis_title="validation accuracy", xaxis_type="log", yaxis_range=[0, 1.02], template="plotly_white")
-    return fig
-
-
-def history_figure(frame: pd.DataFrame) -> go.Figure:
-    fig = go.Figure()
-    for study, group in frame.groupby("study"):
-        done = group[group["state"] == "COMPLETE"].sort_values("trial")
-        fig.add_trace(go.Scatter(x=done["trial"], y=done["val_accuracy"], mode="markers", name=f"{study}: trial"))
-        fig.add_trace(go.Scatter(x=done["trial"], y=done["val_accuracy"].cummax(), mode="lines", name=f"{study}: best so far"))
-    fig.update_layout(title="Optimisation history", xaxis_title="trial number", yaxis_title="validation accuracy", yaxis_range=[0, 1.02], template="plotly_white")
-    return fig
-
-
-def learning_curves_figure(frame: pd.DataFrame, client: MlflowClient | None) -> go.Figure:
-    fig = go.Figure()
-    best = frame[frame["state"] == "COMPLETE"].nlargest(LEARNING_CURVES, "val_accuracy")
-    for (_, row), color in zip(best.iterrows(), plotly.colors.qualitative.Plotly, strict=False):
-        epochs = sorted(row["intermediate"])
-        label = f"{row['study']} trial {row['trial']}"
-        fig.add_trace(go.Scatter(x=epochs, y=[row["intermediate"][e] for e in epochs], mode="lines+markers", line={"color": color},
-                                 name=f"{label}: val_accuracy", legendgroup=label))
-        if client is not None and row["mlflow_run_id"]:
-            losses = sorted(client.get_metric_history(row["mlflow_run_id"], "train_loss"), key=lambda m: m.step)
-            fig.add_trace(go.Scatter(x=[m.step for m in losses], y=[m.value for m in losses], mode="lines", line={"dash": "dot", "color": color},
-                                     name=f"{label}: train_loss", yaxis="y2", legendgroup=label))
-    fig.update_layout(title=f"Learning curves of the {LEARNING_CURVES} best trials", xaxis_title="epoch", yaxis_title="validation accuracy", yaxis_range=[0, 1.02],
-                      xaxis_dtick=1, yaxis2={"title": "training loss (dotted)", "overlaying": "y", "side": "right"},
-                      legend={"orientation": "h", "y": -0.25}, template="plotly_white")
-    return fig
-
-
-def _format(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _table(frame: pd.DataFrame) -> str:
-    params = sorted(c for c in frame.columns if c.startswith("param_"))
-    # resize shows once: as a param when searched, else as the resolved value.
-    columns = ["study", "trial", "state", "arch", *params, *([] if "param_resize" in params else ["resize"]), "val_accuracy", "test_accuracy",
-               "train_seconds", "train_flops", "peak_memory_bytes", "epochs_run", "fail_reason"]
+def table_section(frame: pd.DataFrame) -> Section:
+    section = Section("table", "All trials")
+    if frame.empty:
+        return section.note("No trials yet.")
+    # arch and resize show once, as what ran (a preset may cap the searched resize).
+    params = sorted(c for c in frame.columns if c.startswith("param_") and c not in ("param_arch", "param_resize"))
+    columns = ["study", "trial", "state", "arch", "resize", *params, "val_accuracy", "test_accuracy",
+               "train_seconds", "seconds_per_epoch", "train_flops", "flops_per_example", "params", "peak_memory_bytes", "epochs_run", "device", "fail_reason"]
     head = "".join(f"<th>{html.escape(c.removeprefix('param_'))}</th>" for c in columns) + "<th>MLflow</th>"
     body = []
     for _, row in frame.iterrows():
-        cells = []
-        for c in columns:
-            value = row.get(c)
-            text = "" if value is None or (isinstance(value, float) and pd.isna(value)) else _format(value)
-            cells.append(f"<td>{html.escape(text)}</td>")
+        cells = "".join(f"<td>{html.escape(_cell(row.get(c)))}</td>" for c in columns)
         link = f"<a href=\"{html.escape(row['run_url'])}\">run</a>" if row["run_url"] else ""
-        body.append(f"<tr>{''.join(cells)}<td>{link}</td></tr>")
-    return f"<table id=\"trials\"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def _summary(frame: pd.DataFrame) -> str:
-    items = []
-    for study, group in frame.groupby("study"):
-        counts = ", ".join(f"{n} {state}" for state, n in group["state"].value_counts().items())
-        done = group[group["state"] == "COMPLETE"]
-        best = ""
-        if len(done):
-            top = done.loc[done["val_accuracy"].idxmax()]
-            params = ", ".join(f"{c[6:]}={_format(top[c])}" for c in done.columns if c.startswith("param_") and pd.notna(top[c]))
-            best = f"; best trial {top['trial']}: val_accuracy {top['val_accuracy']:.4f}, test_accuracy {top['test_accuracy']:.4f} ({params}) on {top['device']}"
-        seconds = group["train_seconds"].fillna(0).sum()
-        items.append(f"<li><b>{html.escape(study)}</b>: {len(group)} trials ({counts}); {seconds:.0f} s of training{html.escape(best)}</li>")
-    return f"<ul>{''.join(items)}</ul>"
+        body.append(f"<tr>{cells}<td>{link}</td></tr>")
+    section.parts.append('<p><label>Filter: <input id="trial-filter" type="search" placeholder="e.g. COMPLETE alexnet" size="30"></label> '
+                         f'<span id="trial-count">{len(frame)} of {len(frame)} trials</span>. Click a column header to sort.</p>')
+    section.parts.append(f'<div class="scroll"><table id="trials"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>')
+    return section
 
 
 PAGE = """<!DOCTYPE html>
@@ -155,62 +369,114 @@ PAGE = """<!DOCTYPE html>
 <title>{title}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 1.5rem auto; max-width: 1200px; padding: 0 1rem; color: #222; }}
+nav a {{ margin-right: 1rem; }}
+section {{ margin-bottom: 2rem; }}
+.scroll {{ overflow-x: auto; }}
 table {{ border-collapse: collapse; font-size: 0.85rem; width: 100%; }}
 th, td {{ border-bottom: 1px solid #ddd; padding: 0.25rem 0.5rem; text-align: right; }}
-th {{ cursor: pointer; background: #f4f4f4; position: sticky; top: 0; }}
-.empty {{ color: #777; font-style: italic; }}
+table.summary td, table.compare td:first-child {{ text-align: left; }}
+th {{ background: #f4f4f4; position: sticky; top: 0; }}
+#trials th {{ cursor: pointer; white-space: nowrap; }}
+#trials th[data-order=asc]::after {{ content: " ▲"; }}
+#trials th[data-order=desc]::after {{ content: " ▼"; }}
+.note {{ color: #666; font-style: italic; }}
+#trials td:nth-last-child(2) {{ text-align: left; min-width: 16rem; font-size: 0.75rem; }}  /* the fail reason */
 </style></head><body>
 <h1>{title}</h1>
-<section id="summary"><h2>Summary</h2>{summary}</section>
+<nav>{nav}</nav>
 {sections}
-<section id="table"><h2>All trials</h2><p>Click a column header to sort.</p>{table}</section>
 <script>
-// Click a point to open its MLflow run; click a header to sort the table.
+// Click a point to open its MLflow run.
 document.querySelectorAll('.plotly-graph-div').forEach(function (plot) {{
   plot.on && plot.on('plotly_click', function (event) {{
-    var url = event.points[0].customdata; if (url) window.open(url, '_blank');
+    var url = event.points[0].customdata; if (typeof url === 'string' && url) window.open(url, '_blank');
   }});
 }});
-document.querySelectorAll('#trials th').forEach(function (th, column) {{
-  th.addEventListener('click', function () {{
-    var body = th.closest('table').tBodies[0], rows = Array.from(body.rows);
-    var ascending = th.dataset.order !== 'asc'; th.dataset.order = ascending ? 'asc' : 'desc';
-    rows.sort(function (a, b) {{
-      var x = a.cells[column].textContent, y = b.cells[column].textContent, nx = parseFloat(x), ny = parseFloat(y);
-      var order = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);
-      return ascending ? order : -order;
+// The trial table: click a header to sort (again to reverse); type in the filter to keep matching rows (all words must match).
+(function () {{
+  var table = document.getElementById('trials'); if (!table) return;
+  var body = table.tBodies[0], rows = Array.from(body.rows);
+  table.querySelectorAll('th').forEach(function (th, column) {{
+    th.addEventListener('click', function () {{
+      var ascending = th.dataset.order !== 'asc';
+      table.querySelectorAll('th').forEach(function (other) {{ delete other.dataset.order; }});
+      th.dataset.order = ascending ? 'asc' : 'desc';
+      rows.sort(function (a, b) {{
+        var x = a.cells[column].textContent, y = b.cells[column].textContent;
+        if (x === '' || y === '') return (x === '') - (y === '');  // empty cells last, either way
+        var nx = Number(x), ny = Number(y);
+        var order = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);
+        return ascending ? order : -order;
+      }});
+      rows.forEach(function (row) {{ body.appendChild(row); }});
     }});
-    rows.forEach(function (row) {{ body.appendChild(row); }});
   }});
-}});
+  var filter = document.getElementById('trial-filter'), count = document.getElementById('trial-count');
+  filter.addEventListener('input', function () {{
+    var words = filter.value.toLowerCase().split(/\\s+/).filter(Boolean), shown = 0;
+    rows.forEach(function (row) {{
+      var text = Array.from(row.cells).map(function (cell) {{ return cell.textContent; }}).join(' ').toLowerCase();
+      var match = words.every(function (word) {{ return text.indexOf(word) >= 0; }});
+      row.style.display = match ? '' : 'none'; shown += match;
+    }});
+    count.textContent = shown + ' of ' + rows.length + ' trials';
+  }});
+}})();
 </script>
 </body></html>
 """
 
 
-def write_report(studies: list[optuna.Study], path: Path, tracking_uri: str | None = None, ui_url: str = "http://127.0.0.1:5000") -> Path:
-    """Write the HTML report for `studies` to `path` and return the path."""
-    client = MlflowClient(tracking_uri=tracking_uri) if tracking_uri else None
-    experiment_ids = {}
-    if client is not None:
-        for study in studies:
-            experiment = client.get_experiment_by_name(study.study_name)
-            if experiment is not None:
-                experiment_ids[study.study_name] = experiment.experiment_id
+def find_browser() -> str:
+    """The Chrome or Chromium that kaleido drives for --png: $BROWSER_PATH, else the first found on PATH."""
+    found = os.environ.get("BROWSER_PATH") or next((path for name in BROWSERS if (path := shutil.which(name))), None)
+    if not found or not Path(found).exists():
+        raise ValueError("--png needs Chromium or Chrome to draw the figures: install chromium (apt-get install chromium) or set BROWSER_PATH")
+    return found
+
+
+def write_pngs(named: list[tuple[str, go.Figure]], directory: Path) -> list[Path]:
+    """Every figure as a PNG at 1200 px width and twice the pixel density, for slides and papers."""
+    import kaleido
+
+    specs = []
+    for name, figure in named:
+        still = go.Figure(figure).update_layout(updatemenus=[])  # buttons do nothing in a picture
+        specs.append({"fig": still.to_dict(), "path": directory / f"{name.removeprefix('plot-')}.png",
+                      "opts": {"format": "png", "width": 1200, "height": figure.layout.height or figures.HEIGHT, "scale": 2}})
+    # No MathJax: kaleido would fetch it from a CDN, and the figures use no LaTeX.
+    kaleido.write_fig_from_object_sync(specs, kopts={"mathjax": False, "path": find_browser()})
+    return [spec["path"] for spec in specs]
+
+
+def write_report(studies: list[optuna.Study], path: Path, tracking_uri: str | None = None, ui_url: str = "http://127.0.0.1:5000",
+                 cost: str = "train_seconds", png_dir: Path | None = None) -> Path:
+    """Write the HTML report for `studies` to `path` (and every figure to `png_dir` as PNG); return the path."""
+    if cost not in COST_AXES:
+        raise ValueError(f"cost axis {cost!r} is not one of {', '.join(COST_AXES)}")
+    mlflow = Mlflow(tracking_uri, ui_url, studies)
     frame = trials_frame(studies)
+    if not frame.empty:
+        frame["run_url"] = frame.apply(mlflow.run_url, axis=1)
+    sections = [summary_section(studies, frame, mlflow), cost_section(frame, cost), alexnet_section(frame), curves_section(frame, mlflow),
+                search_section(studies, frame), layers_section(frame, mlflow), table_section(frame)]
+    named = [part for section in sections for part in section.parts if isinstance(part, tuple)]
+    if png_dir is not None:
+        png_dir.mkdir(parents=True, exist_ok=True)
+        write_pngs(named, png_dir)
+    rendered, first = [], True
+    for section in sections:
+        parts = []
+        for part in section.parts:
+            if isinstance(part, tuple):
+                # plotly.js is inlined once, with the first figure, so the file opens offline.
+                part = part[1].to_html(full_html=False, include_plotlyjs=first, div_id=part[0], config={"responsive": True, "displaylogo": False})
+                first = False
+            parts.append(part)
+        rendered.append(f'<section id="{section.id}"><h2>{html.escape(section.title)}</h2>\n{"".join(parts)}</section>')
     title = f"Study report: {', '.join(s.study_name for s in studies)}"
-    if frame.empty:
-        sections, table = '<p class="empty">No trials yet.</p>', ""
-    else:
-        frame["run_url"] = frame.apply(lambda row: _run_url(ui_url, experiment_ids, row), axis=1)
-        figures = [("cost", cost_figure(frame)), ("history", history_figure(frame)), ("curves", learning_curves_figure(frame, client))]
-        sections = ""
-        for index, (name, figure) in enumerate(figures):
-            # plotly.js is inlined once, with the first figure, so the file opens offline.
-            div = figure.to_html(full_html=False, include_plotlyjs=index == 0, div_id=f"plot-{name}", config={"responsive": True})
-            sections += f'<section id="{name}">{div}</section>\n'
-        table = _table(frame)
-    page = PAGE.format(title=html.escape(title), summary=_summary(frame) if not frame.empty else "", sections=sections, table=table)
+    nav = "".join(f'<a href="#{s.id}">{html.escape(s.title.split(":")[0])}</a>' for s in sections)
+    page = PAGE.format(title=html.escape(title), nav=nav, sections="\n".join(rendered))
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".html.tmp")
     temporary.write_text(page, encoding="utf-8")

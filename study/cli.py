@@ -313,9 +313,18 @@ def cmd_report(args) -> int:
     from study.tracking import tracking_uri, ui_url
 
     output = _report_output(args.output, report_path(home(), args.names))
+    png_dir = Path(args.png) if args.png else None
+    if png_dir is not None:
+        from dashboards.report import find_browser
+
+        if png_dir.exists() and not png_dir.is_dir():
+            raise ValueError(f"--png {png_dir}: not a directory")
+        find_browser()  # before any work: PNGs need Chromium
     studies = [_open_study(name, args.storage) for name in args.names]
     uri = tracking_uri(home())
-    print(write_report(studies, output, uri, ui_url(uri)))
+    print(write_report(studies, output, uri, ui_url(uri), cost=args.cost, png_dir=png_dir))
+    if png_dir is not None:
+        print(f"figures as PNG in {png_dir}")
     return 0
 
 
@@ -422,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("names", nargs="+", metavar="NAME")
     report.add_argument("--storage", help=storage_help)
     report.add_argument("-o", "--output", help="report file (default: $STUDY_HOME/reports/NAME.html)")
+    report.add_argument("--cost", choices=["train_seconds", "train_flops", "peak_memory_bytes"], default="train_seconds",
+                        help="the cost axis the accuracy plot opens on; buttons in the page switch it (default: train_seconds)")
+    report.add_argument("--png", metavar="DIR", help="also write every figure as a PNG into DIR (needs Chromium, or Chrome at $BROWSER_PATH)")
     report.set_defaults(run=cmd_report)
 
     inspect = commands.add_parser("inspect", help="per-layer output shape, parameters, FLOPs and activation memory of a network")

@@ -1,0 +1,244 @@
+"""The HTML report: every section from a real small study, two studies on one page, PNGs, edge cases, in a real Chromium."""
+
+from __future__ import annotations
+
+import re
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from conftest import ARTIFACTS, TINY_SPEC, run_cli
+from dashboards import write_report
+from study.cli import main
+
+# AlexNet against the 28-px variant at their smallest, on a few hundred images. The enqueued trials
+# make the states certain: trial 0 completes, trial 1 diverges (FAIL), trial 2 completes with the other
+# architecture, trial 3 cannot learn at lr 1e-7 and falls below the median after one epoch (PRUNED).
+PAIR_SPEC = """
+description = "AlexNet and its 28-px variant, tiny, for report tests"
+
+[fixed]
+batch_size = 32
+momentum = 0.9
+ratio = 8
+n_train = 512
+n_val = 128
+n_test = 128
+
+[search]
+arch = { choices = ["alexnet", "alexnet_28"] }
+lr = { low = 0.01, high = 0.05, log = true }
+epochs = { low = 1, high = 3 }
+
+[[enqueue]]
+arch = "alexnet_28"
+lr = 0.02
+epochs = 3
+
+[[enqueue]]
+arch = "alexnet"
+lr = 1e12
+epochs = 1
+
+[[enqueue]]
+arch = "alexnet"
+lr = 0.02
+epochs = 2
+
+[[enqueue]]
+arch = "alexnet_28"
+lr = 1e-7
+epochs = 3
+
+[pruner]
+name = "median"
+n_startup_trials = 1
+
+[presets.smoke]
+max_resize = 65
+"""
+SECTIONS = ("summary", "cost", "alexnet", "curves", "search", "layers", "table")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """One study home with two launched studies: `pair` (5 trials, two architectures) and `tiny` (3 trials of VGG-11)."""
+    home = tmp_path_factory.mktemp("report") / "home"
+    env = {"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": ""}
+    for name, spec, trials in (("pair", PAIR_SPEC, "5"), ("tiny", TINY_SPEC, "3")):
+        path = home.parent / f"{name}.toml"
+        path.write_text(spec)
+        result = run_cli("launch", str(path), "--trials", trials, "--preset", "smoke", env=env)
+        assert result.returncode == 0, result.stderr
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(home / "optuna.journal")))
+    states = [t.state for t in optuna.load_study(study_name="pair", storage=storage).get_trials()]
+    assert states[:4] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.PRUNED]
+    return home
+
+
+def _watch(page) -> list[str]:
+    """Collect console errors, page errors and any request that leaves the machine."""
+    errors = []
+    page.on("console", lambda message: message.type == "error" and errors.append(message.text))
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.route("http*://**", lambda route: (errors.append(f"network request {route.request.url}"), route.abort()))
+    return errors
+
+
+def _plots_drawn(page) -> list[str]:
+    """Ids of every Plotly div, after checking that each was drawn with data."""
+    page.wait_for_load_state("load")
+    ids = page.evaluate("Array.from(document.querySelectorAll('.plotly-graph-div')).map(div => div.id)")
+    for plot in ids:
+        # calcdata: what Plotly computed from the trace data and drew.
+        page.wait_for_function(f"document.getElementById('{plot}').calcdata !== undefined")
+        assert page.evaluate(f"document.getElementById('{plot}').calcdata.some(trace => trace.length > 0)"), f"{plot} has no data"
+        assert page.locator(f"#{plot} .main-svg").count() > 0, f"{plot} was not drawn"
+    return ids
+
+
+def test_report_sections_png_and_browser(home, page):
+    out = home.parent / "pngs"
+    result = run_cli("report", "pair", "-o", str(home.parent / "pair.html"), "--png", str(out), "--cost", "train_flops",
+                     env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": ""})
+    assert result.returncode == 0, result.stderr
+    text = (home.parent / "pair.html").read_text()
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in text
+    assert not re.search(r"<script[^>]*\ssrc=", text), "the report must not load scripts from elsewhere"
+    assert text.count("plotly.js v") == 1, "plotly.js is inlined exactly once"
+    assert "Pareto front" in text and 'id="trial-filter"' in text
+    assert "Not shown" not in text  # both AlexNets completed, so the comparison is there
+    assert re.search(r"the 28-px variant takes [0-9.]+× the seconds per epoch", text)
+    assert "alexnet (65 px)" in text and "alexnet_28 (28 px)" in text  # the smoke preset caps AlexNet at its minimum
+
+    # Every figure also as a PNG.
+    expected = {"cost", "alexnet-0", "curves", "history", "importance", "parallel-0", "slice-0", "layers-0"}
+    assert {p.stem for p in out.glob("*.png")} == expected
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == PNG_MAGIC
+
+    errors = _watch(page)
+    page.goto((home.parent / "pair.html").as_uri())
+    plots = _plots_drawn(page)
+    assert {f"plot-{name}" for name in expected} == set(plots)
+    # The cost axis opens on --cost; its buttons switch it in the page.
+    title = "document.getElementById('plot-cost').layout.xaxis.title.text"
+    assert "FLOPs" in page.evaluate(title)
+    page.locator("#plot-cost .updatemenu-button", has_text="peak memory").click()
+    page.wait_for_function(f"{title}.startsWith('peak memory')")
+    # Clicking the trial header sorts ascending, clicking again descending.
+    numbers = lambda: [int(n) for n in page.locator("#trials tbody tr:visible td:nth-child(2)").all_inner_texts()]
+    page.click("#trials th:nth-child(2)")
+    assert numbers() == [0, 1, 2, 3, 4]
+    page.click("#trials th:nth-child(2)")
+    assert numbers() == [4, 3, 2, 1, 0]
+    page.screenshot(path=str(ARTIFACTS / "report-full.png"), full_page=True)
+    # The filter keeps rows that hold every word typed (trial 4 is sampled, so only the enqueued ones are certain).
+    page.fill("#trial-filter", "fail diverged")
+    assert numbers() == [1]
+    assert page.inner_text("#trial-count") == "1 of 5 trials"
+    page.fill("#trial-filter", "")
+    assert len(numbers()) == 5
+    assert errors == []
+
+
+def test_two_studies_on_the_same_axes(home, page):
+    result = run_cli("report", "pair", "tiny", "-o", str(home.parent / "both.html"), env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": ""})
+    assert result.returncode == 0, result.stderr
+    errors = _watch(page)
+    page.goto((home.parent / "both.html").as_uri())
+    _plots_drawn(page)
+    names = page.evaluate("document.getElementById('plot-cost').data.map(trace => trace.name)")
+    assert {"alexnet (pair)", "alexnet_28 (pair)", "vgg11 (tiny)", "Pareto front (pair)", "Pareto front (tiny)"} <= set(names)
+    assert page.locator("#summary tbody tr").count() == 2
+    assert page.locator("#trials tbody tr").count() == 8
+    page.screenshot(path=str(ARTIFACTS / "report-two-studies.png"), full_page=True)
+    assert errors == []
+
+
+def _trial(state, arch, lr, values=None, epochs=None):
+    """A finished trial as the launcher records it, for studies that training cannot produce cheaply."""
+    attrs = {"arch": arch, "resize": 28}
+    if state != TrialState.FAIL:
+        seconds = 2.0 + 10 * lr
+        attrs |= {"test_accuracy": 0.5, "train_seconds": seconds, "wall_seconds": seconds + 1, "train_flops": 1e9 * seconds,
+                  "peak_memory_bytes": 2**28, "flops_per_example": 2.9e5, "params": 61706, "epochs_run": len(epochs or [1]), "device": "cpu"}
+    else:
+        attrs["fail_reason"] = "diverged: training loss became nan in epoch 1"
+    return create_trial(state=state, values=values, params={"arch": arch, "lr": lr}, user_attrs=attrs,
+                        distributions={"arch": CategoricalDistribution(["lenet", "lenet_bn"]), "lr": FloatDistribution(0.01, 1.0, log=True)},
+                        intermediate_values=dict(enumerate(epochs or [], start=1)))
+
+
+@pytest.fixture
+def storage(study_home):
+    study_home.mkdir(parents=True)
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(study_home / "optuna.journal")))
+
+
+def test_edge_cases_render(storage, study_home, page, capsys):
+    # No finished trial: one still running.
+    optuna.create_study(study_name="running", storage=storage).ask()
+    # Only failed trials.
+    failed = optuna.create_study(study_name="failed", storage=storage, direction="maximize")
+    for lr in (0.5, 0.9):
+        failed.add_trial(_trial(TrialState.FAIL, "lenet", lr))
+    # Two objectives, as a cost-aware launch records them: maximise accuracy, minimise training seconds.
+    multi = optuna.create_study(study_name="multi", storage=storage, directions=["maximize", "minimize"])
+    multi.set_metric_names(["val_accuracy", "train_seconds"])
+    for arch, lr, accuracy in (("lenet", 0.1, 0.71), ("lenet_bn", 0.5, 0.83), ("lenet", 0.9, 0.78)):
+        multi.add_trial(_trial(TrialState.COMPLETE, arch, lr, values=[accuracy, 2.0 + 10 * lr], epochs=[accuracy - 0.2, accuracy]))
+    multi.add_trial(_trial(TrialState.PRUNED, "lenet_bn", 0.02, epochs=[0.3]))  # Optuna keeps no values for it
+
+    for name in ("running", "failed", "multi"):
+        path = study_home / f"{name}.html"
+        assert main(["report", name, "-o", str(path)]) == 0, capsys.readouterr().err
+        text = path.read_text()
+        for section in SECTIONS:
+            assert f'<section id="{section}">' in text
+        errors = _watch(page)
+        page.goto(path.as_uri())
+        plots = _plots_drawn(page)
+        assert errors == [], name
+        if name == "multi":
+            assert {"plot-cost", "plot-curves", "plot-history", "plot-importance", "plot-parallel-0", "plot-slice-0", "plot-layers-0"} <= set(plots)
+            assert "max val_accuracy, min train_seconds" in text
+            # The pruned trial's accuracy is its last report, faded with the pruned trials.
+            assert page.evaluate("document.getElementById('plot-cost').data.some(t => t.y.includes(0.3))")
+            page.screenshot(path=str(ARTIFACTS / "report-multi-objective.png"), full_page=True)
+        else:
+            assert plots == [], name
+            assert "No complete or pruned trial yet" in text and "Not shown" in text
+    assert "1 RUNNING" in (study_home / "running.html").read_text()
+    assert "2 FAIL" in (study_home / "failed.html").read_text()
+
+
+def test_report_mistakes_are_one_line(storage, study_home, tmp_path, capsys, monkeypatch):
+    optuna.create_study(study_name="exists", storage=storage)
+    out = tmp_path / "x.html"
+    (tmp_path / "afile").write_text("a file, not a directory")
+    cases = [(["report", "nosuch", "-o", str(out)], "error: no study named 'nosuch'"),
+             (["report", "exists", "nosuch", "-o", str(out)], "error: no study named 'nosuch'"),
+             (["report", "exists", "-o", str(tmp_path / "x.png")], "error: -o"),
+             (["report", "exists", "-o", str(out), "--png", str(tmp_path / "afile")], "error: --png")]
+    for argv, message in cases:
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(message) and err.count("\n") == 1, err
+    assert not out.exists()
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-browser"))
+    assert main(["report", "exists", "-o", str(tmp_path / "y.html"), "--png", str(tmp_path / "pngs")]) == 1
+    assert capsys.readouterr().err.startswith("error: --png needs Chromium")
+    assert not (tmp_path / "y.html").exists() and not (tmp_path / "pngs").exists()
+    # A study name that does not exist, as a user types it.
+    result = run_cli("report", "nosuch", env={"STUDY_HOME": str(study_home), "MLFLOW_TRACKING_URI": ""})
+    assert result.returncode == 1 and result.stderr.startswith("error: no study named 'nosuch'") and result.stderr.count("\n") == 1
+
+
+def test_write_report_rejects_an_unknown_cost_axis(tmp_path):
+    with pytest.raises(ValueError, match="cost axis 'seconds'"):
+        write_report([], tmp_path / "r.html", cost="seconds")
