@@ -15,7 +15,8 @@ from study.cli import main
 
 # AlexNet against the 28-px variant at their smallest, on a few hundred images. The enqueued trials
 # make the states certain: trial 0 completes, trial 1 diverges (FAIL), trial 2 completes with the other
-# architecture, trial 3 cannot learn at lr 1e-7 and falls below the median after one epoch (PRUNED).
+# architecture (its 2 epochs stay inside the pruner's warm-up), trial 3 cannot learn at lr 1e-7 and falls
+# below trial 0 at epoch 3 (PRUNED).
 PAIR_SPEC = """
 description = "AlexNet and its 28-px variant, tiny, for report tests"
 
@@ -55,6 +56,7 @@ epochs = 3
 [pruner]
 name = "median"
 n_startup_trials = 1
+n_warmup_steps = 3
 
 [presets.smoke]
 max_resize = 65
