@@ -8,8 +8,10 @@ Heavy imports (torch, optuna, mlflow) happen inside the commands, so `--help` is
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 
@@ -89,6 +91,16 @@ def _search_strategy(spec, args, recorded: dict) -> tuple[dict, dict]:
     return {**sampler, "name": sampler_name}, {**pruner, "name": pruner_name}
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (kill, systemd, a batch scheduler) stops a launch as Ctrl-C does: the running trials are
+    recorded as interrupted, their MLflow runs closed, and a relaunch runs them again."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():  # Python handles signals in the main thread only
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def _run_study(args, join: bool) -> int:
     """`launch` (create or resume a study) and `worker` (join one that exists): the same trial loop."""
     import optuna
@@ -101,6 +113,7 @@ def _run_study(args, join: bool) -> int:
     from study.storage import default_storage_url, home, make_home, mask, open_storage
     from study.tracking import Tracker, tracking_uri, ui_url
 
+    _stop_on_sigterm()
     if not join and args.trials < 1:
         raise ValueError(f"--trials must be >= 1; got {args.trials}")
     if args.timeout is not None and args.timeout <= 0:
@@ -160,8 +173,8 @@ def _run_study(args, join: bool) -> int:
             tracker.close_parent("KILLED")
         console.print("interrupted: the running trials are recorded as interrupted and will run again; launch the same command to resume")
         return 130
-    except Exception:
-        if not join:
+    except Exception as error:
+        if not join and not isinstance(error, ConnectionError):  # ConnectionError: MLflow itself is unreachable
             tracker.close_parent("FAILED")  # the failing trial is already recorded FAIL with its reason
         raise
     done = count_done(study.get_trials(deepcopy=False))
