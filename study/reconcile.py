@@ -51,15 +51,16 @@ def reconcile(study: optuna.Study, tracker: Tracker, plan: Plan) -> list[int]:
         if run is not None and run.info.status != "RUNNING" and run.data.tags.get("optuna.state") == trial.state.name:
             continue
         if run is None:
-            run_id = tracker.start_trial(trial.number, plan.config(trial.params), trial.params)
-            # What the trial recorded: val_accuracy per epoch (its intermediate values) and its final results.
-            now = int(time.time() * 1000)
-            metrics = [Metric("val_accuracy", float(value), now, int(step)) for step, value in sorted(trial.intermediate_values.items())]
-            step = int(trial.user_attrs.get("epochs_run", 0))
-            metrics += [Metric(name, float(trial.user_attrs[name]), now, step) for name in FINAL_METRICS if name in trial.user_attrs]
-            tracker.client.log_batch(run_id, metrics=metrics, tags=[RunTag("optuna.reconciled", "written after the trial")])
+            run_id, logged_epochs, logged = tracker.start_trial(trial.number, plan.config(trial.params), trial.params), set(), {}
         else:
-            run_id = run.info.run_id
+            run_id, logged = run.info.run_id, run.data.metrics
+            logged_epochs = {m.step for m in tracker.client.get_metric_history(run_id, "val_accuracy")}
+        # What the trial recorded and MLflow lacks: val_accuracy per epoch (its intermediate values) and its final results.
+        now, step = int(time.time() * 1000), int(trial.user_attrs.get("epochs_run", 0))
+        metrics = [Metric("val_accuracy", float(value), now, int(epoch)) for epoch, value in sorted(trial.intermediate_values.items())
+                   if int(epoch) not in logged_epochs]
+        metrics += [Metric(name, float(trial.user_attrs[name]), now, step) for name in FINAL_METRICS if name in trial.user_attrs and name not in logged]
+        tracker.client.log_batch(run_id, metrics=metrics, tags=[RunTag("optuna.reconciled", "written after the trial from the Optuna storage")])
         tags = [RunTag("optuna.state", trial.state.name)]
         if reason:
             tags.append(RunTag("optuna.fail_reason", reason))
