@@ -11,6 +11,7 @@ import argparse
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -37,6 +38,11 @@ def _report_output(output: str | None, default: Path) -> Path:
         raise ValueError(f"-o {path}: the report is an HTML file; give a name ending in .html")
     if output and not path.parent.is_dir():
         raise ValueError(f"-o {path}: directory {path.parent} does not exist")
+    if path.parent.is_dir():
+        try:
+            tempfile.TemporaryFile(dir=path.parent).close()  # the one sure test, also for root and read-only mounts
+        except OSError as error:
+            raise ValueError(f"-o {path}: cannot write in {path.parent} ({error.strerror}); choose another directory") from None
     return path
 
 
@@ -106,7 +112,7 @@ def _run_study(args, join: bool) -> int:
     import optuna
 
     from dashboards import write_report
-    from objectives.data import locate
+    from objectives.data import verify
     from study.launch import Launch, check_preset_matches, choose_preset, count_done, make_pruner, make_sampler, report_path
     from study.pool import devices
     from study.specs import SpecError, load_spec, resolve
@@ -126,7 +132,7 @@ def _run_study(args, join: bool) -> int:
     spec = load_spec(args.name)
     _search_strategy(spec, args, {})
     output = None if join else _report_output(args.output, report_path(home(), [spec.name]))
-    locate(args.data_dir)  # fail on missing data before anything is written
+    verify(args.data_dir)  # fail on missing, truncated or wrong data files before anything is written
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if join:
         recorded = _open_study(spec.name, args.storage).user_attrs
