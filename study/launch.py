@@ -208,6 +208,10 @@ class Launch:
                 if claim is not None and not claim():
                     return None
                 trial = self.study.ask()
+                if heartbeat_enabled(self.storage):
+                    # At once, not at the next beat: Optuna ignores trials without heartbeats, so a worker killed
+                    # before its first beat would leave its trial RUNNING for ever.
+                    self.storage.record_heartbeat(trial._trial_id)
             self.in_flight.add(trial._trial_id)
             trial.set_user_attr("host", socket.gethostname())
             trial.set_user_attr("pid", os.getpid())

@@ -228,7 +228,7 @@ class Command:
     def kill(self, sig=signal.SIGKILL) -> None:
         os.kill(self.pid, sig)
 
-    def wait(self, timeout: float = 300) -> int:
+    def wait(self, timeout: float = 180) -> int:
         deadline = time.monotonic() + timeout
         while self.alive():
             assert time.monotonic() < deadline, f"command {self.pid} still running: {self.output()[-2000:]}"
