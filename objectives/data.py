@@ -116,6 +116,14 @@ def locate(data_dir: str | os.PathLike | None = None) -> Path:
     raise DataError(f"Fashion-MNIST not found in {cache_dir()} or {DEBIAN_DIR}; {HOW_TO_GET}")
 
 
+def verify(data_dir: str | os.PathLike | None = None) -> Path:
+    """The data directory, with every file present and genuine (a DataError naming the first that is not)."""
+    directory = locate(data_dir)
+    for name in FILES:
+        _read_verified(directory, name)
+    return directory
+
+
 def _read_verified(directory: Path, name: str) -> bytes:
     path = _file_in(directory, name)
     if path is None:

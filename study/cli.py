@@ -8,8 +8,11 @@ Heavy imports (torch, optuna, mlflow) happen inside the commands, so `--help` is
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 
@@ -35,6 +38,11 @@ def _report_output(output: str | None, default: Path) -> Path:
         raise ValueError(f"-o {path}: the report is an HTML file; give a name ending in .html")
     if output and not path.parent.is_dir():
         raise ValueError(f"-o {path}: directory {path.parent} does not exist")
+    if path.parent.is_dir():
+        try:
+            tempfile.TemporaryFile(dir=path.parent).close()  # the one sure test, also for root and read-only mounts
+        except OSError as error:
+            raise ValueError(f"-o {path}: cannot write in {path.parent} ({error.strerror}); choose another directory") from None
     return path
 
 
@@ -89,18 +97,29 @@ def _search_strategy(spec, args, recorded: dict) -> tuple[dict, dict]:
     return {**sampler, "name": sampler_name}, {**pruner, "name": pruner_name}
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (kill, systemd, a batch scheduler) stops a launch as Ctrl-C does: the running trials are
+    recorded as interrupted, their MLflow runs closed, and a relaunch runs them again."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():  # Python handles signals in the main thread only
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def _run_study(args, join: bool) -> int:
     """`launch` (create or resume a study) and `worker` (join one that exists): the same trial loop."""
     import optuna
 
     from dashboards import write_report
-    from objectives.data import locate
+    from objectives.data import verify
     from study.launch import Launch, check_preset_matches, choose_preset, count_done, make_pruner, make_sampler, report_path
     from study.pool import devices
     from study.specs import SpecError, load_spec, resolve
     from study.storage import default_storage_url, home, make_home, mask, open_storage
     from study.tracking import Tracker, tracking_uri, ui_url
 
+    _stop_on_sigterm()
     if not join and args.trials < 1:
         raise ValueError(f"--trials must be >= 1; got {args.trials}")
     if args.timeout is not None and args.timeout <= 0:
@@ -115,7 +134,7 @@ def _run_study(args, join: bool) -> int:
     spec = load_spec(args.name)
     _search_strategy(spec, args, {})
     output = None if join else _report_output(args.output, report_path(home(), [spec.name]))
-    locate(args.data_dir)  # fail on missing data before anything is written
+    verify(args.data_dir)  # fail on missing, truncated or wrong data files before anything is written
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if join:
         recorded = _open_study(spec.name, args.storage).user_attrs
@@ -163,8 +182,8 @@ def _run_study(args, join: bool) -> int:
             tracker.close_parent("KILLED")
         console.print("interrupted: the running trials are recorded as interrupted and will run again; launch the same command to resume")
         return 130
-    except Exception:
-        if not join:
+    except Exception as error:
+        if not join and not isinstance(error, ConnectionError):  # ConnectionError: MLflow itself is unreachable
             tracker.close_parent("FAILED")  # the failing trial is already recorded FAIL with its reason
         raise
     done = count_done(study.get_trials(deepcopy=False))

@@ -25,13 +25,23 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from objectives import DeviceOutOfMemoryError, DivergedError, FashionMNIST, TrainResult, load_fashion_mnist, train
 from study.pool import Worker, WorkerDied, cpu_threads
+from study.reconcile import reconcile
 from study.specs import Plan, SpecError
-from study.storage import claim_lock, heartbeat_enabled
+from study.storage import claim_lock, heartbeat_enabled, mask
 from study.tracking import Tracker
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 # Final results kept on the Optuna trial too, so reports and `show` need no MLflow round trip.
 RESULT_ATTRS = ("test_accuracy", "train_seconds", "wall_seconds", "examples_per_second", "flops_per_example", "train_flops", "params", "peak_memory_bytes", "epochs_run")
+
+
+# Reliability tests: "TRIAL:EPOCH" raises torch.OutOfMemoryError inside `train` at the end of that epoch
+# of that trial (single worker), so the out-of-memory path runs on machines without a GPU.
+INJECT_OOM_ENV = "STUDY_INJECT_OOM"
+
+
+class TrackingUnavailable(ConnectionError):
+    """MLflow could not be written; the trials' results are safe in the Optuna storage."""
 
 
 def choose_preset(requested: str | None) -> tuple[str, str]:
@@ -144,6 +154,20 @@ class Launch:
     stopping: threading.Event = field(default_factory=threading.Event)  # Ctrl-C or an error: start no more trials
     log_model: str = "best"  # which trials' networks go to MLflow: best (each new best), all, none
     data: FashionMNIST | None = None  # loaded by run()
+    tracking_error: str | None = None  # the first failed MLflow write; no more are tried, the launch stops
+
+    def _track(self, method: Callable, *args, **kwargs):
+        """An MLflow write that may fail (server down): the trial goes on, the launch starts no new trial and
+        ends with a clear error, and the next launch writes what is missing (study.reconcile)."""
+        if self.tracking_error is not None:
+            return None
+        try:
+            return method(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 -- MlflowException, connection and database errors alike
+            self.tracking_error = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            self.stopping.set()
+            self.console.print(f"MLflow write failed ({self.tracking_error}); finishing the running trials into the Optuna storage only")
+            return None
 
     def recover_dead_trials(self) -> None:
         """Close trials whose worker died and retry them once.
@@ -186,6 +210,10 @@ class Launch:
                 if claim is not None and not claim():
                     return None
                 trial = self.study.ask()
+                if heartbeat_enabled(self.storage):
+                    # At once, not at the next beat: Optuna ignores trials without heartbeats, so a worker killed
+                    # before its first beat would leave its trial RUNNING for ever.
+                    self.storage.record_heartbeat(trial._trial_id)
             self.in_flight.add(trial._trial_id)
             trial.set_user_attr("host", socket.gethostname())
             trial.set_user_attr("pid", os.getpid())
@@ -193,8 +221,9 @@ class Launch:
             config = self.plan.config(params)
             if device is not None:
                 config = dataclasses.replace(config, device=device)
-            run_id = self.tracker.start_trial(trial.number, config, params, self.data)
-            trial.set_user_attr("mlflow_run_id", run_id)
+            run_id = self._track(self.tracker.start_trial, trial.number, config, params, self.data)
+            if run_id is not None:
+                trial.set_user_attr("mlflow_run_id", run_id)
             # Resolved values, also when the spec fixes them or leaves them to the architecture.
             trial.set_user_attr("arch", config.arch)
             trial.set_user_attr("resize", config.resize)
@@ -204,9 +233,14 @@ class Launch:
             self.in_flight.discard(trial._trial_id)
 
     def _train_and_tell(self, trial, params, config, run_id, train_fn) -> optuna.trial.FrozenTrial:
+        inject_oom = os.environ.get(INJECT_OOM_ENV, "")
+
         def on_epoch(metrics) -> bool:
+            if inject_oom == f"{trial.number}:{metrics.epoch}":
+                raise torch.OutOfMemoryError(f"{INJECT_OOM_ENV}={inject_oom}: out of memory injected at epoch {metrics.epoch}")
             with self.lock:
-                self.tracker.log_epoch(run_id, metrics)
+                if run_id is not None:
+                    self._track(self.tracker.log_epoch, run_id, metrics)
                 if self.cost is not None:
                     return False
                 trial.report(metrics.val_accuracy, metrics.epoch)
@@ -218,14 +252,14 @@ class Launch:
             reason = str(error) if isinstance(error, WorkerDied) else f"{'diverged' if isinstance(error, DivergedError) else 'out of memory'}: {error}"
             with self.lock:
                 trial.set_user_attr("fail_reason", reason)
-                self.tracker.finish_trial(run_id, "FAIL", reason=reason)
+                self._finish(run_id, "FAIL", reason=reason)
                 return self.study.tell(trial, state=TrialState.FAIL)
         except KeyboardInterrupt:
             with self.lock:
                 trial.set_user_attr("fail_reason", "interrupted")
                 trial.set_user_attr("interrupted", True)
                 self.study.tell(trial, state=TrialState.FAIL)
-                self.tracker.finish_trial(run_id, "INTERRUPTED", reason="interrupted")
+                self._finish(run_id, "INTERRUPTED", reason="interrupted")
                 self.study.enqueue_trial(params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
             raise
         except BaseException as error:
@@ -233,22 +267,22 @@ class Launch:
             with self.lock:
                 trial.set_user_attr("fail_reason", reason)
                 self.study.tell(trial, state=TrialState.FAIL)
-                self.tracker.finish_trial(run_id, "FAIL", reason=reason)
+                self._finish(run_id, "FAIL", reason=reason)
             raise
         with self.lock:
             for name in RESULT_ATTRS:
                 trial.set_user_attr(name, getattr(result, name))
             trial.set_user_attr("device", result.device_name)
             state = TrialState.PRUNED if result.stopped_early else TrialState.COMPLETE
-            self.tracker.finish_trial(run_id, state.name, result)
+            self._finish(run_id, state.name, result)
             if state == TrialState.PRUNED:
                 frozen = self.study.tell(trial, state=TrialState.PRUNED)
             elif self.cost is not None:
                 frozen = self.study.tell(trial, [result.val_accuracy, float(getattr(result, self.cost))])
             else:
                 frozen = self.study.tell(trial, result.val_accuracy)
-            if self._keeps_model(frozen):
-                self.tracker.log_model(run_id, frozen.number, result, self.data)
+            if run_id is not None and self._keeps_model(frozen):
+                self._track(self.tracker.log_model, run_id, frozen.number, result, self.data)
             return frozen
 
     def _keeps_model(self, frozen: optuna.trial.FrozenTrial) -> bool:
@@ -257,6 +291,10 @@ class Launch:
             return True
         # best_trials: the best trial(s), or the Pareto front of a multi-objective study.
         return self.log_model == "best" and frozen.state == TrialState.COMPLETE and frozen.number in {t.number for t in self.study.best_trials}
+
+    def _finish(self, run_id: str | None, state: str, result: TrainResult | None = None, reason: str | None = None) -> None:
+        if run_id is not None:
+            self._track(self.tracker.finish_trial, run_id, state, result, reason=reason)
 
     def run(self, total: int, timeout: float | None, devices: list[str] | None = None) -> int:
         """Run trials until the study holds `total`; returns how many this launch ran.
@@ -268,6 +306,8 @@ class Launch:
         devices = devices or ["auto"]
         with self.lock:
             self.recover_dead_trials()
+            if repaired := reconcile(self.study, self.tracker, self.plan):
+                self.console.print(f"MLflow: wrote the missing records of trials {', '.join(map(str, repaired))} from the Optuna storage")
             trials = self.study.get_trials(deepcopy=False)
             if not trials:
                 for row in self.plan.enqueue:
@@ -302,6 +342,9 @@ class Launch:
                 stop.set()
                 for worker in workers:
                     worker.stop()
+        if self.tracking_error is not None:
+            raise TrackingUnavailable(f"MLflow at {mask(self.tracker.client.tracking_uri)} failed ({self.tracking_error}); the {self.ran} trials of this launch "
+                                      "are kept in the Optuna storage; launch again once MLflow is back and their MLflow records are written then")
         if self.timed_out:
             self.console.print(f"timeout of {timeout:g} s reached after {self.ran} trials; launch again to continue")
         return self.ran
@@ -401,8 +444,8 @@ class Launch:
         counts = {state.name: sum(t.state == state for t in trials) for state in FINISHED}
         best = max(self.study.best_trials, key=lambda t: t.values[0]) if counts["COMPLETE"] else None  # the most accurate, also on a Pareto front
         best_metrics = {key: best.user_attrs[key] for key in ("test_accuracy", "train_seconds", "epochs_run", "params") if key in best.user_attrs} if best else None
-        self.tracker.update_parent(best.number if best else None, best.values[0] if best else None, counts, best_metrics,
-                                   best.user_attrs.get("mlflow_run_id") if best else None)
+        self._track(self.tracker.update_parent, best.number if best else None, best.values[0] if best else None, counts, best_metrics,
+                    best.user_attrs.get("mlflow_run_id") if best else None)
 
 
 def check_preset_matches(study: optuna.Study, preset: str) -> None:

@@ -75,9 +75,10 @@ def open_storage(url: str | None, heartbeat: int | None = None) -> optuna.storag
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            beats = {}
+            # pool_pre_ping: a connection the server dropped (restart, pg_terminate_backend) is replaced, not used.
+            beats = {"engine_kwargs": {"pool_pre_ping": True}}
             if heartbeat is not None:
-                beats = {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat, "heartbeat_stale_trial_callback": RetryStaleTrial()}
+                beats |= {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat, "heartbeat_stale_trial_callback": RetryStaleTrial()}
             return optuna.storages.RDBStorage(url, **beats)
     except ImportError as error:
         raise StorageError(f"storage {mask(url)} needs a database driver that is not installed ({error})") from None

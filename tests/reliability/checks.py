@@ -1,0 +1,318 @@
+"""The reliability suite's shared parts: the consistency checker run after every fault, the figures it
+publishes (test-artifacts/reliability.json and .md, the README's "Reliability" table), and the real
+processes and servers the faults hit.
+
+`RELIABILITY_REPEATS` (default 20) is the number of seeded kill -9 repetitions; `RELIABILITY_SEED`
+(default 9) seeds where they strike. A soak: `RELIABILITY_REPEATS=200 .venv/bin/python -m pytest tests/reliability`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from conftest import ARTIFACTS, ROOT
+
+REPEATS = int(os.environ.get("RELIABILITY_REPEATS", "20"))
+SEED = int(os.environ.get("RELIABILITY_SEED", "9"))
+FIGURES_JSON = ARTIFACTS / "reliability.json"
+FIGURES_MD = ARTIFACTS / "reliability.md"
+
+# LeNet on 256 images for one epoch: the cheapest trial that still runs the whole trainer.
+LENET_SPEC = """
+description = "tiny LeNet study for the reliability suite"
+
+[fixed]
+arch = "lenet"
+batch_size = 64
+momentum = 0.9
+n_train = 256
+n_val = 128
+n_test = 128
+epochs = 1
+
+[search]
+lr = { low = 0.01, high = 0.1, log = true }
+
+[pruner]
+name = "none"
+"""
+
+# ---- figures: what the README's table shows, written at the end of the session ----
+
+FIGURES: dict = {"faults": {}, "bad_inputs": {"tried": 0, "tracebacks": 0}}
+
+
+def record_fault(kind: str, repetitions: int, counts: Counts) -> None:
+    row = FIGURES["faults"].setdefault(kind, {"repetitions": 0, "trials_checked": 0, "trials_lost": 0, "duplicates": 0})
+    row["repetitions"] += repetitions
+    row["trials_checked"] += counts.trials
+    row["trials_lost"] += counts.lost
+    row["duplicates"] += counts.duplicates
+
+
+def record_bad_inputs(tried: int, tracebacks: int) -> None:
+    FIGURES["bad_inputs"]["tried"] += tried
+    FIGURES["bad_inputs"]["tracebacks"] += tracebacks
+
+
+def figures_markdown(figures: dict) -> str:
+    lines = ["| fault injected | repetitions | trials checked | trials lost | duplicates |", "|---|---:|---:|---:|---:|"]
+    for kind, row in sorted(figures["faults"].items()):
+        lines.append(f"| {kind} | {row['repetitions']} | {row['trials_checked']} | {row['trials_lost']} | {row['duplicates']} |")
+    bad = figures["bad_inputs"]
+    lines += ["", "| bad inputs tried | tracebacks shown |", "|---:|---:|", f"| {bad['tried']} | {bad['tracebacks']} |"]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def figures():
+    yield FIGURES
+    if FIGURES["faults"] or FIGURES["bad_inputs"]["tried"]:
+        ARTIFACTS.mkdir(exist_ok=True)
+        FIGURES_JSON.write_text(json.dumps({**FIGURES, "seed": SEED, "repeats": REPEATS}, indent=2) + "\n")
+        FIGURES_MD.write_text(figures_markdown(FIGURES))
+
+
+# ---- the checker ----
+
+@dataclass
+class Counts:
+    trials: int = 0
+    lost: int = 0
+    duplicates: int = 0
+
+
+def check_consistent(study_name: str, storage, tracking_uri: str, total: int | None = None) -> Counts:
+    """Optuna and MLflow agree and nothing is lost or doubled.
+
+    Every finished trial has exactly one MLflow child run with the same state (tag and status) and the same
+    values; no run is RUNNING; every interrupted trial ran again exactly once with the same params; no trial is
+    left RUNNING or WAITING; the study holds exactly `total` trials that count. Returns the counts, and fails
+    with the list of problems after recording them.
+    """
+    from study.launch import count_done
+
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    trials = study.get_trials()
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(study_name)
+    runs = client.search_runs([experiment.experiment_id], max_results=50000) if experiment else []
+    parents = [r for r in runs if r.data.tags.get("study.role") == "parent"]
+    children: dict[int, list] = {}
+    for run in runs:
+        if "optuna.trial_number" in run.data.tags:
+            children.setdefault(int(run.data.tags["optuna.trial_number"]), []).append(run)
+    counts, problems = Counts(trials=len(trials)), []
+
+    def lost(why):
+        counts.lost += 1
+        problems.append(f"lost: {why}")
+
+    def doubled(why, n=1):
+        counts.duplicates += n
+        problems.append(f"duplicate: {why}")
+
+    numbers = [t.number for t in trials]
+    if len(set(numbers)) != len(numbers):
+        doubled(f"trial numbers repeat: {numbers}", len(numbers) - len(set(numbers)))
+    for trial in trials:
+        if not trial.state.is_finished():
+            lost(f"trial {trial.number} left {trial.state.name}")
+            continue
+        found = children.get(trial.number, [])
+        if not found:
+            lost(f"trial {trial.number} ({trial.state.name}) has no MLflow run")
+            continue
+        if len(found) > 1:
+            doubled(f"trial {trial.number} has {len(found)} MLflow runs", len(found) - 1)
+        run = found[0]
+        interrupted = bool(trial.user_attrs.get("interrupted")) or run.data.tags.get("optuna.fail_reason", "").startswith("worker stopped sending heartbeats")
+        expected = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "KILLED" if interrupted else "FAILED"}[trial.state.name]
+        if run.info.status != expected:
+            problems.append(f"trial {trial.number} ({trial.state.name}): MLflow status {run.info.status}, expected {expected}")
+        if run.data.tags.get("optuna.state") != trial.state.name:
+            problems.append(f"trial {trial.number}: MLflow tag optuna.state {run.data.tags.get('optuna.state')}, Optuna {trial.state.name}")
+        if "fail_reason" in trial.user_attrs and run.data.tags.get("optuna.fail_reason") != trial.user_attrs["fail_reason"]:
+            problems.append(f"trial {trial.number}: fail reason {run.data.tags.get('optuna.fail_reason')!r} in MLflow, {trial.user_attrs['fail_reason']!r} in Optuna")
+        if trial.state == TrialState.COMPLETE:
+            if run.data.metrics.get("val_accuracy") != trial.values[0]:
+                problems.append(f"trial {trial.number}: val_accuracy {run.data.metrics.get('val_accuracy')} in MLflow, {trial.values[0]} in Optuna")
+            if run.data.metrics.get("test_accuracy") != trial.user_attrs.get("test_accuracy"):
+                problems.append(f"trial {trial.number}: test_accuracy differs between MLflow and Optuna")
+        if "mlflow_run_id" in trial.user_attrs and trial.user_attrs["mlflow_run_id"] != run.info.run_id:
+            problems.append(f"trial {trial.number}: user attr mlflow_run_id is not its run")
+        for name, value in trial.params.items():
+            if name in run.data.params and run.data.params[name] != str(value):
+                problems.append(f"trial {trial.number}: param {name} {run.data.params[name]} in MLflow, {value} in Optuna")
+        if interrupted:
+            retries = [t for t in trials if t.user_attrs.get("retry_of") == trial.number or t.system_attrs.get("failed_trial") == trial.number]
+            if not retries:
+                lost(f"interrupted trial {trial.number} never ran again")
+            elif len(retries) > 1:
+                doubled(f"interrupted trial {trial.number} ran again {len(retries)} times", len(retries) - 1)
+            elif trial.params and retries[0].params != trial.params:
+                problems.append(f"trial {trial.number}: its retry has other params")
+    for number in sorted(set(children) - set(numbers)):
+        doubled(f"MLflow run for trial {number}, which Optuna does not hold")
+    for run in runs:
+        if run.info.status == "RUNNING":
+            problems.append(f"MLflow run {run.info.run_name} left RUNNING")
+    if len(parents) != 1:
+        problems.append(f"{len(parents)} parent runs")
+    if total is not None:
+        done = count_done(trials)
+        if done < total:
+            lost(f"the study holds {done} finished trials of {total}")
+        elif done > total:
+            doubled(f"the study holds {done} finished trials, {total} asked", done - total)
+    if problems:
+        pytest.fail("\n".join(problems))
+    return counts
+
+
+# ---- processes ----
+
+def journal(home: Path):
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(home / "optuna.journal")))
+
+
+def sqlite_uri(home: Path) -> str:
+    return f"sqlite:///{(home / 'mlflow.db').resolve()}"
+
+
+class ForkServer:
+    """`python -m study` commands as forked processes (see forkserver.py)."""
+
+    def __init__(self):
+        self.process = subprocess.Popen([sys.executable, str(Path(__file__).parent / "forkserver.py")], cwd=ROOT, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert self.process.stdout.readline().strip() == "ready"
+        self.count = 0
+
+    def start(self, argv: list[str], log_dir: Path, env: dict | None = None) -> Command:
+        self.count += 1
+        log = log_dir / f"command-{self.count}.log"
+        environment = {**os.environ, "COLUMNS": "200", **(env or {})}
+        self.process.stdin.write(json.dumps({"argv": argv, "log": str(log), "env": environment}) + "\n")
+        self.process.stdin.flush()
+        return Command(int(self.process.stdout.readline()), log)
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait(30)
+
+
+@dataclass
+class Command:
+    pid: int
+    log: Path
+
+    def alive(self) -> bool:
+        return not Path(f"{self.log}.rc").exists()
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout: float = 180) -> int:
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            assert time.monotonic() < deadline, f"command {self.pid} still running: {self.output()[-2000:]}"
+            time.sleep(0.05)
+        return int(Path(f"{self.log}.rc").read_text())
+
+    def output(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+@pytest.fixture(scope="session")
+def forks():
+    server = ForkServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def lenet_spec(tmp_path):
+    path = tmp_path / "kill.toml"
+    path.write_text(LENET_SPEC)
+    return path
+
+
+def wait_until(condition, timeout: float = 120, what: str = "condition", alive=None):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if alive is not None and not alive():
+            return None
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def postgres_db():
+    """A fresh PostgreSQL database (Optuna storage), dropped afterwards; yields (url, admin connection)."""
+    import psycopg
+
+    name = f"issue9_{secrets.token_hex(4)}"
+    admin = psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True)
+    admin.execute(f'CREATE DATABASE "{name}"')
+    url = f"postgresql://postgres@127.0.0.1:5432/{name}"
+    optuna.storages.RDBStorage(url).engine.dispose()  # the tables, before processes race to create them
+    try:
+        yield url, name, admin
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` subprocess on a SQLite store, that can be stopped and started again on its port."""
+
+    def __init__(self, directory: Path):
+        self.directory, self.port, self.process = directory, free_port(), None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        log = open(self.directory / "server.log", "a")  # noqa: SIM115 -- kept by the server process
+        self.process = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.directory / 'mlflow.db'}",
+                                         "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+                                         "--default-artifact-root", (self.directory / "artifacts").as_uri()],
+                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 180
+        while True:
+            assert self.process.poll() is None, (self.directory / "server.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2)
+                return
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)  # the server and its uvicorn worker, at once
+            self.process.wait(30)
+        self.process = None

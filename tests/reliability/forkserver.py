@@ -1,0 +1,78 @@
+"""Start `python -m study` commands fast: one interpreter imports torch, Optuna, MLflow and the project
+once, then forks a process per command (one JSON request per stdin line, its pid on stdout).
+
+Each child is a real process running `study.cli.main(argv)`, so kill -9 and signals hit it as they hit a
+user's launch; only the 5-10 s of imports are skipped. This process never runs torch itself, so the forked
+children start with fresh thread pools. It reaps its children at once (a zombie would still look alive to
+the launcher's dead-process check) and writes each exit code to `<log>.rc`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import traceback
+
+import mlflow  # noqa: F401
+import optuna  # noqa: F401
+import torch  # noqa: F401
+
+import dashboards  # noqa: F401 -- imported once here, for every forked command
+import study.cli
+import study.launch
+import study.reconcile
+
+logs: dict[int, str] = {}
+
+
+def reap(signum, frame) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        code = os.waitstatus_to_exitcode(status)
+        with open(logs.pop(pid, f"/tmp/forkserver-{pid}.log") + ".rc", "w") as rc:
+            rc.write(str(code))
+
+
+def run(request: dict) -> None:
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.environ.clear()
+    os.environ.update(request["env"])
+    try:
+        code = study.cli.main(request["argv"])
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 1
+    except BaseException:  # noqa: BLE001 -- shown in the log, which the tests search for tracebacks
+        traceback.print_exc()
+        code = 99
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def main() -> None:
+    signal.signal(signal.SIGCHLD, reap)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # record the log before the child can end
+        pid = os.fork()
+        if pid == 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+            run(request)
+        logs[pid] = request["log"]
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        print(pid, flush=True)
+
+
+if __name__ == "__main__":
+    main()

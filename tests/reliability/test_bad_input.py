@@ -1,0 +1,202 @@
+"""Bad input through the CLI as a user types it: one line on stderr naming the problem, a non-zero exit,
+and nothing written (no study home, no new study in the storage). tests/test_cli.py, test_specs.py and
+test_data.py check many of these messages one layer down; here each goes through `main` end to end, and a
+property-based test throws generated arguments and spec files at it: no input may show a traceback."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+from pathlib import Path
+
+import optuna
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import TINY_SPEC
+from reliability.checks import record_bad_inputs
+
+# A spec whose one line is replaced: (what replaces `arch = "vgg11"`, what the error must say).
+SPEC_MISTAKES = {
+    "TOML syntax error": ('arch = "vgg11\n', "line "),
+    "lr <= 0": ('arch = "vgg11"\n[search.lr]\nlow = 0.0\nhigh = 0.1\n', "lr"),
+    "epochs 0": ('arch = "vgg11"\nepochs = 0\n', "epochs"),
+    "unknown architecture": ('arch = "vgg12"\n', "vgg12"),
+    "unknown setting": ('arch = "vgg11"\nlearning_rate = 0.1\n', "learning_rate"),
+}
+
+
+def _tiny_without_lr_search(text: str) -> str:
+    return TINY_SPEC.replace('lr = { low = 0.01, high = 0.1, log = true }\n', "").replace('arch = "vgg11"\n', text)
+
+
+@pytest.fixture(autouse=True)
+def keep_study_home():
+    saved = os.environ.get("STUDY_HOME")
+    yield
+    if saved is None:
+        os.environ.pop("STUDY_HOME", None)
+    else:
+        os.environ["STUDY_HOME"] = saved
+
+
+def _one_line_error(capsys, argv: list[str], *fragments: str) -> str:
+    from study.cli import main
+
+    code = main(argv)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code != 0, (argv, captured.out)
+    assert len(lines) == 1 and lines[0].startswith("error: "), (argv, captured.err)
+    assert "Traceback" not in captured.out + captured.err
+    for fragment in fragments:
+        assert fragment in lines[0], (argv, lines[0])
+    return lines[0]
+
+
+def _data_dir(tmp_path: Path, fashion_dir: Path, broken: str) -> Path:
+    """A copy of the data directory (links) with one file missing, truncated or replaced."""
+    directory = tmp_path / f"data-{broken}"
+    directory.mkdir()
+    files = sorted(p for p in fashion_dir.iterdir() if "idx" in p.name)
+    for path in files:
+        os.symlink(path, directory / path.name)
+    victim = directory / files[0].name
+    victim.unlink()
+    if broken == "truncated":
+        victim.write_bytes(files[0].read_bytes()[:1000] if files[0].suffix == ".gz" else gzip.compress(b"x")[:5])
+        if files[0].suffix != ".gz":
+            victim.rename(victim.with_name(victim.name + ".gz"))
+    elif broken == "wrong":
+        victim.write_bytes(gzip.compress(b"\x00" * 64) if victim.suffix == ".gz" else b"\x00" * 64)  # well-formed, wrong content
+    return directory
+
+
+def test_bad_inputs_are_one_line_errors_that_write_nothing(study_home, tmp_path, capsys, postgres_db):
+    from objectives.data import locate
+
+    url, _, _ = postgres_db
+    studies_before = optuna.get_all_study_names(url)
+    tried = 0
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(TINY_SPEC)
+    cases = [
+        (["launch", "vgg_ratoi"], ["unknown study 'vgg_ratoi'"]),
+        (["show", "never_launched"], ["no study named 'never_launched'"]),
+        (["report", "never_launched"], ["no study named 'never_launched'"]),
+        (["report", "never_launched", "--storage", url], ["no study named 'never_launched'"]),
+        (["launch", str(spec), "--storage", "nosuchdb://x/y"], ["cannot open storage"]),
+        (["launch", str(spec), "--storage", "postgresql://nobody:secret@127.0.0.1:1/none"], ["cannot open storage", "***"]),
+        (["launch", str(spec), "--storage", str(tmp_path / "no" / "such" / "optuna.journal")], ["does not exist"]),
+        (["launch", str(spec), "-o", "/proc/report.html"], ["cannot write in /proc"]),
+        (["launch", str(spec), "--data-dir", str(tmp_path / "nowhere")], ["does not exist"]),
+        (["inspect", "vgg12"], ["vgg12"]),
+        (["inspect", "vgg11", "--resize", "16"], ["32"]),
+    ]
+    for name, (line, message) in SPEC_MISTAKES.items():
+        path = tmp_path / f"{name.replace(' ', '_').replace('<=', 'le')}.toml"
+        path.write_text(_tiny_without_lr_search(line))
+        cases.append((["launch", str(path)], [message]))
+    small = tmp_path / "small.toml"
+    small.write_text(TINY_SPEC.replace("resize = { choices = [32] }", "resize = { choices = [16, 32] }"))
+    cases.append((["launch", str(small)], ["vgg11 needs resize >= 32"]))
+    fashion_dir = locate()
+    for broken, message in (("missing", "is missing"), ("truncated", "is truncated"), ("wrong", "is not the genuine Fashion-MNIST file")):
+        cases.append((["launch", str(spec), "--data-dir", str(_data_dir(tmp_path, fashion_dir, broken))], [message]))
+    for argv, fragments in cases:
+        _one_line_error(capsys, argv, *fragments)
+        tried += 1
+        assert not study_home.exists(), f"{argv} created the study home"
+    # A study home that cannot be created.
+    os.environ["STUDY_HOME"] = "/proc/studies"
+    try:
+        _one_line_error(capsys, ["launch", str(spec), "--storage", url], "cannot create the study home")
+        tried += 1
+    finally:
+        os.environ["STUDY_HOME"] = str(study_home)
+    assert optuna.get_all_study_names(url) == studies_before
+    record_bad_inputs(tried, 0)
+
+
+# ---- property-based: generated arguments and spec files never produce a traceback ----
+
+WORDS = st.sampled_from(["launch", "show", "report", "inspect", "list", "export", "worker", "ui", "vgg_ratio", "zoo", "lenet", "vgg11", "nope",
+                         "--trials", "--storage", "--preset", "--top", "--resize", "--ratio", "--workers", "--objective", "--cost",
+                         "--sampler", "--pruner", "--format", "-o", "0", "-1", "3", "1e9", "abc", "sqlite:///", "x.html", "", "::", "%s"])
+VALUES = st.one_of(st.integers(-5, 300), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8), st.booleans(),
+                   st.lists(st.integers(-2, 64), max_size=3))
+KEYS = st.sampled_from(["arch", "lr", "epochs", "resize", "ratio", "batch_size", "low", "high", "choices", "log", "name", "step", "n_train"])
+TABLES = st.sampled_from(["fixed", "search", "search.lr", "search.resize", "pruner", "sampler", "presets.smoke", "conditional.vgg11", "enqueue"])
+GENERATED = {"tried": 0, "tracebacks": 0}
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else ("inf" if value == math.inf else "-inf" if value == -math.inf else repr(value))
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)
+
+
+@st.composite
+def spec_files(draw) -> str:
+    lines = ['description = "generated"']
+    for _ in range(draw(st.integers(0, 4))):
+        lines.append(f"[{draw(TABLES)}]")
+        for _ in range(draw(st.integers(0, 4))):
+            lines.append(f"{draw(KEYS)} = {_toml_value(draw(VALUES))}")
+    if draw(st.booleans()):  # sometimes plain garbage
+        lines.insert(draw(st.integers(0, len(lines))), draw(st.text(max_size=12)))
+    return "\n".join(lines) + "\n"
+
+
+def _no_traceback(capsys, argv: list[str]) -> None:
+    from study.cli import main
+
+    try:
+        main(argv)
+    except SystemExit:
+        pass  # argparse: usage and exit 2, as every CLI does for an unknown flag
+    captured = capsys.readouterr()
+    GENERATED["tried"] += 1
+    if "Traceback" in captured.out + captured.err or "(run with --debug" in captured.err:
+        GENERATED["tracebacks"] += 1
+        pytest.fail(f"{argv}: {captured.err[-2000:]}")
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(spec=spec_files(), extra=st.lists(WORDS, max_size=3))
+def test_generated_spec_files_never_show_a_traceback(spec, extra, tmp_path_factory, capsys):
+    home = tmp_path_factory.mktemp("generated")
+    path = home / "generated.toml"
+    path.write_text(spec)
+    os.environ["STUDY_HOME"] = str(home / "studies")
+    # `show` of a study that was never launched, and a launch that must fail validation before training
+    # (its storage URL cannot be opened), so no example trains.
+    _no_traceback(capsys, ["show", str(path)])
+    _no_traceback(capsys, ["launch", str(path), *extra, "--storage", "nosuchdb://x/y"])
+    assert not (home / "studies").exists()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(argv=st.lists(WORDS, min_size=1, max_size=5))
+def test_generated_command_lines_never_show_a_traceback(argv, tmp_path_factory, capsys):
+    if argv[0] in ("launch", "worker", "ui") or "launch" in argv[:1]:
+        argv = [*argv, "--storage", "nosuchdb://x/y"]  # stop before training or serving
+    if argv[0] == "ui":
+        return
+    home = tmp_path_factory.mktemp("argv")
+    os.environ["STUDY_HOME"] = str(home / "studies")
+    _no_traceback(capsys, argv)
+
+
+def test_zz_record_generated_inputs():
+    """Runs after the generated tests (file order): their counts go into the figures."""
+    record_bad_inputs(GENERATED["tried"], GENERATED["tracebacks"])
+    assert GENERATED["tried"] > 0 and GENERATED["tracebacks"] == 0

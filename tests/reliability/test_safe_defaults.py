@@ -1,0 +1,72 @@
+"""Safe defaults: servers bind 127.0.0.1, specs are data, and no password reaches logs, MLflow or reports."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from conftest import ROOT
+from reliability.checks import LENET_SPEC, check_consistent, record_fault, sqlite_uri
+
+SECRET = "s3cr3t-pw"
+
+
+def test_servers_bind_localhost_unless_told_otherwise():
+    from study.cli import build_parser
+
+    assert build_parser().parse_args(["ui"]).host == "127.0.0.1"
+    source = (ROOT / "study" / "cli.py").read_text()
+    assert '"--host", args.host' in source  # the MLflow UI is started on that host and no other
+    assert "0.0.0.0" not in source
+
+
+def test_specs_are_parsed_as_data(tmp_path, capsys):
+    """No eval, exec or pickle anywhere in the package; a spec that would be code if evaluated is only a bad value."""
+    for path in [*(ROOT / "study").glob("*.py"), *(ROOT / "objectives").glob("*.py"), *(ROOT / "dashboards").glob("*.py")]:
+        tree = ast.parse(path.read_text())
+        calls = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+        imports = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom) for alias in node.names}
+        imports |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert not calls & {"eval", "exec", "compile", "__import__"}, path
+        assert not imports & {"pickle", "marshal", "shelve", "dill", "cloudpickle"}, path
+    assert "tomllib.load" in (ROOT / "study" / "specs.py").read_text()
+    marker = tmp_path / "evaluated"
+    spec = tmp_path / "evil.toml"
+    spec.write_text(LENET_SPEC.replace('arch = "lenet"', f'arch = "__import__(\'pathlib\').Path(\'{marker}\').touch()"')
+                    .replace("lr = { low = 0.01, high = 0.1, log = true }", 'lr = { low = "1/0", high = "exit()" }'))
+    from study.cli import main
+
+    assert main(["launch", str(spec), "--storage", "nosuchdb://x/y"]) == 1
+    assert capsys.readouterr().err.startswith("error: ")
+    assert not marker.exists()
+
+
+def test_storage_password_never_shown(forks, study_home, tmp_path, postgres_db):
+    """A PostgreSQL URL with a password (trust auth accepts it) through a whole launch, `show` and the report."""
+    url, _, _ = postgres_db
+    secret_url = url.replace("postgres@", f"postgres:{SECRET}@")
+    spec = tmp_path / "secret.toml"
+    spec.write_text(LENET_SPEC)
+    env = {"STUDY_HOME": str(study_home)}
+    launch = forks.start(["launch", str(spec), "--trials", "1", "--preset", "smoke", "--storage", secret_url], tmp_path, env)
+    assert launch.wait() == 0, launch.output()
+    shown = forks.start(["show", "secret", "--storage", secret_url], tmp_path, env)
+    assert shown.wait() == 0
+    failed = forks.start(["show", "secret", "--storage", secret_url.replace("127.0.0.1:5432", "127.0.0.1:1")], tmp_path, env)
+    assert failed.wait() == 1
+    for command in (launch, shown, failed):
+        assert SECRET not in command.output()
+    assert "postgres:***@" in launch.output() and "postgres:***@" in failed.output()
+    report = (study_home / "reports" / "secret.html").read_text()
+    assert SECRET not in report
+    client = MlflowClient(tracking_uri=sqlite_uri(study_home))
+    experiment = client.get_experiment_by_name("secret")
+    for run in client.search_runs([experiment.experiment_id]):
+        assert SECRET not in repr(run.data.params) + repr(run.data.tags), run.info.run_name
+        for artifact in client.list_artifacts(run.info.run_id):
+            local = Path(client.download_artifacts(run.info.run_id, artifact.path, str(tmp_path)))
+            assert not local.is_file() or SECRET not in local.read_text(errors="replace")
+    assert SECRET not in repr(experiment.tags)
+    record_fault("storage URL with a password (masked everywhere)", 1, check_consistent("secret", url, sqlite_uri(study_home), total=1))
