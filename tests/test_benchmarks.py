@@ -39,8 +39,8 @@ def test_reference_trains_the_same_network_to_a_similar_accuracy(fashion):
 def test_cpu_precision_and_layout_are_resolved_and_reported(fashion):
     result = train(TrainConfig(arch="lenet", lr=0.9, epochs=1, n_train=256, n_val=64, n_test=64), fashion)
     assert result.precision == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
-    assert result.channels_last  # no batch norm in LeNet
-    result = train(TrainConfig(arch="lenet_bn", lr=0.9, epochs=1, n_train=256, n_val=64, n_test=64, precision="fp32"), fashion)
+    assert result.channels_last
+    result = train(TrainConfig(arch="lenet_bn", lr=0.9, epochs=1, n_train=256, n_val=64, n_test=64, precision="fp32", channels_last=False), fashion)
     assert result.precision == "fp32" and not result.channels_last
 
 
