@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -101,3 +106,37 @@ def page(browser):
     context = browser.new_context(viewport={"width": 1366, "height": 900})
     yield context.new_page()
     context.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_up(url: str, process: subprocess.Popen, what: str, log=lambda: "", timeout: float = 180) -> None:
+    """Poll `url` until it answers; fail with `log()` if `process` ends first, or after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert process.poll() is None, log()
+            assert time.monotonic() < deadline, f"{what} did not come up in {timeout:g} s"
+            time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def postgres_database(prefix: str):
+    """A fresh database on the local PostgreSQL server, dropped afterwards; yields its URL."""
+    import psycopg
+
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    admin = psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True)
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()

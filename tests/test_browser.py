@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
 
-from conftest import ARTIFACTS, ROOT, TINY_SPEC, run_cli
+from conftest import ARTIFACTS, ROOT, TINY_SPEC, free_port, run_cli, wait_until_up
 
 
 @pytest.fixture(scope="module")
@@ -48,29 +46,15 @@ def test_report_renders_every_plot_and_sorts(launched, page):
     assert errors == []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ui_serves_the_study_runs_nested(launched, page):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "STUDY_HOME": str(launched)}
     env.pop("MLFLOW_TRACKING_URI", None)
     server = subprocess.Popen([sys.executable, "-m", "study", "ui", "--port", str(port)], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stdout.read()
-                assert time.monotonic() < deadline, "MLflow UI did not come up in 120 s"
-                time.sleep(1)
+        wait_until_up(f"{base}/health", server, "MLflow UI", log=server.stdout.read)
         with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny") as response:
             experiment_id = json.load(response)["experiment"]["experiment_id"]
         request = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", data=json.dumps({"experiment_ids": [experiment_id]}).encode(),

@@ -1,13 +1,12 @@
 """End to end through `python -m study`, as a user runs it: real journal file, real SQLite MLflow store."""
 
-import os
 import re
 
 import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
 
-from conftest import run_cli
+from conftest import postgres_database, run_cli
 
 
 def _mlflow_runs(home, experiment):
@@ -83,23 +82,13 @@ def test_launch_show_report_and_resume(study_home, tiny_spec):
 
 
 def test_postgresql_storage(study_home, tiny_spec):
-    import psycopg
-
-    name = f"study_test_{os.getpid()}"
-    admin = psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True)
-    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.execute(f'CREATE DATABASE "{name}"')
-    url = f"postgresql://postgres@127.0.0.1:5432/{name}"
-    try:
+    with postgres_database("cli") as url:
         result = run_cli("launch", str(tiny_spec), "--trials", "2", "--preset", "smoke", "--storage", url)
         assert result.returncode == 0, result.stderr
         study = optuna.load_study(study_name="tiny", storage=url)
         assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "FAIL"]
         assert run_cli("show", "tiny", "--storage", url).returncode == 0
         optuna.storages.RDBStorage(url).engine.dispose()
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 def _one_line_error(result, *fragments):

@@ -7,14 +7,12 @@ pruner, one startup trial), trial 3 completes.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
-import uuid
 
 import mlflow
 import optuna
@@ -22,7 +20,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import ARTIFACTS, run_cli
+from conftest import ARTIFACTS, free_port, postgres_database, run_cli, wait_until_up
 
 TRACKED_SPEC = """
 description = "tiny study for the MLflow tests: two COMPLETE, one FAIL (diverges), one PRUNED"
@@ -82,65 +80,32 @@ n_startup_trials = 1
 EXPECTED_STATES = {0: ("COMPLETE", "FINISHED"), 1: ("FAIL", "FAILED"), 2: ("PRUNED", "FINISHED"), 3: ("COMPLETE", "FINISHED")}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _postgres_database():
-    """A fresh database on the local PostgreSQL server: (URL, drop function)."""
-    import psycopg
-
-    name = f"issue6_mlflow_{uuid.uuid4().hex[:10]}"
-    admin = psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True)
-    admin.execute(f'CREATE DATABASE "{name}"')
-
-    def drop():
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
-
-    return f"postgresql://postgres@127.0.0.1:5432/{name}", drop
-
-
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def tracked(request, tmp_path_factory):
     """An `mlflow server` on a free port and a tiny study launched against it over HTTP."""
     tmp = tmp_path_factory.mktemp(f"mlflow-{request.param}")
-    if request.param == "sqlite":
-        backend, drop = f"sqlite:///{tmp / 'mlflow.db'}", (lambda: None)
-    else:
-        backend, drop = _postgres_database()
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--artifacts-destination", str(tmp / "artifacts"),
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stdout.read()
-                assert time.monotonic() < deadline, "mlflow server did not come up in 120 s"
-                time.sleep(0.5)
-        spec = tmp / "tracked.toml"
-        spec.write_text(TRACKED_SPEC)
-        home = tmp / "home"
-        result = run_cli("launch", str(spec), "--trials", "4", "--preset", "smoke", "--register", "tracked-best",
-                         env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": uri})
-        assert result.returncode == 0, result.stderr
-        study = optuna.load_study(study_name="tracked", storage=optuna.storages.JournalStorage(
-            optuna.storages.journal.JournalFileBackend(str(home / "optuna.journal"))))
-        yield {"uri": uri, "client": MlflowClient(tracking_uri=uri), "study": study, "stdout": result.stdout, "backend": request.param}
-    finally:
-        os.killpg(server.pid, signal.SIGKILL)  # the server, its uvicorn worker and its job runner; nothing to keep
-        server.wait(timeout=30)
-        drop()
+    with contextlib.ExitStack() as stack:
+        backend = f"sqlite:///{tmp / 'mlflow.db'}" if request.param == "sqlite" else stack.enter_context(postgres_database("mlflow_server"))
+        port = free_port()
+        uri = f"http://127.0.0.1:{port}"
+        log = stack.enter_context(open(tmp / "server.log", "w"))
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--artifacts-destination", str(tmp / "artifacts"),
+                                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                  cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_until_up(f"{uri}/health", server, "mlflow server", log=lambda: (tmp / "server.log").read_text()[-3000:])
+            spec = tmp / "tracked.toml"
+            spec.write_text(TRACKED_SPEC)
+            home = tmp / "home"
+            result = run_cli("launch", str(spec), "--trials", "4", "--preset", "smoke", "--register", "tracked-best",
+                             env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": uri})
+            assert result.returncode == 0, result.stderr
+            study = optuna.load_study(study_name="tracked", storage=optuna.storages.JournalStorage(
+                optuna.storages.journal.JournalFileBackend(str(home / "optuna.journal"))))
+            yield {"uri": uri, "client": MlflowClient(tracking_uri=uri), "study": study, "stdout": result.stdout, "backend": request.param}
+        finally:
+            os.killpg(server.pid, signal.SIGKILL)  # the server, its uvicorn worker and its job runner; nothing to keep
+            server.wait(timeout=30)
 
 
 def _runs(tracked):
@@ -273,7 +238,7 @@ def test_ui_names_the_remote_server(tracked, tmp_path):
 
 
 def test_ui_says_when_the_remote_server_does_not_answer(tmp_path):
-    down = run_cli("ui", env={"STUDY_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_free_port()}"})
+    down = run_cli("ui", env={"STUDY_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
     assert down.returncode == 1 and down.stderr.startswith("error: MLFLOW_TRACKING_URI=http://127.0.0.1:") and len(down.stderr.splitlines()) == 1
     assert "does not answer" in down.stderr and down.stdout == ""
 

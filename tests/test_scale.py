@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import optuna
 import pandas as pd
@@ -19,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, free_port, postgres_database, run_cli, wait_until_up
 
 # One epoch of a tiny VGG: the cheapest trial that still goes through the whole trainer.
 FAST = """
@@ -106,44 +103,22 @@ def test_four_workers_on_the_local_default_storage(study_home, tmp_path):
 @pytest.fixture(scope="module")
 def postgres():
     """A fresh PostgreSQL database for Optuna and one for MLflow, dropped afterwards."""
-    import psycopg
-
-    prefix = f"issue5_{secrets.token_hex(4)}"
-    names = {"optuna": f"{prefix}_optuna", "mlflow": f"{prefix}_mlflow"}
-    admin = psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True)
-    for name in names.values():
-        admin.execute(f'CREATE DATABASE "{name}"')
-    urls = {role: f"postgresql://postgres@127.0.0.1:5432/{name}" for role, name in names.items()}
-    optuna.storages.RDBStorage(urls["optuna"]).engine.dispose()  # Optuna's tables, before several processes race to create them
-    try:
-        yield urls
-    finally:
-        for name in names.values():
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    with postgres_database("scale_optuna") as optuna_url, postgres_database("scale_mlflow") as mlflow_url:
+        optuna.storages.RDBStorage(optuna_url).engine.dispose()  # Optuna's tables, before several processes race to create them
+        yield {"optuna": optuna_url, "mlflow": mlflow_url}
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(postgres, tmp_path_factory):
     """A real `mlflow server` on PostgreSQL, as the README sets it up for several machines."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     artifacts = tmp_path_factory.mktemp("mlartifacts")
     log = open(artifacts / "server.log", "w")  # noqa: SIM115 -- open while the server runs
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres["mlflow"], "--host", "127.0.0.1",
                                "--port", str(port), "--workers", "1", "--default-artifact-root", artifacts.as_uri()],
                               stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert server.poll() is None, (artifacts / "server.log").read_text()
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
+    wait_until_up(f"{url}/health", server, "mlflow server", log=lambda: (artifacts / "server.log").read_text())
     yield url
     server.terminate()
     server.wait(30)

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +22,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import ARTIFACTS, ROOT
+from conftest import ARTIFACTS, ROOT, free_port, postgres_database, wait_until_up
 
 REPEATS = int(os.environ.get("RELIABILITY_REPEATS", "20"))
 SEED = int(os.environ.get("RELIABILITY_SEED", "9"))
@@ -267,25 +264,16 @@ def wait_until(condition, timeout: float = 120, what: str = "condition", alive=N
 
 @pytest.fixture(scope="module")
 def postgres_db():
-    """A fresh PostgreSQL database (Optuna storage), dropped afterwards; yields (url, admin connection)."""
+    """A fresh PostgreSQL database (Optuna storage), dropped afterwards; yields (url, name, admin connection)."""
     import psycopg
 
-    name = f"issue9_{secrets.token_hex(4)}"
-    admin = psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True)
-    admin.execute(f'CREATE DATABASE "{name}"')
-    url = f"postgresql://postgres@127.0.0.1:5432/{name}"
-    optuna.storages.RDBStorage(url).engine.dispose()  # the tables, before processes race to create them
-    try:
-        yield url, name, admin
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    with postgres_database("reliability") as url:
+        optuna.storages.RDBStorage(url).engine.dispose()  # the tables, before processes race to create them
+        admin = psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True)
+        try:
+            yield url, url.rsplit("/", 1)[1], admin
+        finally:
+            admin.close()
 
 
 class MlflowServer:
@@ -301,15 +289,7 @@ class MlflowServer:
                                          "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
                                          "--default-artifact-root", (self.directory / "artifacts").as_uri()],
                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 180
-        while True:
-            assert self.process.poll() is None, (self.directory / "server.log").read_text()[-3000:]
-            try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=2)
-                return
-            except OSError:
-                assert time.monotonic() < deadline, "mlflow server did not start"
-                time.sleep(0.3)
+        wait_until_up(f"{self.url}/health", self.process, "mlflow server", log=lambda: (self.directory / "server.log").read_text()[-3000:])
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
