@@ -22,6 +22,7 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -50,6 +51,17 @@ QUICK_DIVISOR = 8  # --quick: an eighth of the examples, at least one batch
 
 # Dense bf16 peak of the GPUs we are lent, in FLOP/s, from the vendors' data sheets (without sparsity).
 BF16_PEAK = {"H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+
+
+def cpu_name() -> str:
+    """The CPU's model name where Linux tells it (platform.processor() is often empty there)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
 
 
 def bf16_peak(device_name: str) -> float | None:
@@ -120,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     channels_last = {"auto": None, "on": True, "off": False}[args.channels_last]
 
     data = load_fashion_mnist()
-    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or platform.machine()
+    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else cpu_name()
     print(f"device {args.device} ({device_name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"precision {args.precision}, channels_last {args.channels_last}, compile {args.compile}{', quick' if args.quick else ''}")
     print(f"{'network':<22}{'examples':>9}{'reference ex/s':>16}{'ours ex/s':>11}{'speed-up':>10}{'ref test acc':>14}{'our test acc':>14}{'TFLOP/s':>9}{'MFU':>7}")
