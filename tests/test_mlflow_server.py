@@ -247,7 +247,8 @@ def test_ui_says_when_the_remote_server_does_not_answer(tmp_path):
 def test_run_pages_in_the_browser(tracked):
     """The MLflow UI's pages of the parent run and of the best trial, as a user opens them; screenshots saved."""
     from playwright.sync_api import sync_playwright
-    from test_browser import CHROMIUM, CHROMIUM_ARGS
+
+    from conftest import CHROMIUM, CHROMIUM_ARGS
 
     client, study = tracked["client"], tracked["study"]
     experiment_id = client.get_experiment_by_name("tracked").experiment_id
