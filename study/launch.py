@@ -181,12 +181,17 @@ class Launch:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(self.study)
             failed = self.storage.get_heartbeat_stale_trial_callback().failed
+            any_failed = bool(failed)
             while failed:
                 trial = failed.pop()
                 reason = f"worker stopped sending heartbeats (host {trial.user_attrs.get('host')}, pid {trial.user_attrs.get('pid')})"
                 if run_id := trial.user_attrs.get("mlflow_run_id"):
                     self.tracker.finish_trial(run_id, "INTERRUPTED", reason=reason)
                 self.console.print(f"trial {trial.number}: {reason}; marked FAIL and queued again")
+            if any_failed:
+                # A worker killed between creating its MLflow run and keeping the run's id on the trial leaves a run
+                # only its trial number finds.
+                self._track(reconcile, self.study, self.tracker, self.plan)
             return
         host = socket.gethostname()
         study_id = self.storage.get_study_id_from_name(self.study.study_name)

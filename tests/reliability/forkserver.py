@@ -36,8 +36,10 @@ def reap(signum, frame) -> None:
         if pid == 0:
             return
         code = os.waitstatus_to_exitcode(status)
-        with open(logs.pop(pid, f"/tmp/forkserver-{pid}.log") + ".rc", "w") as rc:
-            rc.write(str(code))
+        rc = logs.pop(pid, f"/tmp/forkserver-{pid}.log") + ".rc"
+        with open(f"{rc}.tmp", "w") as out:
+            out.write(str(code))
+        os.replace(f"{rc}.tmp", rc)  # whole or absent: the test reads it as soon as the process is gone
 
 
 def run(request: dict) -> None:
