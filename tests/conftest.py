@@ -140,3 +140,10 @@ def postgres_database(prefix: str):
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+def journal(home: Path):
+    """The Optuna journal storage a launch keeps in the study home `home`."""
+    import optuna
+
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(home / "optuna.journal")))

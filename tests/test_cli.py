@@ -6,7 +6,7 @@ import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
 
-from conftest import postgres_database, run_cli
+from conftest import journal, postgres_database, run_cli
 
 
 def _mlflow_runs(home, experiment):
@@ -22,7 +22,7 @@ def test_launch_show_report_and_resume(study_home, tiny_spec):
     assert re.search(r"trial 1: .* -> FAIL \(diverged", first.stdout)
 
     # The Optuna storage holds three finished trials: the enqueued notes' default first, the diverged one FAIL.
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(study_home / "optuna.journal")))
+    storage = journal(study_home)
     study = optuna.load_study(study_name="tiny", storage=storage)
     trials = study.get_trials()
     assert [t.state.name for t in trials][:2] == ["COMPLETE", "FAIL"]

@@ -20,7 +20,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import ARTIFACTS, free_port, postgres_database, run_cli, wait_until_up
+from conftest import ARTIFACTS, free_port, journal, postgres_database, run_cli, wait_until_up
 
 TRACKED_SPEC = """
 description = "tiny study for the MLflow tests: two COMPLETE, one FAIL (diverges), one PRUNED"
@@ -100,8 +100,7 @@ def tracked(request, tmp_path_factory):
             result = run_cli("launch", str(spec), "--trials", "4", "--preset", "smoke", "--register", "tracked-best",
                              env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": uri})
             assert result.returncode == 0, result.stderr
-            study = optuna.load_study(study_name="tracked", storage=optuna.storages.JournalStorage(
-                optuna.storages.journal.JournalFileBackend(str(home / "optuna.journal"))))
+            study = optuna.load_study(study_name="tracked", storage=journal(home))
             yield {"uri": uri, "client": MlflowClient(tracking_uri=uri), "study": study, "stdout": result.stdout, "backend": request.param}
         finally:
             os.killpg(server.pid, signal.SIGKILL)  # the server, its uvicorn worker and its job runner; nothing to keep

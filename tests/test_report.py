@@ -9,7 +9,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from conftest import ARTIFACTS, TINY_SPEC, run_cli
+from conftest import ARTIFACTS, TINY_SPEC, journal, run_cli
 from dashboards import write_report
 from study.cli import main
 
@@ -75,7 +75,7 @@ def home(tmp_path_factory):
         path.write_text(spec)
         result = run_cli("launch", str(path), "--trials", trials, "--preset", "smoke", env=env)
         assert result.returncode == 0, result.stderr
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(home / "optuna.journal")))
+    storage = journal(home)
     states = [t.state for t in optuna.load_study(study_name="pair", storage=storage).get_trials()]
     assert states[:4] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.PRUNED]
     return home
@@ -179,7 +179,7 @@ def _trial(state, arch, lr, values=None, epochs=None):
 @pytest.fixture
 def storage(study_home):
     study_home.mkdir(parents=True)
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(study_home / "optuna.journal")))
+    return journal(study_home)
 
 
 def test_edge_cases_render(storage, study_home, page, capsys):

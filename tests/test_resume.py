@@ -10,7 +10,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, journal, run_cli
 
 # Trials long enough (10 epochs) to be caught mid-training.
 SLOW = """
@@ -28,9 +28,6 @@ name = "none"
 """
 
 
-def _storage(home):
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(home / "optuna.journal")))
-
 
 def _wait_for_running_epoch(home, process, timeout=120):
     """Until the first trial has reported an epoch: the launcher is inside training."""
@@ -39,7 +36,7 @@ def _wait_for_running_epoch(home, process, timeout=120):
         assert process.poll() is None, process.communicate()
         if (home / "optuna.journal").exists():
             try:
-                trials = optuna.load_study(study_name="slow", storage=_storage(home)).get_trials()
+                trials = optuna.load_study(study_name="slow", storage=journal(home)).get_trials()
             except KeyError:
                 trials = []
             if trials and trials[-1].intermediate_values:
@@ -62,13 +59,13 @@ def test_interrupted_launch_resumes_without_loss(study_home, tmp_path, sig):
     if sig == signal.SIGINT:
         assert process.returncode == 130, err
         assert "launch the same command to resume" in out
-    study = optuna.load_study(study_name="slow", storage=_storage(study_home))
+    study = optuna.load_study(study_name="slow", storage=journal(study_home))
     first = study.trials[interrupted]
     assert first.state.name == ("FAIL" if sig == signal.SIGINT else "RUNNING")
 
     resumed = run_cli("launch", str(spec), "--trials", "2", "--preset", "smoke")
     assert resumed.returncode == 0, resumed.stderr
-    trials = optuna.load_study(study_name="slow", storage=_storage(study_home)).get_trials()
+    trials = optuna.load_study(study_name="slow", storage=journal(study_home)).get_trials()
     first = trials[interrupted]
     assert first.state.name == "FAIL" and first.user_attrs["interrupted"]
     assert first.user_attrs["fail_reason"] == ("interrupted" if sig == signal.SIGINT else "worker process died")

@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import ROOT, free_port, postgres_database, run_cli, wait_until_up
+from conftest import ROOT, free_port, journal, postgres_database, run_cli, wait_until_up
 
 # One epoch of a tiny VGG: the cheapest trial that still goes through the whole trainer.
 FAST = """
@@ -52,9 +52,6 @@ name = "none"
 """
 
 
-def _journal(home):
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(home / "optuna.journal")))
-
 
 def _children_by_trial(client: MlflowClient, experiment: str) -> tuple[list, list]:
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=1000)
@@ -84,7 +81,7 @@ def test_four_workers_on_the_local_default_storage(study_home, tmp_path):
     output = result.stdout + result.stderr
     assert "4 workers: cpu, cpu, cpu, cpu" in output
     assert "database is locked" not in output and "Traceback" not in output
-    study = optuna.load_study(study_name="fast", storage=_journal(study_home))
+    study = optuna.load_study(study_name="fast", storage=journal(study_home))
     client = MlflowClient(tracking_uri=f"sqlite:///{study_home / 'mlflow.db'}")
     _check_parallel_study(study, client, 8)
     # Four processes trained; the launcher (one pid) recorded every trial.
@@ -197,7 +194,7 @@ def test_pareto_front_of_accuracy_against_cost(study_home, tmp_path):
     result = run_cli("launch", str(tiny_spec), "--trials", "5", "--preset", "smoke", "--objective", "accuracy,cost", "--cost", "train_flops")
     assert result.returncode == 0, result.stderr
     assert "no pruning" in result.stdout
-    study = optuna.load_study(study_name="tiny", storage=_journal(study_home))
+    study = optuna.load_study(study_name="tiny", storage=journal(study_home))
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
     shown = run_cli("show", "tiny")
     assert shown.returncode == 0, shown.stderr
@@ -222,7 +219,7 @@ def test_grid_sampler_runs_every_combination(study_home, tmp_path):
                     .replace("batch_size = 32\n", "").replace('[pruner]\nname = "none"', '[pruner]\nname = "hyperband"\n[sampler]\nname = "random"'))
     result = run_cli("launch", str(spec), "--trials", "4", "--preset", "smoke", "--sampler", "grid")
     assert result.returncode == 0, result.stderr
-    study = optuna.load_study(study_name="grid", storage=_journal(study_home))
+    study = optuna.load_study(study_name="grid", storage=journal(study_home))
     assert sorted((t.params["lr"], t.params["batch_size"]) for t in study.trials) == [(0.02, 32), (0.02, 64), (0.05, 32), (0.05, 64)]
     assert study.user_attrs["pruner"] == "hyperband" and study.user_attrs["sampler"] == "grid"
 
@@ -275,7 +272,7 @@ def test_ctrl_c_stops_every_worker_cleanly(study_home, tmp_path):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         if (study_home / "optuna.journal").exists():
             try:
-                trials = optuna.load_study(study_name="slow", storage=_journal(study_home)).get_trials()
+                trials = optuna.load_study(study_name="slow", storage=journal(study_home)).get_trials()
             except KeyError:
                 trials = []
             if len([t for t in trials if t.intermediate_values]) == 2:
@@ -285,7 +282,7 @@ def test_ctrl_c_stops_every_worker_cleanly(study_home, tmp_path):
     out, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
     assert "will run again" in out
-    trials = optuna.load_study(study_name="slow", storage=_journal(study_home)).get_trials()
+    trials = optuna.load_study(study_name="slow", storage=journal(study_home)).get_trials()
     interrupted = [t for t in trials if t.state == TrialState.FAIL]
     assert len(interrupted) == 2 and all(t.user_attrs["fail_reason"] == "interrupted" for t in interrupted)
     # Each is queued again with its params; nothing is left RUNNING, in Optuna or in MLflow.

@@ -6,7 +6,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import run_cli
+from conftest import journal, run_cli
 from objectives import TrainConfig, train
 from study.specs import available
 
@@ -26,7 +26,7 @@ def test_every_architecture_has_a_study():
 def test_three_smoke_trials_end_to_end(home, name):
     result = run_cli("launch", name, "--trials", "3", "--preset", "smoke", env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": ""})
     assert result.returncode == 0, result.stderr
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(home / "optuna.journal")))
+    storage = journal(home)
     trials = optuna.load_study(study_name=name, storage=storage).get_trials()
     assert len(trials) == 3 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials), [(t.state, t.user_attrs) for t in trials]
     client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")

@@ -184,10 +184,6 @@ def check_consistent(study_name: str, storage, tracking_uri: str, total: int | N
 
 # ---- processes ----
 
-def journal(home: Path):
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(home / "optuna.journal")))
-
-
 def sqlite_uri(home: Path) -> str:
     return f"sqlite:///{(home / 'mlflow.db').resolve()}"
 

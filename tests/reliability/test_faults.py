@@ -9,7 +9,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from reliability.checks import LENET_SPEC, MlflowServer, check_consistent, journal, record_fault, sqlite_uri, wait_until
+from conftest import journal
+from reliability.checks import LENET_SPEC, MlflowServer, check_consistent, record_fault, sqlite_uri, wait_until
 
 # Three epochs of LeNet on 1,024 images: an epoch is reported well before the trial ends.
 EPOCHS_SPEC = LENET_SPEC.replace("n_train = 256", "n_train = 1024").replace("epochs = 1", "epochs = 3")

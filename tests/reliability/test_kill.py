@@ -10,7 +10,8 @@ from functools import partial
 
 from optuna.trial import TrialState
 
-from reliability.checks import REPEATS, SEED, Counts, check_consistent, journal, record_fault, sqlite_uri, wait_until
+from conftest import journal
+from reliability.checks import REPEATS, SEED, Counts, check_consistent, record_fault, sqlite_uri, wait_until
 
 PHASES = ("trial", "mlflow", "report")
 WORKER_REPEATS = max(1, REPEATS * 3 // 10)
