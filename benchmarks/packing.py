@@ -70,7 +70,7 @@ def trials_per_hour(configs: list[TrainConfig], packing: int) -> tuple[float, fl
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.packing", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--preset", choices=["smoke", "full"], help="default: full on CUDA, smoke on CPU")
+    parser.add_argument("--preset", choices=["cpu", "full"], help="default: full on CUDA, cpu without")
     parser.add_argument("--packing", type=int, action="append", help="trials at a time; repeat (default: 1, 2, 4)")
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--max-epochs", type=int, default=2)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.trials < 1 or args.max_epochs < 1 or min(packings) < 1:
         print("error: --trials, --max-epochs and --packing must be >= 1", file=sys.stderr)
         return 1
-    preset = args.preset or ("full" if args.device == "cuda" else "smoke")
+    preset = args.preset or ("full" if args.device == "cuda" else "cpu")
     configs = draw_configs(preset, args.trials, args.max_epochs, seed=0, device=args.device, quick=args.quick)
     print(f"vgg_ratio preset {preset}, {args.trials} trials of at most {args.max_epochs} epochs on {args.device}, torch {torch.__version__}")
     base = None

@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch = commands.add_parser("launch", help="run (or resume) a study")
     launch.add_argument("name", help="a shipped study (see `list`) or a path to a .toml spec")
     launch.add_argument("--trials", type=int, default=50, help="the study's total number of trials (default: 50); a relaunch runs only what is missing")
-    launch.add_argument("--preset", choices=["smoke", "full"], help="smoke: data subset, capped resize and epochs; full: the real thing (default: full on CUDA, smoke on CPU)")
+    launch.add_argument("--preset", choices=["cpu", "full"], help="cpu: the spec's budget for a machine without a GPU (data subsets, narrower ranges); full: the notes' data and ranges (default: full on CUDA, cpu without)")
     launch.add_argument("--storage", help=storage_help)
     launch.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     launch.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files (default: $FASHION_MNIST_DIR, the cache, Debian's package)")

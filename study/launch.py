@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from objectives import DeviceOutOfMemoryError, DivergedError, FashionMNIST, TrainResult, load_fashion_mnist, train
 from study.pool import Worker, WorkerDied, cpu_threads
 from study.reconcile import reconcile
-from study.specs import Plan, SpecError
+from study.specs import PRESETS, Plan, SpecError
 from study.storage import claim_lock, heartbeat_enabled, mask
 from study.tracking import Tracker
 
@@ -50,7 +50,7 @@ def choose_preset(requested: str | None) -> tuple[str, str]:
         return requested, "as requested"
     if torch.cuda.is_available():
         return "full", f"CUDA device {torch.cuda.get_device_name(0)} found"
-    return "smoke", "no CUDA device, so a data subset with capped resize and epochs (use --preset full for the real study)"
+    return "cpu", "no CUDA device, so the spec's CPU budget: data subsets and narrower ranges (use --preset full for the real study)"
 
 
 def count_done(trials: list[optuna.trial.FrozenTrial]) -> int:
@@ -89,44 +89,10 @@ def make_sampler(settings: dict, plan: Plan) -> optuna.samplers.BaseSampler:
     if name == "tpe":
         settings.setdefault("constant_liar", True)  # parallel trials do not all draw the same point
     if name == "grid":
-        return GridSampler(grid_space(plan), **settings)
+        return GridSampler(plan.grid(), **settings)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return SAMPLERS[name](**settings)
-
-
-def grid_space(plan: Plan) -> dict[str, list]:
-    """Every value of every searched setting, for the grid sampler: choices, or integer ranges."""
-    if plan.conditional:
-        raise SpecError(f"{plan.spec.name}: the grid sampler cannot search ranges that depend on the architecture ([conditional])")
-    space = {}
-    for name, dist in plan.search.items():
-        if "choices" in dist:
-            space[name] = list(dist["choices"])
-        elif isinstance(dist["low"], int) and isinstance(dist["high"], int) and not dist.get("log"):
-            space[name] = list(range(dist["low"], dist["high"] + 1, dist.get("step", 1)))
-        else:
-            raise SpecError(f"{plan.spec.name}: the grid sampler needs choices or an integer range for {name}; got {dist}")
-    return space
-
-
-def suggest(trial: optuna.Trial, plan: Plan) -> dict:
-    """The trial's params: the spec's search, then the ranges that depend on the drawn architecture."""
-    params = {}
-    for name, dist in plan.search.items():
-        params[name] = _suggest_one(trial, name, dist)
-    arch = params.get("arch", plan.fixed.get("arch"))
-    for name, dist in plan.conditional.get(arch, {}).items():
-        params[name] = _suggest_one(trial, name, dist)
-    return params
-
-
-def _suggest_one(trial: optuna.Trial, name: str, dist: dict):
-    if "choices" in dist:
-        return trial.suggest_categorical(name, dist["choices"])
-    if isinstance(dist["low"], int) and isinstance(dist["high"], int):
-        return trial.suggest_int(name, dist["low"], dist["high"], step=dist.get("step", 1), log=dist.get("log", False))
-    return trial.suggest_float(name, dist["low"], dist["high"], step=dist.get("step"), log=dist.get("log", False))
 
 
 def _alive(pid: int) -> bool:
@@ -222,8 +188,8 @@ class Launch:
             self.in_flight.add(trial._trial_id)
             trial.set_user_attr("host", socket.gethostname())
             trial.set_user_attr("pid", os.getpid())
-            params = suggest(trial, self.plan)
-            config = self.plan.config(params)
+            config = self.plan.trial_config(trial)
+            params = trial.params
             if device is not None:
                 config = dataclasses.replace(config, device=device)
             run_id = self._track(self.tracker.start_trial, trial.number, config, params, self.data)
@@ -454,8 +420,11 @@ class Launch:
 
 
 def check_preset_matches(study: optuna.Study, preset: str) -> None:
-    """A study keeps the preset it was created with; mixing smoke and full trials would corrupt its comparisons."""
+    """A study keeps the preset it was created with; mixing cpu and full trials would corrupt its comparisons."""
     recorded = study.user_attrs.get("preset")
+    if recorded is not None and recorded not in PRESETS:
+        raise SpecError(f"study {study.study_name} was created with preset {recorded!r}, which no longer exists (presets: {', '.join(PRESETS)}); "
+                        "launch it under another name or --storage")
     if recorded is None:
         study.set_user_attr("preset", preset)
     elif recorded != preset:
