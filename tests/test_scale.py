@@ -295,7 +295,7 @@ def test_ctrl_c_stops_every_worker_cleanly(study_home, tmp_path):
 
 
 def test_samplers_and_pruners_from_the_spec(tmp_path):
-    from study.launch import make_pruner, make_sampler
+    from study.session import make_pruner, make_sampler
     from study.specs import SpecError, load_spec, resolve
 
     path = tmp_path / "gp.toml"
