@@ -247,6 +247,8 @@ def _importances(study: optuna.Study, target) -> dict[str, float] | str:
         with warnings.catch_warnings():
             # With a target, Optuna's default evaluator asks for one to minimise, which -accuracy is; it warns regardless.
             warnings.filterwarnings("ignore", message=".*importances of params to achieve low `target` values")
+            # Few trials: every trial falls in both quantiles, and the importances say so by being equal.
+            warnings.filterwarnings("ignore", message="Target and region quantiles select the same set of trials")
             values = optuna.importance.get_param_importances(study, target=target)
     except (ValueError, RuntimeError, ZeroDivisionError) as error:
         return f"{study.study_name}: Optuna could not compute parameter importances ({str(error).splitlines()[0]})."

@@ -8,6 +8,7 @@ Heavy imports (torch, optuna, mlflow) happen inside the commands, so `--help` is
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -47,11 +48,11 @@ def _report_output(output: str | None, default: Path) -> Path:
 
 
 def _console():
-    """Rich console; off a terminal (logs, make), wide and without hard wraps so lines stay greppable."""
+    """Rich console; off a terminal (logs, make), wide and without hard wraps so lines stay greppable, unless $COLUMNS says a width."""
     from rich.console import Console
 
     console = Console(soft_wrap=True)
-    if not console.is_terminal:
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
         console.width = 160
     return console
 
@@ -112,7 +113,7 @@ def _launch(args, request, spec, slots: list[str], output: Path | None) -> int:
     from study.launch import run_launch
     from study.session import open_session
     from study.storage import default_storage_url, home, make_home, mask
-    from study.tracking import Tracker, tracking_uri, ui_url
+    from study.tracking import PICKLE_NOTE, Tracker, tracking_uri, ui_url
 
     verify(args.data_dir)  # fail on missing, truncated or wrong data files before anything is written
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -128,6 +129,8 @@ def _launch(args, request, spec, slots: list[str], output: Path | None) -> int:
     tracker = Tracker(spec.name, uri, artifact_root=home() / "mlartifacts")
     if not request.join:
         tracker.describe_study(spec.path.read_text(), settings.preset, storage_label, type(study.sampler).__name__, type(study.pruner).__name__)
+    if args.log_model != "none":
+        console.print(PICKLE_NOTE)
     if len(slots) > 1:
         console.print(f"{len(slots)} workers: {', '.join('cpu' if d == 'auto' else d for d in slots)}")
     try:
@@ -169,17 +172,19 @@ def _register_best(tracker, study, name: str, console) -> None:
 
 
 def cmd_list(args) -> int:
-    from study.specs import available, load_spec
+    from study.session import choose_preset
+    from study.specs import available, load_spec, resolve
 
+    # The ranges a launch on this machine samples from: the preset it would pick, or the one asked for.
+    preset, reason = choose_preset(args.preset)
+    print(f"search spaces of preset {preset}: {reason}")
     for name in available():
-        spec = load_spec(name)
-        print(f"{name:22} {spec.summary()}")
+        print(f"{name:22} {resolve(load_spec(name), preset).summary()}")
     return 0
 
 
 def cmd_show(args) -> int:
     from optuna.trial import TrialState
-    from rich.table import Table
 
     study = _open_study(args.name, args.storage)
     trials = study.get_trials(deepcopy=False)
@@ -192,10 +197,9 @@ def cmd_show(args) -> int:
     if not done:
         console.print("no completed trials yet")
         return 0
-    table = Table(title=f"best {min(args.top, len(done))} trials by validation accuracy")
     param_names = sorted({name for t in done for name in t.params})
-    for column in ["trial", *param_names, "val_accuracy", "test_accuracy", "epochs_run", "train_seconds"]:
-        table.add_column(column, justify="right")
+    table = _table(f"best {min(args.top, len(done))} trials by validation accuracy",
+                   ["trial", *param_names, "val_accuracy", "test_accuracy", "epochs_run", "train_seconds"])
     for t in done[:args.top]:
         params = [f"{t.params[n]:.4g}" if isinstance(t.params.get(n), float) else str(t.params.get(n, "")) for n in param_names]
         table.add_row(str(t.number), *params, f"{t.value:.4f}", f"{t.user_attrs.get('test_accuracy', float('nan')):.4f}",
@@ -204,19 +208,28 @@ def cmd_show(args) -> int:
     return 0
 
 
+def _table(title: str, columns: list[str]):
+    """A table whose headers wrap after their underscores instead of being cut short in a narrow terminal."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for column in columns:
+        table.add_column(column.replace("_", "_\n"), justify="right", min_width=max(len(part) for part in column.split("_")))
+    return table
+
+
 def _show_pareto(study, console) -> int:
     """A multi-objective study: its Pareto front (Optuna's best_trials), cheapest first."""
-    from rich.table import Table
 
     cost = study.user_attrs.get("objective", "accuracy,cost").split(",")[1]
     front = sorted(study.best_trials, key=lambda t: t.values[1])
     if not front:
         console.print("no completed trials yet")
         return 0
-    table = Table(title=f"Pareto front: {len(front)} trials, none beaten on both val_accuracy (max) and {cost} (min)")
     param_names = sorted({name for t in front for name in t.params})
-    for column in ["trial", *param_names, "val_accuracy", cost, "test_accuracy"]:
-        table.add_column(column, justify="right")
+    table = _table(f"Pareto front: {len(front)} trials, none beaten on both val_accuracy (max) and {cost} (min)",
+                   ["trial", *param_names, "val_accuracy", cost, "test_accuracy"])
     for t in front:
         params = [f"{t.params[n]:.4g}" if isinstance(t.params.get(n), float) else str(t.params.get(n, "")) for n in param_names]
         table.add_row(str(t.number), *params, f"{t.values[0]:.4f}", f"{t.values[1]:.4g}", f"{t.user_attrs.get('test_accuracy', float('nan')):.4f}")
@@ -387,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker_arguments(worker)
 
     listing = commands.add_parser("list", help="show every shipped study and its search space")
+    listing.add_argument("--preset", choices=["cpu", "full"], help="show this preset's ranges (default: the one a launch here would pick)")
     listing.set_defaults(run=cmd_list)
 
     show = commands.add_parser("show", help="print a study's best trials")
@@ -428,6 +442,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
+    except BrokenPipeError:
+        # The reader left (`list | head -1`): what it read is all it wanted. Point stdout at /dev/null so
+        # the interpreter's last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as error:
         if args.debug:
             raise

@@ -1,5 +1,9 @@
 """`python -m study export`: one row per trial, the Optuna side (number, state, values, params, attributes)
-joined with the MLflow side (the child run's status and latest metrics, columns prefixed `mlflow.`)."""
+joined with the MLflow side (the child run's status, and its metrics that the trial does not hold already,
+columns prefixed `mlflow.`).
+
+Column names: `params_<name>` are Optuna's hyperparameters, `param_count` the network's parameter count,
+`config.<name>` the resolved TrainConfig, `duration_seconds` the trial's wall time as a number."""
 
 from __future__ import annotations
 
@@ -20,6 +24,10 @@ def trials_table(study: optuna.Study, uri: str) -> pd.DataFrame:
     cost = study.user_attrs.get("objective", "accuracy").partition(",")[2]
     frame = frame.rename(columns={"value": "val_accuracy", "values_0": "val_accuracy", "values_1": cost})
     frame.columns = [name.removeprefix("user_attrs_") for name in frame.columns]
+    # `params` (the recorded parameter count) would read as a sibling of the params_* hyperparameters.
+    frame = frame.rename(columns={"params": "param_count"})
+    frame["duration"] = frame["duration"].dt.total_seconds()  # a number in CSV, not "0 days 00:00:12.3"
+    frame = frame.rename(columns={"duration": "duration_seconds"})
     if record.CONFIG in frame.columns:
         # The resolved TrainConfig, one column per setting (a nested dict fits neither CSV nor Parquet).
         settings = pd.DataFrame([value if isinstance(value, dict) else {} for value in frame.pop(record.CONFIG)], index=frame.index)
@@ -29,8 +37,10 @@ def trials_table(study: optuna.Study, uri: str) -> pd.DataFrame:
     runs = []
     if experiment is not None:
         found = client.search_runs([experiment.experiment_id], filter_string="tags.`optuna.trial_number` != ''", max_results=50000)
+        # Only the metrics the trial does not record itself (e.g. the last epoch_seconds): no column twice.
+        held = {*frame.columns, "params"}
         runs = [{"mlflow_run_id": run.info.run_id, "mlflow.status": run.info.status,
-                 **{f"mlflow.{key}": value for key, value in run.data.metrics.items()}} for run in found]
+                 **{f"mlflow.{key}": value for key, value in run.data.metrics.items() if key not in held}} for run in found]
     mlflow_frame = pd.DataFrame(runs, columns=["mlflow_run_id", "mlflow.status"] if not runs else None)
     if "mlflow_run_id" not in frame.columns:
         frame["mlflow_run_id"] = None

@@ -163,7 +163,9 @@ class TrialRunner:
         trials = self.study.get_trials(deepcopy=False)
         counts = {state.name: sum(t.state == state for t in trials) for state in record.FINISHED}
         best = max(self.study.best_trials, key=lambda t: t.values[0]) if counts["COMPLETE"] else None  # the most accurate, also on a Pareto front
-        best_metrics = {key: best.user_attrs[key] for key in ("test_accuracy", "train_seconds", "epochs_run", "params") if key in best.user_attrs} if best else None
+        # best_<name> on the parent; the parameter count as param_count, so it does not read like hyperparameters.
+        shown = {"test_accuracy": "test_accuracy", "train_seconds": "train_seconds", "epochs_run": "epochs_run", "param_count": "params"}
+        best_metrics = {name: best.user_attrs[key] for name, key in shown.items() if key in best.user_attrs} if best else None
         self.track(self.tracker.update_parent, best.number if best else None, best.values[0] if best else None, counts, best_metrics,
                    best.user_attrs.get(record.MLFLOW_RUN_ID) if best else None)
 
@@ -325,7 +327,7 @@ class Scheduler:
         else:
             value = trial.values[0]  # for a pruned trial Optuna keeps the last reported val_accuracy
             shown = f" {cost}={trial.values[1]:.4g}" if cost and trial.state == TrialState.COMPLETE else ""
-            outcome = f"{trial.state.name} val_accuracy={value:.4f}{shown} after {trial.user_attrs.get('epochs_run')} epochs, {trial.user_attrs.get('train_seconds', 0):.1f} s"
+            outcome = f"{trial.state.name} val_accuracy={value:.4f}{shown} after {_epochs(trial.user_attrs.get('epochs_run'))}, {trial.user_attrs.get('train_seconds', 0):.1f} s"
         self.progress.console.print(f"trial {trial.number}: {params} -> {outcome}")
 
 
@@ -339,6 +341,10 @@ def run_launch(session: Session, tracker: Tracker, console: Console, devices: li
     if scheduler.timed_out:
         console.print(f"timeout of {timeout:g} s reached after {ran} trials; launch again to continue")
     return ran
+
+
+def _epochs(n) -> str:
+    return f"{n} epoch{'' if n == 1 else 's'}"
 
 
 def report_path(home: Path, names: list[str]) -> Path:

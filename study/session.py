@@ -175,4 +175,10 @@ def open_session(request: Request, spec: Spec) -> Session:
         record = {"preset": preset, "objective": objective, "sampler": settings.sampler["name"], "pruner": settings.pruner["name"], "trials": settings.total}
         for key in RECORDED:
             study.set_user_attr(key, record[key])
+        # Optuna's plots and optuna-dashboard name the objectives after these, instead of "Objective 0".
+        metric_names = ["val_accuracy", settings.cost] if settings.cost else ["val_accuracy"]
+        if study.metric_names != metric_names:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(metric_names)
     return Session(settings=settings, study=study, storage=storage)

@@ -16,6 +16,7 @@ import getpass
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -38,6 +39,9 @@ EPOCH_METRICS = tuple(f.name for f in dataclasses.fields(EpochMetrics) if f.name
 # final one (logging it again would add a second point at that step).
 FINAL_METRICS = tuple(name for name in record.RESULT_FIELDS if name not in EPOCH_METRICS)
 # Optuna state -> MLflow run status. Pruned trials finished normally; their tag says they were pruned.
+# Said once per launch that logs models, in place of MLflow's warning at every save.
+PICKLE_NOTE = ("models are logged as pickled PyTorch modules (mlflow.pytorch.load_model gives the nn.Module back); "
+               "like any pickle, load them only from a tracking store you trust")
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "INTERRUPTED": "KILLED"}
 
 
@@ -165,7 +169,7 @@ class Tracker:
         # The run page's description: the outcome in one sentence.
         note = f"Optuna state {tags[0].value}"
         if result is not None:
-            note += (f": val_accuracy {result.val_accuracy:.4f}, test_accuracy {result.test_accuracy:.4f} after {result.epochs_run} epochs "
+            note += (f": val_accuracy {result.val_accuracy:.4f}, test_accuracy {result.test_accuracy:.4f} after {result.epochs_run} epoch{'' if result.epochs_run == 1 else 's'} "
                      f"({result.train_seconds:.1f} s of training on {result.device_name})")
         tags.append(RunTag("mlflow.note.content", note + (f"; {reason}" if reason else "")))
         metrics = []
@@ -219,9 +223,17 @@ class Tracker:
             path = Path(tmp) / "model"
             mlflow_model = Model(artifact_path=logged.artifact_location, run_id=run_id, model_uuid=logged.model_id, model_id=logged.model_id)
             # Explicit requirements: MLflow would otherwise infer them by loading the model in a subprocess.
-            mlflow.pytorch.save_model(model, str(path), mlflow_model=mlflow_model, signature=signature, input_example=example.numpy(),
-                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], metadata=metadata,
-                                      serialization_format="pickle")  # a plain nn.Module back; MLflow 3 defaults to torch.export
+            # Pickle gives a plain nn.Module back (MLflow 3 defaults to torch.export). MLflow warns about pickle on every
+            # save; the launch says it once instead (PICKLE_NOTE), so the warning stays out of the progress output.
+            pytorch_logger = logging.getLogger("mlflow.pytorch")
+            level = pytorch_logger.level
+            pytorch_logger.setLevel(logging.ERROR)
+            try:
+                mlflow.pytorch.save_model(model, str(path), mlflow_model=mlflow_model, signature=signature, input_example=example.numpy(),
+                                          pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], metadata=metadata,
+                                          serialization_format="pickle")
+            finally:
+                pytorch_logger.setLevel(level)
             self.client.log_model_artifacts(logged.model_id, str(path))
         self.client.finalize_logged_model(logged.model_id, "READY")
         self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=result.epochs_run)])
