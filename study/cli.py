@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 
@@ -319,23 +320,72 @@ def cmd_ui(args) -> int:
     from mlflow.tracking import MlflowClient
 
     from study.storage import home
-    from study.tracking import tracking_uri
+    from study.tracking import tracking_uri, ui_links
 
     uri = tracking_uri(home())
     if uri.startswith(("http://", "https://")):
         return _remote_ui(uri)
+    _check_port_free(args.host, args.port)
     base = f"http://{args.host}:{args.port}"
     print(f"MLflow UI on {uri}: {base}  (Ctrl-C stops it)")
-    for experiment in MlflowClient(tracking_uri=uri).search_experiments():
-        if experiment.name != "Default":
-            print(f"  {experiment.name}: {base}/#/experiments/{experiment.experiment_id}/runs")
+    for name, link in ui_links(MlflowClient(tracking_uri=uri), base):
+        print(f"  {name}: {link}")
     sys.stdout.flush()
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
                "--default-artifact-root", (home() / "mlartifacts").resolve().as_uri(), "--workers", "1"]
+    return _serve(command)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail at once on a port that is taken, rather than print links to another server and wait for the UI's own error."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closed connection's TIME_WAIT is no obstacle
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            with socket.socket() as other:
+                other.bind((host, 0))
+                suggestion = other.getsockname()[1]
+            raise ValueError(f"--port {port}: {host}:{port} is already in use ({error.strerror}); stop what serves it, "
+                             f"or choose another port, e.g. --port {suggestion}") from None
+
+
+def _serve(command: list[str]) -> int:
+    """Run the UI server in its own process group, and stop the whole group (uvicorn and its workers) when `ui` ends:
+    on Ctrl-C, on SIGTERM, or on an error here."""
+    server = subprocess.Popen(command, start_new_session=True)  # its own group: a terminal's Ctrl-C reaches us only
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return subprocess.run(command, check=False).returncode
+        return server.wait()
     except KeyboardInterrupt:
         return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _stop_group(server)
+
+
+def _stop_group(server: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group, then SIGKILL to what is left after 10 s."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            return  # the group is gone
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            server.poll()  # reap the leader, so the group check below sees only live processes
+            try:
+                os.killpg(server.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
 
 
 def _add_worker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -353,6 +403,7 @@ def _remote_ui(uri: str) -> int:
     from mlflow.tracking import MlflowClient
 
     from study.storage import mask
+    from study.tracking import ui_links
 
     shown = mask(uri).rstrip("/")
     try:
@@ -360,9 +411,8 @@ def _remote_ui(uri: str) -> int:
     except OSError as error:
         raise ValueError(f"MLFLOW_TRACKING_URI={shown} does not answer ({getattr(error, 'reason', error)}); start that `mlflow server` or unset the variable") from None
     print(f"MLFLOW_TRACKING_URI points to the MLflow server {shown}, which serves the UI itself; no local UI started. Open {shown}")
-    for experiment in MlflowClient(tracking_uri=uri).search_experiments():
-        if experiment.name != "Default":
-            print(f"  {experiment.name}: {shown}/#/experiments/{experiment.experiment_id}/runs")
+    for name, link in ui_links(MlflowClient(tracking_uri=uri), shown):
+        print(f"  {name}: {link}")
     return 0
 
 

@@ -55,6 +55,39 @@ def ui_url(uri: str) -> str:
     return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
 
 
+# The MLflow UI's first view of a study, kept on its experiment as a shared view state (what the UI's "share"
+# button stores, tag `mlflow.sharedViewState.<key>`, opened by `?viewStateShareKey=<key>`): the runs ordered
+# by val_accuracy, which lists the trials flat rather than folded under the parent run, and the charts opening
+# on the per-epoch curves; the UI adds a chart for every other metric below them.
+VIEW_KEY = "trials"
+CURVES = ("val_accuracy", "train_loss", "train_accuracy", "examples_per_second", "epoch_seconds")
+
+
+def first_view() -> str:
+    def line(metric: str) -> dict:
+        return {"uuid": f"curve-{metric}", "type": "LINE", "runsCountToCompare": 10, "metricSectionId": "curves", "deleted": False,
+                "isGenerated": False, "displayName": metric, "metricKey": metric, "selectedMetricKeys": [metric], "lineSmoothness": 0,
+                "xAxisScaleType": "linear", "scaleType": "linear", "range": {}, "xAxisKey": "step", "selectedXAxisMetricKey": "",
+                "yAxisKey": "METRIC", "yAxisExpressions": [], "ignoreOutliers": False, "useGlobalXaxisKey": False, "useGlobalLineSmoothing": True}
+
+    sections = [{"uuid": "curves", "name": "Per-epoch curves", "display": True, "isReordered": False, "deleted": False, "isGenerated": False},
+                {"uuid": "model-metrics", "name": "Model metrics", "display": True, "isReordered": False, "deleted": False, "isGenerated": True}]
+    return json.dumps({"orderByKey": "metrics.`val_accuracy`", "orderByAsc": False, "compareRunCharts": [line(m) for m in CURVES],
+                       "compareRunSections": sections, "isAccordionReordered": True})
+
+
+def ui_links(client: MlflowClient, base: str) -> list[tuple[str, str]]:
+    """(study, link) for every study's experiment in the MLflow UI at `base`: its first view (VIEW_KEY) in the
+    model-training view of the UI, not the GenAI one."""
+    links = []
+    for experiment in client.search_experiments():
+        if experiment.name == "Default":
+            continue
+        view = f"viewStateShareKey={VIEW_KEY}&" if f"mlflow.sharedViewState.{VIEW_KEY}" in experiment.tags else ""
+        links.append((experiment.name, f"{base}/#/experiments/{experiment.experiment_id}/runs?{view}compareRunsMode=CHART&workflowType=machine_learning"))
+    return links
+
+
 def project_version() -> str:
     try:
         return importlib.metadata.version("cnn-study")
@@ -100,6 +133,7 @@ class Tracker:
                                                                tags={"mlflow.experimentKind": "custom_model_development"})
         else:
             self.experiment_id = experiment.experiment_id
+        self.client.set_experiment_tag(self.experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", first_view())
         self.parent_run_id = self._parent_run()
         self.common_tags = {
             "optuna.study_name": study_name,
