@@ -165,11 +165,12 @@ def _register_best(tracker, study, name: str, console) -> None:
         console.print(f"--register {name}: no completed trial, so no model to register")
         return
     best = max(study.best_trials, key=lambda t: t.values[0])  # the most accurate, also on a Pareto front
-    version = tracker.register_model(name, best.user_attrs["mlflow_run_id"])
+    version = tracker.register_model(name, best)
     if version is None:
         console.print(f"--register {name}: best trial {best.number} has no logged model (it ran with --log-model none)")
         return
-    console.print(f"registered model: {name} version {version.version} (trial {best.number}, {version.source})")
+    console.print(f"registered model: {name} version {version.version} (trial {best.number}, {version.source}); load it with "
+                  f"mlflow.pytorch.load_model('models:/{name}/{version.version}')")
 
 
 def cmd_list(args) -> int:

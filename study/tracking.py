@@ -39,6 +39,8 @@ EPOCH_METRICS = tuple(f.name for f in dataclasses.fields(EpochMetrics) if f.name
 # final one (logging it again would add a second point at that step).
 FINAL_METRICS = tuple(name for name in record.RESULT_FIELDS if name not in EPOCH_METRICS)
 # Optuna state -> MLflow run status. Pruned trials finished normally; their tag says they were pruned.
+# The settings a registered version's description and tags name.
+REGISTRY_CONFIG = ("arch", "resize", "ratio", "lr", "epochs", "batch_size", "momentum", "n_train")
 # Said once per launch that logs models, in place of MLflow's warning at every save.
 PICKLE_NOTE = ("models are logged as pickled PyTorch modules (mlflow.pytorch.load_model gives the nn.Module back); "
                "like any pickle, load them only from a tracking store you trust")
@@ -282,23 +284,45 @@ class Tracker:
         self.client.log_figure(run_id, confusion_figure(counts, f"trial-{number}: test split, {int(counts.sum())} images"), "confusion_matrix.png")
         return model_uri
 
-    def register_model(self, name: str, run_id: str):
-        """A version of registered model `name` for the model logged on `run_id`; None when that run has no model.
+    def register_model(self, name: str, trial):
+        """A version of registered model `name` for the model logged by Optuna trial `trial`; None when it has no model.
 
-        Registering the same model again returns its existing version."""
+        The version's source is `models:/<model_id>`, MLflow 3's link to the logged model (its id also as the tag
+        `model_id`, and the logged model lists the version under `mlflow.modelVersions`, as mlflow.register_model
+        does); its description and tags say the study, trial, accuracy and configuration. Registering the same model
+        again returns its existing version."""
+        import mlflow
+
+        run_id = trial.user_attrs[record.MLFLOW_RUN_ID]
         model_uri = self.client.get_run(run_id).data.tags.get("model_uri")
         if model_uri is None:
             return None
         if not self.client.search_registered_models(filter_string=f"name = '{name}'"):
-            self.client.create_registered_model(name, tags={"optuna.study_name": self.study_name})
+            self.client.create_registered_model(name, tags={"optuna.study_name": self.study_name},
+                                                description=f"Best networks of the Optuna study {self.study_name} (Fashion-MNIST classifiers).")
         model_id = model_uri.removeprefix("models:/")
-        # The artifact location, not models:/<id>: a local registry store would resolve that URI through
-        # MLflow's global tracking URI rather than this client's.
-        source = self.client.get_logged_model(model_id).artifact_location
         for version in self.client.search_model_versions(f"name = '{name}'"):
-            if version.source == source:
+            if version.tags.get("model_id") == model_id:
                 return version
-        return self.client.create_model_version(name, source, run_id=run_id, model_id=model_id)
+        config = record.config(trial)
+        summary = ", ".join(f"{key}={value}" for key, value in config.items() if key in REGISTRY_CONFIG and value is not None)
+        test_accuracy = trial.user_attrs.get("test_accuracy")
+        description = (f"Optuna study {self.study_name}, trial {trial.number}: val_accuracy {trial.values[0]:.4f}"
+                       + (f", test_accuracy {test_accuracy:.4f}" if test_accuracy is not None else "") + f". Configuration: {summary}. "
+                       f"Input: float32 images (N, 1, {config.get('resize')}, {config.get('resize')}) in [0, 1]; output: logits for the 10 classes.")
+        tags = {"optuna.study_name": self.study_name, "optuna.trial_number": str(trial.number), "model_id": model_id,
+                "val_accuracy": f"{trial.values[0]:.4f}", **({"test_accuracy": f"{test_accuracy:.4f}"} if test_accuracy is not None else {}),
+                **{key: str(config[key]) for key in REGISTRY_CONFIG if config.get(key) is not None}}
+        # A local registry store resolves models:/ through MLflow's global tracking URI, not this client's: point it here meanwhile.
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(self.client.tracking_uri)
+        try:
+            version = self.client.create_model_version(name, model_uri, run_id=run_id, tags=tags, description=description, model_id=model_id)
+        finally:
+            mlflow.set_tracking_uri(previous)
+        listed = json.loads(self.client.get_logged_model(model_id).tags.get("mlflow.modelVersions", "[]"))
+        self.client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps([*listed, {"name": name, "version": version.version}])})
+        return version
 
     def close_parent(self, status: str) -> None:
         self.client.set_terminated(self.parent_run_id, status=status)
