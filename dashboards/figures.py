@@ -19,6 +19,9 @@ COST_AXES = {
     "train_flops": ("training FLOPs (forward + backward, log scale)", "FLOPs"),
     "peak_memory_bytes": ("peak memory (bytes, log scale)", "bytes"),
 }
+# How each recorded peak_memory_source measured, as the report says it (objectives.memory.SOURCES).
+MEMORY_SOURCES = {"cuda_max_allocated": "each trial's peak CUDA allocation",
+                  "cpu_rss_above_start": "the resident memory each trial added on the CPU at its peak (sampled every 10 ms)"}
 LEARNING_CURVES = 5  # best complete trials per study drawn in the learning curves
 SYMBOLS = ("circle", "square", "diamond", "triangle-up", "cross", "star")
 PALETTE = plotly.colors.qualitative.Plotly + plotly.colors.qualitative.D3
@@ -28,6 +31,29 @@ LAYOUT = {"template": "plotly_white", "height": HEIGHT, "margin": {"l": 70, "r":
 
 def arch_colours(frame: pd.DataFrame) -> dict[str, str]:
     return {arch: PALETTE[i % len(PALETTE)] for i, arch in enumerate(sorted(frame["arch"].dropna().unique()))}
+
+
+def memory_measure(frame: pd.DataFrame) -> str:
+    """What the peak memory figures of these trials measured, in words."""
+    sources = sorted(frame.loc[frame["peak_memory_bytes"].notna(), "peak_memory_source"].dropna().unique()) if not frame.empty else []
+    if not sources:
+        return "not measured for these trials (CPU trials recorded only the process's all-time peak, which is not shown)"
+    return " or ".join(MEMORY_SOURCES.get(source, source) for source in sources)
+
+
+def axis_titles(frame: pd.DataFrame) -> dict[str, str]:
+    """The cost axes' titles; the memory axis says what was measured."""
+    titles = {axis: title for axis, (title, _) in COST_AXES.items()}
+    sources = set(frame.loc[frame["peak_memory_bytes"].notna(), "peak_memory_source"].dropna()) if not frame.empty else set()
+    if sources == {"cuda_max_allocated"}:
+        titles["peak_memory_bytes"] = "peak CUDA allocation per trial (bytes, log scale)"
+    elif sources == {"cpu_rss_above_start"}:
+        titles["peak_memory_bytes"] = "peak resident memory added per trial, CPU (bytes, log scale)"
+    elif sources:
+        titles["peak_memory_bytes"] = "peak memory per trial: CUDA allocation or CPU resident memory added (bytes, log scale)"
+    else:
+        titles["peak_memory_bytes"] = "peak memory: not measured per trial here"
+    return titles
 
 
 def format_value(value) -> str:
@@ -89,13 +115,14 @@ def cost_figure(frame: pd.DataFrame, cost: str = "train_seconds") -> go.Figure:
         for axis in COST_AXES:
             xs[axis].append(_nulls(fronts[axis][axis]))
             ys[axis].append(fronts[axis]["val_accuracy"].tolist())
-    buttons = [{"label": title.split(" (")[0], "method": "update", "args": [{"x": xs[axis], "y": ys[axis]}, {"xaxis.title.text": title}]}
-               for axis, (title, _) in COST_AXES.items()]
+    titles = axis_titles(frame)
+    buttons = [{"label": label.split(" (")[0], "method": "update", "args": [{"x": xs[axis], "y": ys[axis]}, {"xaxis.title.text": titles[axis]}]}
+               for axis, (label, _) in COST_AXES.items()]
     fig.update_layout(
         **LAYOUT,
         title_text="Validation accuracy against training cost<br><sup>faded: pruned trials (accuracy when stopped); "
                    "dashed: Pareto front of complete trials; click a point to open its MLflow run</sup>",
-        xaxis={"title": {"text": COST_AXES[cost][0]}, "type": "log"}, yaxis={"title": {"text": "validation accuracy (fraction)"}, "range": [0, 1.02]},
+        xaxis={"title": {"text": titles[cost]}, "type": "log"}, yaxis={"title": {"text": "validation accuracy (fraction)"}, "range": [0, 1.02]},
         updatemenus=[{"type": "buttons", "direction": "right", "buttons": buttons, "active": list(COST_AXES).index(cost),
                       "x": 1.0, "xanchor": "right", "y": 1.12, "yanchor": "bottom", "pad": {"r": 0, "t": 0}}],
         legend={"title": {"text": "architecture"}},

@@ -8,7 +8,8 @@ A trial of a launched study carries, as user attributes:
     config          the fully resolved TrainConfig (`dataclasses.asdict`): what trained, fixed settings included
     host, pid       the process running it, so a dead process is noticed (journal storage)
     mlflow_run_id   its MLflow child run
-    RESULT_FIELDS   the TrainResult numbers, once it finished training; `device` its device name
+    RESULT_FIELDS   the TrainResult numbers, once it finished training; `device` its device name,
+                    `peak_memory_source` what its peak memory measured
     fail_reason     why it failed; `interrupted` when its process was stopped or died (MLflow: KILLED)
     retry_of        on a trial queued again: the number of the trial it repeats
 """
@@ -27,6 +28,7 @@ HOST = "host"
 PID = "pid"
 MLFLOW_RUN_ID = "mlflow_run_id"
 DEVICE = "device"
+PEAK_MEMORY_SOURCE = "peak_memory_source"  # what peak_memory_bytes measured (objectives.memory.SOURCES)
 FAIL_REASON = "fail_reason"
 INTERRUPTED = "interrupted"
 RETRY_OF = "retry_of"
@@ -49,7 +51,7 @@ def train_config(trial: optuna.trial.FrozenTrial) -> TrainConfig | None:
 
 def results(result: TrainResult) -> dict:
     """The user attributes a finished training adds to its trial."""
-    return {**{name: getattr(result, name) for name in RESULT_FIELDS}, DEVICE: result.device_name}
+    return {**{name: getattr(result, name) for name in RESULT_FIELDS}, DEVICE: result.device_name, PEAK_MEMORY_SOURCE: result.peak_memory_source}
 
 
 def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

@@ -33,6 +33,9 @@ from dashboards.figures import COST_AXES, format_value
 
 CONFIG_SHOWN = ("arch", "resize", "ratio", "lr", "epochs", "batch_size", "momentum")  # a best trial's configuration, in this order
 ALEXNET_PAIR = ("alexnet", "alexnet_28")  # the original and note 004's 28-px variant
+# Optuna draws these plots in white-to-blue, where the lowest values vanish into the page; viridis runs from
+# dark purple to yellow, every point visible on white.
+COLOUR_SCALE = "Viridis"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 
 
@@ -65,7 +68,7 @@ def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
                 "arch": config.get("arch"),
                 **{f"param_{k}": v for k, v in trial.params.items()},
                 "resize": config.get("resize"),
-                **{k: attrs.get(k) for k in (*record.RESULT_FIELDS, record.DEVICE)},
+                **{k: attrs.get(k) for k in (*record.RESULT_FIELDS, record.DEVICE, record.PEAK_MEMORY_SOURCE)},
                 "fail_reason": attrs.get(record.FAIL_REASON),
                 "mlflow_run_id": attrs.get(record.MLFLOW_RUN_ID),
                 "config": config,
@@ -76,6 +79,10 @@ def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
         for column in ("val_accuracy", *record.RESULT_FIELDS):
             frame[column] = pd.to_numeric(frame[column], errors="coerce")
         frame["seconds_per_epoch"] = frame["train_seconds"] / frame["epochs_run"]
+        # CPU trials recorded before the per-trial measure hold the process's all-time peak (ru_maxrss), which
+        # grows from trial to trial: no figure of theirs to compare.
+        process_wide = frame[record.PEAK_MEMORY_SOURCE].isna() & (frame["device"] == "cpu")
+        frame.loc[process_wide, "peak_memory_bytes"] = float("nan")
     return frame
 
 
@@ -177,11 +184,13 @@ def cost_section(frame: pd.DataFrame, cost: str) -> Section:
         return section.note("No complete or pruned trial yet, so nothing to plot.")
     section.parts.append("<p>The buttons above the plot switch the cost axis: training time, training FLOPs or peak memory. "
                          "One colour per architecture; with several studies, one marker symbol per study.</p>")
+    section.parts.append(f"<p>Peak memory: {html.escape(figures.memory_measure(frame))}.</p>")
     section.parts.append(("plot-cost", figures.cost_figure(frame, cost)))
     return section
 
 
-def alexnet_section(frame: pd.DataFrame) -> Section:
+def alexnet_section(frame: pd.DataFrame) -> Section | None:
+    """None, so that the report leaves the section out, when no study holds a complete trial of both architectures."""
     section = Section("alexnet", "AlexNet at 224 px against the 28-px variant")
     found = False
     for number, (study, group) in enumerate(frame.groupby("study", sort=False) if not frame.empty else []):
@@ -210,16 +219,10 @@ def alexnet_section(frame: pd.DataFrame) -> Section:
                    f"{variant['val_accuracy']:.4f} against {original['val_accuracy']:.4f} validation accuracy (best trial of each).")
         section.parts.append(f"<h3>{html.escape(study)}</h3><p>{html.escape(finding)}</p>")
         section.parts.append(f'<div class="scroll"><table class="compare">{head}{"".join(body)}</table></div>')
-        if original["device"] == "cpu":
-            section.note("On the CPU, peak memory is the launch process's peak resident set, which only grows from trial to trial; "
-                         "compare it between networks on a GPU, where it is each trial's own peak allocation.")
+        section.note(f"Peak memory: {figures.memory_measure(group)}.")
         rows = [(name, original[column], variant[column], higher) for name, column, _, higher in measures]
         section.parts.append((f"plot-alexnet-{number}", figures.alexnet_figure(rows, small, large)))
-    if not found:
-        present = sorted(frame["arch"].dropna().unique()) if not frame.empty else []
-        section.note(f"Not shown: it needs a complete trial of both alexnet and alexnet_28 in one study (launch alexnet_resize); "
-                     f"the architectures here are {', '.join(present) or 'none'}.")
-    return section
+    return section if found else None
 
 
 def curves_section(frame: pd.DataFrame, mlflow: Mlflow) -> Section:
@@ -280,9 +283,11 @@ def search_section(studies: list[optuna.Study], frame: pd.DataFrame) -> Section:
             section.note(f"{study.study_name}: no complete trial with parameters, so no parallel coordinates or slices.")
             continue
         parallel = optuna.visualization.plot_parallel_coordinate(study, target=target, target_name="validation accuracy")
+        parallel.update_traces(line={"colorscale": COLOUR_SCALE})
         section.parts.append((f"plot-parallel-{number}", figures.styled(
             parallel, f"Parallel coordinates of {study.study_name}'s complete trials (colour: validation accuracy)")))
         slices = optuna.visualization.plot_slice(study, target=target, target_name="validation accuracy (fraction)")
+        slices.update_traces(marker={"colorscale": COLOUR_SCALE}, selector={"type": "scatter"})
         section.parts.append((f"plot-slice-{number}", figures.styled(
             slices, f"Validation accuracy against each parameter in {study.study_name} (colour: trial number)", 440)))
     return section
@@ -442,6 +447,7 @@ def write_report(studies: list[optuna.Study], path: Path, tracking_uri: str | No
         frame["run_url"] = frame.apply(mlflow.run_url, axis=1)
     sections = [summary_section(studies, frame), cost_section(frame, cost), alexnet_section(frame), curves_section(frame, mlflow),
                 search_section(studies, frame), layers_section(frame), table_section(frame)]
+    sections = [section for section in sections if section is not None]
     named = [part for section in sections for part in section.parts if isinstance(part, tuple)]
     if png_dir is not None:
         png_dir.mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import resource
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from objectives.data import FashionMNIST
+from objectives.memory import PeakMemory
 from objectives.models import build_model, check_resize, get_architecture, parameter_count
 
 
@@ -110,7 +109,7 @@ class TrainResult:
     train_flops: int             # forward + backward FLOPs of every training example seen
     params: int
     peak_memory_bytes: int
-    peak_memory_source: str      # "cuda_max_allocated", or "process_max_rss" on CPU (a process-wide peak)
+    peak_memory_source: str      # what peak_memory_bytes measured: objectives.memory.SOURCES
     device_name: str
     precision: str               # as resolved from config.precision: "bf16" (autocast) or "fp32"
     channels_last: bool          # as resolved from config.channels_last
@@ -189,8 +188,7 @@ def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetr
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats(device)
+    peak_memory_meter = PeakMemory(device)  # this trial's own peak, also on a CPU (objectives/memory.py)
     model = step_model = optimizer = None
     out_of_memory = None
     try:
@@ -268,12 +266,7 @@ def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetr
             torch.cuda.empty_cache()
         raise DeviceOutOfMemoryError(f"{device} ran out of memory training {config.arch} at resize {resize}, batch {config.batch_size}: {out_of_memory}")
 
-    if on_cuda:
-        peak_memory, peak_source = torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
-    else:
-        # ru_maxrss is KiB on Linux, bytes on macOS.
-        peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-        peak_source = "process_max_rss"
+    peak_memory, peak_source = peak_memory_meter.stop()
     last = history[-1]
     examples_seen = n_train * len(history)
     return TrainResult(

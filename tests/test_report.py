@@ -201,7 +201,8 @@ def test_edge_cases_render(storage, study_home, page, capsys):
         assert main(["report", name, "-o", str(path)]) == 0, capsys.readouterr().err
         text = path.read_text()
         for section in SECTIONS:
-            assert f'<section id="{section}">' in text
+            # No study here holds both AlexNets, so the comparison is left out rather than drawn empty.
+            assert (f'<section id="{section}">' in text) == (section != "alexnet")
         errors = _watch(page)
         page.goto(path.as_uri())
         plots = _plots_drawn(page)
@@ -214,7 +215,7 @@ def test_edge_cases_render(storage, study_home, page, capsys):
             page.screenshot(path=str(ARTIFACTS / "report-multi-objective.png"), full_page=True)
         else:
             assert plots == [], name
-            assert "No complete or pruned trial yet" in text and "Not shown" in text
+            assert "No complete or pruned trial yet" in text
     assert "1 RUNNING" in (study_home / "running.html").read_text()
     assert "2 FAIL" in (study_home / "failed.html").read_text()
 
