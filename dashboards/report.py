@@ -283,7 +283,7 @@ def search_section(studies: list[optuna.Study], frame: pd.DataFrame) -> Section:
             section.note(f"{study.study_name}: no complete trial with parameters, so no parallel coordinates or slices.")
             continue
         parallel = optuna.visualization.plot_parallel_coordinate(study, target=target, target_name="validation accuracy")
-        parallel.update_traces(line={"colorscale": COLOUR_SCALE})
+        parallel.update_traces(line={"colorscale": COLOUR_SCALE}, selector={"type": "parcoords"})
         section.parts.append((f"plot-parallel-{number}", figures.styled(
             parallel, f"Parallel coordinates of {study.study_name}'s complete trials (colour: validation accuracy)")))
         slices = optuna.visualization.plot_slice(study, target=target, target_name="validation accuracy (fraction)")

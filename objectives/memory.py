@@ -4,7 +4,8 @@ On CUDA the allocator's own peak, `torch.cuda.max_memory_allocated` after a rese
 On a CPU the process's anonymous resident memory is sampled every 10 ms while the trial runs, after handing
 freed heap back to the system (glibc's `malloc_trim`), and the peak is reported above the trial's
 starting size ("cpu_rss_above_start"): what this trial added, not the process's all-time peak
-(`ru_maxrss`), which only grows from trial to trial in one process.
+(`ru_maxrss`), which only grows from trial to trial in one process. The first trial of a network shape
+in a process also holds the kernels oneDNN compiles for it (a few MiB), which later trials reuse.
 
 Example:
     >>> peak = PeakMemory(torch.device("cpu"))

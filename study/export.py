@@ -22,7 +22,9 @@ def trials_table(study: optuna.Study, uri: str) -> pd.DataFrame:
         return frame
     # Name the objective columns after what they hold.
     cost = study.user_attrs.get("objective", "accuracy").partition(",")[2]
-    frame = frame.rename(columns={"value": "val_accuracy", "values_0": "val_accuracy", "values_1": cost})
+    # Optuna names them value_<metric name> when the study has metric names, else value or values_<i>.
+    frame = frame.rename(columns={"value": "val_accuracy", "values_0": "val_accuracy", "values_1": cost,
+                                  **{f"{prefix}_{name}": name for prefix in ("value", "values") for name in study.metric_names or []}})
     frame.columns = [name.removeprefix("user_attrs_") for name in frame.columns]
     # `params` (the recorded parameter count) would read as a sibling of the params_* hyperparameters.
     frame = frame.rename(columns={"params": "param_count"})

@@ -1,0 +1,318 @@
+"""What a user sees of a study in the tools around it: the terminal, Optuna's and MLflow's clients, the
+model registry, exports, the MLflow UI's server and the report, each checked as that tool shows it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import ARTIFACTS, ROOT, free_port, journal, run_cli, wait_until_up
+
+# A LeNet study that trains in seconds; its first trial runs a single epoch ("after 1 epoch").
+LENET_SPEC = """
+description = "small LeNet study"
+
+[fixed]
+arch = "lenet"
+batch_size = 64
+n_train = 1024
+n_val = 256
+n_test = 256
+
+[search]
+lr = { low = 0.1, high = 1.0, log = true }
+epochs = { low = 1, high = 2 }
+
+[[enqueue]]
+lr = 0.9
+epochs = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """One launch of the LeNet study, its best model registered: (home, the launch's output)."""
+    home = tmp_path_factory.mktemp("tools") / "home"
+    spec = home.parent / "lenet_small.toml"
+    spec.write_text(LENET_SPEC)
+    result = run_cli("launch", str(spec), "--trials", "3", "--preset", "cpu", "--register", "lenet-small-best",
+                     env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": ""})
+    assert result.returncode == 0, result.stderr
+    return home, result
+
+
+def _uri(home: Path) -> str:
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+# --- the terminal -------------------------------------------------------------------------------------------
+
+def test_launch_output_is_free_of_warnings(launched):
+    _, result = launched
+    output = result.stdout + result.stderr
+    assert "warning" not in output.lower(), output
+    # MLflow's pickle warning, once per model, is replaced by one sentence per launch.
+    assert output.count("pickled PyTorch modules") == 1
+    assert "after 1 epoch," in result.stdout and "after 1 epochs" not in result.stdout
+
+
+def test_list_shows_the_ranges_this_machine_runs_and_survives_a_closed_pipe():
+    import torch
+
+    from study.specs import load_spec, resolve
+
+    preset = "full" if torch.cuda.is_available() else "cpu"
+    listing = run_cli("list")
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert lines[0].startswith(f"search spaces of preset {preset}:")
+    assert f"{'vgg_ratio':22} {resolve(load_spec('vgg_ratio'), preset).summary()}" in lines
+    full = run_cli("list", "--preset", "full")
+    assert f"{'vgg_ratio':22} {load_spec('vgg_ratio').summary()}" in full.stdout.splitlines()
+
+    piped = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m study list | head -1"], capture_output=True, text=True,
+                           cwd=ROOT, timeout=120, check=False)
+    assert piped.returncode == 0 and piped.stderr == "", piped.stderr
+    assert piped.stdout.startswith("search spaces of preset")
+
+
+def test_show_fits_80_columns_without_cutting_headers(launched):
+    home, _ = launched
+    result = run_cli("show", "lenet_small", env={"STUDY_HOME": str(home), "COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    assert "…" not in result.stdout
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    for word in ("trial", "epochs", "lr", "accuracy", "test_", "val_", "seconds"):
+        assert word in result.stdout
+
+
+# --- names other tools show ---------------------------------------------------------------------------------
+
+def test_optuna_metric_names(launched, tmp_path, monkeypatch):
+    home, _ = launched
+    assert optuna.load_study(study_name="lenet_small", storage=journal(home)).metric_names == ["val_accuracy"]
+
+    # A cost-aware study names its cost too (created only: no trial needs to run).
+    from study.session import Request, open_session
+    from study.specs import load_spec
+
+    spec = tmp_path / "lenet_cost.toml"
+    spec.write_text(LENET_SPEC)
+    storage = str(tmp_path / "cost.journal")
+    request = Request.from_flags(str(spec), False, 2, "cpu", "accuracy,cost", "train_flops", None, None, storage, 10)
+    open_session(request, load_spec(str(spec)))
+    loaded = optuna.load_study(study_name="lenet_cost", storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage)))
+    assert loaded.metric_names == ["val_accuracy", "train_flops"]
+
+
+def test_parent_run_names_the_parameter_count(launched):
+    home, _ = launched
+    client = MlflowClient(tracking_uri=_uri(home))
+    experiment = client.get_experiment_by_name("lenet_small")
+    (parent,) = client.search_runs([experiment.experiment_id], filter_string="tags.`study.role` = 'parent'")
+    assert parent.data.metrics["best_param_count"] == 61706  # LeNet
+    assert "best_params" not in parent.data.metrics
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_export_columns_and_types(launched, tmp_path, suffix):
+    home, _ = launched
+    path = tmp_path / f"trials{suffix}"
+    result = run_cli("export", "lenet_small", "-o", str(path), env={"STUDY_HOME": str(home)})
+    assert result.returncode == 0, result.stderr
+    frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+    columns = set(frame.columns)
+    assert {"params_lr", "params_epochs", "param_count", "duration_seconds", "val_accuracy", "mlflow.status"} <= columns
+    assert "params" not in columns and "duration" not in columns
+    assert pd.api.types.is_float_dtype(frame["duration_seconds"]) and (frame["duration_seconds"] > 0).all()
+    assert pd.api.types.is_integer_dtype(frame["param_count"]) and (frame["param_count"] == 61706).all()
+    # MLflow's columns add what the trial does not hold (the last epoch's seconds); none repeats an Optuna column.
+    mlflow_columns = {c.removeprefix("mlflow.") for c in columns if c.startswith("mlflow.")}
+    assert "epoch_seconds" in mlflow_columns
+    assert not mlflow_columns & columns, mlflow_columns & columns
+
+
+# --- the registry --------------------------------------------------------------------------------------------
+
+def test_registered_version_says_what_it_is(launched, monkeypatch):
+    home, result = launched
+    client = MlflowClient(tracking_uri=_uri(home))
+    study = optuna.load_study(study_name="lenet_small", storage=journal(home))
+    best = study.best_trial
+    run = client.get_run(best.user_attrs["mlflow_run_id"])
+    model_id = run.data.tags["model_uri"].removeprefix("models:/")
+
+    (registered,) = client.search_registered_models(filter_string="name = 'lenet-small-best'")
+    assert "lenet_small" in registered.description
+    version = client.get_model_version("lenet-small-best", "1")
+    # The link to the logged model: MLflow 3's models:/<model_id> source (the local registry store keeps no
+    # model_id field), the id as a tag, and the logged model listing its version.
+    assert version.source == f"models:/{model_id}" and version.run_id == run.info.run_id
+    assert version.tags["model_id"] == model_id
+    assert json.loads(client.get_logged_model(model_id).tags["mlflow.modelVersions"]) == [{"name": "lenet-small-best", "version": 1}]
+    for text in ("Optuna study lenet_small", f"trial {best.number}", f"val_accuracy {best.value:.4f}", "arch=lenet", f"lr={best.params['lr']}"):
+        assert text in version.description, version.description
+    assert version.tags["optuna.study_name"] == "lenet_small" and version.tags["optuna.trial_number"] == str(best.number)
+    assert version.tags["arch"] == "lenet" and version.tags["val_accuracy"] == f"{best.value:.4f}"
+    assert "load it with mlflow.pytorch.load_model('models:/lenet-small-best/1')" in result.stdout
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _uri(home))
+    model = mlflow.pytorch.load_model("models:/lenet-small-best/1")
+    assert sum(p.numel() for p in model.parameters()) == 61706
+
+
+# --- peak memory ---------------------------------------------------------------------------------------------
+
+MEMORY_SCRIPT = """
+import json
+from objectives import TrainConfig, load_fashion_mnist, train
+data = load_fashion_mnist()
+peaks = []
+for arch, ratio, resize in [("lenet", 1, 28)] * 3 + [("vgg11", 4, 32)]:
+    config = TrainConfig(arch=arch, ratio=ratio, resize=resize, lr=0.1, epochs=1, batch_size=128, n_train=1024, n_val=256, n_test=256)
+    result = train(config, data)
+    peaks.append((result.peak_memory_bytes, result.peak_memory_source))
+print(json.dumps(peaks))
+"""
+
+
+def test_cpu_peak_memory_is_each_trials_own():
+    """Trials in one process, as a launch's worker runs them: identical LeNets measure alike, a VGG-11 more."""
+    result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, cwd=ROOT, timeout=900, check=False,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    peaks = json.loads(result.stdout.splitlines()[-1])
+    assert {source for _, source in peaks} == {"cpu_rss_above_start"}
+    lenets, vgg = [bytes_ for bytes_, _ in peaks[:3]], peaks[3][0]
+    assert min(lenets) > 0
+    # No growth from trial to trial, as the process-wide peak had; the first of a network also pays for the
+    # kernels oneDNN compiles for its shapes, which the others reuse.
+    assert max(lenets[1:]) <= lenets[0] and max(lenets) < 3 * min(lenets), lenets
+    assert vgg > 3 * max(lenets), (vgg, lenets)
+
+
+def test_launch_records_what_peak_memory_measured(launched):
+    home, _ = launched
+    study = optuna.load_study(study_name="lenet_small", storage=journal(home))
+    client = MlflowClient(tracking_uri=_uri(home))
+    for trial in study.trials:
+        assert trial.user_attrs["peak_memory_source"] == "cpu_rss_above_start"
+        assert client.get_run(trial.user_attrs["mlflow_run_id"]).data.tags["peak_memory_source"] == "cpu_rss_above_start"
+    report = (home / "reports" / "lenet_small.html").read_text()
+    assert "peak resident memory added per trial, CPU" in report
+
+
+# --- `study ui` and its server -------------------------------------------------------------------------------
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _answers(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_sigterm_stops_the_ui_server_and_its_workers(launched):
+    home, _ = launched
+    port = free_port()
+    env = {**os.environ, "STUDY_HOME": str(home)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    ui = subprocess.Popen([sys.executable, "-m", "study", "ui", "--port", str(port)], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", ui, "MLflow UI", log=ui.stdout.read)
+        servers = _descendants(ui.pid)
+        assert len(servers) >= 2, servers  # mlflow ui and its uvicorn server at least
+        ui.send_signal(signal.SIGTERM)
+        assert ui.wait(timeout=60) == 0
+        output = ui.stdout.read()
+        assert "lenet_small: http://127.0.0.1:" in output and "viewStateShareKey=trials" in output
+        deadline = time.monotonic() + 30  # the group got SIGTERM before `ui` exited; reaping by init may lag a moment
+        while any(_alive(pid) for pid in servers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [pid for pid in servers if _alive(pid)] == []
+        assert not _answers(port)
+    finally:
+        if ui.poll() is None:
+            ui.kill()
+            ui.wait()
+
+
+def test_ui_on_a_busy_port_is_one_line_and_exit_1(launched):
+    home, _ = launched
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("ui", "--port", str(port), env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": ""}, timeout=120)
+    assert result.returncode == 1
+    assert result.stdout == ""  # no links to a server that is not ours
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: --port {port}: 127.0.0.1:{port} is already in use") and "--port " in line.split(";")[1]
+
+
+def test_ui_first_view_shows_trials_and_curves(launched, page, tmp_path):
+    """The link `study ui` prints, opened in Chromium: model-training view, trials listed flat, per-epoch curves first."""
+    home, _ = launched
+    port = free_port()
+    env = {**os.environ, "STUDY_HOME": str(home)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = tmp_path / "ui.log"
+    with log.open("w") as output:
+        ui = subprocess.Popen([sys.executable, "-m", "study", "ui", "--port", str(port)], cwd=ROOT, env=env, stdout=output,
+                              stderr=subprocess.STDOUT)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", ui, "MLflow UI", log=log.read_text)
+        link = next(line.split(": ", 1)[1] for line in log.read_text().splitlines() if line.strip().startswith("lenet_small:"))
+        page.goto(link)
+        for name in ("trial-0", "trial-1", "trial-2"):  # flat, not folded under the parent run
+            page.get_by_role("link", name=name, exact=True).first.wait_for(timeout=90_000)
+        page.get_by_text("Per-epoch curves").first.wait_for(timeout=60_000)
+        assert "workflowType=machine_learning" in page.url  # the model-training view, not the GenAI one
+        # The first chart section holds the per-epoch curves; the other metrics follow in "Model metrics".
+        sections = page.evaluate("""Array.from(document.querySelectorAll('*')).filter(e => e.children.length === 0)
+                                    .map(e => e.textContent.trim()).filter(t => /^(Per-epoch curves|Model metrics)/.test(t))""")
+        assert sections and sections[0].startswith("Per-epoch curves"), sections
+        close = page.get_by_role("button", name="Close")  # MLflow's assistant panel, which opens itself on a first visit
+        if close.count():
+            close.first.click()
+        page.wait_for_timeout(2000)  # the charts draw after their data arrives
+        page.screenshot(path=str(ARTIFACTS / "mlflow-ui-first-view.png"), full_page=True)
+    finally:
+        ui.send_signal(signal.SIGTERM)
+        ui.wait(timeout=60)
