@@ -23,6 +23,7 @@ COST_AXES = {
 MEMORY_SOURCES = {"cuda_max_allocated": "each trial's peak CUDA allocation",
                   "cpu_rss_above_start": "the resident memory each trial added on the CPU at its peak (sampled every 10 ms)"}
 LEARNING_CURVES = 5  # best complete trials per study drawn in the learning curves
+PRUNED_CURVES = 100  # pruned trials per study drawn at most: beyond that a grey mass that slows the page
 SYMBOLS = ("circle", "square", "diamond", "triangle-up", "cross", "star")
 PALETTE = plotly.colors.qualitative.Plotly + plotly.colors.qualitative.D3
 HEIGHT = 520
@@ -145,6 +146,12 @@ def history_figure(frame: pd.DataFrame) -> go.Figure:
     return fig
 
 
+def pruned_curves(group: pd.DataFrame) -> pd.DataFrame:
+    """The pruned trials of one study whose curves are drawn: all, or an even sample of PRUNED_CURVES."""
+    pruned = group[group["state"] == "PRUNED"]
+    return pruned if len(pruned) <= PRUNED_CURVES else pruned.sample(PRUNED_CURVES, random_state=0).sort_values("trial")
+
+
 def learning_curves_figure(frame: pd.DataFrame, losses: dict[str, list[tuple[int, float]]]) -> go.Figure:
     """Validation accuracy and training loss per epoch: the best complete trials, pruned trials faded.
 
@@ -152,10 +159,11 @@ def learning_curves_figure(frame: pd.DataFrame, losses: dict[str, list[tuple[int
     """
     panels = ("validation accuracy", "training loss") if losses else ("validation accuracy",)  # losses come from MLflow only
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=panels, horizontal_spacing=0.08)
-    shown_pruned, drawn = False, 0
+    shown_pruned, drawn, sampled = False, 0, False
     for study, group in frame.groupby("study", sort=False):
         best = group[group["state"] == "COMPLETE"].nlargest(LEARNING_CURVES, "val_accuracy")
-        pruned = group[group["state"] == "PRUNED"]
+        pruned = pruned_curves(group)
+        sampled = sampled or len(pruned) < (group["state"] == "PRUNED").sum()
         for _, row in best.iterrows():
             label = f"{study} trial {row['trial']} ({row['arch']})"
             _curves(fig, row, losses, label, {"color": PALETTE[drawn % len(PALETTE)]}, 1.0, True)
@@ -163,7 +171,8 @@ def learning_curves_figure(frame: pd.DataFrame, losses: dict[str, list[tuple[int
         for _, row in pruned.iterrows():
             _curves(fig, row, losses, "pruned trials", {"color": "#999", "width": 1}, 0.35, not shown_pruned)
             shown_pruned = True
-    fig.update_layout(**{**LAYOUT, "height": 480}, title_text=f"Learning curves of the {LEARNING_CURVES} best trials per study (grey: pruned trials)",
+    fig.update_layout(**{**LAYOUT, "height": 480}, title_text=f"Learning curves of the {LEARNING_CURVES} best trials per study (grey: pruned trials"
+                      + (f", {PRUNED_CURVES} per study drawn of more)" if sampled else ")"),
                       legend={"orientation": "h", "y": -0.2})
     fig.update_xaxes(title_text="epoch", dtick=1)
     fig.update_yaxes(title_text="validation accuracy (fraction)", range=[0, 1.02], row=1, col=1)
@@ -225,6 +234,26 @@ def layers_figure(rows: list[dict], title: str) -> go.Figure:
     fig.update_yaxes(title_text="FLOPs", row=1, col=1)
     fig.update_yaxes(title_text="KiB", row=2, col=1)
     fig.update_xaxes(title_text="layer (index and type)", row=2, col=1)
+    return fig
+
+
+def recoloured(fig: go.Figure, scale: str, source: str = "Blues") -> go.Figure:
+    """An Optuna figure drawn in colour scale `source` moved to `scale`: colour bars and marker scales, and the
+    lines Optuna colours one by one (parallel coordinates), each at the same position on the new scale."""
+    positions = [i / 500 for i in range(501)]
+    source_colours = [plotly.colors.unlabel_rgb(c) for c in plotly.colors.sample_colorscale(source, positions)]
+
+    def moved(colour: str) -> str:
+        rgb = plotly.colors.unlabel_rgb(colour)
+        nearest = min(range(len(positions)), key=lambda i: sum((a - b) ** 2 for a, b in zip(source_colours[i], rgb, strict=True)))
+        return plotly.colors.sample_colorscale(scale, [positions[nearest]])[0]
+
+    for trace in fig.data:
+        if getattr(trace, "marker", None) is not None and trace.marker.colorscale is not None:
+            trace.marker.colorscale = scale
+        line = getattr(trace, "line", None)
+        if line is not None and isinstance(line.color, str) and line.color.startswith("rgb"):
+            line.color = moved(line.color)
     return fig
 
 

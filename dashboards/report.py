@@ -233,7 +233,7 @@ def curves_section(frame: pd.DataFrame, mlflow: Mlflow) -> Section:
     wanted = []
     for _, group in finished.groupby("study", sort=False):
         wanted += group[group["state"] == "COMPLETE"].nlargest(figures.LEARNING_CURVES, "val_accuracy")["mlflow_run_id"].tolist()
-        wanted += group[group["state"] == "PRUNED"]["mlflow_run_id"].tolist()
+        wanted += figures.pruned_curves(group)["mlflow_run_id"].tolist()
     losses = mlflow.losses(run_id for run_id in wanted if run_id)
     if not losses:
         section.note("The training losses come from MLflow, which holds no runs for these trials; only validation accuracy is drawn.")
@@ -283,11 +283,11 @@ def search_section(studies: list[optuna.Study], frame: pd.DataFrame) -> Section:
             section.note(f"{study.study_name}: no complete trial with parameters, so no parallel coordinates or slices.")
             continue
         parallel = optuna.visualization.plot_parallel_coordinate(study, target=target, target_name="validation accuracy")
-        parallel.update_traces(line={"colorscale": COLOUR_SCALE}, selector={"type": "parcoords"})
+        figures.recoloured(parallel, COLOUR_SCALE)
         section.parts.append((f"plot-parallel-{number}", figures.styled(
             parallel, f"Parallel coordinates of {study.study_name}'s complete trials (colour: validation accuracy)")))
         slices = optuna.visualization.plot_slice(study, target=target, target_name="validation accuracy (fraction)")
-        slices.update_traces(marker={"colorscale": COLOUR_SCALE}, selector={"type": "scatter"})
+        figures.recoloured(slices, COLOUR_SCALE)
         section.parts.append((f"plot-slice-{number}", figures.styled(
             slices, f"Validation accuracy against each parameter in {study.study_name} (colour: trial number)", 440)))
     return section

@@ -316,3 +316,96 @@ def test_ui_first_view_shows_trials_and_curves(launched, page, tmp_path):
     finally:
         ui.send_signal(signal.SIGTERM)
         ui.wait(timeout=60)
+
+
+# --- the report ----------------------------------------------------------------------------------------------
+
+def _luminance(colour: str) -> float:
+    """Relative luminance (0 black, 1 white) of '#rrggbb' or 'rgb(r, g, b)'."""
+    if colour.startswith("#"):
+        rgb = [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+    else:
+        rgb = [float(v) for v in colour[colour.index("(") + 1:colour.index(")")].split(",")[:3]]
+    linear = [(c / 255 / 12.92) if c / 255 <= 0.04045 else ((c / 255 + 0.055) / 1.055) ** 2.4 for c in rgb]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def _big_study(storage, n: int) -> optuna.Study:
+    """A LeNet study of `n` trials recorded as the launcher records them, added through Optuna's API."""
+    import random
+
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.trial import TrialState, create_trial
+
+    study = optuna.create_study(study_name="big", storage=storage, direction="maximize")
+    study.set_metric_names(["val_accuracy"])
+    study.set_user_attr("preset", "cpu")
+    distributions = {"lr": FloatDistribution(0.05, 2.0, log=True), "epochs": IntDistribution(1, 20), "ratio": CategoricalDistribution([1, 2])}
+    draw = random.Random(0)
+    trials = []
+    for number in range(n):
+        params = {"lr": 0.05 * 40 ** draw.random(), "epochs": draw.randint(1, 20), "ratio": draw.choice([1, 2])}
+        state = TrialState.FAIL if number % 20 == 19 else TrialState.PRUNED if number % 3 == 2 else TrialState.COMPLETE
+        curve = [min(0.9, 0.1 + 0.05 * epoch * params["lr"] ** 0.3) for epoch in range(1, params["epochs"] + 1)]
+        if state == TrialState.PRUNED:
+            curve = curve[:max(1, len(curve) // 3)]
+        config = {"arch": "lenet", "resize": 28, "batch_size": 256, **params}
+        attrs = {"config": config, "device": "cpu", "peak_memory_source": "cpu_rss_above_start"}
+        if state != TrialState.FAIL:
+            seconds = 0.5 * len(curve) / params["ratio"]
+            attrs |= {"test_accuracy": curve[-1] - 0.01, "train_seconds": seconds, "wall_seconds": seconds + 1, "train_flops": 4e11 * len(curve),
+                      "peak_memory_bytes": 2**24 * params["ratio"], "flops_per_example": 4.2e5, "params": 61706, "epochs_run": len(curve),
+                      "train_loss": 2.3 - curve[-1], "train_accuracy": curve[-1], "examples_per_second": 5000.0}
+        else:
+            attrs["fail_reason"] = "diverged: training loss became nan in epoch 1"
+        trials.append(create_trial(state=state, value=curve[-1] if state == TrialState.COMPLETE else None, params=params,
+                                   distributions=distributions, user_attrs=attrs,
+                                   intermediate_values=dict(enumerate(curve, start=1)) if state != TrialState.FAIL else {}))
+    study.add_trials(trials)
+    return study
+
+
+def test_report_of_2000_trials_stays_usable(study_home, page):
+    """Size and load time of a 2,000-trial report, every plot drawn, colour scales visible, no empty AlexNet section."""
+    from dashboards import write_report
+
+    study_home.mkdir(parents=True)
+    study = _big_study(journal(study_home), 2000)
+    path = study_home / "big.html"
+    started = time.monotonic()
+    write_report([study], path)
+    written = time.monotonic() - started
+    size = path.stat().st_size
+
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    started = time.monotonic()
+    page.goto(path.as_uri(), timeout=300_000)
+    plots = page.evaluate("Array.from(document.querySelectorAll('.plotly-graph-div')).map(p => p.id)")
+    for plot in plots:
+        page.wait_for_function(f"document.getElementById('{plot}').calcdata !== undefined", timeout=300_000)
+    loaded = time.monotonic() - started
+    print(f"2000-trial report: {size / 2**20:.1f} MiB, written in {written:.1f} s, loaded and drawn in Chromium in {loaded:.1f} s")
+    (ARTIFACTS / "report-2000-trials.txt").write_text(f"size_bytes={size}\nwrite_seconds={written:.1f}\nload_seconds={loaded:.1f}\n")
+    assert errors == []
+    assert {"plot-cost", "plot-history", "plot-curves", "plot-importance", "plot-parallel-0", "plot-slice-0"} <= set(plots)
+    assert size < 30 * 2**20  # generous bounds: a page a laptop opens, not a speed test
+    assert loaded < 240
+    assert page.locator("#trials tbody tr").count() == 2000
+
+    # No study holds both AlexNets: the section and its link are left out.
+    assert page.locator("section#alexnet").count() == 0 and page.locator("nav a[href='#alexnet']").count() == 0
+    # Every point of the parallel coordinates and the slices keeps a colour darker than near-white.
+    # (Optuna draws each parallel-coordinates line as its own trace, coloured from the scale of its colour bar.)
+    lines = page.evaluate("document.getElementById('plot-parallel-0').data.filter(t => t.mode === 'lines').map(t => t.line.color)")
+    scales = page.evaluate("""['plot-parallel-0', 'plot-slice-0'].flatMap(id => document.getElementById(id).data
+                              .filter(t => t.marker && t.marker.colorscale).map(t => t.marker.colorscale))""")
+    assert len(lines) >= 1200 and len(scales) >= 2  # one line per complete trial
+    assert max(_luminance(colour) for colour in lines) < 0.85
+    for scale in scales:
+        colours = [colour for _, colour in scale] if isinstance(scale, list) else [c for _, c in __import__("plotly").colors.get_colorscale(scale)]
+        assert max(_luminance(colour) for colour in colours) < 0.85, scale
+    # The learning curves draw a sample of the 650 pruned trials.
+    curves = page.evaluate("document.getElementById('plot-curves').data.length")
+    assert curves <= 5 + 100
+    page.locator("section#search").screenshot(path=str(ARTIFACTS / "report-search-2000-trials.png"))
