@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,9 +69,18 @@ def open_storage(url: str | None, heartbeat: int | None = None) -> optuna.storag
         # A plain path: Optuna's journal file, which several processes may append to safely.
         from optuna.storages.journal import JournalFileBackend
 
+        from study.journal import JournalCorrupt, repair
+
         path = Path(url)
         if not path.parent.is_dir():
             raise StorageError(f"journal storage {path}: directory {path.parent} does not exist")
+        try:
+            aside = repair(path)
+        except JournalCorrupt as error:
+            raise StorageError(str(error)) from None
+        if aside is not None:
+            print(f"journal {path}: its last record was torn (a crash or a full disk mid-write); moved it to {aside} "
+                  "and went on from the last whole record", file=sys.stderr)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     try:
         with warnings.catch_warnings():
