@@ -8,6 +8,7 @@ Heavy imports (torch, optuna, mlflow) happen inside the commands, so `--help` is
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -117,7 +118,7 @@ def _run_study(args, join: bool) -> int:
     from study.pool import devices
     from study.specs import SpecError, load_spec, resolve
     from study.storage import default_storage_url, home, make_home, mask, open_storage
-    from study.tracking import Tracker, tracking_uri, ui_url
+    from study.tracking import Tracker, check_reachable, tracking_uri, ui_url
 
     _stop_on_sigterm()
     if not join and args.trials < 1:
@@ -135,6 +136,7 @@ def _run_study(args, join: bool) -> int:
     _search_strategy(spec, args, {})
     output = None if join else _report_output(args.output, report_path(home(), [spec.name]))
     verify(args.data_dir)  # fail on missing, truncated or wrong data files before anything is written
+    check_reachable(tracking_uri(home()))  # a silent server or a half-made store: one line, before anything is written
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if join:
         recorded = _open_study(spec.name, args.storage).user_attrs
@@ -469,8 +471,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# MLflow's HTTP client waits 120 s per request and retries 7 times with backoff: many minutes of silence when
+# a tracking server is down or does not answer. These bound every request; a user's own settings win.
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for name, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)  # MLflow reads them at every request
     try:
         return args.run(args)
     except Exception as error:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import optuna
 
+CONNECT_TIMEOUT = 10  # seconds to connect to a database server
+
 
 class StorageError(RuntimeError):
     """The storage URL is malformed or the storage cannot be reached."""
@@ -86,7 +88,11 @@ def open_storage(url: str | None, heartbeat: int | None = None) -> optuna.storag
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             # pool_pre_ping: a connection the server dropped (restart, pg_terminate_backend) is replaced, not used.
-            beats = {"engine_kwargs": {"pool_pre_ping": True}}
+            engine = {"pool_pre_ping": True}
+            if url.startswith("postgresql"):
+                # libpq waits for ever on a server that accepts the connection and never answers.
+                engine["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}
+            beats = {"engine_kwargs": engine}
             if heartbeat is not None:
                 beats |= {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat, "heartbeat_stale_trial_callback": RetryStaleTrial()}
             return optuna.storages.RDBStorage(url, **beats)

@@ -16,6 +16,7 @@ import getpass
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -38,6 +39,83 @@ EPOCH_METRICS = ("train_loss", "train_accuracy", "val_accuracy", "epoch_seconds"
 FINAL_METRICS = ("test_accuracy", "train_seconds", "wall_seconds", "flops_per_example", "train_flops", "params", "peak_memory_bytes", "epochs_run")
 # Optuna state -> MLflow run status. Pruned trials finished normally; their tag says they were pruned.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "INTERRUPTED": "KILLED"}
+
+
+HEALTH_TIMEOUT = 5  # seconds for a tracking server to answer /health before anything is written
+
+
+class TrackingUnreachable(ConnectionError):
+    """The MLflow tracking store cannot be reached or opened."""
+
+
+def check_reachable(uri: str) -> None:
+    """Before a launch writes anything: a tracking server answers, an existing local store opens."""
+    import urllib.request
+
+    from study.storage import mask
+
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT).close()
+        except OSError as error:
+            why = getattr(error, "reason", None) or error
+            raise TrackingUnreachable(f"MLflow server {mask(uri)} does not answer within {HEALTH_TIMEOUT} s ({why}); "
+                                      "start it, or unset MLFLOW_TRACKING_URI to use the local store") from None
+    elif uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///")).exists():
+        open_sqlite_store(Path(uri.removeprefix("sqlite:///")))
+
+
+def open_sqlite_store(path: Path) -> None:
+    """Create a new local MLflow store whole, or fail in one line on one left half-made.
+
+    MLflow builds a SQLite store in many steps (tables, then a chain of migrations); a process killed in
+    between leaves a file every later start fails on, and two first launches racing corrupt each other.
+    So the store is built under a temporary name and linked into place in one step: of two racing
+    launches one store wins, the other is discarded before anything was written to it.
+    """
+    # MLflow logs each creation step, and a failed one with its traceback: the one line below says it all.
+    quiet = [logging.getLogger(name) for name in ("mlflow", "alembic")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        _create_whole(path)
+        MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments(max_results=1)
+    except Exception as error:  # noqa: BLE001 -- sqlalchemy and alembic raise many types for a damaged store
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise TrackingUnreachable(f"MLflow store {path} cannot be opened ({first_line[:200]}); it was probably left half-made by an "
+                                  "interrupted first launch: move it away and launch again (the Optuna storage keeps every trial, "
+                                  "and the next launch writes their MLflow runs again)") from None
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
+
+
+def _create_whole(path: Path) -> None:
+    if path.exists():
+        return
+    for left in path.parent.glob(f".{path.name}.building-*"):  # by launches killed while building
+        if not _alive(int(left.name.split("-")[1])):
+            left.unlink(missing_ok=True)
+    building = path.with_name(f".{path.name}.building-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{building}").search_experiments(max_results=1)
+        try:
+            os.link(building, path)
+        except FileExistsError:
+            pass  # another launch created it first
+    finally:
+        building.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def tracking_uri(home: Path) -> str:
@@ -85,6 +163,8 @@ class Tracker:
     """The MLflow side of one study: its experiment, its parent run, and one child run per trial."""
 
     def __init__(self, study_name: str, uri: str, artifact_root: Path | None = None):
+        if uri.startswith("sqlite:///"):
+            open_sqlite_store(Path(uri.removeprefix("sqlite:///")))
         self.client = MlflowClient(tracking_uri=uri)
         self.study_name = study_name
         experiment = self.client.get_experiment_by_name(study_name)
