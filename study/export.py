@@ -9,6 +9,8 @@ import optuna
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from dashboards import record
+
 
 def trials_table(study: optuna.Study, uri: str) -> pd.DataFrame:
     frame = study.trials_dataframe(attrs=("number", "state", "values", "datetime_start", "datetime_complete", "duration", "params", "user_attrs"))
@@ -18,6 +20,10 @@ def trials_table(study: optuna.Study, uri: str) -> pd.DataFrame:
     cost = study.user_attrs.get("objective", "accuracy").partition(",")[2]
     frame = frame.rename(columns={"value": "val_accuracy", "values_0": "val_accuracy", "values_1": cost})
     frame.columns = [name.removeprefix("user_attrs_") for name in frame.columns]
+    if record.CONFIG in frame.columns:
+        # The resolved TrainConfig, one column per setting (a nested dict fits neither CSV nor Parquet).
+        settings = pd.DataFrame([value if isinstance(value, dict) else {} for value in frame.pop(record.CONFIG)], index=frame.index)
+        frame = frame.join(settings.add_prefix(f"{record.CONFIG}."))
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(study.study_name)
     runs = []

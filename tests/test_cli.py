@@ -16,9 +16,9 @@ def _mlflow_runs(home, experiment):
 
 
 def test_launch_show_report_and_resume(study_home, tiny_spec):
-    first = run_cli("launch", str(tiny_spec), "--trials", "3", "--preset", "smoke")
+    first = run_cli("launch", str(tiny_spec), "--trials", "3", "--preset", "cpu")
     assert first.returncode == 0, first.stderr
-    assert "preset smoke: as requested" in first.stdout
+    assert "preset cpu: as requested" in first.stdout
     assert re.search(r"trial 1: .* -> FAIL \(diverged", first.stdout)
 
     # The Optuna storage holds three finished trials: the enqueued notes' default first, the diverged one FAIL.
@@ -68,22 +68,22 @@ def test_launch_show_report_and_resume(study_home, tiny_spec):
     assert "3 trials" in shown.stdout and "val_accuracy" in shown.stdout
 
     # `--trials` is the total: a relaunch runs only what is missing, under the same parent run.
-    again = run_cli("launch", str(tiny_spec), "--trials", "4", "--preset", "smoke")
+    again = run_cli("launch", str(tiny_spec), "--trials", "4", "--preset", "cpu")
     assert again.returncode == 0, again.stderr
     assert len(optuna.load_study(study_name="tiny", storage=storage).get_trials()) == 4
     _, runs = _mlflow_runs(study_home, "tiny")
     assert sum(r.data.tags.get("study.role") == "parent" for r in runs) == 1 and len(runs) == 5
-    done = run_cli("launch", str(tiny_spec), "--trials", "4", "--preset", "smoke")
+    done = run_cli("launch", str(tiny_spec), "--trials", "4", "--preset", "cpu")
     assert "already holds 4 finished trials" in done.stdout
 
     # A study keeps its preset.
     mixed = run_cli("launch", str(tiny_spec), "--trials", "5", "--preset", "full")
-    assert mixed.returncode == 1 and "was created with preset smoke" in mixed.stderr
+    assert mixed.returncode == 1 and "was created with preset cpu" in mixed.stderr
 
 
 def test_postgresql_storage(study_home, tiny_spec):
     with postgres_database("cli") as url:
-        result = run_cli("launch", str(tiny_spec), "--trials", "2", "--preset", "smoke", "--storage", url)
+        result = run_cli("launch", str(tiny_spec), "--trials", "2", "--preset", "cpu", "--storage", url)
         assert result.returncode == 0, result.stderr
         study = optuna.load_study(study_name="tiny", storage=url)
         assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "FAIL"]

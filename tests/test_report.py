@@ -58,8 +58,8 @@ name = "median"
 n_startup_trials = 1
 n_warmup_steps = 3
 
-[presets.smoke]
-max_resize = 65
+[presets.cpu.conditional.alexnet]
+resize = { low = 65, high = 65 }
 """
 SECTIONS = ("summary", "cost", "alexnet", "curves", "search", "layers", "table")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -73,7 +73,7 @@ def home(tmp_path_factory):
     for name, spec, trials in (("pair", PAIR_SPEC, "5"), ("tiny", TINY_SPEC, "3")):
         path = home.parent / f"{name}.toml"
         path.write_text(spec)
-        result = run_cli("launch", str(path), "--trials", trials, "--preset", "smoke", env=env)
+        result = run_cli("launch", str(path), "--trials", trials, "--preset", "cpu", env=env)
         assert result.returncode == 0, result.stderr
     storage = journal(home)
     states = [t.state for t in optuna.load_study(study_name="pair", storage=storage).get_trials()]
@@ -115,7 +115,7 @@ def test_report_sections_png_and_browser(home, page):
     assert "Pareto front" in text and 'id="trial-filter"' in text
     assert "Not shown" not in text  # both AlexNets completed, so the comparison is there
     assert re.search(r"the 28-px variant takes [0-9.]+× the seconds per epoch", text)
-    assert "alexnet (65 px)" in text and "alexnet_28 (28 px)" in text  # the smoke preset caps AlexNet at its minimum
+    assert "alexnet (65 px)" in text and "alexnet_28 (28 px)" in text  # the cpu preset runs AlexNet at its minimum
 
     # Every figure also as a PNG.
     expected = {"cost", "alexnet-0", "curves", "history", "importance", "parallel-0", "slice-0", "layers-0"}

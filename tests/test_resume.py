@@ -51,7 +51,7 @@ def test_interrupted_launch_resumes_without_loss(study_home, tmp_path, sig):
     spec.write_text(SLOW)
     env = {**os.environ, "STUDY_HOME": str(study_home)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    process = subprocess.Popen([sys.executable, "-m", "study", "launch", str(spec), "--trials", "2", "--preset", "smoke"],
+    process = subprocess.Popen([sys.executable, "-m", "study", "launch", str(spec), "--trials", "2", "--preset", "cpu"],
                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     interrupted = _wait_for_running_epoch(study_home, process)
     process.send_signal(sig)
@@ -63,7 +63,7 @@ def test_interrupted_launch_resumes_without_loss(study_home, tmp_path, sig):
     first = study.trials[interrupted]
     assert first.state.name == ("FAIL" if sig == signal.SIGINT else "RUNNING")
 
-    resumed = run_cli("launch", str(spec), "--trials", "2", "--preset", "smoke")
+    resumed = run_cli("launch", str(spec), "--trials", "2", "--preset", "cpu")
     assert resumed.returncode == 0, resumed.stderr
     trials = optuna.load_study(study_name="slow", storage=journal(study_home)).get_trials()
     first = trials[interrupted]

@@ -76,7 +76,7 @@ def _check_parallel_study(study: optuna.Study, client: MlflowClient, total: int)
 def test_four_workers_on_the_local_default_storage(study_home, tmp_path):
     spec = tmp_path / "fast.toml"
     spec.write_text(FAST)
-    result = run_cli("launch", str(spec), "--trials", "8", "--workers", "4", "--preset", "smoke")
+    result = run_cli("launch", str(spec), "--trials", "8", "--workers", "4", "--preset", "cpu")
     assert result.returncode == 0, result.stderr
     output = result.stdout + result.stderr
     assert "4 workers: cpu, cpu, cpu, cpu" in output
@@ -129,7 +129,7 @@ def test_four_workers_from_two_machines_on_postgresql(study_home, tmp_path, post
     env = {**os.environ, "STUDY_HOME": str(study_home), "MLFLOW_TRACKING_URI": mlflow_server, "COLUMNS": "200"}
     url = postgres["optuna"]
     command = [sys.executable, "-m", "study"]
-    launch = subprocess.Popen([*command, "launch", str(spec), "--trials", "8", "--workers", "2", "--preset", "smoke", "--storage", url, "--heartbeat", "2"],
+    launch = subprocess.Popen([*command, "launch", str(spec), "--trials", "8", "--workers", "2", "--preset", "cpu", "--storage", url, "--heartbeat", "2"],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while "shared" not in optuna.get_all_study_names(url) or "trials" not in optuna.load_study(study_name="shared", storage=url).user_attrs:
@@ -157,7 +157,7 @@ def test_killed_worker_is_failed_by_heartbeat_and_retried(study_home, tmp_path, 
     spec.write_text(SLOW)
     env = {**os.environ, "STUDY_HOME": str(study_home), "MLFLOW_TRACKING_URI": mlflow_server}
     url = postgres["optuna"]
-    process = subprocess.Popen([sys.executable, "-m", "study", "launch", str(spec), "--trials", "2", "--preset", "smoke", "--storage", url, "--heartbeat", "2"],
+    process = subprocess.Popen([sys.executable, "-m", "study", "launch", str(spec), "--trials", "2", "--preset", "cpu", "--storage", url, "--heartbeat", "2"],
                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     killed = None
@@ -191,7 +191,7 @@ def test_killed_worker_is_failed_by_heartbeat_and_retried(study_home, tmp_path, 
 def test_pareto_front_of_accuracy_against_cost(study_home, tmp_path):
     tiny_spec = tmp_path / "tiny.toml"
     tiny_spec.write_text(FAST.replace("epochs = 1\n", "").replace("[search]", "[search]\nepochs = { low = 1, high = 2 }"))
-    result = run_cli("launch", str(tiny_spec), "--trials", "5", "--preset", "smoke", "--objective", "accuracy,cost", "--cost", "train_flops")
+    result = run_cli("launch", str(tiny_spec), "--trials", "5", "--preset", "cpu", "--objective", "accuracy,cost", "--cost", "train_flops")
     assert result.returncode == 0, result.stderr
     assert "no pruning" in result.stdout
     study = optuna.load_study(study_name="tiny", storage=journal(study_home))
@@ -209,7 +209,7 @@ def test_pareto_front_of_accuracy_against_cost(study_home, tmp_path):
     for trial in complete:
         assert trial.values[1] == trial.user_attrs["train_flops"]
     # A study keeps its objective.
-    changed = run_cli("launch", str(tiny_spec), "--trials", "6", "--preset", "smoke", "--objective", "accuracy")
+    changed = run_cli("launch", str(tiny_spec), "--trials", "6", "--preset", "cpu", "--objective", "accuracy")
     assert changed.returncode == 1 and "optimises accuracy,train_flops" in changed.stderr
 
 
@@ -217,7 +217,7 @@ def test_grid_sampler_runs_every_combination(study_home, tmp_path):
     spec = tmp_path / "grid.toml"
     spec.write_text(FAST.replace('lr = { low = 0.01, high = 0.1, log = true }', 'lr = { choices = [0.02, 0.05] }\nbatch_size = { choices = [32, 64] }')
                     .replace("batch_size = 32\n", "").replace('[pruner]\nname = "none"', '[pruner]\nname = "hyperband"\n[sampler]\nname = "random"'))
-    result = run_cli("launch", str(spec), "--trials", "4", "--preset", "smoke", "--sampler", "grid")
+    result = run_cli("launch", str(spec), "--trials", "4", "--preset", "cpu", "--sampler", "grid")
     assert result.returncode == 0, result.stderr
     study = optuna.load_study(study_name="grid", storage=journal(study_home))
     assert sorted((t.params["lr"], t.params["batch_size"]) for t in study.trials) == [(0.02, 32), (0.02, 64), (0.05, 32), (0.05, 64)]
@@ -265,7 +265,7 @@ def test_ctrl_c_stops_every_worker_cleanly(study_home, tmp_path):
     spec.write_text(SLOW.replace("epochs = 4", "epochs = 20"))
     env = {**os.environ, "STUDY_HOME": str(study_home)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    process = subprocess.Popen([sys.executable, "-m", "study", "launch", str(spec), "--trials", "4", "--workers", "2", "--preset", "smoke"],
+    process = subprocess.Popen([sys.executable, "-m", "study", "launch", str(spec), "--trials", "4", "--workers", "2", "--preset", "cpu"],
                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while True:
@@ -295,13 +295,13 @@ def test_ctrl_c_stops_every_worker_cleanly(study_home, tmp_path):
 
 
 def test_samplers_and_pruners_from_the_spec(tmp_path):
-    from study.launch import make_pruner, make_sampler
+    from study.session import make_pruner, make_sampler
     from study.specs import SpecError, load_spec, resolve
 
     path = tmp_path / "gp.toml"
     path.write_text(FAST.replace('[pruner]\nname = "none"', '[pruner]\nname = "hyperband"\nmin_resource = 1\nreduction_factor = 2\n[sampler]\nname = "gp"\nseed = 3'))
     spec = load_spec(str(path))
-    plan = resolve(spec, "smoke")
+    plan = resolve(spec, "cpu")
     assert type(make_sampler(spec.sampler, plan)).__name__ == "GPSampler"
     assert type(make_pruner(spec.pruner)).__name__ == "HyperbandPruner"
     assert type(make_pruner(spec.pruner, multi_objective=True)).__name__ == "NopPruner"

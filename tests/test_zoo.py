@@ -24,7 +24,7 @@ def test_every_architecture_has_a_study():
 
 @pytest.mark.parametrize("name", ZOO_SPECS)
 def test_three_smoke_trials_end_to_end(home, name):
-    result = run_cli("launch", name, "--trials", "3", "--preset", "smoke", env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": ""})
+    result = run_cli("launch", name, "--trials", "3", "--preset", "cpu", env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": ""})
     assert result.returncode == 0, result.stderr
     storage = journal(home)
     trials = optuna.load_study(study_name=name, storage=storage).get_trials()

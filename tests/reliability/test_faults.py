@@ -36,7 +36,7 @@ def _reported_epoch(storage, name):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_sigint_and_sigterm_stop_cleanly_and_resume(forks, study_home, tmp_path, sig):
     spec = _spec(tmp_path, EPOCHS_SPEC)
-    argv = ["launch", str(spec), "--trials", "2", "--preset", "smoke"]
+    argv = ["launch", str(spec), "--trials", "2", "--preset", "cpu"]
     env = {"STUDY_HOME": str(study_home)}
     command = forks.start(argv, tmp_path, env)
     wait_until(lambda: (study_home / "optuna.journal").exists(), what="the journal")
@@ -66,7 +66,7 @@ def test_divergence_and_out_of_memory_fail_one_trial_each(forks, study_home, tmp
                                               '[search]\nlr = { low = 0.01, high = 1e38, log = true }\n\n[[enqueue]]\nlr = 1e38\n'
                                               '\n[[enqueue]]\nlr = 0.05\n\n[[enqueue]]\nlr = 0.05\n\n[[enqueue]]\nlr = 0.02\n'))
     env = {"STUDY_HOME": str(study_home), "STUDY_INJECT_OOM": "2:1"}
-    command = forks.start(["launch", str(spec), "--trials", "4", "--preset", "smoke"], tmp_path, env)
+    command = forks.start(["launch", str(spec), "--trials", "4", "--preset", "cpu"], tmp_path, env)
     assert command.wait() == 0, command.output()
     assert "Traceback" not in command.output()
     storage = journal(study_home)
@@ -86,7 +86,7 @@ def test_mlflow_server_stopping_and_coming_back(forks, study_home, tmp_path):
     server.start()
     try:
         spec = _spec(tmp_path, EPOCHS_SPEC)
-        argv = ["launch", str(spec), "--trials", "3", "--preset", "smoke"]
+        argv = ["launch", str(spec), "--trials", "3", "--preset", "cpu"]
         env = {"STUDY_HOME": str(study_home), "MLFLOW_TRACKING_URI": server.url, **FAST_MLFLOW_FAILURE}
         command = forks.start(argv, tmp_path, env)
         wait_until(lambda: (study_home / "optuna.journal").exists(), what="the journal", alive=command.alive)
@@ -112,7 +112,7 @@ def test_mlflow_server_stopping_and_coming_back(forks, study_home, tmp_path):
 def test_postgresql_connections_dropped_mid_study(forks, study_home, tmp_path, postgres_db):
     url, name, admin = postgres_db
     spec = _spec(tmp_path, EPOCHS_SPEC)
-    argv = ["launch", str(spec), "--trials", "3", "--preset", "smoke", "--storage", url, "--heartbeat", "1"]
+    argv = ["launch", str(spec), "--trials", "3", "--preset", "cpu", "--storage", url, "--heartbeat", "1"]
     env = {"STUDY_HOME": str(study_home)}
     command = forks.start(argv, tmp_path, env)
     storage = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
