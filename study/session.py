@@ -7,6 +7,7 @@ and nowhere else: objective and cost, preset, sampler, pruner and the study's to
 
 from __future__ import annotations
 
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import optuna
 import torch
 
+from dashboards.record import STUDY_UID
 from study.specs import PRESETS, PRUNER_NAMES, SAMPLER_NAMES, Plan, Spec, SpecError, resolve
 from study.storage import default_storage_url, mask, open_storage
 
@@ -175,4 +177,6 @@ def open_session(request: Request, spec: Spec) -> Session:
         record = {"preset": preset, "objective": objective, "sampler": settings.sampler["name"], "pruner": settings.pruner["name"], "trials": settings.total}
         for key in RECORDED:
             study.set_user_attr(key, record[key])
+        if not exists:
+            study.set_user_attr(STUDY_UID, uuid.uuid4().hex)  # its identity in MLflow (dashboards.record); older studies have none
     return Session(settings=settings, study=study, storage=storage)

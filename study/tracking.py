@@ -163,11 +163,12 @@ def _now_ms() -> int:
 class Tracker:
     """The MLflow side of one study: its experiment, its parent run, and one child run per trial."""
 
-    def __init__(self, study_name: str, uri: str, artifact_root: Path | None = None):
+    def __init__(self, study_name: str, uri: str, artifact_root: Path | None = None, study_uid: str | None = None):
         if uri.startswith("sqlite:///"):
             open_sqlite_store(Path(uri.removeprefix("sqlite:///")))
         self.client = MlflowClient(tracking_uri=uri)
-        self.study_name = study_name
+        self.study_name, self.study_uid = study_name, study_uid
+        self.other_studies = 0  # parent runs of other studies of this name (other storages) in the experiment
         experiment = self.client.get_experiment_by_name(study_name)
         if experiment is None:
             location = (artifact_root / study_name).resolve().as_uri() if artifact_root and not uri.startswith("http") else None
@@ -190,14 +191,16 @@ class Tracker:
         }
 
     def _parent_run(self) -> str:
-        # A relaunch reuses the study's parent run, so trials from every launch sit under one parent.
-        found = self.client.search_runs([self.experiment_id], filter_string="tags.`study.role` = 'parent'", max_results=1)
-        if found:
-            run_id = found[0].info.run_id
+        """The study's parent run, found by the study's identity, not its name alone; a relaunch reuses it, so
+        trials from every launch sit under one parent."""
+        mine = record.parent_runs(self.client, self.experiment_id, self.study_uid)
+        if mine:
+            run_id = mine[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
             return run_id
-        run = self.client.create_run(self.experiment_id, run_name=self.study_name, tags={"study.role": "parent", "optuna.study_name": self.study_name})
-        return run.info.run_id
+        self.other_studies = len(self.client.search_runs([self.experiment_id], filter_string=record.PARENT_FILTER, max_results=1000))
+        tags = {"study.role": "parent", "optuna.study_name": self.study_name, **({record.UID_TAG: self.study_uid} if self.study_uid else {})}
+        return self.client.create_run(self.experiment_id, run_name=self.study_name, tags=tags).info.run_id
 
     def describe_study(self, spec_text: str, preset: str, storage: str, sampler: str, pruner: str) -> None:
         params = [Param("preset", preset), Param("sampler", sampler), Param("pruner", pruner)]
