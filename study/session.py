@@ -144,8 +144,19 @@ def check_preset_matches(study_name: str, recorded: str | None, preset: str) -> 
         raise SpecError(f"study {study_name} was created with preset {recorded}; relaunch with --preset {recorded} or use another --storage")
 
 
+def check_strategies(spec: Spec) -> None:
+    """The spec's [sampler] and [pruner] arguments, built once before anything is written."""
+    try:
+        make_pruner(spec.pruner)
+        for preset in PRESETS:
+            make_sampler(spec.sampler, resolve(spec, preset))
+    except (TypeError, ValueError) as error:
+        raise SpecError(f"{spec.path}: [sampler] or [pruner]: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+
+
 def open_session(request: Request, spec: Spec) -> Session:
     """Create or resume the study (`launch`), or join it (`worker`); its settings recorded on it in one place."""
+    check_strategies(spec)
     if request.join and request.storage is None and not Path(default_storage_url()).exists():
         raise SpecError(f"no study named {spec.name!r}: {default_storage_url()} does not exist yet; run `python -m study launch {request.name}` first")
     storage = open_storage(request.storage, request.heartbeat)
