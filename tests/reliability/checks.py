@@ -102,18 +102,17 @@ def check_consistent(study_name: str, storage, tracking_uri: str, total: int | N
     left RUNNING or WAITING; the study holds exactly `total` trials that count. Returns the counts, and fails
     with the list of problems after recording them.
     """
-    from dashboards.record import CONFIG, count_done, retry_source
+    from dashboards.record import CONFIG, MLFLOW_RUN_ID, STUDY_UID, count_done, parent_runs, retry_source, trial_runs
 
     study = optuna.load_study(study_name=study_name, storage=storage)
     trials = study.get_trials()
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment = client.get_experiment_by_name(study_name)
-    runs = client.search_runs([experiment.experiment_id], max_results=50000) if experiment else []
-    parents = [r for r in runs if r.data.tags.get("study.role") == "parent"]
-    children: dict[int, list] = {}
-    for run in runs:
-        if "optuna.trial_number" in run.data.tags:
-            children.setdefault(int(run.data.tags["optuna.trial_number"]), []).append(run)
+    # This study's runs: those under its parent, found by the study's identity (other storages' studies of the
+    # same name may share the experiment).
+    parents = parent_runs(client, experiment.experiment_id, study.user_attrs.get(STUDY_UID)) if experiment else []
+    children = trial_runs(client, experiment.experiment_id, parents[0].info.run_id) if parents else {}
+    runs = parents[:1] + [run for found in children.values() for run in found]
     counts, problems = Counts(trials=len(trials)), []
 
     def lost(why):
@@ -151,8 +150,11 @@ def check_consistent(study_name: str, storage, tracking_uri: str, total: int | N
                 problems.append(f"trial {trial.number}: val_accuracy {run.data.metrics.get('val_accuracy')} in MLflow, {trial.values[0]} in Optuna")
             if run.data.metrics.get("test_accuracy") != trial.user_attrs.get("test_accuracy"):
                 problems.append(f"trial {trial.number}: test_accuracy differs between MLflow and Optuna")
-        if "mlflow_run_id" in trial.user_attrs and trial.user_attrs["mlflow_run_id"] != run.info.run_id:
+        recorded = trial.user_attrs.get(MLFLOW_RUN_ID)
+        if recorded and recorded != run.info.run_id and _run_exists(client, recorded):  # a rebuilt store's runs have new ids
             problems.append(f"trial {trial.number}: user attr mlflow_run_id is not its run")
+        if run.info.lifecycle_stage != "active":
+            problems.append(f"trial {trial.number}: its MLflow run {run.info.run_id} is {run.info.lifecycle_stage}")
         for name, value in trial.params.items():
             if CONFIG in trial.user_attrs and trial.user_attrs[CONFIG][name] != value:
                 problems.append(f"trial {trial.number}: Optuna holds {name}={value}, but {trial.user_attrs[CONFIG][name]} trained")
@@ -182,6 +184,16 @@ def check_consistent(study_name: str, storage, tracking_uri: str, total: int | N
     if problems:
         pytest.fail("\n".join(problems))
     return counts
+
+
+def _run_exists(client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        return False
+    return True
 
 
 # ---- processes ----
