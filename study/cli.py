@@ -213,24 +213,30 @@ def cmd_show(args) -> int:
         console.print("no completed trials yet")
         return 0
     param_names = sorted({name for t in done for name in t.params})
-    table = _table(f"best {min(args.top, len(done))} trials by validation accuracy",
-                   ["trial", *param_names, "val_accuracy", "test_accuracy", "epochs_run", "train_seconds"])
+    rows = []
     for t in done[:args.top]:
         params = [f"{t.params[n]:.4g}" if isinstance(t.params.get(n), float) else str(t.params.get(n, "")) for n in param_names]
-        table.add_row(str(t.number), *params, f"{t.value:.4f}", f"{t.user_attrs.get('test_accuracy', float('nan')):.4f}",
-                      str(t.user_attrs.get("epochs_run", "")), f"{t.user_attrs.get('train_seconds', float('nan')):.1f}")
-    console.print(table)
+        rows.append([str(t.number), *params, f"{t.value:.4f}", f"{t.user_attrs.get('test_accuracy', float('nan')):.4f}",
+                     str(t.user_attrs.get("epochs_run", "")), f"{t.user_attrs.get('train_seconds', float('nan')):.1f}"])
+    console.print(_table(console, f"best {min(args.top, len(done))} trials by validation accuracy",
+                         ["trial", *param_names, "val_accuracy", "test_accuracy", "epochs_run", "train_seconds"], rows))
     return 0
 
 
-def _table(title: str, columns: list[str]):
-    """A table whose headers wrap after their underscores instead of being cut short in a narrow terminal."""
+def _table(console, title: str, columns: list[str], rows: list[list[str]]):
+    """A table in full when it fits the terminal; else its headers wrap after their underscores rather than being cut short."""
     from rich import box
     from rich.table import Table
 
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    for column in columns:
-        table.add_column(column.replace("_", "_\n"), justify="right", min_width=max(len(part) for part in column.split("_")))
+    for wrap in (False, True):
+        table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        for column in columns:
+            table.add_column(column.replace("_", "_\n") if wrap else column, justify="right",
+                             min_width=max(len(part) for part in column.split("_")))
+        for row in rows:
+            table.add_row(*row)
+        if console.measure(table, options=console.options.update(max_width=10_000)).maximum <= console.width:  # its natural width
+            break
     return table
 
 
@@ -243,12 +249,12 @@ def _show_pareto(study, console) -> int:
         console.print("no completed trials yet")
         return 0
     param_names = sorted({name for t in front for name in t.params})
-    table = _table(f"Pareto front: {len(front)} trials, none beaten on both val_accuracy (max) and {cost} (min)",
-                   ["trial", *param_names, "val_accuracy", cost, "test_accuracy"])
+    rows = []
     for t in front:
         params = [f"{t.params[n]:.4g}" if isinstance(t.params.get(n), float) else str(t.params.get(n, "")) for n in param_names]
-        table.add_row(str(t.number), *params, f"{t.values[0]:.4f}", f"{t.values[1]:.4g}", f"{t.user_attrs.get('test_accuracy', float('nan')):.4f}")
-    console.print(table)
+        rows.append([str(t.number), *params, f"{t.values[0]:.4f}", f"{t.values[1]:.4g}", f"{t.user_attrs.get('test_accuracy', float('nan')):.4f}"])
+    console.print(_table(console, f"Pareto front: {len(front)} trials, none beaten on both val_accuracy (max) and {cost} (min)",
+                         ["trial", *param_names, "val_accuracy", cost, "test_accuracy"], rows))
     return 0
 
 
