@@ -345,6 +345,8 @@ def cmd_ui(args) -> int:
     uri = tracking_uri(home())
     if uri.startswith(("http://", "https://")):
         return _remote_ui(uri)
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: give a port between 1 and 65535")
     _check_port_free(args.host, args.port)
     base = f"http://{args.host}:{args.port}"
     print(f"MLflow UI on {uri}: {base}  (Ctrl-C stops it)")
