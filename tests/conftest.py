@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -81,10 +82,85 @@ def tiny_spec(tmp_path):
     return path
 
 
+# ---- test specs ----
+
+# The cheapest trial that still runs the whole trainer: LeNet for one epoch on a few hundred images.
+LENET = {
+    "fixed": {"arch": "lenet", "batch_size": 64, "momentum": 0.9, "n_train": 256, "n_val": 128, "n_test": 128, "epochs": 1},
+    "search": {"lr": {"low": 0.01, "high": 0.1, "log": True}},
+    "pruner": {"name": "none"},
+}
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    return repr(value)
+
+
+def make_spec(directory: Path, name: str, base: dict, **tables) -> Path:
+    """Write `<directory>/<name>.toml` (the study is named `name`): the tables of `base`, each updated with the
+    keyword of the same name (`fixed={"epochs": 2}`; a value None drops that key); `enqueue` is a list of rows."""
+    spec = {table: dict(values) for table, values in base.items() if table != "enqueue"}
+    for table, values in tables.items():
+        if table != "enqueue":
+            spec[table] = {k: v for k, v in {**spec.get(table, {}), **values}.items() if v is not None}
+    lines = [f"description = {_toml(spec.pop('description', f'{name}, a test study'))}"]
+    for table, values in spec.items():
+        lines += ["", f"[{table}]", *(f"{k} = {_toml(v)}" for k, v in values.items())]
+    for row in tables.get("enqueue", base.get("enqueue", [])):
+        lines += ["", "[[enqueue]]", *(f"{k} = {_toml(v)}" for k, v in row.items())]
+    path = directory / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ---- commands ----
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m study ARGS` as a user runs it, in a subprocess."""
     return subprocess.run([sys.executable, "-m", "study", *args], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=timeout, check=False)
+
+
+# ---- a launch held at a phase (tests/hooked_study.py) ----
+
+HOOKED = ROOT / "tests" / "hooked_study.py"
+
+
+def hold_env(directory: Path, at: str, lr: float | None = None) -> dict:
+    """Orders for tests/hooked_study.py: hold every trial (or the one with learning rate `lr`) at phase `at`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return {"HOOKED_HOLD_DIR": str(directory), "HOOKED_HOLD_AT": at, **({"HOOKED_HOLD_LR": repr(lr)} if lr is not None else {})}
+
+
+def start_hooked(*args: str, env: dict) -> subprocess.Popen:
+    """`python tests/hooked_study.py ARGS`: a launch as a user runs it, that stops where `env` says (see hold_env)."""
+    return subprocess.Popen([sys.executable, str(HOOKED), *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **env})
+
+
+def wait_for_holds(directory: Path, count: int, alive, timeout: float = 600) -> list[dict]:
+    """Until `count` processes are held in `directory`: their readiness records (with `path`). Fails if `alive()` turns
+    false first (the launch ended without reaching the phase); `timeout` only guards against a hang."""
+    deadline = time.monotonic() + timeout
+    while True:
+        holds = [{**json.loads(path.read_text()), "path": path} for path in sorted(directory.glob("*.json"))]
+        if len(holds) >= count:
+            return holds
+        assert alive(), f"the process ended before {count} trials reached the phase held ({len(holds)} did)"
+        assert time.monotonic() < deadline, f"no {count} holds after {timeout:g} s"
+        time.sleep(0.05)
+
+
+def release(hold: dict) -> None:
+    Path(f"{hold['path']}.release").touch()
 
 
 @pytest.fixture(scope="module")

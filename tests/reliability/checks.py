@@ -193,7 +193,7 @@ class ForkServer:
 
     def __init__(self):
         self.process = subprocess.Popen([sys.executable, str(Path(__file__).parent / "forkserver.py")], cwd=ROOT, stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
         assert self.process.stdout.readline().strip() == "ready"
         self.count = 0
 

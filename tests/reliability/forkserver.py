@@ -3,7 +3,8 @@ once, then forks a process per command (one JSON request per stdin line, its pid
 
 Each child is a real process running `study.cli.main(argv)`, so kill -9 and signals hit it as they hit a
 user's launch; only the 5-10 s of imports are skipped. This process never runs torch itself, so the forked
-children start with fresh thread pools. It reaps its children at once (a zombie would still look alive to
+children start with fresh thread pools. Its commands run with the trainer wrapped by tests/hooked_study.py
+(imported before any `study` module), so a test can hold one at a phase. It reaps its children at once (a zombie would still look alive to
 the launcher's dead-process check) and writes each exit code to `<log>.rc`.
 """
 
@@ -15,6 +16,7 @@ import signal
 import sys
 import traceback
 
+import hooked_study  # noqa: F401 -- wraps the trainer before `study` imports it
 import mlflow  # noqa: F401
 import optuna  # noqa: F401
 import torch  # noqa: F401
