@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import ROOT, free_port, journal, postgres_database, run_cli, wait_until_up
+from conftest import LENET, ROOT, free_port, hold_env, journal, make_spec, postgres_database, run_cli, start_hooked, wait_for_holds, wait_until_up
 
 # One epoch of a tiny VGG: the cheapest trial that still goes through the whole trainer.
 FAST = """
@@ -35,23 +35,6 @@ lr = { low = 0.01, high = 0.1, log = true }
 [pruner]
 name = "none"
 """
-
-# LeNet for a few seconds per epoch on two cores: long enough to be killed mid-trial.
-SLOW = """
-[fixed]
-arch = "lenet"
-batch_size = 256
-n_train = 6000
-n_val = 500
-n_test = 500
-epochs = 4
-[search]
-lr = { low = 0.1, high = 1.0, log = true }
-[pruner]
-name = "none"
-"""
-
-
 
 def _children_by_trial(client: MlflowClient, experiment: str) -> tuple[list, list]:
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=1000)
@@ -153,22 +136,17 @@ def test_four_workers_from_two_machines_on_postgresql(study_home, tmp_path, post
 
 def test_killed_worker_is_failed_by_heartbeat_and_retried(study_home, tmp_path, postgres, mlflow_server):
     """kill -9 in the middle of a trial: the heartbeat goes stale, the trial is FAIL, retried once, its MLflow run KILLED."""
-    spec = tmp_path / "slow.toml"
-    spec.write_text(SLOW)
-    env = {**os.environ, "STUDY_HOME": str(study_home), "MLFLOW_TRACKING_URI": mlflow_server}
+    spec = make_spec(tmp_path, "slow", LENET, fixed={"epochs": 2})
     url = postgres["optuna"]
-    process = subprocess.Popen([sys.executable, "-m", "study", "launch", str(spec), "--trials", "2", "--preset", "smoke", "--storage", url, "--heartbeat", "2"],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    killed = None
-    while killed is None:
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        if "slow" in optuna.get_all_study_names(url):
-            running = [t for t in optuna.load_study(study_name="slow", storage=url).get_trials() if t.intermediate_values]
-            killed = running[0].number if running else None
-        time.sleep(0.3)
+    process = start_hooked("launch", str(spec), "--trials", "2", "--preset", "smoke", "--storage", url, "--heartbeat", "2",
+                           env={"STUDY_HOME": str(study_home), "MLFLOW_TRACKING_URI": mlflow_server, **hold_env(tmp_path / "holds", "epoch:1")})
+    (hold,) = wait_for_holds(tmp_path / "holds", 1, lambda: process.poll() is None)
+    assert hold["pid"] == process.pid
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=30)
+    (held,) = [t for t in optuna.load_study(study_name="slow", storage=url).get_trials() if t.params.get("lr") == hold["lr"]]
+    assert held.state == TrialState.RUNNING and list(held.intermediate_values) == [1]  # killed mid-training
+    killed = held.number
 
     resumed = run_cli("worker", str(spec), "--storage", url, "--heartbeat", "2", env={"MLFLOW_TRACKING_URI": mlflow_server})
     assert resumed.returncode == 0, resumed.stderr
@@ -261,30 +239,21 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(study_home, tiny_spec,
 
 
 def test_ctrl_c_stops_every_worker_cleanly(study_home, tmp_path):
-    spec = tmp_path / "slow.toml"
-    spec.write_text(SLOW.replace("epochs = 4", "epochs = 20"))
-    env = {**os.environ, "STUDY_HOME": str(study_home)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    process = subprocess.Popen([sys.executable, "-m", "study", "launch", str(spec), "--trials", "4", "--workers", "2", "--preset", "smoke"],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while True:
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        if (study_home / "optuna.journal").exists():
-            try:
-                trials = optuna.load_study(study_name="slow", storage=journal(study_home)).get_trials()
-            except KeyError:
-                trials = []
-            if len([t for t in trials if t.intermediate_values]) == 2:
-                break
-        time.sleep(0.3)
+    spec = make_spec(tmp_path, "slow", LENET, fixed={"epochs": 2})
+    process = start_hooked("launch", str(spec), "--trials", "4", "--workers", "2", "--preset", "smoke",
+                           env={"STUDY_HOME": str(study_home), **hold_env(tmp_path / "holds", "epoch:1")})
+    # Both worker processes hold a trial after its first epoch: Ctrl-C lands while two trials are training.
+    holds = wait_for_holds(tmp_path / "holds", 2, lambda: process.poll() is None)
+    assert len({hold["pid"] for hold in holds} - {process.pid}) == 2
     process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=60)
+    out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "will run again" in out
     trials = optuna.load_study(study_name="slow", storage=journal(study_home)).get_trials()
     interrupted = [t for t in trials if t.state == TrialState.FAIL]
     assert len(interrupted) == 2 and all(t.user_attrs["fail_reason"] == "interrupted" for t in interrupted)
+    assert sorted(t.params["lr"] for t in interrupted) == sorted(hold["lr"] for hold in holds)
+    assert all(list(t.intermediate_values) == [1] for t in interrupted)  # both mid-training
     # Each is queued again with its params; nothing is left RUNNING, in Optuna or in MLflow.
     queued = {t.user_attrs["retry_of"]: t.system_attrs["fixed_params"] for t in trials if t.state == TrialState.WAITING}
     assert queued == {t.number: t.params for t in interrupted}
