@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -58,6 +60,19 @@ ratio = 16
 name = "median"
 n_startup_trials = 2
 """
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory):
+    """A study home holding `tiny` (TINY_SPEC, 3 trials: COMPLETE, FAIL, one sampled), launched once for every test
+    that only reads a launched study (show, report, export, the MLflow layout, the browser). Read it, never launch
+    into it; a test that changes the study copies the home first."""
+    home = tmp_path_factory.mktemp("shared") / "home"
+    spec = home.parent / "tiny.toml"
+    spec.write_text(TINY_SPEC)
+    result = run_main("launch", str(spec), "--trials", "3", env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": None})
+    assert result.returncode == 0, result.stderr
+    return home
 
 
 @pytest.fixture(scope="session")
@@ -124,9 +139,32 @@ def make_spec(directory: Path, name: str, base: dict, **tables) -> Path:
 # ---- commands ----
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`python -m study ARGS` as a user runs it, in a subprocess."""
+    """`python -m study ARGS` as a user runs it, in a subprocess: for what only a real process shows (its exit
+    status, signals, what it imports). Everything else goes through run_main, which skips the imports."""
     return subprocess.run([sys.executable, "-m", "study", *args], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=timeout, check=False)
+
+
+def run_main(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m study ARGS` in this process (the CLI's own `main`), with `env` set for the call (None unsets a
+    variable); its exit code and output as run_cli returns them."""
+    from study.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    sigterm = signal.getsignal(signal.SIGTERM)  # a launch turns SIGTERM into Ctrl-C for its duration
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        for name, value in {"COLUMNS": "200", **(env or {})}.items():
+            if value is None:
+                patch.delenv(name, raising=False)
+            else:
+                patch.setenv(name, value)
+        try:
+            code = main(list(args))
+        except SystemExit as exit:  # argparse: usage errors and --help
+            code = exit.code if isinstance(exit.code, int) else 1
+        finally:
+            signal.signal(signal.SIGTERM, sigterm)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 # ---- a launch held at a phase (tests/hooked_study.py) ----

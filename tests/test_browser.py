@@ -19,7 +19,7 @@ def launched(tmp_path_factory):
     home = tmp_path_factory.mktemp("browser") / "home"
     spec = home.parent / "tiny.toml"
     spec.write_text(TINY_SPEC)
-    result = run_cli("launch", str(spec), "--trials", "3", "--preset", "smoke", env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": ""})
+    result = run_cli("launch", str(spec), "--trials", "3", env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": ""})
     assert result.returncode == 0, result.stderr
     return home
 

@@ -97,7 +97,7 @@ def tracked(request, tmp_path_factory):
             spec = tmp / "tracked.toml"
             spec.write_text(TRACKED_SPEC)
             home = tmp / "home"
-            result = run_cli("launch", str(spec), "--trials", "4", "--preset", "smoke", "--register", "tracked-best",
+            result = run_cli("launch", str(spec), "--trials", "4", "--register", "tracked-best",
                              env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": uri})
             assert result.returncode == 0, result.stderr
             study = optuna.load_study(study_name="tracked", storage=journal(home))

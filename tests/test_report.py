@@ -73,7 +73,7 @@ def home(tmp_path_factory):
     for name, spec, trials in (("pair", PAIR_SPEC, "5"), ("tiny", TINY_SPEC, "3")):
         path = home.parent / f"{name}.toml"
         path.write_text(spec)
-        result = run_cli("launch", str(path), "--trials", trials, "--preset", "smoke", env=env)
+        result = run_cli("launch", str(path), "--trials", trials, env=env)
         assert result.returncode == 0, result.stderr
     storage = journal(home)
     states = [t.state for t in optuna.load_study(study_name="pair", storage=storage).get_trials()]

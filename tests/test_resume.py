@@ -13,7 +13,7 @@ from conftest import LENET, hold_env, journal, make_spec, run_cli, start_hooked,
 def test_interrupted_launch_resumes_without_loss(study_home, tmp_path, sig):
     # Two epochs; the launch is held after the first one of its first trial, so the signal lands mid-training.
     spec = make_spec(tmp_path, "slow", LENET, fixed={"epochs": 2})
-    argv = ("launch", str(spec), "--trials", "2", "--preset", "smoke")
+    argv = ("launch", str(spec), "--trials", "2")
     process = start_hooked(*argv, env={"STUDY_HOME": str(study_home), **hold_env(tmp_path / "holds", "epoch:1")})
     (hold,) = wait_for_holds(tmp_path / "holds", 1, lambda: process.poll() is None)
     assert hold["pid"] == process.pid and hold["epoch"] == 1

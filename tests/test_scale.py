@@ -59,7 +59,7 @@ def _check_parallel_study(study: optuna.Study, client: MlflowClient, total: int)
 def test_four_workers_on_the_local_default_storage(study_home, tmp_path):
     spec = tmp_path / "fast.toml"
     spec.write_text(FAST)
-    result = run_cli("launch", str(spec), "--trials", "8", "--workers", "4", "--preset", "smoke")
+    result = run_cli("launch", str(spec), "--trials", "8", "--workers", "4")
     assert result.returncode == 0, result.stderr
     output = result.stdout + result.stderr
     assert "4 workers: cpu, cpu, cpu, cpu" in output
@@ -112,7 +112,7 @@ def test_four_workers_from_two_machines_on_postgresql(study_home, tmp_path, post
     env = {**os.environ, "STUDY_HOME": str(study_home), "MLFLOW_TRACKING_URI": mlflow_server, "COLUMNS": "200"}
     url = postgres["optuna"]
     command = [sys.executable, "-m", "study"]
-    launch = subprocess.Popen([*command, "launch", str(spec), "--trials", "8", "--workers", "2", "--preset", "smoke", "--storage", url, "--heartbeat", "2"],
+    launch = subprocess.Popen([*command, "launch", str(spec), "--trials", "8", "--workers", "2", "--storage", url, "--heartbeat", "2"],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while "shared" not in optuna.get_all_study_names(url) or "trials" not in optuna.load_study(study_name="shared", storage=url).user_attrs:
@@ -138,7 +138,7 @@ def test_killed_worker_is_failed_by_heartbeat_and_retried(study_home, tmp_path, 
     """kill -9 in the middle of a trial: the heartbeat goes stale, the trial is FAIL, retried once, its MLflow run KILLED."""
     spec = make_spec(tmp_path, "slow", LENET, fixed={"epochs": 2})
     url = postgres["optuna"]
-    process = start_hooked("launch", str(spec), "--trials", "2", "--preset", "smoke", "--storage", url, "--heartbeat", "2",
+    process = start_hooked("launch", str(spec), "--trials", "2", "--storage", url, "--heartbeat", "2",
                            env={"STUDY_HOME": str(study_home), "MLFLOW_TRACKING_URI": mlflow_server, **hold_env(tmp_path / "holds", "epoch:1")})
     (hold,) = wait_for_holds(tmp_path / "holds", 1, lambda: process.poll() is None)
     assert hold["pid"] == process.pid
@@ -169,7 +169,7 @@ def test_killed_worker_is_failed_by_heartbeat_and_retried(study_home, tmp_path, 
 def test_pareto_front_of_accuracy_against_cost(study_home, tmp_path):
     tiny_spec = tmp_path / "tiny.toml"
     tiny_spec.write_text(FAST.replace("epochs = 1\n", "").replace("[search]", "[search]\nepochs = { low = 1, high = 2 }"))
-    result = run_cli("launch", str(tiny_spec), "--trials", "5", "--preset", "smoke", "--objective", "accuracy,cost", "--cost", "train_flops")
+    result = run_cli("launch", str(tiny_spec), "--trials", "5", "--objective", "accuracy,cost", "--cost", "train_flops")
     assert result.returncode == 0, result.stderr
     assert "no pruning" in result.stdout
     study = optuna.load_study(study_name="tiny", storage=journal(study_home))
@@ -187,7 +187,7 @@ def test_pareto_front_of_accuracy_against_cost(study_home, tmp_path):
     for trial in complete:
         assert trial.values[1] == trial.user_attrs["train_flops"]
     # A study keeps its objective.
-    changed = run_cli("launch", str(tiny_spec), "--trials", "6", "--preset", "smoke", "--objective", "accuracy")
+    changed = run_cli("launch", str(tiny_spec), "--trials", "6", "--objective", "accuracy")
     assert changed.returncode == 1 and "optimises accuracy,train_flops" in changed.stderr
 
 
@@ -195,7 +195,7 @@ def test_grid_sampler_runs_every_combination(study_home, tmp_path):
     spec = tmp_path / "grid.toml"
     spec.write_text(FAST.replace('lr = { low = 0.01, high = 0.1, log = true }', 'lr = { choices = [0.02, 0.05] }\nbatch_size = { choices = [32, 64] }')
                     .replace("batch_size = 32\n", "").replace('[pruner]\nname = "none"', '[pruner]\nname = "hyperband"\n[sampler]\nname = "random"'))
-    result = run_cli("launch", str(spec), "--trials", "4", "--preset", "smoke", "--sampler", "grid")
+    result = run_cli("launch", str(spec), "--trials", "4", "--sampler", "grid")
     assert result.returncode == 0, result.stderr
     study = optuna.load_study(study_name="grid", storage=journal(study_home))
     assert sorted((t.params["lr"], t.params["batch_size"]) for t in study.trials) == [(0.02, 32), (0.02, 64), (0.05, 32), (0.05, 64)]
@@ -240,7 +240,7 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(study_home, tiny_spec,
 
 def test_ctrl_c_stops_every_worker_cleanly(study_home, tmp_path):
     spec = make_spec(tmp_path, "slow", LENET, fixed={"epochs": 2})
-    process = start_hooked("launch", str(spec), "--trials", "4", "--workers", "2", "--preset", "smoke",
+    process = start_hooked("launch", str(spec), "--trials", "4", "--workers", "2",
                            env={"STUDY_HOME": str(study_home), **hold_env(tmp_path / "holds", "epoch:1")})
     # Both worker processes hold a trial after its first epoch: Ctrl-C lands while two trials are training.
     holds = wait_for_holds(tmp_path / "holds", 2, lambda: process.poll() is None)

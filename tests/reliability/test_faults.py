@@ -29,7 +29,7 @@ def _trial_of(trials, hold):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_sigint_and_sigterm_stop_cleanly_and_resume(forks, study_home, tmp_path, sig):
-    argv = ["launch", str(_two_epochs(tmp_path)), "--trials", "2", "--preset", "smoke"]
+    argv = ["launch", str(_two_epochs(tmp_path)), "--trials", "2"]
     env = {"STUDY_HOME": str(study_home)}
     command = forks.start(argv, tmp_path, {**env, **hold_env(tmp_path / "holds", "epoch:1")})
     (hold,) = wait_for_holds(tmp_path / "holds", 1, command.alive)
@@ -59,7 +59,7 @@ def test_divergence_and_out_of_memory_fail_one_trial_each(forks, study_home, tmp
     spec = make_spec(tmp_path, "faults", LENET, search={"lr": {"low": 0.01, "high": 1e38, "log": True}},
                      enqueue=[{"lr": 1e38}, {"lr": 0.05}, {"lr": 0.0123}, {"lr": 0.02}])
     env = {"STUDY_HOME": str(study_home), "HOOKED_OOM": "0.0123:1"}
-    command = forks.start(["launch", str(spec), "--trials", "4", "--preset", "smoke"], tmp_path, env)
+    command = forks.start(["launch", str(spec), "--trials", "4"], tmp_path, env)
     assert command.wait() == 0, command.output()
     assert "Traceback" not in command.output()
     storage = journal(study_home)
@@ -78,7 +78,7 @@ def test_mlflow_server_stopping_and_coming_back(forks, study_home, tmp_path):
     server = MlflowServer(tmp_path)
     server.start()
     try:
-        argv = ["launch", str(_two_epochs(tmp_path)), "--trials", "3", "--preset", "smoke"]
+        argv = ["launch", str(_two_epochs(tmp_path)), "--trials", "3"]
         env = {"STUDY_HOME": str(study_home), "MLFLOW_TRACKING_URI": server.url, **FAST_MLFLOW_FAILURE}
         command = forks.start(argv, tmp_path, {**env, **hold_env(tmp_path / "holds", "epoch:1")})
         (hold,) = wait_for_holds(tmp_path / "holds", 1, command.alive)
@@ -104,7 +104,7 @@ def test_mlflow_server_stopping_and_coming_back(forks, study_home, tmp_path):
 def test_postgresql_connections_dropped_mid_study(forks, study_home, tmp_path, postgres_db):
     """The storage's connections are terminated while trial 0 and trial 2 are training (each held after its first epoch)."""
     url, name, admin = postgres_db
-    argv = ["launch", str(_two_epochs(tmp_path)), "--trials", "3", "--preset", "smoke", "--storage", url, "--heartbeat", "1"]
+    argv = ["launch", str(_two_epochs(tmp_path)), "--trials", "3", "--storage", url, "--heartbeat", "1"]
     env = {"STUDY_HOME": str(study_home)}
     command = forks.start(argv, tmp_path, {**env, **hold_env(tmp_path / "holds", "epoch:1")})
     storage = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})

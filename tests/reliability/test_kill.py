@@ -71,7 +71,7 @@ def test_kill_9_of_a_launch_at_seeded_points(forks, lenet_spec, study_home, tmp_
     env = {"STUDY_HOME": str(study_home)}
 
     def argv(total):
-        return ["launch", str(lenet_spec), "--trials", str(total), "--preset", "smoke"]
+        return ["launch", str(lenet_spec), "--trials", str(total)]
 
     first = forks.start(argv(1), tmp_path, env)
     assert first.wait() == 0, first.output()
@@ -96,7 +96,7 @@ def test_kill_9_of_a_worker_on_postgresql(forks, lenet_spec, study_home, tmp_pat
     uri = sqlite_uri(study_home)
     import optuna
 
-    first = forks.start(["launch", str(lenet_spec), "--trials", "1", "--preset", "smoke", "--storage", url, "--heartbeat", "1"], tmp_path, env)
+    first = forks.start(["launch", str(lenet_spec), "--trials", "1", "--storage", url, "--heartbeat", "1"], tmp_path, env)
     assert first.wait() == 0, first.output()
     storage = optuna.storages.RDBStorage(url)
     total, hits, checked = 1, 0, Counts()

@@ -50,7 +50,7 @@ def test_storage_password_never_shown(forks, study_home, tmp_path, postgres_db):
     spec = tmp_path / "secret.toml"
     spec.write_text(LENET_SPEC)
     env = {"STUDY_HOME": str(study_home)}
-    launch = forks.start(["launch", str(spec), "--trials", "1", "--preset", "smoke", "--storage", secret_url], tmp_path, env)
+    launch = forks.start(["launch", str(spec), "--trials", "1", "--storage", secret_url], tmp_path, env)
     assert launch.wait() == 0, launch.output()
     shown = forks.start(["show", "secret", "--storage", secret_url], tmp_path, env)
     assert shown.wait() == 0
