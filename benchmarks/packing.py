@@ -28,25 +28,32 @@ from objectives import TrainConfig, load_fashion_mnist, train
 from study.specs import load_spec, resolve
 
 
+class RandomTrial:
+    """Draws as Optuna's random sampler does, with the calls a plan's search space makes (no Optuna needed)."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+
+    def suggest_categorical(self, name: str, choices: list):
+        return self.rng.choice(choices)
+
+    def suggest_int(self, name: str, low: int, high: int, step: int = 1, log: bool = False) -> int:
+        if log:
+            return round(math.exp(self.rng.uniform(math.log(low), math.log(high))))
+        return self.rng.randrange(low, high + 1, step)
+
+    def suggest_float(self, name: str, low: float, high: float, step: float | None = None, log: bool = False) -> float:
+        return math.exp(self.rng.uniform(math.log(low), math.log(high))) if log else self.rng.uniform(low, high)
+
+
 def draw_configs(preset: str, trials: int, max_epochs: int, seed: int, device: str, quick: bool) -> list[TrainConfig]:
     """`trials` configs drawn uniformly (log-uniformly for log ranges) from vgg_ratio's search space."""
     plan = resolve(load_spec("vgg_ratio"), preset)
-    rng = random.Random(seed)
+    rng = RandomTrial(random.Random(seed))
     configs = []
     for _ in range(trials):
-        params = {}
-        for name, dist in plan.search.items():
-            if "choices" in dist:
-                params[name] = rng.choice(dist["choices"])
-            elif dist.get("log"):
-                params[name] = math.exp(rng.uniform(math.log(dist["low"]), math.log(dist["high"])))
-            elif isinstance(dist["low"], int):
-                params[name] = rng.randint(dist["low"], dist["high"])
-            else:
-                params[name] = rng.uniform(dist["low"], dist["high"])
-        params["epochs"] = min(params.get("epochs", max_epochs), max_epochs)
-        config = plan.config(params)
-        overrides = {"device": device}
+        config = plan.trial_config(rng)
+        overrides = {"device": device, "epochs": min(config.epochs, max_epochs)}
         if quick:
             overrides |= {"n_train": 512, "n_val": 128, "n_test": 128, "epochs": 1}
         configs.append(dataclasses.replace(config, **overrides))
@@ -70,7 +77,7 @@ def trials_per_hour(configs: list[TrainConfig], packing: int) -> tuple[float, fl
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.packing", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--preset", choices=["smoke", "full"], help="default: full on CUDA, smoke on CPU")
+    parser.add_argument("--preset", choices=["cpu", "full"], help="default: full on CUDA, cpu without")
     parser.add_argument("--packing", type=int, action="append", help="trials at a time; repeat (default: 1, 2, 4)")
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--max-epochs", type=int, default=2)
@@ -83,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.trials < 1 or args.max_epochs < 1 or min(packings) < 1:
         print("error: --trials, --max-epochs and --packing must be >= 1", file=sys.stderr)
         return 1
-    preset = args.preset or ("full" if args.device == "cuda" else "smoke")
+    preset = args.preset or ("full" if args.device == "cuda" else "cpu")
     configs = draw_configs(preset, args.trials, args.max_epochs, seed=0, device=args.device, quick=args.quick)
     print(f"vgg_ratio preset {preset}, {args.trials} trials of at most {args.max_epochs} epochs on {args.device}, torch {torch.__version__}")
     base = None

@@ -3,16 +3,18 @@
 A spec (see study/specs/*.toml) has:
     description = "..."
     [fixed]       TrainConfig settings shared by every trial
-    [search]      name = { low, high, log } for numbers, name = { choices = [...] } for categories
+    [search]      name = { low, high, log, step } for numbers, name = { choices = [...] } for categories
     [conditional.ARCH]  numeric ranges searched only when the trial's arch is ARCH (the zoo: resize
                   and ratio depend on the architecture); Optuna cannot vary a categorical's choices
     [[enqueue]]   settings tried first (the notes' defaults)
     [pruner]      name = "median" | "hyperband" | "none", plus that pruner's arguments (default: median)
     [sampler]     name = "tpe" | "gp" | "random" | "grid", plus that sampler's arguments (default: tpe);
                   grid runs every combination of [search] choices and integer ranges
-    [presets.P]   settings that replace [fixed] ones (data subsets, batch size...), `max_resize`
-                  (a cap on every input side), [presets.P.search] ranges that replace [search] ones,
-                  and [presets.P.conditional] that replaces [conditional]
+    [presets.P]   P is `cpu` or `full`: TrainConfig settings that replace [fixed] ones (data subsets,
+                  batch size...), [presets.P.search] ranges that replace [search] ones of the same name,
+                  and [presets.P.conditional.ARCH] tables that replace the whole [conditional]. A preset
+                  narrows what Optuna samples from (a range with low == high is one value), so every
+                  param Optuna records is the value that trained.
 Every name in [fixed], [search] and [[enqueue]] is a TrainConfig field, so the same names appear in
 TOML, Optuna, MLflow and the reports.
 """
@@ -23,15 +25,19 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from objectives.models import get_architecture
 from objectives.train import TrainConfig
+
+if TYPE_CHECKING:
+    import optuna
 
 SPEC_DIR = Path(__file__).parent / "specs"
 TOP_LEVEL_KEYS = {"description", "fixed", "search", "conditional", "enqueue", "pruner", "sampler", "presets"}
 PRUNER_NAMES = ("median", "hyperband", "none")
 SAMPLER_NAMES = ("tpe", "gp", "random", "grid")
-PRESETS = ("smoke", "full")
+PRESETS = ("cpu", "full")
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
@@ -39,33 +45,123 @@ class SpecError(ValueError):
     """A spec that cannot be run: unknown name, bad TOML, impossible range."""
 
 
+# --- the search space: one class per kind of distribution -------------------------------------------
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric range: integers when low and high are both integers, else floats."""
+
+    low: int | float
+    high: int | float
+    log: bool = False
+    step: int | float | None = None
+
+    @property
+    def integer(self) -> bool:
+        return isinstance(self.low, int) and isinstance(self.high, int)
+
+    def suggest(self, trial: optuna.Trial, name: str):
+        if self.integer:
+            return trial.suggest_int(name, self.low, self.high, step=self.step or 1, log=self.log)
+        return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
+
+    def grid(self, name: str) -> list:
+        if not self.integer or self.log:
+            raise SpecError(f"the grid sampler needs choices or an integer range for {name}; got {self.describe()}")
+        return list(range(self.low, self.high + 1, self.step or 1))
+
+    def edges(self) -> list:
+        """The values whose configs must build: the range's ends."""
+        return [self.low, self.high]
+
+    def clip(self, value):
+        """An enqueued value moved inside this range."""
+        return type(value)(min(max(value, self.low), self.high))
+
+    def describe(self) -> str:
+        step = f" step {self.step}" if self.step is not None else ""
+        return f"{self.low}..{self.high}{' log' if self.log else ''}{step}"
+
+
+@dataclass(frozen=True)
+class Choices:
+    """A set of values, searched as a categorical."""
+
+    values: tuple
+
+    def suggest(self, trial: optuna.Trial, name: str):
+        return trial.suggest_categorical(name, list(self.values))
+
+    def grid(self, name: str) -> list:
+        return list(self.values)
+
+    def edges(self) -> list:
+        return list(self.values)
+
+    def clip(self, value):
+        """An enqueued value, or the nearest of these choices when it is not one of them."""
+        if value in self.values:
+            return value
+        return min(self.values, key=lambda choice: abs(choice - value))
+
+    def describe(self) -> str:
+        return f"{{{', '.join(map(str, self.values))}}}"
+
+
+Distribution = Range | Choices
+
+
+def parse_distribution(where: str, name: str, raw) -> Distribution:
+    """A TOML table, `{ low, high, log, step }` or `{ choices = [...] }`, as a checked Range or Choices."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: search.{name} must be a table like {{ low = 1, high = 10 }} or {{ choices = [...] }}")
+    if "choices" in raw:
+        if set(raw) != {"choices"} or not isinstance(raw["choices"], list) or not raw["choices"]:
+            raise SpecError(f"{where}: search.{name} needs a non-empty list `choices` and nothing else")
+        return Choices(tuple(raw["choices"]))
+    if not {"low", "high"} <= set(raw) <= {"low", "high", "log", "step"}:
+        raise SpecError(f"{where}: search.{name} needs `low` and `high` (and optionally `log` or `step`)")
+    low, high = raw["low"], raw["high"]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low > high:
+        raise SpecError(f"{where}: search.{name} needs numbers with low <= high; got low={low!r}, high={high!r}")
+    if raw.get("log") and low <= 0:
+        raise SpecError(f"{where}: search.{name} is on a log scale, so low must be > 0; got {low}")
+    return Range(low, high, bool(raw.get("log", False)), raw.get("step"))
+
+
+# --- specs and presets ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Preset:
+    fixed: dict                                           # TrainConfig settings replacing [fixed] ones
+    search: dict[str, Distribution]                       # ranges replacing [search] ones of the same name
+    conditional: dict[str, dict[str, Distribution]] | None  # None: the spec's [conditional] as it is
+
+
 @dataclass(frozen=True)
 class Spec:
     name: str
     description: str
     fixed: dict
-    search: dict[str, dict]
+    search: dict[str, Distribution]
+    conditional: dict[str, dict[str, Distribution]]
     enqueue: list[dict]
     pruner: dict
-    presets: dict[str, dict]
+    sampler: dict
+    presets: dict[str, Preset]
     path: Path
-    conditional: dict[str, dict[str, dict]]
-    sampler: dict = dataclasses.field(default_factory=lambda: {"name": "tpe"})
 
     def summary(self) -> str:
         """The search space in one line, e.g. `lr 0.005..0.2 log, ratio {1, 2, 4}`."""
-        parts = [f"arch {self.fixed['arch']}"] if "arch" in self.fixed else []
-        parts += [_describe(name, dist) for name, dist in self.search.items()]
-        for arch, search in self.conditional.items():
-            parts.append(f"[{arch}: {', '.join(_describe(name, dist) for name, dist in search.items())}]")
-        return ", ".join(parts)
+        return _summary(self.fixed, self.search, self.conditional)
 
 
-def _describe(name: str, dist: dict) -> str:
-    if "choices" in dist:
-        return f"{name} {{{', '.join(map(str, dist['choices']))}}}"
-    step = f" step {dist['step']}" if "step" in dist else ""
-    return f"{name} {dist['low']}..{dist['high']}{' log' if dist.get('log') else ''}{step}"
+def _summary(fixed: dict, search: dict[str, Distribution], conditional: dict[str, dict[str, Distribution]]) -> str:
+    parts = [f"arch {fixed['arch']}"] if "arch" in fixed else []
+    parts += [f"{name} {dist.describe()}" for name, dist in search.items()]
+    for arch, ranges in conditional.items():
+        parts.append(f"[{arch}: {', '.join(f'{name} {dist.describe()}' for name, dist in ranges.items())}]")
+    return ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -74,20 +170,44 @@ class Plan:
 
     spec: Spec
     preset: str
-    fixed: dict               # TrainConfig settings for every trial, subsets included
-    search: dict[str, dict]   # ranges after the preset's caps
-    enqueue: list[dict]       # first trials, moved inside the capped ranges
-    max_resize: int | None
-    conditional: dict[str, dict[str, dict]]  # arch -> ranges searched only for that arch
+    fixed: dict                                     # TrainConfig settings for every trial, subsets included
+    search: dict[str, Distribution]                 # ranges as the preset narrowed them
+    conditional: dict[str, dict[str, Distribution]]  # arch -> ranges searched only for that arch
+    enqueue: list[dict]                             # first trials, moved inside the preset's ranges
+
+    def space(self, arch: str | None) -> dict[str, Distribution]:
+        """Every distribution a trial of `arch` draws from."""
+        return {**self.search, **self.conditional.get(arch, {})}
+
+    def suggest(self, trial: optuna.Trial) -> dict:
+        """The trial's params: the spec's search, then the ranges that depend on the drawn architecture."""
+        params = {name: dist.suggest(trial, name) for name, dist in self.search.items()}
+        arch = params.get("arch", self.fixed.get("arch"))
+        params |= {name: dist.suggest(trial, name) for name, dist in self.conditional.get(arch, {}).items()}
+        return params
 
     def config(self, params: dict) -> TrainConfig:
-        """The TrainConfig for one trial's sampled params."""
+        """The resolved TrainConfig for one trial's params: resize filled in with the architecture's default."""
         settings = {**self.fixed, **params}
-        arch = get_architecture(settings["arch"])
-        resize = settings.get("resize") or arch.default_resize
-        if self.max_resize is not None:
-            resize = max(arch.min_resize, min(resize, self.max_resize))
-        return TrainConfig.from_dict({**settings, "resize": resize})
+        if settings.get("resize") is None:
+            settings["resize"] = get_architecture(settings.get("arch", TrainConfig.arch)).default_resize
+        return TrainConfig.from_dict(settings)
+
+    def trial_config(self, trial: optuna.Trial) -> TrainConfig:
+        """What one Optuna trial trains: its params drawn and resolved into a TrainConfig."""
+        return self.config(self.suggest(trial))
+
+    def grid(self) -> dict[str, list]:
+        """Every value of every searched setting, for the grid sampler."""
+        if self.conditional:
+            raise SpecError(f"{self.spec.name}: the grid sampler cannot search ranges that depend on the architecture ([conditional])")
+        try:
+            return {name: dist.grid(name) for name, dist in self.search.items()}
+        except SpecError as error:
+            raise SpecError(f"{self.spec.name}: {error}") from None
+
+    def summary(self) -> str:
+        return _summary(self.fixed, self.search, self.conditional)
 
 
 def available() -> list[str]:
@@ -110,127 +230,110 @@ def load_spec(name: str) -> Spec:
         raise SpecError(f"{path}: {error}") from None
     except (OSError, UnicodeDecodeError) as error:
         raise SpecError(f"cannot read {path}: {error}") from None
-    spec = Spec(
-        name=path.stem,
-        description=str(raw.get("description", "")),
-        fixed=raw.get("fixed", {}),
-        search=raw.get("search", {}),
-        enqueue=raw.get("enqueue", []),
-        pruner=raw.get("pruner", {"name": "median"}),
-        presets=raw.get("presets", {}),
-        path=path,
-        conditional=raw.get("conditional", {}),
-        sampler=raw.get("sampler", {"name": "tpe"}),
-    )
-    _validate(spec, set(raw))
+    return _parse(path, raw)
+
+
+def _table(where: str, raw: dict, section: str, default=None) -> dict:
+    value = raw.get(section, {} if default is None else default)
+    if not isinstance(value, dict):
+        raise SpecError(f"{where}: [{section}] must be a table")
+    return value
+
+
+def _parse(path: Path, raw: dict) -> Spec:
+    where = str(path)
+    unknown = set(raw) - TOP_LEVEL_KEYS
+    if unknown:
+        raise SpecError(f"{where}: unknown section(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(TOP_LEVEL_KEYS))}")
+    fixed = _table(where, raw, "fixed")
+    search = {name: parse_distribution(where, name, dist) for name, dist in _table(where, raw, "search").items()}
+    enqueue = raw.get("enqueue", [])
+    for name in [*fixed, *search, *(k for row in enqueue for k in row)]:
+        if name not in CONFIG_FIELDS:
+            raise SpecError(f"{where}: unknown setting {name!r}; known: {', '.join(sorted(CONFIG_FIELDS))}")
+    archs = search["arch"].values if isinstance(search.get("arch"), Choices) else ()
+    conditional = _parse_conditional(where, raw.get("conditional", {}), search, archs)
+    presets = {}
+    for preset, table in _table(where, raw, "presets").items():
+        if preset not in PRESETS:
+            hint = " (renamed `cpu`)" if preset == "smoke" else ""
+            raise SpecError(f"{where}: unknown preset {preset!r}{hint}; presets are {', '.join(PRESETS)}")
+        presets[preset] = _parse_preset(f"{where} [presets.{preset}]", table, search, archs)
+    pruner, sampler = _table(where, raw, "pruner", {"name": "median"}), _table(where, raw, "sampler", {"name": "tpe"})
+    if pruner.get("name", "median") not in PRUNER_NAMES:
+        raise SpecError(f"{where}: pruner {pruner.get('name')!r} is not supported; use {', '.join(PRUNER_NAMES)}")
+    if sampler.get("name", "tpe") not in SAMPLER_NAMES:
+        raise SpecError(f"{where}: sampler {sampler.get('name')!r} is not supported; use {', '.join(SAMPLER_NAMES)}")
+    spec = Spec(name=path.stem, description=str(raw.get("description", "")), fixed=fixed, search=search, conditional=conditional,
+                enqueue=enqueue, pruner=pruner, sampler=sampler, presets=presets, path=path)
+    for preset in PRESETS:
+        _check_values(f"{where} [presets.{preset}]" if preset in presets else where, resolve(spec, preset))
     return spec
 
 
-def _validate(spec: Spec, keys: set[str]) -> None:
-    where = str(spec.path)
-    unknown = keys - TOP_LEVEL_KEYS
-    if unknown:
-        raise SpecError(f"{where}: unknown section(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(TOP_LEVEL_KEYS))}")
-    for section in ("fixed", "search", "pruner", "sampler", "presets"):
-        if not isinstance(getattr(spec, section), dict):
-            raise SpecError(f"{where}: [{section}] must be a table")
-    for name in [*spec.fixed, *spec.search, *(k for row in spec.enqueue for k in row)]:
-        if name not in CONFIG_FIELDS:
-            raise SpecError(f"{where}: unknown setting {name!r}; known: {', '.join(sorted(CONFIG_FIELDS))}")
-    for name, dist in spec.search.items():
-        _check_distribution(where, name, dist)
-    _check_conditional(where, spec.conditional, spec.search)
-    for preset, caps in spec.presets.items():
-        if preset not in PRESETS:
-            raise SpecError(f"{where}: unknown preset {preset!r}; presets are {', '.join(PRESETS)}")
-        bad = set(caps) - CONFIG_FIELDS - {"max_resize", "search", "conditional"}
-        if bad:
-            raise SpecError(f"{where}: [presets.{preset}] has unknown setting(s) {', '.join(sorted(bad))}")
-        for name, dist in caps.get("search", {}).items():
-            if name not in spec.search:
-                raise SpecError(f"{where}: [presets.{preset}.search] sets {name!r}, which [search] does not search")
-            _check_distribution(where, name, dist)
-        _check_conditional(f"{where} [presets.{preset}]", caps.get("conditional", {}), spec.search)
-    if spec.pruner.get("name", "median") not in PRUNER_NAMES:
-        raise SpecError(f"{where}: pruner {spec.pruner.get('name')!r} is not supported; use {', '.join(PRUNER_NAMES)}")
-    if spec.sampler.get("name", "tpe") not in SAMPLER_NAMES:
-        raise SpecError(f"{where}: sampler {spec.sampler.get('name')!r} is not supported; use {', '.join(SAMPLER_NAMES)}")
-    _check_values(where, spec.fixed, spec.search, spec.enqueue, spec.conditional)
-    for preset in spec.presets:
-        plan = resolve(spec, preset)
-        _check_values(f"{where} [presets.{preset}]", plan.fixed, plan.search, plan.enqueue, plan.conditional)
+def _parse_preset(where: str, table: dict, search: dict[str, Distribution], archs: tuple) -> Preset:
+    fixed = {name: value for name, value in table.items() if name not in ("search", "conditional")}
+    bad = set(fixed) - CONFIG_FIELDS
+    if bad:
+        raise SpecError(f"{where}: unknown setting(s) {', '.join(sorted(bad))}; a preset narrows [search] ranges instead of capping them")
+    ranges = {}
+    for name, dist in _table(where, table, "search").items():
+        if name not in search:
+            raise SpecError(f"{where}: [search] does not search {name!r}, so the preset cannot narrow it")
+        ranges[name] = parse_distribution(where, name, dist)
+    conditional = _parse_conditional(where, table["conditional"], search, archs) if "conditional" in table else None
+    return Preset(fixed=fixed, search=ranges, conditional=conditional)
 
 
-def _check_conditional(where: str, conditional, search: dict[str, dict]) -> None:
-    if not isinstance(conditional, dict):
+def _parse_conditional(where: str, raw, search: dict[str, Distribution], archs: tuple) -> dict[str, dict[str, Distribution]]:
+    if not isinstance(raw, dict):
         raise SpecError(f"{where}: [conditional] must be a table of architectures")
-    archs = search.get("arch", {}).get("choices", [])
-    for arch, ranges in conditional.items():
+    conditional = {}
+    for arch, ranges in raw.items():
         if arch not in archs:
             raise SpecError(f"{where}: [conditional.{arch}] names an architecture that search.arch does not offer")
+        conditional[arch] = {}
         for name, dist in ranges.items():
             if name not in CONFIG_FIELDS or name in search:
                 raise SpecError(f"{where}: conditional.{arch}.{name} must be a setting that [search] does not already search")
-            _check_distribution(where, f"conditional.{arch}.{name}", dist)
-            if "choices" in dist:
+            parsed = parse_distribution(where, f"conditional.{arch}.{name}", dist)
+            if isinstance(parsed, Choices):
                 raise SpecError(f"{where}: conditional.{arch}.{name} needs a numeric range: Optuna cannot vary a categorical's choices between trials")
+            conditional[arch][name] = parsed
+    return conditional
 
 
-def _check_values(where: str, fixed: dict, search: dict[str, dict], enqueue: list[dict], conditional: dict) -> None:
+def _check_values(where: str, plan: Plan) -> None:
     """Every value a trial can draw must build: check each against every reachable architecture."""
-    archs = search.get("arch", {}).get("choices") or [fixed.get("arch", TrainConfig.arch)]
-    candidates = [dict(row) for row in enqueue]
+    arch_dist = plan.search.get("arch")
+    archs = arch_dist.values if isinstance(arch_dist, Choices) else [plan.fixed.get("arch", TrainConfig.arch)]
+    candidates = [dict(row) for row in plan.enqueue]
     for arch in archs:
         candidates.append({"arch": arch})
-        for name, dist in {**search, **conditional.get(arch, {})}.items():
+        for name, dist in plan.space(arch).items():
             if name != "arch":
-                candidates += [{"arch": arch, name: value} for value in (dist["choices"] if "choices" in dist else [dist["low"], dist["high"]])]
+                candidates += [{"arch": arch, name: value} for value in dist.edges()]
     for candidate in candidates:
         try:
-            TrainConfig.from_dict({**fixed, **candidate})
+            plan.config(candidate)
         except (ValueError, TypeError) as error:
             raise SpecError(f"{where}: {error}") from None
-
-
-def _check_distribution(where: str, name: str, dist) -> None:
-    if not isinstance(dist, dict):
-        raise SpecError(f"{where}: search.{name} must be a table like {{ low = 1, high = 10 }} or {{ choices = [...] }}")
-    if "choices" in dist:
-        if set(dist) != {"choices"} or not isinstance(dist["choices"], list) or not dist["choices"]:
-            raise SpecError(f"{where}: search.{name} needs a non-empty list `choices` and nothing else")
-        return
-    if not {"low", "high"} <= set(dist) <= {"low", "high", "log", "step"}:
-        raise SpecError(f"{where}: search.{name} needs `low` and `high` (and optionally `log` or `step`)")
-    low, high = dist["low"], dist["high"]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low > high:
-        raise SpecError(f"{where}: search.{name} needs numbers with low <= high; got low={low!r}, high={high!r}")
-    if dist.get("log") and low <= 0:
-        raise SpecError(f"{where}: search.{name} is on a log scale, so low must be > 0; got {low}")
-
-
-def _clip(value, dist: dict):
-    """Move an enqueued value inside a preset's narrower distribution."""
-    if "choices" in dist:
-        if value in dist["choices"]:
-            return value
-        return min(dist["choices"], key=lambda choice: abs(choice - value))
-    return type(value)(min(max(value, dist["low"]), dist["high"]))
 
 
 def resolve(spec: Spec, preset: str) -> Plan:
     """Apply a preset to a spec: its settings replace fixed ones, its ranges replace searched ones."""
     if preset not in PRESETS:
         raise SpecError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    overrides = dict(spec.presets.get(preset, {}))
-    conditional = overrides.pop("conditional", spec.conditional)
-    replaced = overrides.pop("search", {})
-    search = {**spec.search, **replaced}
-    max_resize = overrides.pop("max_resize", None)
-    # First trials move inside ranges the preset narrowed; elsewhere they run as written (Optuna accepts them).
-    # Settings the preset no longer searches are dropped: Optuna would ignore them anyway.
+    chosen = spec.presets.get(preset) or Preset(fixed={}, search={}, conditional=None)
+    search = {**spec.search, **chosen.search}
+    conditional = spec.conditional if chosen.conditional is None else chosen.conditional
+    # First trials move inside the ranges the preset narrowed; elsewhere they run as written (Optuna accepts
+    # them). Settings the plan no longer searches are dropped: Optuna would ignore them anyway.
     enqueue = []
     for row in spec.enqueue:
-        searched = {**search, **conditional.get(row.get("arch", spec.fixed.get("arch")), {})}
-        enqueue.append({name: _clip(value, replaced[name]) if name in replaced else value for name, value in row.items() if name in searched})
-    return Plan(spec=spec, preset=preset, fixed={**spec.fixed, **overrides}, search=search, enqueue=enqueue, max_resize=max_resize,
-                conditional=conditional)
+        arch = row.get("arch", spec.fixed.get("arch"))
+        space = {**search, **conditional.get(arch, {})}
+        narrowed = {**chosen.search, **(chosen.conditional or {}).get(arch, {})}
+        enqueue.append({name: narrowed[name].clip(value) if name in narrowed else value for name, value in row.items() if name in space})
+    return Plan(spec=spec, preset=preset, fixed={**spec.fixed, **chosen.fixed}, search=search, conditional=conditional, enqueue=enqueue)
+

@@ -58,8 +58,8 @@ name = "median"
 n_startup_trials = 1
 n_warmup_steps = 3
 
-[presets.smoke]
-max_resize = 65
+[presets.cpu.conditional.alexnet]
+resize = { low = 65, high = 65 }
 """
 SECTIONS = ("summary", "cost", "alexnet", "curves", "search", "layers", "table")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -115,7 +115,7 @@ def test_report_sections_png_and_browser(home, page):
     assert "Pareto front" in text and 'id="trial-filter"' in text
     assert "Not shown" not in text  # both AlexNets completed, so the comparison is there
     assert re.search(r"the 28-px variant takes [0-9.]+× the seconds per epoch", text)
-    assert "alexnet (65 px)" in text and "alexnet_28 (28 px)" in text  # the smoke preset caps AlexNet at its minimum
+    assert "alexnet (65 px)" in text and "alexnet_28 (28 px)" in text  # the cpu preset runs AlexNet at its minimum
 
     # Every figure also as a PNG.
     expected = {"cost", "alexnet-0", "curves", "history", "importance", "parallel-0", "slice-0", "layers-0"}
@@ -164,7 +164,7 @@ def test_two_studies_on_the_same_axes(home, page):
 
 def _trial(state, arch, lr, values=None, epochs=None):
     """A finished trial as the launcher records it, for studies that training cannot produce cheaply."""
-    attrs = {"arch": arch, "resize": 28}
+    attrs = {"config": {"arch": arch, "resize": 28, "lr": lr, "ratio": 1, "epochs": len(epochs or [1])}}
     if state != TrialState.FAIL:
         seconds = 2.0 + 10 * lr
         attrs |= {"test_accuracy": 0.5, "train_seconds": seconds, "wall_seconds": seconds + 1, "train_flops": 1e9 * seconds,

@@ -264,13 +264,13 @@ def test_ctrl_c_stops_every_worker_cleanly(study_home, tmp_path):
 
 
 def test_samplers_and_pruners_from_the_spec(tmp_path):
-    from study.launch import make_pruner, make_sampler
+    from study.session import make_pruner, make_sampler
     from study.specs import SpecError, load_spec, resolve
 
     path = tmp_path / "gp.toml"
     path.write_text(FAST.replace('[pruner]\nname = "none"', '[pruner]\nname = "hyperband"\nmin_resource = 1\nreduction_factor = 2\n[sampler]\nname = "gp"\nseed = 3'))
     spec = load_spec(str(path))
-    plan = resolve(spec, "smoke")
+    plan = resolve(spec, "cpu")
     assert type(make_sampler(spec.sampler, plan)).__name__ == "GPSampler"
     assert type(make_pruner(spec.pruner)).__name__ == "HyperbandPruner"
     assert type(make_pruner(spec.pruner, multi_objective=True)).__name__ == "NopPruner"

@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from study.specs import PRESETS, SpecError, available, load_spec, resolve
+from study.specs import PRESETS, Choices, Range, SpecError, available, load_spec, resolve
 
 
 def _spec(tmp_path, text, name="custom"):
@@ -22,9 +22,9 @@ resize = { choices = [32, 224] }
 lr = 0.05
 epochs = 10
 resize = 224
-[presets.smoke]
+[presets.cpu]
 n_train = 512
-[presets.smoke.search]
+[presets.cpu.search]
 epochs = { low = 1, high = 2 }
 resize = { choices = [32] }
 """
@@ -51,9 +51,9 @@ def test_notes_defaults_are_the_first_trials():
 
 def test_preset_replaces_settings_and_moves_first_trials_inside(tmp_path):
     spec = load_spec(_spec(tmp_path, BASE))
-    smoke = resolve(spec, "smoke")
-    assert smoke.fixed["n_train"] == 512 and smoke.search["epochs"] == {"low": 1, "high": 2}
-    assert smoke.enqueue == [{"lr": 0.05, "epochs": 2, "resize": 32}]
+    cpu = resolve(spec, "cpu")
+    assert cpu.fixed["n_train"] == 512 and cpu.search["epochs"] == Range(1, 2)
+    assert cpu.enqueue == [{"lr": 0.05, "epochs": 2, "resize": 32}]
     assert resolve(spec, "full").enqueue == [{"lr": 0.05, "epochs": 10, "resize": 224}]
 
 
@@ -64,8 +64,10 @@ def test_preset_replaces_settings_and_moves_first_trials_inside(tmp_path):
     ("resize = { choices = [32, 224] }", "resize = { choices = [16, 224] }", "vgg11 needs resize >= 32"),
     ('arch = "vgg11"', 'arch = "vgg12"', "unknown architecture 'vgg12'"),
     ("[fixed]", "[fixed]\nlearning_rate = 0.1", "unknown setting 'learning_rate'"),
-    ("[presets.smoke]\n", "[presets.tiny]\n", "unknown preset 'tiny'"),
-    ("resize = { choices = [32] }", "resize = { choices = [8] }", "[presets.smoke]: vgg11 needs resize >= 32"),
+    ("[presets.cpu]\n", "[presets.tiny]\n", "unknown preset 'tiny'"),
+    ("[presets.cpu]\n", "[presets.smoke]\n", "unknown preset 'smoke' (renamed `cpu`)"),
+    ("n_train = 512", "max_resize = 32", "a preset narrows [search] ranges instead of capping them"),
+    ("resize = { choices = [32] }", "resize = { choices = [8] }", "[presets.cpu]: vgg11 needs resize >= 32"),
     ("[search]", "[serch]\n[search]", "unknown section(s) serch"),
 ])
 def test_impossible_specs_are_refused_with_the_reason(tmp_path, old, new, message):
@@ -91,7 +93,7 @@ resize = { low = 32, high = 96, step = 32 }
 
 def test_conditional_ranges_are_checked_per_architecture(tmp_path):
     plan = resolve(load_spec(_spec(tmp_path, ZOO_LIKE)), "full")
-    assert plan.conditional == {"vgg11": {"resize": {"low": 32, "high": 96, "step": 32}}}
+    assert plan.conditional == {"vgg11": {"resize": Range(32, 96, step=32)}}
     for old, new, message in [
         ("low = 32, high = 96", "low = 16, high = 96", "vgg11 needs resize >= 32"),
         ("[conditional.vgg11]", "[conditional.nin]", "[conditional.nin] names an architecture that search.arch does not offer"),
@@ -102,7 +104,50 @@ def test_conditional_ranges_are_checked_per_architecture(tmp_path):
             load_spec(_spec(tmp_path, ZOO_LIKE.replace(old, new)))
 
 
-def test_zoo_smoke_uses_each_architectures_smallest_input():
-    plan = resolve(load_spec("zoo"), "smoke")
-    resizes = {arch: plan.config({"arch": arch, "lr": 0.1, "epochs": 1}).resize for arch in plan.search["arch"]["choices"]}
+def test_zoo_cpu_narrows_each_architectures_resize_to_its_small_input():
+    plan = resolve(load_spec("zoo"), "cpu")
+    assert isinstance(plan.search["arch"], Choices)
+    resizes = {arch: plan.space(arch)["resize"] for arch in plan.search["arch"].values}
+    assert all(dist.low == dist.high for dist in resizes.values())
+    resizes = {arch: dist.low for arch, dist in resizes.items()}
     assert resizes == {"lenet": 28, "lenet_bn": 28, "alexnet": 65, "alexnet_28": 28, "vgg11": 32, "nin": 67, "googlenet": 32, "resnet18": 32, "densenet": 32}
+
+
+def test_range_and_choices_suggest_grid_and_describe():
+    import optuna
+
+    trial = optuna.create_study().ask()
+    assert Range(1, 4).suggest(trial, "epochs") in range(1, 5)
+    assert 0.01 <= Range(0.01, 0.1, log=True).suggest(trial, "lr") <= 0.1
+    assert Choices((32, 64)).suggest(trial, "resize") in (32, 64)
+    assert trial.distributions["epochs"] == optuna.distributions.IntDistribution(1, 4)
+    assert Range(32, 96, step=32).grid("resize") == [32, 64, 96] and Choices((1, 2)).grid("ratio") == [1, 2]
+    with pytest.raises(SpecError, match="grid sampler needs choices or an integer range for lr"):
+        Range(0.01, 0.1, log=True).grid("lr")
+    assert Range(0.01, 0.1, log=True).describe() == "0.01..0.1 log" and Range(32, 96, step=32).describe() == "32..96 step 32"
+    assert Choices((4, 8)).describe() == "{4, 8}"
+    assert Range(1, 2).clip(10) == 2 and Choices((32, 64)).clip(224) == 64
+
+
+def test_config_fills_in_the_architectures_resize_once():
+    plan = resolve(load_spec("alexnet_resize"), "full")
+    config = plan.config({"arch": "alexnet_28", "lr": 0.01, "epochs": 5})
+    assert config.resize == 28 and config.batch_size == 128
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_optuna_params_are_the_values_that_train(preset):
+    """A preset narrows what Optuna samples, so each param Optuna holds is the setting the trial trains with."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in available():
+        plan = resolve(load_spec(name), preset)
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        for row in plan.enqueue:
+            study.enqueue_trial(row)
+        for _ in range(len(plan.enqueue) + 8):
+            trial = study.ask()
+            config = plan.trial_config(trial)
+            assert trial.params and {k: getattr(config, k) for k in trial.params} == trial.params, (name, preset)
+            study.tell(trial, 0.5)

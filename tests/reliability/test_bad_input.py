@@ -128,7 +128,7 @@ WORDS = st.sampled_from(["launch", "show", "report", "inspect", "list", "export"
 VALUES = st.one_of(st.integers(-5, 300), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8), st.booleans(),
                    st.lists(st.integers(-2, 64), max_size=3))
 KEYS = st.sampled_from(["arch", "lr", "epochs", "resize", "ratio", "batch_size", "low", "high", "choices", "log", "name", "step", "n_train"])
-TABLES = st.sampled_from(["fixed", "search", "search.lr", "search.resize", "pruner", "sampler", "presets.smoke", "conditional.vgg11", "enqueue"])
+TABLES = st.sampled_from(["fixed", "search", "search.lr", "search.resize", "pruner", "sampler", "presets.cpu", "conditional.vgg11", "enqueue"])
 GENERATED = {"tried": 0, "tracebacks": 0}
 
 
