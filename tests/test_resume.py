@@ -6,7 +6,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import LENET, hold_env, journal, make_spec, run_cli, start_hooked, wait_for_holds
+from conftest import LENET, hold_env, journal, make_spec, run_main, start_hooked, wait_for_holds
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
@@ -30,7 +30,7 @@ def test_interrupted_launch_resumes_without_loss(study_home, tmp_path, sig):
     assert first.state.name == ("FAIL" if sig == signal.SIGINT else "RUNNING")
     interrupted = first.number
 
-    resumed = run_cli(*argv)
+    resumed = run_main(*argv)
     assert resumed.returncode == 0, resumed.stderr
     trials = optuna.load_study(study_name="slow", storage=journal(study_home)).get_trials()
     first = trials[interrupted]

@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import LENET, ROOT, free_port, hold_env, journal, make_spec, postgres_database, run_cli, start_hooked, wait_for_holds, wait_until_up
+from conftest import LENET, ROOT, free_port, hold_env, journal, make_spec, postgres_database, run_cli, run_main, start_hooked, wait_for_holds, wait_until_up
 
 # One epoch of a tiny VGG: the cheapest trial that still goes through the whole trainer.
 FAST = """
@@ -72,7 +72,7 @@ def test_four_workers_on_the_local_default_storage(study_home, tmp_path):
 
     # Export: one row per trial, Optuna and MLflow joined.
     for name in ("trials.csv", "trials.parquet"):
-        exported = run_cli("export", "fast", "-o", str(tmp_path / name))
+        exported = run_main("export", "fast", "-o", str(tmp_path / name))
         assert exported.returncode == 0, exported.stderr
         frame = pd.read_csv(tmp_path / name) if name.endswith(".csv") else pd.read_parquet(tmp_path / name)
         assert sorted(frame["number"]) == list(range(8))
@@ -148,7 +148,7 @@ def test_killed_worker_is_failed_by_heartbeat_and_retried(study_home, tmp_path, 
     assert held.state == TrialState.RUNNING and list(held.intermediate_values) == [1]  # killed mid-training
     killed = held.number
 
-    resumed = run_cli("worker", str(spec), "--storage", url, "--heartbeat", "2", env={"MLFLOW_TRACKING_URI": mlflow_server})
+    resumed = run_main("worker", str(spec), "--storage", url, "--heartbeat", "2", env={"MLFLOW_TRACKING_URI": mlflow_server})
     assert resumed.returncode == 0, resumed.stderr
     assert re.search(rf"trial {killed}: worker stopped sending heartbeats .*; marked FAIL and queued again", resumed.stdout)
     trials = optuna.load_study(study_name="slow", storage=url).get_trials()
@@ -169,12 +169,12 @@ def test_killed_worker_is_failed_by_heartbeat_and_retried(study_home, tmp_path, 
 def test_pareto_front_of_accuracy_against_cost(study_home, tmp_path):
     tiny_spec = tmp_path / "tiny.toml"
     tiny_spec.write_text(FAST.replace("epochs = 1\n", "").replace("[search]", "[search]\nepochs = { low = 1, high = 2 }"))
-    result = run_cli("launch", str(tiny_spec), "--trials", "5", "--objective", "accuracy,cost", "--cost", "train_flops")
+    result = run_main("launch", str(tiny_spec), "--trials", "5", "--objective", "accuracy,cost", "--cost", "train_flops")
     assert result.returncode == 0, result.stderr
     assert "no pruning" in result.stdout
     study = optuna.load_study(study_name="tiny", storage=journal(study_home))
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
-    shown = run_cli("show", "tiny")
+    shown = run_main("show", "tiny")
     assert shown.returncode == 0, shown.stderr
     assert "Pareto front" in shown.stdout and "train_flops" in shown.stdout
     rows = [line for line in shown.stdout.splitlines() if re.match(r"^│\s+\d+ │", line)]
@@ -187,7 +187,7 @@ def test_pareto_front_of_accuracy_against_cost(study_home, tmp_path):
     for trial in complete:
         assert trial.values[1] == trial.user_attrs["train_flops"]
     # A study keeps its objective.
-    changed = run_cli("launch", str(tiny_spec), "--trials", "6", "--objective", "accuracy")
+    changed = run_main("launch", str(tiny_spec), "--trials", "6", "--objective", "accuracy")
     assert changed.returncode == 1 and "optimises accuracy,train_flops" in changed.stderr
 
 
@@ -195,7 +195,7 @@ def test_grid_sampler_runs_every_combination(study_home, tmp_path):
     spec = tmp_path / "grid.toml"
     spec.write_text(FAST.replace('lr = { low = 0.01, high = 0.1, log = true }', 'lr = { choices = [0.02, 0.05] }\nbatch_size = { choices = [32, 64] }')
                     .replace("batch_size = 32\n", "").replace('[pruner]\nname = "none"', '[pruner]\nname = "hyperband"\n[sampler]\nname = "random"'))
-    result = run_cli("launch", str(spec), "--trials", "4", "--sampler", "grid")
+    result = run_main("launch", str(spec), "--trials", "4", "--sampler", "grid")
     assert result.returncode == 0, result.stderr
     study = optuna.load_study(study_name="grid", storage=journal(study_home))
     assert sorted((t.params["lr"], t.params["batch_size"]) for t in study.trials) == [(0.02, 32), (0.02, 64), (0.05, 32), (0.05, 64)]

@@ -47,6 +47,9 @@ def reap(signum, frame) -> None:
 
 def run(request: dict) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    # Ctrl-C raises KeyboardInterrupt, as in a terminal, also when this server was started with SIGINT ignored
+    # (by a shell that runs the tests in the background), which Python would otherwise keep.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(log, 1)
     os.dup2(log, 2)
