@@ -8,7 +8,7 @@ import subprocess
 import sys
 import urllib.request
 
-from conftest import ARTIFACTS, ROOT, free_port, wait_until_up
+from conftest import ARTIFACTS, ROOT, free_port, listening_addresses, wait_until_up
 
 
 def test_report_renders_every_plot_and_sorts(tiny_study, page):
@@ -42,6 +42,7 @@ def test_ui_serves_the_study_runs_nested(tiny_study, page):
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(f"{base}/health", server, "MLflow UI", log=server.stdout.read)
+        assert listening_addresses(port) == {"127.0.0.1"}  # by default the UI is reachable from this machine only
         with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny") as response:
             experiment_id = json.load(response)["experiment"]["experiment_id"]
         request = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", data=json.dumps({"experiment_ids": [experiment_id]}).encode(),

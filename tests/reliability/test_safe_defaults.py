@@ -1,4 +1,5 @@
-"""Safe defaults: servers bind 127.0.0.1, specs are data, and no password reaches logs, MLflow or reports."""
+"""Safe defaults: specs are data, and no password reaches logs, MLflow or reports. (That the MLflow UI listens on
+127.0.0.1 alone is checked on the running UI in tests/test_browser.py.)"""
 
 from __future__ import annotations
 
@@ -13,15 +14,6 @@ from reliability.checks import LENET_SPEC, check_consistent, record_fault, sqlit
 SECRET = "s3cr3t-pw"
 
 
-def test_servers_bind_localhost_unless_told_otherwise():
-    from study.cli import build_parser
-
-    assert build_parser().parse_args(["ui"]).host == "127.0.0.1"
-    source = (ROOT / "study" / "cli.py").read_text()
-    assert '"--host", args.host' in source  # the MLflow UI is started on that host and no other
-    assert "0.0.0.0" not in source
-
-
 def test_specs_are_parsed_as_data(tmp_path, capsys):
     """No eval, exec or pickle anywhere in the package; a spec that would be code if evaluated is only a bad value."""
     for path in [*(ROOT / "study").glob("*.py"), *(ROOT / "objectives").glob("*.py"), *(ROOT / "dashboards").glob("*.py")]:
@@ -31,7 +23,6 @@ def test_specs_are_parsed_as_data(tmp_path, capsys):
         imports |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
         assert not calls & {"eval", "exec", "compile", "__import__"}, path
         assert not imports & {"pickle", "marshal", "shelve", "dill", "cloudpickle"}, path
-    assert "tomllib.load" in (ROOT / "study" / "specs.py").read_text()
     marker = tmp_path / "evaluated"
     spec = tmp_path / "evil.toml"
     spec.write_text(LENET_SPEC.replace('arch = "lenet"', f'arch = "__import__(\'pathlib\').Path(\'{marker}\').touch()"')
