@@ -80,7 +80,8 @@ n_startup_trials = 1
 EXPECTED_STATES = {0: ("COMPLETE", "FINISHED"), 1: ("FAIL", "FAILED"), 2: ("PRUNED", "FINISHED"), 3: ("COMPLETE", "FINISHED")}
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+# The PostgreSQL-backed server, a second `mlflow server` for the same checks, runs in the slow tier.
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 def tracked(request, tmp_path_factory):
     """An `mlflow server` on a free port and a tiny study launched against it over HTTP."""
     tmp = tmp_path_factory.mktemp(f"mlflow-{request.param}")

@@ -56,6 +56,7 @@ def _check_parallel_study(study: optuna.Study, client: MlflowClient, total: int)
     assert not [c for c in children if c.info.status == "RUNNING"]
 
 
+@pytest.mark.slow
 def test_four_workers_on_the_local_default_storage(study_home, tmp_path):
     spec = tmp_path / "fast.toml"
     spec.write_text(FAST)
@@ -105,6 +106,7 @@ def mlflow_server(postgres, tmp_path_factory):
     log.close()
 
 
+@pytest.mark.slow
 def test_four_workers_from_two_machines_on_postgresql(study_home, tmp_path, postgres, mlflow_server):
     """A launch with 2 workers and a `worker` command with 2 more, on one PostgreSQL study and one MLflow server."""
     spec = tmp_path / "shared.toml"
@@ -134,6 +136,7 @@ def test_four_workers_from_two_machines_on_postgresql(study_home, tmp_path, post
     optuna.storages.RDBStorage(url).engine.dispose()
 
 
+@pytest.mark.slow
 def test_killed_worker_is_failed_by_heartbeat_and_retried(study_home, tmp_path, postgres, mlflow_server):
     """kill -9 in the middle of a trial: the heartbeat goes stale, the trial is FAIL, retried once, its MLflow run KILLED."""
     spec = make_spec(tmp_path, "slow", LENET, fixed={"epochs": 2})

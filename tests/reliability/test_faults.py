@@ -72,6 +72,7 @@ def test_divergence_and_out_of_memory_fail_one_trial_each(forks, study_home, tmp
     record_fault("device out of memory (injected)", 1, counts)
 
 
+@pytest.mark.slow
 def test_mlflow_server_stopping_and_coming_back(forks, study_home, tmp_path):
     """The server dies mid-trial: that trial still reaches Optuna, the launch stops with a clear message, and
     the relaunch (server back) writes the missing MLflow records before it finishes the study."""
@@ -101,6 +102,7 @@ def test_mlflow_server_stopping_and_coming_back(forks, study_home, tmp_path):
         server.stop()
 
 
+@pytest.mark.slow
 def test_postgresql_connections_dropped_mid_study(forks, study_home, tmp_path, postgres_db):
     """The storage's connections are terminated while trial 0 and trial 2 are training (each held after its first epoch)."""
     url, name, admin = postgres_db
