@@ -19,22 +19,12 @@ from optuna.trial import TrialState
 from conftest import LENET, ROOT, free_port, hold_env, journal, make_spec, postgres_database, run_cli, run_main, start_hooked, wait_for_holds, wait_until_up
 
 # One epoch of a tiny VGG: the cheapest trial that still goes through the whole trainer.
-FAST = """
-[fixed]
-arch = "vgg11"
-batch_size = 32
-momentum = 0.9
-n_train = 256
-n_val = 128
-n_test = 128
-epochs = 1
-resize = 32
-ratio = 16
-[search]
-lr = { low = 0.01, high = 0.1, log = true }
-[pruner]
-name = "none"
-"""
+FAST = {
+    "fixed": {"arch": "vgg11", "batch_size": 32, "momentum": 0.9, "n_train": 256, "n_val": 128, "n_test": 128, "epochs": 1, "resize": 32, "ratio": 16},
+    "search": {"lr": {"low": 0.01, "high": 0.1, "log": True}},
+    "pruner": {"name": "none"},
+}
+
 
 def _children_by_trial(client: MlflowClient, experiment: str) -> tuple[list, list]:
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=1000)
@@ -58,8 +48,7 @@ def _check_parallel_study(study: optuna.Study, client: MlflowClient, total: int)
 
 @pytest.mark.slow
 def test_four_workers_on_the_local_default_storage(study_home, tmp_path):
-    spec = tmp_path / "fast.toml"
-    spec.write_text(FAST)
+    spec = make_spec(tmp_path, "fast", FAST)
     result = run_cli("launch", str(spec), "--trials", "8", "--workers", "4")
     assert result.returncode == 0, result.stderr
     output = result.stdout + result.stderr
@@ -109,8 +98,7 @@ def mlflow_server(postgres, tmp_path_factory):
 @pytest.mark.slow
 def test_four_workers_from_two_machines_on_postgresql(study_home, tmp_path, postgres, mlflow_server):
     """A launch with 2 workers and a `worker` command with 2 more, on one PostgreSQL study and one MLflow server."""
-    spec = tmp_path / "shared.toml"
-    spec.write_text(FAST)
+    spec = make_spec(tmp_path, "shared", FAST)
     env = {**os.environ, "STUDY_HOME": str(study_home), "MLFLOW_TRACKING_URI": mlflow_server, "COLUMNS": "200"}
     url = postgres["optuna"]
     command = [sys.executable, "-m", "study"]
@@ -170,8 +158,7 @@ def test_killed_worker_is_failed_by_heartbeat_and_retried(study_home, tmp_path, 
 
 
 def test_pareto_front_of_accuracy_against_cost(study_home, tmp_path):
-    tiny_spec = tmp_path / "tiny.toml"
-    tiny_spec.write_text(FAST.replace("epochs = 1\n", "").replace("[search]", "[search]\nepochs = { low = 1, high = 2 }"))
+    tiny_spec = make_spec(tmp_path, "tiny", FAST, fixed={"epochs": None}, search={"epochs": {"low": 1, "high": 2}})
     result = run_main("launch", str(tiny_spec), "--trials", "5", "--objective", "accuracy,cost", "--cost", "train_flops")
     assert result.returncode == 0, result.stderr
     assert "no pruning" in result.stdout
@@ -195,9 +182,8 @@ def test_pareto_front_of_accuracy_against_cost(study_home, tmp_path):
 
 
 def test_grid_sampler_runs_every_combination(study_home, tmp_path):
-    spec = tmp_path / "grid.toml"
-    spec.write_text(FAST.replace('lr = { low = 0.01, high = 0.1, log = true }', 'lr = { choices = [0.02, 0.05] }\nbatch_size = { choices = [32, 64] }')
-                    .replace("batch_size = 32\n", "").replace('[pruner]\nname = "none"', '[pruner]\nname = "hyperband"\n[sampler]\nname = "random"'))
+    spec = make_spec(tmp_path, "grid", FAST, fixed={"batch_size": None}, search={"lr": {"choices": [0.02, 0.05]}, "batch_size": {"choices": [32, 64]}},
+                     pruner={"name": "hyperband"}, sampler={"name": "random"})
     result = run_main("launch", str(spec), "--trials", "4", "--sampler", "grid")
     assert result.returncode == 0, result.stderr
     study = optuna.load_study(study_name="grid", storage=journal(study_home))
@@ -270,8 +256,7 @@ def test_samplers_and_pruners_from_the_spec(tmp_path):
     from study.session import make_pruner, make_sampler
     from study.specs import SpecError, load_spec, resolve
 
-    path = tmp_path / "gp.toml"
-    path.write_text(FAST.replace('[pruner]\nname = "none"', '[pruner]\nname = "hyperband"\nmin_resource = 1\nreduction_factor = 2\n[sampler]\nname = "gp"\nseed = 3'))
+    path = make_spec(tmp_path, "gp", FAST, pruner={"name": "hyperband", "min_resource": 1, "reduction_factor": 2}, sampler={"name": "gp", "seed": 3})
     spec = load_spec(str(path))
     plan = resolve(spec, "cpu")
     assert type(make_sampler(spec.sampler, plan)).__name__ == "GPSampler"
@@ -284,7 +269,7 @@ def test_samplers_and_pruners_from_the_spec(tmp_path):
     zoo = load_spec("zoo")
     with pytest.raises(SpecError, match="cannot search ranges that depend on the architecture"):
         make_sampler({"name": "grid"}, resolve(zoo, "full"))
-    path.write_text(FAST + '[sampler]\nname = "cmaes"\n')
+    path = make_spec(tmp_path, "gp", FAST, sampler={"name": "cmaes"})
     with pytest.raises(SpecError, match="sampler 'cmaes' is not supported; use tpe, gp, random, grid"):
         load_spec(str(path))
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT
-from reliability.checks import LENET_SPEC, check_consistent, record_fault, sqlite_uri
+from conftest import LENET, ROOT, make_spec
+from reliability.checks import check_consistent, record_fault, sqlite_uri
 
 SECRET = "s3cr3t-pw"
 
@@ -24,9 +24,7 @@ def test_specs_are_parsed_as_data(tmp_path, capsys):
         assert not calls & {"eval", "exec", "compile", "__import__"}, path
         assert not imports & {"pickle", "marshal", "shelve", "dill", "cloudpickle"}, path
     marker = tmp_path / "evaluated"
-    spec = tmp_path / "evil.toml"
-    spec.write_text(LENET_SPEC.replace('arch = "lenet"', f'arch = "__import__(\'pathlib\').Path(\'{marker}\').touch()"')
-                    .replace("lr = { low = 0.01, high = 0.1, log = true }", 'lr = { low = "1/0", high = "exit()" }'))
+    spec = make_spec(tmp_path, "evil", LENET, fixed={"arch": f"__import__('pathlib').Path('{marker}').touch()"}, search={"lr": {"low": "1/0", "high": "exit()"}})
     from study.cli import main
 
     assert main(["launch", str(spec), "--storage", "nosuchdb://x/y"]) == 1
@@ -38,8 +36,7 @@ def test_storage_password_never_shown(forks, study_home, tmp_path, postgres_db):
     """A PostgreSQL URL with a password (trust auth accepts it) through a whole launch, `show` and the report."""
     url, _, _ = postgres_db
     secret_url = url.replace("postgres@", f"postgres:{SECRET}@")
-    spec = tmp_path / "secret.toml"
-    spec.write_text(LENET_SPEC)
+    spec = make_spec(tmp_path, "secret", LENET)
     env = {"STUDY_HOME": str(study_home)}
     launch = forks.start(["launch", str(spec), "--trials", "1", "--storage", secret_url], tmp_path, env)
     assert launch.wait() == 0, launch.output()
