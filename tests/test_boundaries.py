@@ -17,7 +17,8 @@ def _modules_after_importing(package: str) -> list[str]:
     """Every module of `package` imported in a fresh interpreter: what sys.modules then holds."""
     probe = (f"import json, pkgutil, importlib, sys, {package}\n"
              f"for info in pkgutil.walk_packages({package}.__path__, '{package}.'):\n"
-             "    importlib.import_module(info.name)\n"
+             "    if not info.name.endswith('.__main__'):  # a command line, which runs when imported\n"
+             "        importlib.import_module(info.name)\n"
              "print(json.dumps(sorted(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             timeout=300, check=False)
