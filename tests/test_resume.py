@@ -18,7 +18,7 @@ def test_interrupted_launch_resumes_without_loss(study_home, tmp_path, sig):
     (hold,) = wait_for_holds(tmp_path / "holds", 1, lambda: process.poll() is None)
     assert hold["pid"] == process.pid and hold["epoch"] == 1
     process.send_signal(sig)
-    out, err = process.communicate(timeout=120)
+    out, err = process.communicate(timeout=600)
     if sig == signal.SIGINT:
         assert process.returncode == 130, err
         assert "launch the same command to resume" in out

@@ -237,7 +237,7 @@ def test_ctrl_c_stops_every_worker_cleanly(study_home, tmp_path):
     holds = wait_for_holds(tmp_path / "holds", 2, lambda: process.poll() is None)
     assert len({hold["pid"] for hold in holds} - {process.pid}) == 2
     process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=120)
+    out, err = process.communicate(timeout=600)
     assert process.returncode == 130, err
     assert "will run again" in out
     trials = optuna.load_study(study_name="slow", storage=journal(study_home)).get_trials()
