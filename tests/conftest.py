@@ -1,4 +1,5 @@
-"""Shared fixtures: the real Fashion-MNIST files, a study home per test, a tiny study spec."""
+"""Shared fixtures and helpers: the real Fashion-MNIST files, a study home per test, tiny study specs (make_spec), one
+shared launched study, the CLI in-process (run_main) or as a process (run_cli), and launches held at a phase (hold_env)."""
 
 from __future__ import annotations
 
