@@ -120,7 +120,7 @@ def _launch(args, request, spec, slots: list[str], output: Path | None) -> int:
     from objectives.data import verify
     from study.launch import run_launch
     from study.session import open_session
-    from study.storage import default_storage_url, home, make_home, mask
+    from study.storage import default_storage_url, home, mask
     from study.tracking import Tracker, check_reachable, tracking_uri, ui_url
 
     verify(args.data_dir)  # fail on missing, truncated or wrong data files before anything is written
@@ -131,7 +131,6 @@ def _launch(args, request, spec, slots: list[str], output: Path | None) -> int:
     console = _console()
     console.print(f"preset [bold]{settings.preset}[/bold]: {settings.preset_reason}")
     storage_label = mask(args.storage or default_storage_url())
-    make_home()  # for the MLflow store and the report, also when the storage is elsewhere
     if settings.cost:
         console.print(f"objectives: maximise val_accuracy, minimise {settings.cost} (no pruning: Optuna cannot prune multi-objective studies)")
     uri = tracking_uri(home())
