@@ -65,12 +65,12 @@ def cmd_worker(args) -> int:
     return _run_study(args, join=True)
 
 
-def _interrupt_once() -> dict | None:
+def _interrupt_once() -> tuple[dict, threading.Event] | None:
     """Ctrl-C and SIGTERM (kill, systemd, a batch scheduler) stop a launch once: the first raises
     KeyboardInterrupt, the running trials are recorded as interrupted, their MLflow runs closed, and a
     relaunch runs them again. Signals after the first are ignored, so that a second Ctrl-C cannot cut that
-    recording short (it would lose the trial's retry). Returns the handlers to restore afterwards (None off
-    the main thread, where Python handles no signals)."""
+    recording short (it would lose the trial's retry). Returns the handlers to restore afterwards and the
+    event set by the first signal (None off the main thread, where Python handles no signals)."""
     stopping = threading.Event()
 
     def interrupt(signum, frame):
@@ -82,7 +82,7 @@ def _interrupt_once() -> dict | None:
 
     if threading.current_thread() is not threading.main_thread():
         return None
-    return {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+    return {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}, stopping
 
 
 def _run_study(args, join: bool) -> int:
@@ -104,12 +104,15 @@ def _run_study(args, join: bool) -> int:
     from study.launch import report_path
 
     output = None if join else _report_output(args.output, report_path(home(), [spec.name]))
-    previous = _interrupt_once()
+    handling = _interrupt_once()
     try:
         return _launch(args, request, spec, slots, output)
     finally:
-        for signum, handler in (previous or {}).items():
-            signal.signal(signum, handler)
+        if handling is not None:
+            previous, stopping = handling
+            for signum, handler in previous.items():
+                # Once stopped, the process only exits: later signals of a burst must not kill it half-way out.
+                signal.signal(signum, signal.SIG_IGN if stopping.is_set() else handler)
 
 
 def _launch(args, request, spec, slots: list[str], output: Path | None) -> int:
