@@ -51,7 +51,7 @@ def run_study(name: str, trials: int, log_model: str, home: Path) -> Row:
     if done.returncode != 0:
         print(f"  {name}: launch exited {done.returncode}: {done.stderr.strip().splitlines()[-1:] or ''}", file=sys.stderr)
     storage = optuna.storages.JournalStorage(JournalFileBackend(str(home / "optuna.journal")))
-    study = optuna.load_study(study_name=name, storage=storage)
+    study = optuna.load_study(study_name=Path(name).stem, storage=storage)  # NAME, or a spec file's stem
     states = [t.state for t in study.trials]
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
     best = max(complete, key=lambda t: t.value, default=None)

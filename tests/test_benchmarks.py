@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from benchmarks.presets import format_row, run_study
 from benchmarks.presets import main as presets_main
 from benchmarks.reference import _TextbookDataset, train_ch6
 from benchmarks.throughput import PRESET_SHAPES, measure_preset_shape
@@ -94,3 +95,27 @@ def test_a_preset_shape_is_measured_in_flops_per_second(fashion):
 def test_presets_benchmark_refuses_an_unknown_study(capsys):
     assert presets_main(["--study", "no_such_study"]) == 1
     assert capsys.readouterr().err.startswith("error: unknown study no_such_study; shipped: ")
+
+
+def test_presets_benchmark_reads_a_launched_study_from_its_journal(tmp_path):
+    spec = tmp_path / "tiny_presets.toml"
+    spec.write_text("""description = "tiny"
+[fixed]
+arch = "lenet_bn"
+batch_size = 64
+n_train = 512
+n_val = 128
+n_test = 128
+[search]
+lr = { low = 0.5, high = 1.0, log = true }
+epochs = { low = 1, high = 1 }
+[presets.cpu]
+[presets.full]
+""")
+    home = tmp_path / "home"
+    home.mkdir()
+    row = run_study(str(spec), 2, "none", home)
+    assert (row.complete, row.pruned, row.failed) == (2, 0, 0)
+    assert 0 <= row.best_val <= 1 and 0 <= row.best_test <= 1
+    assert 0 < row.train_share < 1
+    assert format_row(row).startswith(f"| {spec} | 2 / 0 / 0 | ")
