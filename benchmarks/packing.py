@@ -28,25 +28,32 @@ from objectives import TrainConfig, load_fashion_mnist, train
 from study.specs import load_spec, resolve
 
 
+class RandomTrial:
+    """Draws as Optuna's random sampler does, with the calls a plan's search space makes (no Optuna needed)."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+
+    def suggest_categorical(self, name: str, choices: list):
+        return self.rng.choice(choices)
+
+    def suggest_int(self, name: str, low: int, high: int, step: int = 1, log: bool = False) -> int:
+        if log:
+            return round(math.exp(self.rng.uniform(math.log(low), math.log(high))))
+        return self.rng.randrange(low, high + 1, step)
+
+    def suggest_float(self, name: str, low: float, high: float, step: float | None = None, log: bool = False) -> float:
+        return math.exp(self.rng.uniform(math.log(low), math.log(high))) if log else self.rng.uniform(low, high)
+
+
 def draw_configs(preset: str, trials: int, max_epochs: int, seed: int, device: str, quick: bool) -> list[TrainConfig]:
     """`trials` configs drawn uniformly (log-uniformly for log ranges) from vgg_ratio's search space."""
     plan = resolve(load_spec("vgg_ratio"), preset)
-    rng = random.Random(seed)
+    rng = RandomTrial(random.Random(seed))
     configs = []
     for _ in range(trials):
-        params = {}
-        for name, dist in plan.search.items():
-            if "choices" in dist:
-                params[name] = rng.choice(dist["choices"])
-            elif dist.get("log"):
-                params[name] = math.exp(rng.uniform(math.log(dist["low"]), math.log(dist["high"])))
-            elif isinstance(dist["low"], int):
-                params[name] = rng.randint(dist["low"], dist["high"])
-            else:
-                params[name] = rng.uniform(dist["low"], dist["high"])
-        params["epochs"] = min(params.get("epochs", max_epochs), max_epochs)
-        config = plan.config(params)
-        overrides = {"device": device}
+        config = plan.trial_config(rng)
+        overrides = {"device": device, "epochs": min(config.epochs, max_epochs)}
         if quick:
             overrides |= {"n_train": 512, "n_val": 128, "n_test": 128, "epochs": 1}
         configs.append(dataclasses.replace(config, **overrides))

@@ -28,10 +28,9 @@ from mlflow.tracking import MlflowClient
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
-from dashboards import figures
+from dashboards import figures, record
 from dashboards.figures import COST_AXES, format_value
 
-RESULT_ATTRS = ("test_accuracy", "train_seconds", "wall_seconds", "train_flops", "peak_memory_bytes", "flops_per_example", "params", "epochs_run", "device")
 CONFIG_SHOWN = ("arch", "resize", "ratio", "lr", "epochs", "batch_size", "momentum")  # a best trial's configuration, in this order
 ALEXNET_PAIR = ("alexnet", "alexnet_28")  # the original and note 004's 28-px variant
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
@@ -57,24 +56,24 @@ def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
     for study in studies:
         index = accuracy_index(study)
         for trial in study.get_trials(deepcopy=False):
-            attrs = trial.user_attrs
+            attrs, config = trial.user_attrs, record.config(trial)
             rows.append({
                 "study": study.study_name,
                 "trial": trial.number,
                 "state": trial.state.name,
                 "val_accuracy": _accuracy(trial, index),
-                "arch": attrs.get("arch", trial.params.get("arch")),
+                "arch": config.get("arch"),
                 **{f"param_{k}": v for k, v in trial.params.items()},
-                "resize": attrs.get("resize", trial.params.get("resize")),
-                **{k: attrs.get(k) for k in RESULT_ATTRS},
-                "fail_reason": attrs.get("fail_reason"),
-                "mlflow_run_id": attrs.get("mlflow_run_id"),
+                "resize": config.get("resize"),
+                **{k: attrs.get(k) for k in (*record.RESULT_FIELDS, record.DEVICE)},
+                "fail_reason": attrs.get(record.FAIL_REASON),
+                "mlflow_run_id": attrs.get(record.MLFLOW_RUN_ID),
+                "config": config,
                 "intermediate": dict(trial.intermediate_values),
             })
     frame = pd.DataFrame(rows)
     if not frame.empty:
-        for column in ("val_accuracy", "test_accuracy", "train_seconds", "wall_seconds", "train_flops", "peak_memory_bytes", "flops_per_example",
-                       "params", "epochs_run"):
+        for column in ("val_accuracy", *record.RESULT_FIELDS):
             frame[column] = pd.to_numeric(frame[column], errors="coerce")
         frame["seconds_per_epoch"] = frame["train_seconds"] / frame["epochs_run"]
     return frame
@@ -110,12 +109,6 @@ class Mlflow:
             return ""
         return f"{self.ui_url}/#/experiments/{self.experiment_ids[row['study']]}/runs/{row['mlflow_run_id']}"
 
-    def params(self, run_id: str | None) -> dict:
-        try:
-            return dict(self.client.get_run(run_id).data.params) if self.client and run_id else {}
-        except MlflowException:
-            return {}
-
     def losses(self, run_ids) -> dict[str, list[tuple[int, float]]]:
         found = {}
         for run_id in run_ids if self.client else []:
@@ -132,22 +125,9 @@ def _best(group: pd.DataFrame):
     return done.loc[done["val_accuracy"].idxmax()] if len(done) else None
 
 
-def _config(row, mlflow: Mlflow) -> dict:
-    """The best trial's resolved configuration: MLflow's params hold fixed settings too; Optuna's are the fallback."""
-    logged = {k: _number(v) for k, v in mlflow.params(row["mlflow_run_id"]).items()}
-    sampled = {c[6:]: row[c] for c in row.index if c.startswith("param_") and pd.notna(row[c])}
-    known = {"arch": row["arch"], "resize": row["resize"], **sampled, **logged}
-    return {k: known[k] for k in CONFIG_SHOWN if k in known and known[k] not in (None, "None")}
-
-
-def _number(text: str):
-    """An MLflow param (always a string) as the number it was, when it was one."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+def _config(row) -> dict:
+    """The best trial's configuration as it trained (recorded on the trial), the settings a reader compares first."""
+    return {k: row["config"][k] for k in CONFIG_SHOWN if row["config"].get(k) is not None}
 
 
 def _bytes(n) -> str:
@@ -158,7 +138,7 @@ def _seconds(s: float) -> str:
     return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 120 else f"{s:.1f} s"
 
 
-def summary_section(studies: list[optuna.Study], frame: pd.DataFrame, mlflow: Mlflow) -> Section:
+def summary_section(studies: list[optuna.Study], frame: pd.DataFrame) -> Section:
     section = Section("summary", "Summary")
     if frame.empty:
         return section.note("No trials yet: launch the study first.")
@@ -180,7 +160,7 @@ def summary_section(studies: list[optuna.Study], frame: pd.DataFrame, mlflow: Ml
         if best is None:
             cells = ["none complete", "", "", "", ""]
         else:
-            config = ", ".join(f"{k}={format_value(v)}" for k, v in _config(best, mlflow).items())
+            config = ", ".join(f"{k}={format_value(v)}" for k, v in _config(best).items())
             link = f' <a href="{html.escape(best["run_url"])}">MLflow run</a>' if best["run_url"] else ""
             cells = [f"{best['trial']}{link}", f"{best['val_accuracy']:.4f}", f"{best['test_accuracy']:.4f}", html.escape(config), html.escape(str(best["device"]))]
         time_spent = f"{_seconds(group['train_seconds'].sum())} training, {_seconds(group['wall_seconds'].sum())} wall"
@@ -306,7 +286,7 @@ def search_section(studies: list[optuna.Study], frame: pd.DataFrame) -> Section:
     return section
 
 
-def layers_section(frame: pd.DataFrame, mlflow: Mlflow) -> Section:
+def layers_section(frame: pd.DataFrame) -> Section:
     section = Section("layers", "Per-layer cost of the best configuration")
     if frame.empty or not (frame["state"] == "COMPLETE").any():
         return section.note("No complete trial yet, so no best configuration.")
@@ -317,8 +297,8 @@ def layers_section(frame: pd.DataFrame, mlflow: Mlflow) -> Section:
         best = _best(group)
         if best is None:
             continue
-        config = _config(best, mlflow)
-        arch, resize, ratio = str(config["arch"]), int(float(config["resize"])), int(float(config.get("ratio", 1)))
+        config = _config(best)
+        arch, resize, ratio = config["arch"], config.get("resize"), config.get("ratio", 1)
         if (arch, resize, ratio) in seen:
             continue
         seen.add((arch, resize, ratio))
@@ -348,7 +328,7 @@ def table_section(frame: pd.DataFrame) -> Section:
     section = Section("table", "All trials")
     if frame.empty:
         return section.note("No trials yet.")
-    # arch and resize show once, as what ran (a preset may cap the searched resize).
+    # arch and resize show once, as what ran (also when the spec fixes them or leaves resize to the architecture).
     params = sorted(c for c in frame.columns if c.startswith("param_") and c not in ("param_arch", "param_resize"))
     columns = ["study", "trial", "state", "arch", "resize", *params, "val_accuracy", "test_accuracy",
                "train_seconds", "seconds_per_epoch", "train_flops", "flops_per_example", "params", "peak_memory_bytes", "epochs_run", "device", "fail_reason"]
@@ -458,8 +438,8 @@ def write_report(studies: list[optuna.Study], path: Path, tracking_uri: str | No
     frame = trials_frame(studies)
     if not frame.empty:
         frame["run_url"] = frame.apply(mlflow.run_url, axis=1)
-    sections = [summary_section(studies, frame, mlflow), cost_section(frame, cost), alexnet_section(frame), curves_section(frame, mlflow),
-                search_section(studies, frame), layers_section(frame, mlflow), table_section(frame)]
+    sections = [summary_section(studies, frame), cost_section(frame, cost), alexnet_section(frame), curves_section(frame, mlflow),
+                search_section(studies, frame), layers_section(frame), table_section(frame)]
     named = [part for section in sections for part in section.parts if isinstance(part, tuple)]
     if png_dir is not None:
         png_dir.mkdir(parents=True, exist_ok=True)

@@ -64,136 +64,91 @@ def cmd_worker(args) -> int:
     return _run_study(args, join=True)
 
 
-def _objective(args, recorded: str | None) -> str:
-    """The study's objective as recorded on it: `accuracy` or `accuracy,<cost>`."""
-    from study.launch import COSTS
-    from study.specs import SpecError
-
-    if args.objective not in (None, "accuracy", "accuracy,cost"):
-        raise ValueError(f"--objective {args.objective}: use accuracy or accuracy,cost")
-    if args.cost is not None and args.objective != "accuracy,cost":
-        raise ValueError(f"--cost {args.cost} needs --objective accuracy,cost")
-    if args.cost is not None and args.cost not in COSTS:
-        raise ValueError(f"--cost {args.cost}: use {' or '.join(COSTS)}")
-    if args.objective is None:
-        return recorded or "accuracy"
-    wanted = "accuracy" if args.objective == "accuracy" else f"accuracy,{args.cost or COSTS[0]}"
-    if recorded is not None and recorded != wanted:
-        raise SpecError(f"study {args.name} optimises {recorded}; it cannot change to {wanted} (use another --storage or study name)")
-    return wanted
-
-
-def _search_strategy(spec, args, recorded: dict) -> tuple[dict, dict]:
-    """Sampler and pruner settings: the flag (or what the study recorded), with the spec's arguments when the names agree."""
-    from study.specs import PRUNER_NAMES, SAMPLER_NAMES
-
-    for flag, value, names in (("--sampler", args.sampler, SAMPLER_NAMES), ("--pruner", args.pruner, PRUNER_NAMES)):
-        if value is not None and value not in names:
-            raise ValueError(f"{flag} {value}: choose one of {', '.join(names)}")
-    sampler_name = args.sampler or recorded.get("sampler") or spec.sampler.get("name", "tpe")
-    pruner_name = args.pruner or recorded.get("pruner") or spec.pruner.get("name", "median")
-    sampler = spec.sampler if spec.sampler.get("name", "tpe") == sampler_name else {}
-    pruner = spec.pruner if spec.pruner.get("name", "median") == pruner_name else {}
-    return {**sampler, "name": sampler_name}, {**pruner, "name": pruner_name}
-
-
-def _stop_on_sigterm() -> None:
+def _stop_on_sigterm():
     """SIGTERM (kill, systemd, a batch scheduler) stops a launch as Ctrl-C does: the running trials are
-    recorded as interrupted, their MLflow runs closed, and a relaunch runs them again."""
+    recorded as interrupted, their MLflow runs closed, and a relaunch runs them again. Returns the handler
+    to restore afterwards (None off the main thread, where Python handles no signals)."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    if threading.current_thread() is threading.main_thread():  # Python handles signals in the main thread only
-        signal.signal(signal.SIGTERM, interrupt)
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def _run_study(args, join: bool) -> int:
-    """`launch` (create or resume a study) and `worker` (join one that exists): the same trial loop."""
+    """`launch` (create or resume a study) and `worker` (join one that exists): the same session and trial loop."""
+    from study.pool import devices
+    from study.session import Request
+    from study.specs import load_spec
+    from study.storage import home
+
+    # Every flag checked once, before anything is read or written.
+    request = Request.from_flags(args.name, join, None if join else args.trials, getattr(args, "preset", None), args.objective, args.cost,
+                                 args.sampler, args.pruner, args.storage, args.heartbeat)
+    if args.timeout is not None and args.timeout <= 0:
+        raise ValueError(f"--timeout must be > 0 seconds; got {args.timeout}")
+    if args.register is not None and (args.log_model == "none" or not args.register.strip()):
+        raise ValueError(f"--register {args.register!r}: give a model name, and keep --log-model best or all so there is a model to register")
+    slots = devices(args.workers, args.gpus, args.trials_per_gpu)
+    spec = load_spec(args.name)
+    from study.launch import report_path
+
+    output = None if join else _report_output(args.output, report_path(home(), [spec.name]))
+    previous = _stop_on_sigterm()
+    try:
+        return _launch(args, request, spec, slots, output)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _launch(args, request, spec, slots: list[str], output: Path | None) -> int:
     import optuna
 
     from dashboards import write_report
+    from dashboards.record import count_done
     from objectives.data import verify
-    from study.launch import Launch, check_preset_matches, choose_preset, count_done, make_pruner, make_sampler, report_path
-    from study.pool import devices
-    from study.specs import SpecError, load_spec, resolve
-    from study.storage import default_storage_url, home, make_home, mask, open_storage
+    from study.launch import run_launch
+    from study.session import open_session
+    from study.storage import default_storage_url, home, make_home, mask
     from study.tracking import Tracker, tracking_uri, ui_url
 
-    _stop_on_sigterm()
-    if not join and args.trials < 1:
-        raise ValueError(f"--trials must be >= 1; got {args.trials}")
-    if args.timeout is not None and args.timeout <= 0:
-        raise ValueError(f"--timeout must be > 0 seconds; got {args.timeout}")
-    if args.heartbeat < 1:
-        raise ValueError(f"--heartbeat must be >= 1 second; got {args.heartbeat}")
-    slots = devices(args.workers, args.gpus, args.trials_per_gpu)
-    _objective(args, None)  # the flags alone, before anything is written; the study's record is checked below
-    if args.register is not None and (args.log_model == "none" or not args.register.strip()):
-        raise ValueError(f"--register {args.register!r}: give a model name, and keep --log-model best or all so there is a model to register")
-    console = _console()
-    spec = load_spec(args.name)
-    _search_strategy(spec, args, {})
-    output = None if join else _report_output(args.output, report_path(home(), [spec.name]))
     verify(args.data_dir)  # fail on missing, truncated or wrong data files before anything is written
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if join:
-        recorded = _open_study(spec.name, args.storage).user_attrs
-        storage = open_storage(args.storage, args.heartbeat)
-        if "trials" not in recorded:
-            raise SpecError(f"study {spec.name} does not record its total; launch it again with `python -m study launch {args.name} --trials N`")
-        total, preset, why = recorded["trials"], recorded["preset"], "the study's"
-    else:
-        storage = open_storage(args.storage, args.heartbeat)
-        exists = spec.name in optuna.get_all_study_names(storage)
-        recorded = optuna.load_study(study_name=spec.name, storage=storage).user_attrs if exists else {}
-        total = args.trials
-        preset, why = choose_preset(args.preset)
-    objective = _objective(args, recorded.get("objective"))
-    cost = objective.split(",")[1] if "," in objective else None
-    plan = resolve(spec, preset)
-    sampler_settings, pruner_settings = _search_strategy(spec, args, recorded)
-    sampler, pruner = make_sampler(sampler_settings, plan), make_pruner(pruner_settings, multi_objective=cost is not None)
-    console.print(f"preset [bold]{preset}[/bold]: {why}")
+    session = open_session(request, spec)
+    settings, study = session.settings, session.study
+    console = _console()
+    console.print(f"preset [bold]{settings.preset}[/bold]: {settings.preset_reason}")
     storage_label = mask(args.storage or default_storage_url())
     make_home()  # for the MLflow store and the report, also when the storage is elsewhere
-    if join:
-        study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler, pruner=pruner)
-    else:
-        directions = ["maximize", "minimize"] if cost else ["maximize"]
-        study = optuna.create_study(study_name=spec.name, storage=storage, directions=directions, load_if_exists=True, sampler=sampler, pruner=pruner)
-        check_preset_matches(study, preset)
-        for key, value in (("objective", objective), ("sampler", sampler_settings["name"]), ("pruner", pruner_settings["name"]), ("trials", total)):
-            study.set_user_attr(key, value)
-    if cost:
-        console.print(f"objectives: maximise val_accuracy, minimise {cost} (no pruning: Optuna cannot prune multi-objective studies)")
-    study_home = home()
-    uri = tracking_uri(study_home)
-    tracker = Tracker(spec.name, uri, artifact_root=study_home / "mlartifacts")
-    if not join:
-        tracker.describe_study(spec.path.read_text(), preset, storage_label, type(sampler).__name__, type(pruner).__name__)
-    launch = Launch(plan=plan, study=study, storage=storage, tracker=tracker, console=console, data_dir=args.data_dir, cost=cost,
-                    log_model=args.log_model)
+    if settings.cost:
+        console.print(f"objectives: maximise val_accuracy, minimise {settings.cost} (no pruning: Optuna cannot prune multi-objective studies)")
+    uri = tracking_uri(home())
+    tracker = Tracker(spec.name, uri, artifact_root=home() / "mlartifacts")
+    if not request.join:
+        tracker.describe_study(spec.path.read_text(), settings.preset, storage_label, type(study.sampler).__name__, type(study.pruner).__name__)
     if len(slots) > 1:
         console.print(f"{len(slots)} workers: {', '.join('cpu' if d == 'auto' else d for d in slots)}")
     try:
-        launch.run(total, args.timeout, slots)
+        run_launch(session, tracker, console, slots, args.timeout, args.data_dir, args.log_model)
     except KeyboardInterrupt:
-        if not join:
+        if not request.join:
             tracker.close_parent("KILLED")
         console.print("interrupted: the running trials are recorded as interrupted and will run again; launch the same command to resume")
         return 130
     except Exception as error:
-        if not join and not isinstance(error, ConnectionError):  # ConnectionError: MLflow itself is unreachable
+        if not request.join and not isinstance(error, ConnectionError):  # ConnectionError: MLflow itself is unreachable
             tracker.close_parent("FAILED")  # the failing trial is already recorded FAIL with its reason
         raise
     done = count_done(study.get_trials(deepcopy=False))
-    if not join or done >= total:
-        tracker.close_parent("FINISHED" if done >= total else "KILLED")
+    if not request.join or done >= settings.total:
+        tracker.close_parent("FINISHED" if done >= settings.total else "KILLED")
     if args.register:
         _register_best(tracker, study, args.register, console)
     console.print(f"optuna storage: {storage_label}")
     console.print(f"mlflow store:   {mask(uri)}  (browse with `python -m study ui`)")
-    if not join:
+    if not request.join:
         console.print(f"report:         {write_report([study], output, uri, ui_url(uri))}")
     return 0
 
@@ -202,11 +157,13 @@ def _register_best(tracker, study, name: str, console) -> None:
     """--register NAME: the study's best trial's logged model as a version of registered model NAME."""
     from optuna.trial import TrialState
 
+    from dashboards import record
+
     if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
         console.print(f"--register {name}: no completed trial, so no model to register")
         return
     best = max(study.best_trials, key=lambda t: t.values[0])  # the most accurate, also on a Pareto front
-    version = tracker.register_model(name, best.user_attrs["mlflow_run_id"])
+    version = tracker.register_model(name, best.user_attrs[record.MLFLOW_RUN_ID])
     if version is None:
         console.print(f"--register {name}: best trial {best.number} has no logged model (it ran with --log-model none)")
         return

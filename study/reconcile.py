@@ -14,12 +14,10 @@ import time
 
 import optuna
 from mlflow.entities import Metric, RunTag
-from optuna.trial import TrialState
 
+from dashboards import record
 from study.specs import Plan
 from study.tracking import FINAL_METRICS, RUN_STATUS, Tracker
-
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 def child_runs(tracker: Tracker) -> dict[int, list]:
@@ -34,7 +32,7 @@ def child_runs(tracker: Tracker) -> dict[int, list]:
 
 def expected_status(trial: optuna.trial.FrozenTrial) -> str:
     """The MLflow status of a finished trial's run: KILLED for one whose process was interrupted or died."""
-    return RUN_STATUS["INTERRUPTED" if trial.user_attrs.get("interrupted") else trial.state.name]
+    return RUN_STATUS["INTERRUPTED" if trial.user_attrs.get(record.INTERRUPTED) else trial.state.name]
 
 
 def reconcile(study: optuna.Study, tracker: Tracker, plan: Plan) -> list[int]:
@@ -44,14 +42,15 @@ def reconcile(study: optuna.Study, tracker: Tracker, plan: Plan) -> list[int]:
     """
     runs = child_runs(tracker)
     repaired = []
-    for trial in study.get_trials(deepcopy=False, states=FINISHED):
+    for trial in study.get_trials(deepcopy=False, states=record.FINISHED):
         found = runs.get(trial.number, [])
         run = found[0] if found else None
-        reason = trial.user_attrs.get("fail_reason")
+        reason = trial.user_attrs.get(record.FAIL_REASON)
         if run is not None and run.info.status != "RUNNING" and run.data.tags.get("optuna.state") == trial.state.name:
             continue
         if run is None:
-            run_id, logged_epochs, logged = tracker.start_trial(trial.number, plan.config(trial.params), trial.params), set(), {}
+            config = record.train_config(trial) or plan.config(trial.params)
+            run_id, logged_epochs, logged = tracker.start_trial(trial.number, config, trial.params), set(), {}
         else:
             run_id, logged = run.info.run_id, run.data.metrics
             logged_epochs = {m.step for m in tracker.client.get_metric_history(run_id, "val_accuracy")}
@@ -64,8 +63,8 @@ def reconcile(study: optuna.Study, tracker: Tracker, plan: Plan) -> list[int]:
         tags = [RunTag("optuna.state", trial.state.name)]
         if reason:
             tags.append(RunTag("optuna.fail_reason", reason))
-        if "device" in trial.user_attrs:
-            tags.append(RunTag("device", trial.user_attrs["device"]))
+        if record.DEVICE in trial.user_attrs:
+            tags.append(RunTag("device", trial.user_attrs[record.DEVICE]))
         tracker.client.log_batch(run_id, tags=tags)
         tracker.client.set_terminated(run_id, status=expected_status(trial))
         repaired.append(trial.number)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import optuna
 
+from dashboards import record
+
 
 class StorageError(RuntimeError):
     """The storage URL is malformed or the storage cannot be reached."""
@@ -42,17 +44,16 @@ def default_storage_url() -> str:
 
 
 class RetryStaleTrial:
-    """Optuna's RetryHeartbeatStaleTrialCallback(max_retry=1): a trial whose worker stopped sending heartbeats
-    runs once more with the same params. It also keeps the trials it failed, for the launcher to close
-    their MLflow runs (this process failed them, so no other process does)."""
+    """Optuna's heartbeat callback: a trial whose worker stopped sending heartbeats runs once more with the
+    same params (record.retry). It also keeps the trials it failed, for the launcher to close their MLflow
+    runs (this process failed them, so no other process does)."""
 
     def __init__(self):
-        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
         self.failed: list[optuna.trial.FrozenTrial] = []
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         self.failed.append(trial)
-        self.retry(study, trial)
+        record.retry(study, trial)
 
 
 def open_storage(url: str | None, heartbeat: int | None = None) -> optuna.storages.BaseStorage:

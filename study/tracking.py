@@ -27,15 +27,16 @@ import torch
 from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from dashboards import record
 from objectives.data import FashionMNIST
 from objectives.models import get_architecture
 from objectives.train import EpochMetrics, TrainConfig, TrainResult, resolve_device
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-EPOCH_METRICS = ("train_loss", "train_accuracy", "val_accuracy", "epoch_seconds", "examples_per_second")
-# Logged once at the end. val_accuracy, train_loss and train_accuracy are not repeated here: their
-# last per-epoch value is the final one, and logging it again would add a second point at that step.
-FINAL_METRICS = ("test_accuracy", "train_seconds", "wall_seconds", "flops_per_example", "train_flops", "params", "peak_memory_bytes", "epochs_run")
+EPOCH_METRICS = tuple(f.name for f in dataclasses.fields(EpochMetrics) if f.name != "epoch")
+# Logged once at the end: the trial's recorded results, less the per-epoch metrics, whose last value is the
+# final one (logging it again would add a second point at that step).
+FINAL_METRICS = tuple(name for name in record.RESULT_FIELDS if name not in EPOCH_METRICS)
 # Optuna state -> MLflow run status. Pruned trials finished normally; their tag says they were pruned.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "INTERRUPTED": "KILLED"}
 

@@ -111,3 +111,43 @@ def test_zoo_cpu_narrows_each_architectures_resize_to_its_small_input():
     assert all(dist.low == dist.high for dist in resizes.values())
     resizes = {arch: dist.low for arch, dist in resizes.items()}
     assert resizes == {"lenet": 28, "lenet_bn": 28, "alexnet": 65, "alexnet_28": 28, "vgg11": 32, "nin": 67, "googlenet": 32, "resnet18": 32, "densenet": 32}
+
+
+def test_range_and_choices_suggest_grid_and_describe():
+    import optuna
+
+    trial = optuna.create_study().ask()
+    assert Range(1, 4).suggest(trial, "epochs") in range(1, 5)
+    assert 0.01 <= Range(0.01, 0.1, log=True).suggest(trial, "lr") <= 0.1
+    assert Choices((32, 64)).suggest(trial, "resize") in (32, 64)
+    assert trial.distributions["epochs"] == optuna.distributions.IntDistribution(1, 4)
+    assert Range(32, 96, step=32).grid("resize") == [32, 64, 96] and Choices((1, 2)).grid("ratio") == [1, 2]
+    with pytest.raises(SpecError, match="grid sampler needs choices or an integer range for lr"):
+        Range(0.01, 0.1, log=True).grid("lr")
+    assert Range(0.01, 0.1, log=True).describe() == "0.01..0.1 log" and Range(32, 96, step=32).describe() == "32..96 step 32"
+    assert Choices((4, 8)).describe() == "{4, 8}"
+    assert Range(1, 2).clip(10) == 2 and Choices((32, 64)).clip(224) == 64
+
+
+def test_config_fills_in_the_architectures_resize_once():
+    plan = resolve(load_spec("alexnet_resize"), "full")
+    config = plan.config({"arch": "alexnet_28", "lr": 0.01, "epochs": 5})
+    assert config.resize == 28 and config.batch_size == 128
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_optuna_params_are_the_values_that_train(preset):
+    """A preset narrows what Optuna samples, so each param Optuna holds is the setting the trial trains with."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in available():
+        plan = resolve(load_spec(name), preset)
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        for row in plan.enqueue:
+            study.enqueue_trial(row)
+        for _ in range(len(plan.enqueue) + 8):
+            trial = study.ask()
+            config = plan.trial_config(trial)
+            assert trial.params and {k: getattr(config, k) for k in trial.params} == trial.params, (name, preset)
+            study.tell(trial, 0.5)

@@ -102,7 +102,7 @@ def check_consistent(study_name: str, storage, tracking_uri: str, total: int | N
     left RUNNING or WAITING; the study holds exactly `total` trials that count. Returns the counts, and fails
     with the list of problems after recording them.
     """
-    from study.launch import count_done
+    from dashboards.record import CONFIG, count_done, retry_source
 
     study = optuna.load_study(study_name=study_name, storage=storage)
     trials = study.get_trials()
@@ -154,10 +154,12 @@ def check_consistent(study_name: str, storage, tracking_uri: str, total: int | N
         if "mlflow_run_id" in trial.user_attrs and trial.user_attrs["mlflow_run_id"] != run.info.run_id:
             problems.append(f"trial {trial.number}: user attr mlflow_run_id is not its run")
         for name, value in trial.params.items():
+            if CONFIG in trial.user_attrs and trial.user_attrs[CONFIG][name] != value:
+                problems.append(f"trial {trial.number}: Optuna holds {name}={value}, but {trial.user_attrs[CONFIG][name]} trained")
             if name in run.data.params and run.data.params[name] != str(value):
                 problems.append(f"trial {trial.number}: param {name} {run.data.params[name]} in MLflow, {value} in Optuna")
         if interrupted:
-            retries = [t for t in trials if t.user_attrs.get("retry_of") == trial.number or t.system_attrs.get("failed_trial") == trial.number]
+            retries = [t for t in trials if retry_source(t) == trial.number]
             if not retries:
                 lost(f"interrupted trial {trial.number} never ran again")
             elif len(retries) > 1:

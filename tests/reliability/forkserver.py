@@ -23,6 +23,7 @@ import dashboards  # noqa: F401 -- imported once here, for every forked command
 import study.cli
 import study.launch
 import study.reconcile
+import study.session
 
 logs: dict[int, str] = {}
 

@@ -33,7 +33,7 @@ def _child_runs(uri, name) -> int:
 
 def _strike(rng, phase, start, storage, uri, name, total, trial_seconds) -> bool:
     """Start the command, wait for the phase's marker, kill -9; True when the process was still there to be killed."""
-    from study.launch import count_done
+    from dashboards.record import count_done
 
     before = _child_runs(uri, name)
     command = start()

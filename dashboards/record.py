@@ -1,0 +1,74 @@
+"""What one Optuna trial records: its attribute keys, result fields, finished states and retries.
+
+The launcher writes these, reconcile replays them into MLflow, and the report, `show`, `export` and
+the reliability checks read them back; this module is the one place that names them. It lives
+beside the report, which may not import study/, and study/ imports it from here.
+
+A trial of a launched study carries, as user attributes:
+    config          the fully resolved TrainConfig (`dataclasses.asdict`): what trained, fixed settings included
+    host, pid       the process running it, so a dead process is noticed (journal storage)
+    mlflow_run_id   its MLflow child run
+    RESULT_FIELDS   the TrainResult numbers, once it finished training; `device` its device name
+    fail_reason     why it failed; `interrupted` when its process was stopped or died (MLflow: KILLED)
+    retry_of        on a trial queued again: the number of the trial it repeats
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import optuna
+from optuna.trial import TrialState
+
+from objectives.train import TrainConfig, TrainResult
+
+CONFIG = "config"
+HOST = "host"
+PID = "pid"
+MLFLOW_RUN_ID = "mlflow_run_id"
+DEVICE = "device"
+FAIL_REASON = "fail_reason"
+INTERRUPTED = "interrupted"
+RETRY_OF = "retry_of"
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+# Every number a TrainResult holds, less val_accuracy (the trial's value): kept on the trial too, so
+# reports and `show` need no MLflow round trip.
+RESULT_FIELDS = tuple(f.name for f in dataclasses.fields(TrainResult) if f.type in ("int", "float") and f.name != "val_accuracy")
+
+
+def config(trial: optuna.trial.FrozenTrial) -> dict:
+    """The settings the trial trained with; for a trial recorded without them, its sampled params."""
+    return trial.user_attrs.get(CONFIG) or dict(trial.params)
+
+
+def train_config(trial: optuna.trial.FrozenTrial) -> TrainConfig | None:
+    """The TrainConfig the trial trained with, None when it was recorded without one."""
+    return TrainConfig.from_dict(trial.user_attrs[CONFIG]) if CONFIG in trial.user_attrs else None
+
+
+def results(result: TrainResult) -> dict:
+    """The user attributes a finished training adds to its trial."""
+    return {**{name: getattr(result, name) for name in RESULT_FIELDS}, DEVICE: result.device_name}
+
+
+def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue a trial that did not run to its end (interrupted, dead process) once more, with the same params."""
+    study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number}, skip_if_exists=False)
+
+
+def retry_source(trial: optuna.trial.FrozenTrial) -> int | None:
+    """The number of the trial this one repeats, if it is a retry. `failed_trial`: Optuna's own heartbeat
+    retry, which studies recorded before `retry` was used everywhere carry."""
+    return trial.user_attrs.get(RETRY_OF, trial.system_attrs.get("failed_trial"))
+
+
+def retried(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
+    """Numbers of the trials queued again."""
+    return {retry_source(t) for t in trials} - {None}
+
+
+def count_done(trials: list[optuna.trial.FrozenTrial]) -> int:
+    """Finished trials that use up one of the study's N: not those queued again (interrupted, dead worker)."""
+    again = retried(trials)
+    return sum(t.state in FINISHED and t.number not in again for t in trials)

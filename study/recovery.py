@@ -1,0 +1,97 @@
+"""Dead-trial recovery: a trial whose process died is closed as FAIL and queued once more.
+
+One strategy per kind of storage, chosen by `recovery_for`:
+- relational storage (SQLite, PostgreSQL): Optuna's heartbeats. A trial whose heartbeat is older than the
+  grace period is failed by `fail_stale_trials`, whose callback (storage.RetryStaleTrial) queues it again.
+- journal file: no heartbeats, so trials left RUNNING by a process of this host that no longer exists.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import TrialState
+from rich.console import Console
+
+from dashboards import record
+from study.reconcile import reconcile
+from study.specs import Plan
+from study.storage import heartbeat_enabled
+from study.tracking import Tracker
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class JournalRecovery:
+    """Trials RUNNING under a pid of this host that no longer exists."""
+
+    study: optuna.Study
+    storage: optuna.storages.BaseStorage
+    tracker: Tracker
+    console: Console
+
+    def recover(self) -> None:
+        host = socket.gethostname()
+        study_id = self.storage.get_study_id_from_name(self.study.study_name)
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            pid = trial.user_attrs.get(record.PID)
+            if trial.user_attrs.get(record.HOST) != host or pid is None or _alive(pid):
+                continue
+            trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            self.storage.set_trial_user_attr(trial_id, record.FAIL_REASON, "worker process died")
+            self.storage.set_trial_user_attr(trial_id, record.INTERRUPTED, True)
+            self.study.tell(trial.number, state=TrialState.FAIL)
+            if run_id := trial.user_attrs.get(record.MLFLOW_RUN_ID):
+                self.tracker.finish_trial(run_id, "INTERRUPTED", reason="worker process died")
+            record.retry(self.study, trial)
+            self.console.print(f"trial {trial.number}: its process {pid} died; marked FAIL and queued again")
+
+
+@dataclass
+class HeartbeatRecovery:
+    """Trials whose heartbeat went stale, failed and queued again by Optuna's `fail_stale_trials`."""
+
+    study: optuna.Study
+    storage: optuna.storages.RDBStorage
+    tracker: Tracker
+    console: Console
+    plan: Plan
+    track: Callable  # an MLflow write that may fail without ending the launch (TrialRunner.track)
+
+    def recover(self) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(self.study)
+        failed = self.storage.get_heartbeat_stale_trial_callback().failed
+        any_failed = bool(failed)
+        while failed:
+            trial = failed.pop()
+            reason = f"worker stopped sending heartbeats (host {trial.user_attrs.get(record.HOST)}, pid {trial.user_attrs.get(record.PID)})"
+            if run_id := trial.user_attrs.get(record.MLFLOW_RUN_ID):
+                self.tracker.finish_trial(run_id, "INTERRUPTED", reason=reason)
+            self.console.print(f"trial {trial.number}: {reason}; marked FAIL and queued again")
+        if any_failed:
+            # A worker killed between creating its MLflow run and keeping the run's id on the trial leaves a run
+            # only its trial number finds.
+            self.track(reconcile, self.study, self.tracker, self.plan)
+
+
+def recovery_for(study: optuna.Study, storage: optuna.storages.BaseStorage, tracker: Tracker, console: Console, plan: Plan,
+                 track: Callable) -> JournalRecovery | HeartbeatRecovery:
+    if heartbeat_enabled(storage):
+        return HeartbeatRecovery(study, storage, tracker, console, plan, track)
+    return JournalRecovery(study, storage, tracker, console)

@@ -1,0 +1,178 @@
+"""Create or join a study, and the one frozen `Settings` every part of a launch reads.
+
+`launch` creates a study (or resumes it) from its flags and records the settings on it; `worker` joins
+one and takes them from it. Either way the study's record is read and written here, in `open_session`,
+and nowhere else: objective and cost, preset, sampler, pruner and the study's total of trials.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import torch
+
+from study.specs import PRESETS, PRUNER_NAMES, SAMPLER_NAMES, Plan, Spec, SpecError, resolve
+from study.storage import default_storage_url, mask, open_storage
+
+# Costs a multi-objective study minimises beside validation accuracy: TrainResult fields.
+COSTS = ("train_seconds", "train_flops")
+# What a study records about itself (Optuna study user attributes).
+RECORDED = ("preset", "objective", "sampler", "pruner", "trials")
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the user asked for, validated: `launch` and `worker` flags. None: the study's record or the default."""
+
+    name: str
+    join: bool                   # worker: the study must exist and says everything
+    trials: int | None = None    # the study's total (launch only)
+    preset: str | None = None
+    objective: str | None = None  # "accuracy" or "accuracy,<cost>"
+    sampler: str | None = None
+    pruner: str | None = None
+    storage: str | None = None
+    heartbeat: int = 10
+
+    @classmethod
+    def from_flags(cls, name: str, join: bool, trials: int | None, preset: str | None, objective: str | None, cost: str | None,
+                   sampler: str | None, pruner: str | None, storage: str | None, heartbeat: int) -> Request:
+        """Check the flags, each once, before anything is read or written."""
+        if trials is not None and trials < 1:
+            raise ValueError(f"--trials must be >= 1; got {trials}")
+        if heartbeat < 1:
+            raise ValueError(f"--heartbeat must be >= 1 second; got {heartbeat}")
+        if objective not in (None, "accuracy", "accuracy,cost"):
+            raise ValueError(f"--objective {objective}: use accuracy or accuracy,cost")
+        if cost is not None and objective != "accuracy,cost":
+            raise ValueError(f"--cost {cost} needs --objective accuracy,cost")
+        if cost is not None and cost not in COSTS:
+            raise ValueError(f"--cost {cost}: use {' or '.join(COSTS)}")
+        for flag, value, names in (("--sampler", sampler, SAMPLER_NAMES), ("--pruner", pruner, PRUNER_NAMES)):
+            if value is not None and value not in names:
+                raise ValueError(f"{flag} {value}: choose one of {', '.join(names)}")
+        wanted = None if objective is None else "accuracy" if objective == "accuracy" else f"accuracy,{cost or COSTS[0]}"
+        return cls(name, join, trials, preset, wanted, sampler, pruner, storage, heartbeat)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One launch's settings, as the study records them."""
+
+    spec: Spec
+    plan: Plan
+    preset: str
+    preset_reason: str
+    objective: str             # "accuracy" or "accuracy,<cost>"
+    sampler: dict              # name and arguments
+    pruner: dict
+    total: int
+
+    @property
+    def cost(self) -> str | None:
+        """None: maximise validation accuracy; else also minimise this TrainResult field."""
+        return self.objective.partition(",")[2] or None
+
+
+@dataclass(frozen=True)
+class Session:
+    settings: Settings
+    study: optuna.Study
+    storage: optuna.storages.BaseStorage
+
+
+def choose_preset(requested: str | None) -> tuple[str, str]:
+    """The preset and a sentence saying why."""
+    if requested:
+        return requested, "as requested"
+    if torch.cuda.is_available():
+        return "full", f"CUDA device {torch.cuda.get_device_name(0)} found"
+    return "cpu", "no CUDA device, so the spec's CPU budget: data subsets and narrower ranges (use --preset full for the real study)"
+
+
+class GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler, less its `study.stop()` once the grid is covered: that works only inside
+    `study.optimize`, and here the study's total says when to stop."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
+# Each name maps to the Optuna class; [pruner] / [sampler] settings other than `name` are its arguments.
+PRUNERS = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner, "none": optuna.pruners.NopPruner}
+SAMPLERS = {"tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler, "random": optuna.samplers.RandomSampler,
+            "grid": GridSampler}
+
+
+def make_pruner(settings: dict, multi_objective: bool = False) -> optuna.pruners.BasePruner:
+    settings = dict(settings)
+    name = settings.pop("name", "median")
+    if multi_objective or name == "none":
+        return optuna.pruners.NopPruner()  # Optuna cannot prune multi-objective studies (trial.report is single-objective)
+    return PRUNERS[name](**settings)
+
+
+def make_sampler(settings: dict, plan: Plan) -> optuna.samplers.BaseSampler:
+    settings = dict(settings)
+    name = settings.pop("name", "tpe")
+    if name == "tpe":
+        settings.setdefault("constant_liar", True)  # parallel trials do not all draw the same point
+    if name == "grid":
+        return GridSampler(plan.grid(), **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return SAMPLERS[name](**settings)
+
+
+def _strategy(spec_settings: dict, name: str | None, default: str) -> dict:
+    """A sampler or pruner: the spec's arguments when the chosen name is the spec's, else the name alone."""
+    name = name or spec_settings.get("name", default)
+    return {**spec_settings, "name": name} if spec_settings.get("name", default) == name else {"name": name}
+
+
+def check_preset_matches(study_name: str, recorded: str | None, preset: str) -> None:
+    """A study keeps the preset it was created with; mixing cpu and full trials would corrupt its comparisons."""
+    if recorded is not None and recorded not in PRESETS:
+        raise SpecError(f"study {study_name} was created with preset {recorded!r}, which no longer exists (presets: {', '.join(PRESETS)}); "
+                        "launch it under another name or --storage")
+    if recorded is not None and recorded != preset:
+        raise SpecError(f"study {study_name} was created with preset {recorded}; relaunch with --preset {recorded} or use another --storage")
+
+
+def open_session(request: Request, spec: Spec) -> Session:
+    """Create or resume the study (`launch`), or join it (`worker`); its settings recorded on it in one place."""
+    if request.join and request.storage is None and not Path(default_storage_url()).exists():
+        raise SpecError(f"no study named {spec.name!r}: {default_storage_url()} does not exist yet; run `python -m study launch {request.name}` first")
+    storage = open_storage(request.storage, request.heartbeat)
+    exists = spec.name in optuna.get_all_study_names(storage)
+    if request.join and not exists:
+        raise SpecError(f"no study named {spec.name!r} in {mask(request.storage or default_storage_url())}; run `python -m study launch {request.name}` first")
+    recorded = optuna.load_study(study_name=spec.name, storage=storage).user_attrs if exists else {}
+    if request.join and "trials" not in recorded:
+        raise SpecError(f"study {spec.name} does not record its total; launch it again with `python -m study launch {request.name} --trials N`")
+    if request.join:
+        preset, reason = recorded["preset"], "the study's"
+        check_preset_matches(spec.name, preset, preset)
+    else:
+        preset, reason = choose_preset(request.preset)
+        check_preset_matches(spec.name, recorded.get("preset"), preset)
+    objective = request.objective or recorded.get("objective") or "accuracy"
+    if recorded.get("objective", objective) != objective:
+        raise SpecError(f"study {spec.name} optimises {recorded['objective']}; it cannot change to {objective} (use another --storage or study name)")
+    plan = resolve(spec, preset)
+    settings = Settings(spec=spec, plan=plan, preset=preset, preset_reason=reason, objective=objective,
+                        sampler=_strategy(spec.sampler, request.sampler or recorded.get("sampler"), "tpe"),
+                        pruner=_strategy(spec.pruner, request.pruner or recorded.get("pruner"), "median"),
+                        total=recorded["trials"] if request.join else request.trials)
+    sampler = make_sampler(settings.sampler, plan)
+    pruner = make_pruner(settings.pruner, multi_objective=settings.cost is not None)
+    directions = ["maximize", "minimize"] if settings.cost else ["maximize"]
+    study = optuna.create_study(study_name=spec.name, storage=storage, directions=directions, load_if_exists=True, sampler=sampler, pruner=pruner)
+    if not request.join:
+        record = {"preset": preset, "objective": objective, "sampler": settings.sampler["name"], "pruner": settings.pruner["name"], "trials": settings.total}
+        for key in RECORDED:
+            study.set_user_attr(key, record[key])
+    return Session(settings=settings, study=study, storage=storage)

@@ -1,0 +1,74 @@
+"""Creating and joining a study: flags checked once, settings recorded on the study and read back from it."""
+
+import dataclasses
+
+import optuna
+import pytest
+
+from study.session import Request, choose_preset, open_session
+from study.specs import SpecError, load_spec
+from tests.conftest import TINY_SPEC
+
+
+def _request(tmp_path, join=False, **flags) -> Request:
+    values = {"trials": None if join else 3, "preset": None if join else "cpu", "objective": None, "cost": None, "sampler": None, "pruner": None,
+              "storage": str(tmp_path / "optuna.journal"), "heartbeat": 10} | flags
+    return Request.from_flags(str(tmp_path / "tiny.toml"), join, **values)
+
+
+@pytest.fixture
+def spec(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY_SPEC)
+    return load_spec(str(tmp_path / "tiny.toml"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"trials": 0}, "--trials must be >= 1"),
+    ({"heartbeat": 0}, "--heartbeat must be >= 1 second"),
+    ({"objective": "cost"}, "--objective cost: use accuracy or accuracy,cost"),
+    ({"cost": "train_flops"}, "--cost train_flops needs --objective accuracy,cost"),
+    ({"objective": "accuracy,cost", "cost": "memory"}, "--cost memory: use train_seconds or train_flops"),
+    ({"sampler": "cmaes"}, "--sampler cmaes: choose one of tpe, gp, random, grid"),
+])
+def test_flags_are_checked_before_anything_is_written(tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        _request(tmp_path, **flags)
+    assert not (tmp_path / "optuna.journal").exists()
+
+
+def test_launch_records_the_settings_and_a_worker_reads_them_back(tmp_path, spec):
+    created = open_session(_request(tmp_path, objective="accuracy,cost", cost="train_flops", sampler="random"), spec)
+    assert created.settings.cost == "train_flops" and created.settings.sampler == {"name": "random"}
+    assert created.settings.pruner == {"name": "median", "n_startup_trials": 2}  # the spec's arguments for the spec's pruner
+    assert created.study.user_attrs == {"preset": "cpu", "objective": "accuracy,train_flops", "sampler": "random", "pruner": "median", "trials": 3}
+    joined = open_session(_request(tmp_path, join=True), spec)
+    assert joined.settings == dataclasses.replace(created.settings, preset_reason="the study's")
+    assert len(joined.study.directions) == 2
+
+
+def test_a_study_keeps_its_preset_and_objective(tmp_path, spec):
+    open_session(_request(tmp_path), spec)
+    with pytest.raises(SpecError, match="was created with preset cpu; relaunch with --preset cpu"):
+        open_session(_request(tmp_path, preset="full"), spec)
+    with pytest.raises(SpecError, match="optimises accuracy; it cannot change to accuracy,train_seconds"):
+        open_session(_request(tmp_path, objective="accuracy,cost"), spec)
+    optuna.load_study(study_name="tiny", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal")))).set_user_attr("preset", "smoke")
+    with pytest.raises(SpecError, match="created with preset 'smoke', which no longer exists"):
+        open_session(_request(tmp_path), spec)
+
+
+def test_a_worker_needs_a_launched_study(tmp_path, spec):
+    with pytest.raises(SpecError, match="no study named 'tiny'"):
+        open_session(_request(tmp_path, join=True), spec)
+
+
+def test_without_a_gpu_the_cpu_preset_is_chosen_and_said_why():
+    import torch
+
+    preset, why = choose_preset(None)
+    if torch.cuda.is_available():
+        assert preset == "full" and why.startswith("CUDA device")
+    else:
+        assert preset == "cpu" and why.startswith("no CUDA device")
+    assert choose_preset("full") == ("full", "as requested")
