@@ -52,20 +52,23 @@ CASES = (
 # The shapes the shipped studies' `cpu` presets train (study/specs/*.toml, [presets.cpu]): arch, resize,
 # ratio, batch size. A test checks that every preset shape is listed here.
 PRESET_SHAPES = (
+    ("alexnet", 65, 1, 32),
+    ("alexnet", 65, 4, 64),
+    ("alexnet_28", 28, 1, 32),
+    ("alexnet_28", 28, 4, 64),
+    ("densenet", 32, 4, 64),
+    ("googlenet", 32, 4, 64),
     ("lenet", 28, 1, 256),
+    ("lenet", 28, 4, 64),
     ("lenet_bn", 28, 1, 256),
-    ("lenet", 28, 1, 128),      # in the zoo
-    ("lenet_bn", 28, 1, 128),   # in the zoo
+    ("lenet_bn", 28, 4, 64),
+    ("nin", 67, 4, 64),
+    ("resnet18", 32, 4, 64),
+    ("vgg11", 32, 4, 32),
     ("vgg11", 32, 4, 64),
+    ("vgg11", 32, 8, 32),
     ("vgg11", 32, 8, 64),
-    ("vgg11", 32, 16, 64),
-    ("vgg11", 32, 4, 128),     # in the zoo
-    ("alexnet", 65, 4, 128),
-    ("alexnet_28", 28, 4, 128),
-    ("nin", 67, 4, 128),
-    ("googlenet", 32, 4, 128),
-    ("resnet18", 32, 4, 128),
-    ("densenet", 32, 4, 128),
+    ("vgg11", 32, 16, 32),
 )
 PRESET_SHAPE_STEPS = 8  # training steps per shape, after one epoch's first step has warmed oneDNN up
 QUICK_DIVISOR = 8  # --quick: an eighth of the examples, at least one batch
