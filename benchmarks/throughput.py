@@ -8,7 +8,9 @@ Claim: end-to-end training examples per second (model build, every epoch's train
 evaluation; the dataset files are read once before the clock starts) of `objectives.train`
 against `benchmarks.reference.train_ch6`, for the networks and resizes the notes train, with the
 notes' learning rate and batch size and the same number of examples on both sides. Evidence and
-dates: benchmarks/RESULTS.md. The last line printed is the geometric-mean speed-up.
+dates: benchmarks/RESULTS.md. Then, on the CPU, a second table: the training TFLOP/s of each shape
+that the shipped studies' `cpu` presets train (PRESET_SHAPES), beside AlexNet-224's from the first
+table of the same run, and their ratio. The last line printed is the geometric-mean speed-up.
 
 Imports only torch, Pillow and `objectives`, so it runs on a machine that has nothing else.
 """
@@ -47,6 +49,28 @@ CASES = (
     Case("vgg11", 224, 4, cpu=(512, 1, 128), cuda=(55000, 1, 5000)),
     Case("resnet18", 96, 1, cpu=(1024, 1, 128), cuda=(55000, 1, 5000)),
 )
+# The shapes the shipped studies' `cpu` presets train (study/specs/*.toml, [presets.cpu]): arch, resize,
+# ratio, batch size. A test checks that every preset shape is listed here.
+PRESET_SHAPES = (
+    ("alexnet", 65, 1, 32),
+    ("alexnet", 65, 4, 64),
+    ("alexnet_28", 28, 1, 32),
+    ("alexnet_28", 28, 4, 64),
+    ("densenet", 32, 4, 64),
+    ("googlenet", 32, 4, 64),
+    ("lenet", 28, 1, 256),
+    ("lenet", 28, 4, 64),
+    ("lenet_bn", 28, 1, 256),
+    ("lenet_bn", 28, 4, 64),
+    ("nin", 67, 4, 64),
+    ("resnet18", 32, 4, 64),
+    ("vgg11", 32, 4, 32),
+    ("vgg11", 32, 4, 64),
+    ("vgg11", 32, 8, 32),
+    ("vgg11", 32, 8, 64),
+    ("vgg11", 32, 16, 32),
+)
+PRESET_SHAPE_STEPS = 8  # training steps per shape, after one epoch's first step has warmed oneDNN up
 QUICK_DIVISOR = 8  # --quick: an eighth of the examples, at least one batch
 
 # Dense bf16 peak of the GPUs we are lent, in FLOP/s, from the vendors' data sheets (without sparsity).
@@ -112,6 +136,16 @@ def measure(case: Case, data, device: str, quick: bool, precision: str, channels
     )
 
 
+def measure_preset_shape(arch: str, resize: int, ratio: int, batch_size: int, data, device: str, precision: str,
+                         channels_last: bool | None, steps: int) -> float:
+    """Training FLOP/s of one preset shape: `steps` batches of training, as a trial trains them."""
+    config = TrainConfig(arch=arch, resize=resize, ratio=ratio, batch_size=batch_size, lr=0.01, momentum=0.9, epochs=1,
+                         n_train=batch_size * steps, n_val=batch_size, n_test=batch_size, device=device,
+                         precision=precision, channels_last=channels_last)
+    result = train(config, data)
+    return result.train_flops / result.train_seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -120,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="our trainer's precision (default: auto)")
     parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto", help="our trainer's memory format (default: auto)")
     parser.add_argument("--compile", action="store_true", help="torch.compile our model (its compile time counts)")
+    parser.add_argument("--no-preset-shapes", action="store_true", help="skip the table of the cpu presets' shapes")
     parser.add_argument("--json", help="also write the rows and settings to this JSON file")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -146,11 +181,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<22}{row.examples:>9}{row.reference_per_second:>16.1f}{row.ours_per_second:>11.1f}{row.speedup:>9.2f}x"
               f"{row.reference_test_accuracy:>14.3f}{row.ours_test_accuracy:>14.3f}{row.train_flops_per_second / 1e12:>9.2f}{mfu:>7}"
               f"   ({time.perf_counter() - started:.0f} s)", flush=True)
+    alexnet = next((r for r in rows if r.arch == "alexnet" and r.resize == 224), None)
+    preset_rows = []
+    if args.device == "cpu" and not args.no_preset_shapes:
+        steps = 2 if args.quick else PRESET_SHAPE_STEPS
+        print(f"cpu presets' shapes, {steps} training steps each, training TFLOP/s"
+              + (f" against AlexNet-224's {alexnet.train_flops_per_second / 1e12:.3f} above" if alexnet else " (run with AlexNet for the ratio)"))
+        print(f"{'shape':<30}{'TFLOP/s':>9}{'of AlexNet-224':>16}")
+        for arch, resize, ratio, batch_size in PRESET_SHAPES:
+            flops_per_second = measure_preset_shape(arch, resize, ratio, batch_size, data, args.device, args.precision, channels_last, steps)
+            share = flops_per_second / alexnet.train_flops_per_second if alexnet else None
+            preset_rows.append({"arch": arch, "resize": resize, "ratio": ratio, "batch_size": batch_size,
+                                "train_flops_per_second": flops_per_second, "of_alexnet_224": share})
+            name = f"{arch} {resize}px r{ratio} batch {batch_size}"
+            print(f"{name:<30}{flops_per_second / 1e12:>9.3f}{f'{share:.0%}' if share is not None else '-':>16}", flush=True)
     geomean = math.exp(sum(math.log(r.speedup) for r in rows) / len(rows))
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k != "json"}
         with open(args.json, "w") as out:
-            json.dump({"device": device_name, "torch": torch.__version__, "settings": settings, "rows": [asdict(r) for r in rows],
+            json.dump({"device": device_name, "torch": torch.__version__, "settings": settings, "rows": [asdict(r) for r in rows], "preset_shapes": preset_rows,
                        "geomean_speedup": geomean, "date": time.strftime("%Y-%m-%d")}, out, indent=2)
     print(f"geometric-mean speed-up over {len(rows)} networks: {geomean:.2f}x")
     return 0

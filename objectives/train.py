@@ -55,7 +55,7 @@ class TrainConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     seed: int = 0
-    # data subsets for smoke runs; None: the whole split
+    # data subsets (a preset's compute budget, tests); None: the whole split
     n_train: int | None = None
     n_val: int | None = None
     n_test: int | None = None

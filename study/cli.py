@@ -66,12 +66,12 @@ def cmd_worker(args) -> int:
     return _run_study(args, join=True)
 
 
-def _interrupt_once() -> dict | None:
+def _interrupt_once() -> tuple[dict, threading.Event] | None:
     """Ctrl-C and SIGTERM (kill, systemd, a batch scheduler) stop a launch once: the first raises
     KeyboardInterrupt, the running trials are recorded as interrupted, their MLflow runs closed, and a
     relaunch runs them again. Signals after the first are ignored, so that a second Ctrl-C cannot cut that
-    recording short (it would lose the trial's retry). Returns the handlers to restore afterwards (None off
-    the main thread, where Python handles no signals)."""
+    recording short (it would lose the trial's retry). Returns the handlers to restore afterwards and the
+    event set by the first signal (None off the main thread, where Python handles no signals)."""
     stopping = threading.Event()
 
     def interrupt(signum, frame):
@@ -83,7 +83,7 @@ def _interrupt_once() -> dict | None:
 
     if threading.current_thread() is not threading.main_thread():
         return None
-    return {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+    return {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}, stopping
 
 
 def _run_study(args, join: bool) -> int:
@@ -105,12 +105,15 @@ def _run_study(args, join: bool) -> int:
     from study.launch import report_path
 
     output = None if join else _report_output(args.output, report_path(home(), [spec.name]))
-    previous = _interrupt_once()
+    handling = _interrupt_once()
     try:
         return _launch(args, request, spec, slots, output)
     finally:
-        for signum, handler in (previous or {}).items():
-            signal.signal(signum, handler)
+        if handling is not None:
+            previous, stopping = handling
+            for signum, handler in previous.items():
+                # Once stopped, the process only exits: later signals of a burst must not kill it half-way out.
+                signal.signal(signum, signal.SIG_IGN if stopping.is_set() else handler)
 
 
 def _launch(args, request, spec, slots: list[str], output: Path | None) -> int:
@@ -121,7 +124,7 @@ def _launch(args, request, spec, slots: list[str], output: Path | None) -> int:
     from objectives.data import verify
     from study.launch import run_launch
     from study.session import open_session
-    from study.storage import default_storage_url, home, make_home, mask
+    from study.storage import default_storage_url, home, mask
     from study.tracking import PICKLE_NOTE, Tracker, check_reachable, tracking_uri, ui_url
 
     verify(args.data_dir)  # fail on missing, truncated or wrong data files before anything is written
@@ -132,7 +135,6 @@ def _launch(args, request, spec, slots: list[str], output: Path | None) -> int:
     console = _console()
     console.print(f"preset [bold]{settings.preset}[/bold]: {settings.preset_reason}")
     storage_label = mask(args.storage or default_storage_url())
-    make_home()  # for the MLflow store and the report, also when the storage is elsewhere
     if settings.cost:
         console.print(f"objectives: maximise val_accuracy, minimise {settings.cost} (no pruning: Optuna cannot prune multi-objective studies)")
     uri = tracking_uri(home())

@@ -10,10 +10,14 @@ import sys
 import pytest
 import torch
 
+from benchmarks.presets import format_row, run_study
+from benchmarks.presets import main as presets_main
 from benchmarks.reference import _TextbookDataset, train_ch6
+from benchmarks.throughput import PRESET_SHAPES, measure_preset_shape
 from conftest import ROOT
 from objectives import TrainConfig, train
 from objectives.train import _prepare, native_bf16
+from study.specs import available, load_spec, resolve
 
 
 @pytest.mark.parametrize("resize", [224, 96, 32, 28])
@@ -46,7 +50,7 @@ def test_cpu_precision_and_layout_are_resolved_and_reported(fashion):
 
 def test_throughput_command_runs_and_ends_with_the_geometric_mean(tmp_path):
     out = tmp_path / "throughput.json"
-    run = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--device", "cpu", "--quick", "--arch", "lenet", "--json", str(out)],
+    run = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--device", "cpu", "--quick", "--arch", "lenet", "--no-preset-shapes", "--json", str(out)],
                          capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
     assert run.returncode == 0, run.stderr
     last = run.stdout.strip().splitlines()[-1]
@@ -62,3 +66,56 @@ def test_throughput_refuses_cuda_without_a_gpu():
         pytest.skip("a CUDA device is present")
     run = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--device", "cuda"], capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
     assert run.returncode == 1 and run.stderr.strip() == "error: --device cuda, but torch sees no CUDA device"
+
+
+def _cpu_preset_shapes() -> set[tuple[str, int, int, int]]:
+    """(arch, resize, ratio, batch size) of every trial any shipped study's cpu preset can run."""
+    shapes = set()
+    for name in available():
+        plan = resolve(load_spec(name), "cpu")
+        archs = plan.search["arch"].grid("arch") if "arch" in plan.search else [plan.fixed["arch"]]
+        for arch in archs:
+            space = plan.space(arch)
+            resizes = space["resize"].grid("resize") if "resize" in space else [plan.fixed.get("resize")]
+            ratios = space["ratio"].grid("ratio") if "ratio" in space else [plan.fixed.get("ratio", 1)]
+            for resize in resizes:
+                config = plan.config({"arch": arch, "resize": resize, "lr": 0.01, "epochs": 1})
+                shapes |= {(arch, config.resize, ratio, config.batch_size) for ratio in ratios}
+    return shapes
+
+
+def test_the_throughput_benchmark_lists_every_shape_the_cpu_presets_train():
+    assert _cpu_preset_shapes() <= set(PRESET_SHAPES)
+
+
+def test_a_preset_shape_is_measured_in_flops_per_second(fashion):
+    assert measure_preset_shape("lenet", 28, 1, 64, fashion, "cpu", "auto", None, steps=2) > 0
+
+
+def test_presets_benchmark_refuses_an_unknown_study(capsys):
+    assert presets_main(["--study", "no_such_study"]) == 1
+    assert capsys.readouterr().err.startswith("error: unknown study no_such_study; shipped: ")
+
+
+def test_presets_benchmark_reads_a_launched_study_from_its_journal(tmp_path):
+    spec = tmp_path / "tiny_presets.toml"
+    spec.write_text("""description = "tiny"
+[fixed]
+arch = "lenet_bn"
+batch_size = 64
+n_train = 512
+n_val = 128
+n_test = 128
+[search]
+lr = { low = 0.5, high = 1.0, log = true }
+epochs = { low = 1, high = 1 }
+[presets.cpu]
+[presets.full]
+""")
+    home = tmp_path / "home"
+    home.mkdir()
+    row = run_study(str(spec), 2, "none", home)
+    assert (row.complete, row.pruned, row.failed) == (2, 0, 0)
+    assert 0 <= row.best_val <= 1 and 0 <= row.best_test <= 1
+    assert 0 < row.train_share < 1
+    assert format_row(row).startswith(f"| {spec} | 2 / 0 / 0 | ")

@@ -22,32 +22,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import ARTIFACTS, ROOT, free_port, postgres_database, wait_until_up
+from conftest import ARTIFACTS, LENET, ROOT, free_port, make_spec, postgres_database, wait_until_up
 
 REPEATS = int(os.environ.get("RELIABILITY_REPEATS", "20"))
 SEED = int(os.environ.get("RELIABILITY_SEED", "9"))
 FIGURES_JSON = ARTIFACTS / "reliability.json"
 FIGURES_MD = ARTIFACTS / "reliability.md"
-
-# LeNet on 256 images for one epoch: the cheapest trial that still runs the whole trainer.
-LENET_SPEC = """
-description = "tiny LeNet study for the reliability suite"
-
-[fixed]
-arch = "lenet"
-batch_size = 64
-momentum = 0.9
-n_train = 256
-n_val = 128
-n_test = 128
-epochs = 1
-
-[search]
-lr = { low = 0.01, high = 0.1, log = true }
-
-[pruner]
-name = "none"
-"""
 
 # ---- figures: what the README's table shows, written at the end of the session ----
 
@@ -207,7 +187,7 @@ class ForkServer:
 
     def __init__(self):
         self.process = subprocess.Popen([sys.executable, str(Path(__file__).parent / "forkserver.py")], cwd=ROOT, stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
         assert self.process.stdout.readline().strip() == "ready"
         self.count = 0
 
@@ -235,7 +215,7 @@ class Command:
     def kill(self, sig=signal.SIGKILL) -> None:
         os.kill(self.pid, sig)
 
-    def wait(self, timeout: float = 180) -> int:
+    def wait(self, timeout: float = 900) -> int:  # a guard against a hang, not a speed limit
         deadline = time.monotonic() + timeout
         while self.alive():
             assert time.monotonic() < deadline, f"command {self.pid} still running: {self.output()[-2000:]}"
@@ -255,21 +235,7 @@ def forks():
 
 @pytest.fixture
 def lenet_spec(tmp_path):
-    path = tmp_path / "kill.toml"
-    path.write_text(LENET_SPEC)
-    return path
-
-
-def wait_until(condition, timeout: float = 120, what: str = "condition", alive=None):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if alive is not None and not alive():
-            return None
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+    return make_spec(tmp_path, "kill", LENET)
 
 
 @pytest.fixture(scope="module")
