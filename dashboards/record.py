@@ -11,6 +11,15 @@ A trial of a launched study carries, as user attributes:
     RESULT_FIELDS   the TrainResult numbers, once it finished training; `device` its device name
     fail_reason     why it failed; `interrupted` when its process was stopped or died (MLflow: KILLED)
     retry_of        on a trial queued again: the number of the trial it repeats
+    predicted_flops, predicted_seconds
+                    its training cost as predicted before it ran (study.budget): FLOPs from the network's
+                    forward FLOPs, seconds from the throughput the study had measured by then
+    over_budget     on a trial not run because its predicted cost did not fit in `launch --budget`
+    val_curve       multi-objective studies: validation accuracy per epoch (Optuna's trial.report is single-objective)
+
+A trial of a confirm study (`<study>.confirm`, study.confirm) carries `config` with its own seed and
+    confirm_of      the number of the original study's trial whose configuration it trains again
+    confirm_seed    the seed it trains with instead (TrainConfig.seed: weight initialisation and batch order)
 """
 
 from __future__ import annotations
@@ -30,6 +39,13 @@ DEVICE = "device"
 FAIL_REASON = "fail_reason"
 INTERRUPTED = "interrupted"
 RETRY_OF = "retry_of"
+PREDICTED_FLOPS = "predicted_flops"
+PREDICTED_SECONDS = "predicted_seconds"
+OVER_BUDGET = "over_budget"
+VAL_CURVE = "val_curve"
+CONFIRM_OF = "confirm_of"
+CONFIRM_SEED = "confirm_seed"
+CONFIRM_SUFFIX = ".confirm"  # the companion study of confirm runs: "<study>.confirm", in the same storage
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 # Every number a TrainResult holds, less val_accuracy (the trial's value): kept on the trial too, so
