@@ -95,6 +95,14 @@ def companion_name(study_name: str) -> str:
     return study_name + record.CONFIRM_SUFFIX
 
 
+def load_companion(study: optuna.Study) -> optuna.Study | None:
+    """The companion confirm study of `study` in its storage; None when confirm never ran."""
+    name = companion_name(study.study_name)
+    if name not in optuna.get_all_study_names(study._storage):
+        return None
+    return optuna.load_study(study_name=name, storage=study._storage)
+
+
 def accuracy(trial: optuna.trial.FrozenTrial) -> float:
     """Validation accuracy: the first objective (also of an accuracy,cost study)."""
     return trial.values[0]

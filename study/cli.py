@@ -242,8 +242,7 @@ def cmd_show(args) -> int:
     counts = ", ".join(f"{sum(t.state == s for t in trials)} {s.name}" for s in TrialState if any(t.state == s for t in trials))
     console = _console()
     console.print(f"study {study.study_name} (preset {study.user_attrs.get('preset', '?')}): {len(trials)} trials, {counts}")
-    from dashboards.confirmed import confirmed
-    from study.confirm import load_companion
+    from dashboards.confirmed import confirmed, load_companion
     from study.views import print_confirmed, print_costs
 
     print_confirmed(console, confirmed(study, load_companion(study)))

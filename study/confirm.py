@@ -40,14 +40,6 @@ def open_companion(session: Session) -> optuna.Study:
     return study
 
 
-def load_companion(study: optuna.Study) -> optuna.Study | None:
-    """The companion of `study` in its storage, None when confirm never ran."""
-    name = companion_name(study.study_name)
-    if name not in optuna.get_all_study_names(study._storage):
-        return None
-    return optuna.load_study(study_name=name, storage=study._storage)
-
-
 def _origin(companion: optuna.Study, trial) -> dict:
     """CONFIRM_OF and CONFIRM_SEED of a confirm trial; a trial queued again after an interruption takes them from the one it repeats."""
     attrs = trial.user_attrs

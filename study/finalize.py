@@ -26,8 +26,7 @@ from rich.console import Console
 
 import objectives
 from dashboards import record
-from dashboards.confirmed import confirmed, search_ranking
-from study.confirm import load_companion
+from dashboards.confirmed import confirmed, load_companion, search_ranking
 from study.tracking import Tracker, _now_ms, layer_table_csv
 
 FINAL_EPOCH_METRICS = ("train_loss", "train_accuracy", "epoch_seconds", "examples_per_second")  # no val_accuracy: there is no validation split
