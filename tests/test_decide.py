@@ -77,6 +77,7 @@ def _client(home) -> MlflowClient:
     return MlflowClient(tracking_uri=f"sqlite:///{home / 'studies' / 'mlflow.db'}")
 
 
+@pytest.mark.slow
 def test_a_flops_budget_stops_the_study_before_a_trial_that_would_not_fit(launched, home, epoch_flops):
     budget = EPOCH_FLOPS_LIMIT * epoch_flops
     trials = _study(home).get_trials()
@@ -106,6 +107,7 @@ def test_a_flops_budget_stops_the_study_before_a_trial_that_would_not_fit(launch
     assert all(runs[t.number].info.status == "FINISHED" for t in complete)
 
 
+@pytest.mark.slow
 def test_confirm_trains_the_best_again_with_other_seeds(launched, home, env):
     study = _study(home)
     ranking = sorted(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)), key=lambda t: (-t.value, t.number))
@@ -149,6 +151,7 @@ def test_confirm_trains_the_best_again_with_other_seeds(launched, home, env):
     assert "cost model" in show.stdout and "median absolute error" in show.stdout
 
 
+@pytest.mark.slow
 def test_finalize_trains_on_train_and_validation_and_registers_the_model(launched, home, env):
     from dashboards.confirmed import confirmed, load_companion
 
@@ -183,6 +186,7 @@ def test_finalize_trains_on_train_and_validation_and_registers_the_model(launche
     assert wrong.returncode == 1 and wrong.stderr.count("\n") == 1 and "--trial 999" in wrong.stderr
 
 
+@pytest.mark.slow
 def test_report_shows_the_confirmed_ranking_and_the_cost_model(launched, home, env, page):
     if "decide.confirm" not in optuna.get_all_study_names(journal(home / "studies")):
         run_cli("confirm", str(home / "decide.toml"), "--top", "2", "--seeds", "2", env=env)
