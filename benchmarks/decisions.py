@@ -1,9 +1,9 @@
 """What the decisions after a search are worth, measured on one small CPU-preset study.
 
     python -m benchmarks.decisions                      # about 10 minutes on 2 busy cores
-    python -m benchmarks.decisions --trials 8 --top 3 --seeds 2 --mo-trials 12
+    python -m benchmarks.decisions --trials 6 --top 3 --seeds 2 --mo-trials 8
 
-1. Confirm: a LeNet study (its cpu preset) of --trials trials, then `confirm --top K --seeds S`: does the
+1. Confirm: a LeNet-BN study (its cpu preset) of --trials trials, then `confirm --top K --seeds S`: does the
    search's winner stay the winner, and how many of the top K keep their rank?
 2. The cost model: its median absolute error, predicted against measured, over every complete trial here
    (training FLOPs, and device seconds from the throughput measured as the study ran).
@@ -31,19 +31,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = """
-description = "decisions benchmark: LeNet, learning rate, epochs and input size"
+description = "decisions benchmark: LeNet with batch norm, learning rate, epochs and input size"
 
 [fixed]
-arch = "lenet"
+arch = "lenet_bn"
 batch_size = 64
 momentum = 0.9
-n_train = 1024
-n_val = 512
-n_test = 512
+n_train = 512
+n_val = 256
+n_test = 256
 
 [search]
-lr = { low = 0.01, high = 0.5, log = true }
-epochs = { low = 1, high = 4 }
+lr = { low = 0.1, high = 1.0, log = true }
+epochs = { low = 1, high = 3 }
 resize = { choices = [28, 56] }
 
 [sampler]
@@ -83,10 +83,10 @@ def hypervolume(points: list[tuple[float, float]], cost_scale: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.decisions", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--top", type=int, default=3)
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--mo-trials", type=int, default=12)
+    parser.add_argument("--mo-trials", type=int, default=8)
     parser.add_argument("-o", "--output", default=str(ROOT / "benchmarks" / "decisions.json"))
     args = parser.parse_args(argv)
 

@@ -99,9 +99,11 @@ def test_a_flops_budget_stops_the_study_before_a_trial_that_would_not_fit(launch
         assert t.user_attrs["predicted_flops"] == pytest.approx(t.user_attrs["train_flops"], rel=0.1)
         assert t.user_attrs["predicted_seconds"] > 0
     # MLflow: the refused trial's run is FAILED with the reason; the others FINISHED.
-    runs = {int(r.data.tags["optuna.trial_number"]): r for r in _client(home).search_runs(
-        [_client(home).get_experiment_by_name("decide").experiment_id], filter_string="tags.`study.role` != 'parent'")
-        if "optuna.trial_number" in r.data.tags}
+    client = _client(home)
+    experiment_id = client.get_experiment_by_name("decide").experiment_id
+    parent = client.search_runs([experiment_id], filter_string="tags.`study.role` = 'parent'")[0]
+    runs = {int(r.data.tags["optuna.trial_number"]): r for r in client.search_runs(
+        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
     assert runs[refused[0].number].info.status == "FAILED"
     assert "over budget" in runs[refused[0].number].data.tags["optuna.fail_reason"]
     assert all(runs[t.number].info.status == "FINISHED" for t in complete)
