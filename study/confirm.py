@@ -81,7 +81,7 @@ def run_confirm(session: Session, uri: str, artifact_root, console: Console, top
         return {"confirm.original_study": study.study_name, "confirm.original_trial": str(source.number),
                 "confirm.original_run_id": source.user_attrs.get(record.MLFLOW_RUN_ID, ""), "seed": str(trial.user_attrs[record.CONFIRM_SEED])}
 
-    runner = TrialRunner(companion_session, tracker, console, log_model="none", config_for=config_for, run_tags=run_tags)
+    runner = TrialRunner(companion_session, tracker, console, log_model="none", config_for=config_for, run_tags=run_tags, cost_history=study)
     recovery_for(companion, storage, tracker, console, settings.plan, runner.track).recover()
     with claim_lock(storage, companion.study_name):
         have = {(o[record.CONFIRM_OF], o[record.CONFIRM_SEED]) for t in companion.get_trials(deepcopy=False, states=ACTIVE)

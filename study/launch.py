@@ -62,6 +62,7 @@ class TrialRunner:
     config_for: Callable[[optuna.Trial], objectives.TrainConfig] | None = None
     run_tags: Callable[[optuna.Trial], dict] | None = None
     running_cost: dict[int, float] = field(default_factory=dict)  # trial id -> predicted cost counted against the budget
+    cost_history: optuna.Study | None = None  # confirm: the original study, whose trials measured this device's throughput too
 
     @property
     def study(self) -> optuna.Study:
@@ -100,7 +101,7 @@ class TrialRunner:
                 config = dataclasses.replace(config, device=device)
             trial.set_user_attr(record.CONFIG, dataclasses.asdict(config))
             trials = self.study.get_trials(deepcopy=False)
-            prediction = costs.predict(config, trials)
+            prediction = costs.predict(config, trials + (self.cost_history.get_trials(deepcopy=False) if self.cost_history else []))
             trial.set_user_attr(record.PREDICTED_FLOPS, prediction.flops)
             trial.set_user_attr(record.PREDICTED_SECONDS, prediction.seconds)
             refusal = self.budget and self.budget.refusal(prediction, trials, sum(self.running_cost.values()))
