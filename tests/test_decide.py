@@ -267,3 +267,11 @@ def test_cost_bucket_pruner_compares_only_trials_of_similar_cost():
     assert pruner.should_prune(study, bucket(large, 1), 1, 0.7)       # below the median of its bucket
     assert not pruner.should_prune(study, bucket(large, 1), 1, 0.95)
     assert not pruner.should_prune(study, bucket(small, 1), 1, 0.1)   # no peers of its cost: never pruned
+
+
+def test_the_final_split_is_train_and_validation_together(fashion):
+    merged = fashion.with_validation_in_train(100, 40)
+    assert len(merged.train_labels) == 140 and len(merged.val_labels) == 0
+    assert (merged.train_images[100:] == fashion.val_images[:40]).all()
+    assert len(fashion.with_validation_in_train().train_labels) == 60_000
+    assert len(merged.test_labels) == len(fashion.test_labels)
