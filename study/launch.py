@@ -365,7 +365,8 @@ class Scheduler:
         if trial.state == TrialState.FAIL:
             outcome = f"FAIL ({trial.user_attrs.get(record.FAIL_REASON, 'unknown')})"
         else:
-            value = trial.values[0]  # for a pruned trial Optuna keeps the last reported val_accuracy
+            # A pruned trial: Optuna keeps the last reported val_accuracy; in a multi-objective study it keeps no values.
+            value = trial.values[0] if trial.values else trial.user_attrs[record.VAL_CURVE][-1]
             shown = f" {cost}={trial.values[1]:.4g}" if cost and trial.state == TrialState.COMPLETE else ""
             outcome = f"{trial.state.name} val_accuracy={value:.4f}{shown} after {trial.user_attrs.get('epochs_run')} epochs, {trial.user_attrs.get('train_seconds', 0):.1f} s"
         self.progress.console.print(f"trial {trial.number}: {params} -> {outcome}")
