@@ -162,11 +162,13 @@ def _register_best(tracker, study, name: str, console) -> None:
     """--register NAME: the study's best trial's logged model as a version of registered model NAME."""
     from optuna.trial import TrialState
 
+    from dashboards import record
+
     if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
         console.print(f"--register {name}: no completed trial, so no model to register")
         return
     best = max(study.best_trials, key=lambda t: t.values[0])  # the most accurate, also on a Pareto front
-    version = tracker.register_model(name, best.user_attrs["mlflow_run_id"])
+    version = tracker.register_model(name, best.user_attrs[record.MLFLOW_RUN_ID])
     if version is None:
         console.print(f"--register {name}: best trial {best.number} has no logged model (it ran with --log-model none)")
         return

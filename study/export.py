@@ -29,12 +29,12 @@ def trials_table(study: optuna.Study, uri: str) -> pd.DataFrame:
     runs = []
     if experiment is not None:
         found = client.search_runs([experiment.experiment_id], filter_string="tags.`optuna.trial_number` != ''", max_results=50000)
-        runs = [{"mlflow_run_id": run.info.run_id, "mlflow.status": run.info.status,
+        runs = [{record.MLFLOW_RUN_ID: run.info.run_id, "mlflow.status": run.info.status,
                  **{f"mlflow.{key}": value for key, value in run.data.metrics.items()}} for run in found]
-    mlflow_frame = pd.DataFrame(runs, columns=["mlflow_run_id", "mlflow.status"] if not runs else None)
-    if "mlflow_run_id" not in frame.columns:
-        frame["mlflow_run_id"] = None
-    return frame.merge(mlflow_frame, on="mlflow_run_id", how="left")
+    mlflow_frame = pd.DataFrame(runs, columns=[record.MLFLOW_RUN_ID, "mlflow.status"] if not runs else None)
+    if record.MLFLOW_RUN_ID not in frame.columns:
+        frame[record.MLFLOW_RUN_ID] = None
+    return frame.merge(mlflow_frame, on=record.MLFLOW_RUN_ID, how="left")
 
 
 def write_table(frame: pd.DataFrame, path: Path) -> None:

@@ -164,7 +164,7 @@ def test_two_studies_on_the_same_axes(home, page):
 
 def _trial(state, arch, lr, values=None, epochs=None):
     """A finished trial as the launcher records it, for studies that training cannot produce cheaply."""
-    attrs = {"arch": arch, "resize": 28}
+    attrs = {"config": {"arch": arch, "resize": 28, "lr": lr, "ratio": 1, "epochs": len(epochs or [1])}}
     if state != TrialState.FAIL:
         seconds = 2.0 + 10 * lr
         attrs |= {"test_accuracy": 0.5, "train_seconds": seconds, "wall_seconds": seconds + 1, "train_flops": 1e9 * seconds,

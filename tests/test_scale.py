@@ -153,6 +153,8 @@ def test_four_workers_from_two_machines_on_postgresql(study_home, tmp_path, post
 
 def test_killed_worker_is_failed_by_heartbeat_and_retried(study_home, tmp_path, postgres, mlflow_server):
     """kill -9 in the middle of a trial: the heartbeat goes stale, the trial is FAIL, retried once, its MLflow run KILLED."""
+    from dashboards import record
+
     spec = tmp_path / "slow.toml"
     spec.write_text(SLOW)
     env = {**os.environ, "STUDY_HOME": str(study_home), "MLFLOW_TRACKING_URI": mlflow_server}
@@ -176,7 +178,7 @@ def test_killed_worker_is_failed_by_heartbeat_and_retried(study_home, tmp_path, 
     trials = optuna.load_study(study_name="slow", storage=url).get_trials()
     dead = trials[killed]
     assert dead.state == TrialState.FAIL
-    retries = [t for t in trials if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == killed]
+    retries = [t for t in trials if record.retry_source(t) == killed]
     assert len(retries) == 1 and retries[0].params == dead.params and retries[0].state == TrialState.COMPLETE
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2 and not [t for t in trials if not t.state.is_finished()]
 
