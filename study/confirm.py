@@ -14,6 +14,7 @@ interruption and extends with a larger --top or --seeds.
 from __future__ import annotations
 
 import dataclasses
+import uuid
 
 import optuna
 from optuna.trial import TrialState
@@ -37,6 +38,8 @@ def open_companion(session: Session) -> optuna.Study:
                                 load_if_exists=True, sampler=optuna.samplers.RandomSampler(), pruner=optuna.pruners.NopPruner())
     study.set_user_attr("confirm_of_study", session.study.study_name)
     study.set_user_attr("preset", session.settings.preset)
+    if record.STUDY_UID not in study.user_attrs:
+        study.set_user_attr(record.STUDY_UID, uuid.uuid4().hex)  # its identity in MLflow, as a launched study's
     return study
 
 
@@ -62,8 +65,8 @@ def run_confirm(session: Session, uri: str, artifact_root, console: Console, top
         raise ValueError(f"study {study.study_name} has no complete trial to confirm; launch it first")
     originals = {trial.number: trial for trial in chosen}
     companion = open_companion(session)
-    original_tracker = Tracker(study.study_name, uri, artifact_root=artifact_root, reopen=False)
-    tracker = Tracker(companion.study_name, uri, artifact_root=artifact_root)
+    original_tracker = Tracker(study.study_name, uri, artifact_root=artifact_root, study_uid=study.user_attrs.get(record.STUDY_UID), reopen=False)
+    tracker = Tracker(companion.study_name, uri, artifact_root=artifact_root, study_uid=companion.user_attrs[record.STUDY_UID])
     tracker.client.set_tag(tracker.parent_run_id, "confirm.original_study", study.study_name)
     tracker.client.set_tag(tracker.parent_run_id, "confirm.original_parent_run_id", original_tracker.parent_run_id)
     settings = dataclasses.replace(session.settings, objective="accuracy", pruner={"name": "none"})

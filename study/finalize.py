@@ -69,7 +69,7 @@ def run_finalize(study: optuna.Study, uri: str, artifact_root, console: Console,
     final_config = dataclasses.replace(config, n_train=None, n_val=None)  # the merged split is exactly what to train on
     console.print(f"finalize {study.study_name}: trial {source.number} ({chosen_by}) on {len(data.train_labels):,} training images "
                   f"(train + validation), tested once on {len(data.test_labels[:config.n_test]):,}")
-    tracker = Tracker(study.study_name, uri, artifact_root=artifact_root, reopen=False)
+    tracker = Tracker(study.study_name, uri, artifact_root=artifact_root, study_uid=study.user_attrs.get(record.STUDY_UID), reopen=False)
     client = tracker.client
     tags = {**tracker.common_tags, "mlflow.source.name": "python -m study finalize", "study.role": "final",
             "study.parent_run_id": tracker.parent_run_id, "final.source_trial": str(source.number),
