@@ -12,6 +12,15 @@ A trial of a launched study carries, as user attributes:
                     `peak_memory_source` what its peak memory measured
     fail_reason     why it failed; `interrupted` when its process was stopped or died (MLflow: KILLED)
     retry_of        on a trial queued again: the number of the trial it repeats
+    predicted_flops, predicted_seconds
+                    its training cost as predicted before it ran (study.budget): FLOPs from the network's
+                    forward FLOPs, seconds from the throughput the study had measured by then
+    over_budget     on a trial not run because its predicted cost did not fit in `launch --budget`
+    val_curve       multi-objective studies: validation accuracy per epoch (Optuna's trial.report is single-objective)
+
+A trial of a confirm study (`<study>.confirm`, study.confirm) carries `config` with its own seed and
+    confirm_of      the number of the original study's trial whose configuration it trains again
+    confirm_seed    the seed it trains with instead (TrainConfig.seed: weight initialisation and batch order)
 
 The study itself carries `study_uid`, its identity in its storage: MLflow's parent run of the study is
 tagged with it (`optuna.study_uid`), so that a study of the same name in another storage, or one that
@@ -36,6 +45,13 @@ PEAK_MEMORY_SOURCE = "peak_memory_source"  # what peak_memory_bytes measured (ob
 FAIL_REASON = "fail_reason"
 INTERRUPTED = "interrupted"
 RETRY_OF = "retry_of"
+PREDICTED_FLOPS = "predicted_flops"
+PREDICTED_SECONDS = "predicted_seconds"
+OVER_BUDGET = "over_budget"
+VAL_CURVE = "val_curve"
+CONFIRM_OF = "confirm_of"
+CONFIRM_SEED = "confirm_seed"
+CONFIRM_SUFFIX = ".confirm"  # the companion study of confirm runs: "<study>.confirm", in the same storage
 
 STUDY_UID = "study_uid"
 UID_TAG = "optuna.study_uid"

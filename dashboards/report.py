@@ -49,8 +49,11 @@ def _accuracy(trial: optuna.trial.FrozenTrial, index: int) -> float | None:
         return None
     if trial.values is not None:
         return trial.values[index]  # a pruned single-objective trial keeps the last val_accuracy it reported
-    # Optuna stores no values for a pruned trial of a multi-objective study: use its last report.
-    return trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else None
+    # Optuna stores no values for a pruned trial of a multi-objective study: use its last report, or the
+    # accuracy per epoch that multi-objective trials keep (record.VAL_CURVE).
+    if trial.intermediate_values:
+        return trial.intermediate_values[max(trial.intermediate_values)]
+    return trial.user_attrs[record.VAL_CURVE][-1] if trial.user_attrs.get(record.VAL_CURVE) else None
 
 
 def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
@@ -68,7 +71,7 @@ def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
                 "arch": config.get("arch"),
                 **{f"param_{k}": v for k, v in trial.params.items()},
                 "resize": config.get("resize"),
-                **{k: attrs.get(k) for k in (*record.RESULT_FIELDS, record.DEVICE, record.PEAK_MEMORY_SOURCE)},
+                **{k: attrs.get(k) for k in (*record.RESULT_FIELDS, record.DEVICE, record.PEAK_MEMORY_SOURCE, record.PREDICTED_FLOPS, record.PREDICTED_SECONDS)},
                 "fail_reason": attrs.get(record.FAIL_REASON),
                 "mlflow_run_id": attrs.get(record.MLFLOW_RUN_ID),
                 "config": config,
@@ -76,7 +79,7 @@ def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
             })
     frame = pd.DataFrame(rows)
     if not frame.empty:
-        for column in ("val_accuracy", *record.RESULT_FIELDS):
+        for column in ("val_accuracy", *record.RESULT_FIELDS, record.PREDICTED_FLOPS, record.PREDICTED_SECONDS):
             frame[column] = pd.to_numeric(frame[column], errors="coerce")
         frame["seconds_per_epoch"] = frame["train_seconds"] / frame["epochs_run"]
         # CPU trials recorded before the per-trial measure hold the process's all-time peak (ru_maxrss), which
@@ -450,13 +453,15 @@ def write_report(studies: list[optuna.Study], path: Path, tracking_uri: str | No
     """Write the HTML report for `studies` to `path` (and every figure to `png_dir` as PNG); return the path."""
     if cost not in COST_AXES:
         raise ValueError(f"cost axis {cost!r} is not one of {', '.join(COST_AXES)}")
+    from dashboards.decisions import confirmed_section, cost_model_section  # they build on this module's Section
+
     mlflow = Mlflow(tracking_uri, ui_url, studies)
     frame = trials_frame(studies)
     if not frame.empty:
         frame["mlflow_run_id"] = frame.apply(mlflow.run_id, axis=1)
         frame["run_url"] = frame.apply(mlflow.run_url, axis=1)
-    sections = [summary_section(studies, frame), cost_section(frame, cost), alexnet_section(frame), curves_section(frame, mlflow),
-                search_section(studies, frame), layers_section(frame), table_section(frame)]
+    sections = [summary_section(studies, frame), confirmed_section(studies), cost_section(frame, cost), cost_model_section(frame),
+                alexnet_section(frame), curves_section(frame, mlflow), search_section(studies, frame), layers_section(frame), table_section(frame)]
     sections = [section for section in sections if section is not None]
     named = [part for section in sections for part in section.parts if isinstance(part, tuple)]
     if png_dir is not None:

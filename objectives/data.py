@@ -71,6 +71,17 @@ class FashionMNIST:
             self.source, self.digest,
         )
 
+    def with_validation_in_train(self, n_train: int | None = None, n_val: int | None = None) -> FashionMNIST:
+        """Train and validation merged into one training split, with no validation split left: the final model's data.
+        The first n_train and n_val of each (None: all of it, 60,000 images in all); the test split as it is."""
+        part = self.subset(n_train, n_val)
+        return FashionMNIST(
+            torch.cat([part.train_images, part.val_images]), torch.cat([part.train_labels, part.val_labels]),
+            self.val_images[:0], self.val_labels[:0],
+            self.test_images, self.test_labels,
+            self.source, self.digest,
+        )
+
 
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"

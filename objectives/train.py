@@ -204,7 +204,9 @@ def _accuracy(model, images, labels, resize, channels_last, batch_size, autocast
         with autocast():
             logits = model(_prepare(images[start:start + batch_size], resize, channels_last))
         correct += (logits.argmax(1) == labels[start:start + batch_size]).sum()
-    return correct.item() / max(len(labels), 1)  # host sync, once per evaluation
+    if not len(labels):
+        return math.nan  # no validation split: the final model trains on train and validation together
+    return correct.item() / len(labels)  # host sync, once per evaluation
 
 
 def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetrics], bool | None] | None = None) -> TrainResult:

@@ -1,4 +1,4 @@
-"""`python -m study COMMAND`: launch, worker, list, show, export, report, inspect, ui.
+"""`python -m study COMMAND`: launch, worker, confirm, finalize, list, show, export, report, inspect, ui.
 
 Each command is one function taking the parsed arguments and returning an exit code.
 User mistakes become one line on stderr and exit 1; `--debug` shows the traceback.
@@ -98,6 +98,10 @@ def _run_study(args, join: bool) -> int:
                                  args.sampler, args.pruner, args.storage, args.heartbeat)
     if args.timeout is not None and args.timeout <= 0:
         raise ValueError(f"--timeout must be > 0 seconds; got {args.timeout}")
+    if args.budget is not None:
+        from study.budget import Budget
+
+        args.budget = Budget.parse(args.budget)
     if args.register is not None and (args.log_model == "none" or not args.register.strip()):
         raise ValueError(f"--register {args.register!r}: give a model name, and keep --log-model best or all so there is a model to register")
     slots = devices(args.workers, args.gpus, args.trials_per_gpu)
@@ -136,7 +140,8 @@ def _launch(args, request, spec, slots: list[str], output: Path | None) -> int:
     console.print(f"preset [bold]{settings.preset}[/bold]: {settings.preset_reason}")
     storage_label = mask(args.storage or default_storage_url())
     if settings.cost:
-        console.print(f"objectives: maximise val_accuracy, minimise {settings.cost} (no pruning: Optuna cannot prune multi-objective studies)")
+        pruning = "no pruning" if settings.pruner["name"] == "none" else "pruned on val_accuracy against trials of similar cost (study/costprune.py)"
+        console.print(f"objectives: maximise val_accuracy, minimise {settings.cost} ({pruning})")
     uri = tracking_uri(home())
     tracker = Tracker(spec.name, uri, artifact_root=home() / "mlartifacts", study_uid=study.user_attrs.get(STUDY_UID))
     if tracker.other_studies:
@@ -149,7 +154,7 @@ def _launch(args, request, spec, slots: list[str], output: Path | None) -> int:
     if len(slots) > 1:
         console.print(f"{len(slots)} workers: {', '.join('cpu' if d == 'auto' else d for d in slots)}")
     try:
-        run_launch(session, tracker, console, slots, args.timeout, args.data_dir, args.log_model)
+        run_launch(session, tracker, console, slots, args.timeout, args.data_dir, args.log_model, budget=args.budget)
     except KeyboardInterrupt:
         if not request.join:
             tracker.close_parent("KILLED")
@@ -188,6 +193,57 @@ def _register_best(tracker, study, name: str, console) -> None:
                   f"mlflow.pytorch.load_model('models:/{name}/{version.version}')")
 
 
+def _session_of(name: str, storage: str | None):
+    """The launched study NAME (a shipped study or a .toml spec, as for launch), joined as a worker would."""
+    from study.session import Request, open_session
+    from study.specs import load_spec
+
+    return open_session(Request.from_flags(name, True, None, None, None, None, None, None, storage, 10), load_spec(name))
+
+
+def cmd_confirm(args) -> int:
+    import optuna
+
+    from objectives.data import verify
+    from study.confirm import run_confirm
+    from study.storage import home, make_home
+    from study.tracking import tracking_uri
+    from study.views import print_confirmed
+
+    if args.top < 1 or args.seeds < 1:
+        raise ValueError(f"--top and --seeds must be >= 1; got --top {args.top}, --seeds {args.seeds}")
+    verify(args.data_dir)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    session = _session_of(args.name, args.storage)
+    make_home()
+    console = _console()
+    rows = run_confirm(session, tracking_uri(home()), home() / "mlartifacts", console, args.top, args.seeds, args.data_dir)
+    print_confirmed(console, rows)
+    return 0
+
+
+def cmd_finalize(args) -> int:
+    import optuna
+
+    from objectives.data import verify
+    from study.finalize import run_finalize
+    from study.storage import home, make_home
+    from study.tracking import tracking_uri
+
+    if args.register is not None and not args.register.strip():
+        raise ValueError("--register: give a model name")
+    verify(args.data_dir)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = _open_study(args.name, args.storage)
+    make_home()
+    console = _console()
+    final = run_finalize(study, tracking_uri(home()), home() / "mlartifacts", console, args.trial, args.register or f"{study.study_name}-final", args.data_dir)
+    console.print(f"final model: trial {final.trial}'s configuration ({final.chosen_by}), trained on {final.n_train:,} images; "
+                  f"test_accuracy {final.test_accuracy:.4f}")
+    console.print(f"mlflow run {final.run_id}; model {final.model_uri}; registered {final.registered}")
+    return 0
+
+
 def cmd_list(args) -> int:
     from study.session import choose_preset
     from study.specs import available, load_spec, resolve
@@ -208,6 +264,11 @@ def cmd_show(args) -> int:
     counts = ", ".join(f"{sum(t.state == s for t in trials)} {s.name}" for s in TrialState if any(t.state == s for t in trials))
     console = _console()
     console.print(f"study {study.study_name} (preset {study.user_attrs.get('preset', '?')}): {len(trials)} trials, {counts}")
+    from dashboards.confirmed import confirmed, load_companion
+    from study.views import print_confirmed, print_costs
+
+    print_confirmed(console, confirmed(study, load_companion(study)))
+    print_costs(console, study, args.top)
     if len(study.directions) > 1:
         return _show_pareto(study, console)
     done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value, reverse=True)
@@ -452,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--preset", choices=["cpu", "full"], help="cpu: the spec's budget for a machine without a GPU (data subsets, narrower ranges); full: the notes' data and ranges (default: full on CUDA, cpu without)")
     launch.add_argument("--storage", help=storage_help)
     launch.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    launch.add_argument("--budget", help="the study's budget: device time such as 2h, 30m or 90s, or training FLOPs such as 5e15; "
+                                         "no trial starts whose predicted cost does not fit (see README: Budgets)")
     launch.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files (default: $FASHION_MNIST_DIR, the cache, Debian's package)")
     launch.add_argument("-o", "--output", help="report file (default: $STUDY_HOME/reports/NAME.html)")
     launch.add_argument("--objective", help="accuracy (default), or accuracy,cost: maximise val_accuracy and minimise --cost (Pareto front, no pruning)")
@@ -470,8 +533,24 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--storage", help=storage_help + "; postgresql://... to share a study between machines")
     worker.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     worker.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files")
-    worker.set_defaults(objective=None, cost=None, sampler=None, pruner=None, log_model="best", register=None, run=cmd_worker)
+    worker.set_defaults(objective=None, cost=None, sampler=None, pruner=None, log_model="best", register=None, budget=None, run=cmd_worker)
     _add_worker_arguments(worker)
+
+    confirm = commands.add_parser("confirm", help="train the study's best configurations again with other seeds, and rank them by the mean")
+    confirm.add_argument("name", help="the study's spec, as for launch: a shipped study or a path to its .toml")
+    confirm.add_argument("--top", type=int, default=5, help="how many of the best configurations (default: 5)")
+    confirm.add_argument("--seeds", type=int, default=3, help="further seeds per configuration, beside the one it ran with (default: 3)")
+    confirm.add_argument("--storage", help=storage_help)
+    confirm.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files")
+    confirm.set_defaults(run=cmd_confirm)
+
+    finalize = commands.add_parser("finalize", help="train the chosen configuration on train + validation, test it once, register the model")
+    finalize.add_argument("name", help="the study's name")
+    finalize.add_argument("--trial", type=int, help="the trial whose configuration to train (default: the confirmed best, else the best trial)")
+    finalize.add_argument("--register", metavar="NAME", help="registered model name (default: <study>-final)")
+    finalize.add_argument("--storage", help=storage_help)
+    finalize.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files")
+    finalize.set_defaults(run=cmd_finalize)
 
     listing = commands.add_parser("list", help="show every shipped study and its search space")
     listing.add_argument("--preset", choices=["cpu", "full"], help="show this preset's ranges (default: the one a launch here would pick)")

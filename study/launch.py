@@ -27,6 +27,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 import objectives
 from dashboards import record
 from objectives import DeviceOutOfMemoryError, DivergedError, FashionMNIST, TrainResult, load_fashion_mnist
+from study import budget as costs
+from study.costprune import CostBucketPruner, bucket
 from study.pool import Worker, WorkerDied, cpu_threads
 from study.reconcile import reconcile
 from study.recovery import HeartbeatRecovery, JournalRecovery, recovery_for
@@ -53,6 +55,14 @@ class TrialRunner:
     in_flight: set[int] = field(default_factory=set)  # trial ids whose heartbeat this process records
     stopping: threading.Event = field(default_factory=threading.Event)  # Ctrl-C or an error: start no more trials
     tracking_error: str | None = None  # the first failed MLflow write; no more are tried, the launch stops
+    budget: costs.Budget | None = None  # --budget: a trial whose predicted cost does not fit is not run
+    budget_stop: str | None = None      # why the budget stopped the study
+    cost_pruner: CostBucketPruner | None = None  # accuracy,cost studies: pruning against trials of similar cost
+    # confirm: what a trial trains (default: the plan's draw) and extra tags on its MLflow run
+    config_for: Callable[[optuna.Trial], objectives.TrainConfig] | None = None
+    run_tags: Callable[[optuna.Trial], dict] | None = None
+    running_cost: dict[int, float] = field(default_factory=dict)  # trial id -> predicted cost counted against the budget
+    cost_history: optuna.Study | None = None  # confirm: the original study, whose trials measured this device's throughput too
 
     @property
     def study(self) -> optuna.Study:
@@ -86,27 +96,50 @@ class TrialRunner:
             self.in_flight.add(trial._trial_id)
             trial.set_user_attr(record.HOST, socket.gethostname())
             trial.set_user_attr(record.PID, os.getpid())
-            config = self.session.settings.plan.trial_config(trial)
+            config = (self.config_for or self.session.settings.plan.trial_config)(trial)
             if device is not None:
                 config = dataclasses.replace(config, device=device)
             trial.set_user_attr(record.CONFIG, dataclasses.asdict(config))
-            run_id = self.track(self.tracker.start_trial, trial.number, config, trial.params, self.data)
+            trials = self.study.get_trials(deepcopy=False)
+            prediction = costs.predict(config, trials + (self.cost_history.get_trials(deepcopy=False) if self.cost_history else []))
+            trial.set_user_attr(record.PREDICTED_FLOPS, prediction.flops)
+            trial.set_user_attr(record.PREDICTED_SECONDS, prediction.seconds)
+            refusal = self.budget and self.budget.refusal(prediction, trials, sum(self.running_cost.values()))
+            run_id = self.track(self.tracker.start_trial, trial.number, config, trial.params, self.data, self.run_tags(trial) if self.run_tags else None)
             if run_id is not None:
                 trial.set_user_attr(record.MLFLOW_RUN_ID, run_id)
+            if refusal:
+                # Not run; queued again, so a launch with a larger budget runs this configuration first.
+                trial.set_user_attr(record.FAIL_REASON, refusal)
+                trial.set_user_attr(record.OVER_BUDGET, True)
+                frozen = self.study.tell(trial, state=TrialState.FAIL)
+                self._finish(run_id, "FAIL", reason=refusal)
+                record.retry(self.study, frozen)
+                self.in_flight.discard(trial._trial_id)
+                self.budget_stop = refusal
+                self.stopping.set()
+                return None
+            if self.budget:
+                self.running_cost[trial._trial_id] = self.budget.cost(prediction)
         try:
             return self._train_and_tell(trial, config, run_id, train_fn)
         finally:
             self.in_flight.discard(trial._trial_id)
+            self.running_cost.pop(trial._trial_id, None)
 
     def _train_and_tell(self, trial: optuna.Trial, config, run_id: str | None, train_fn: Callable) -> optuna.trial.FrozenTrial:
         cost = self.session.settings.cost
+        curve: list[float] = []
+        own_bucket = bucket(trial.user_attrs[record.PREDICTED_FLOPS], config.epochs) if cost is not None else None
 
         def on_epoch(metrics) -> bool:
             with self.lock:
                 if run_id is not None:
                     self.track(self.tracker.log_epoch, run_id, metrics)
                 if cost is not None:
-                    return False
+                    curve.append(metrics.val_accuracy)
+                    trial.set_user_attr(record.VAL_CURVE, curve)
+                    return self.cost_pruner is not None and self.cost_pruner.should_prune(self.study, own_bucket, metrics.epoch, metrics.val_accuracy)
                 trial.report(metrics.val_accuracy, metrics.epoch)
                 return trial.should_prune()
 
@@ -217,10 +250,11 @@ class Scheduler:
             workers = [Worker(device, self.data_dir, cpu_threads(len(self.devices))) for device in self.devices]
             slots = [(worker.train, None if worker.device == "auto" else worker.device) for worker in workers]
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("best {task.fields[best]}"),
-                   TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn())
+                   TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[cost]}"))
         stop = threading.Event()
         with Progress(*columns, console=runner.console) as progress:
-            self.progress, self.task = progress, progress.add_task(self.study.study_name, total=total, completed=done, best=self._best())
+            self.progress, self.task = progress, progress.add_task(self.study.study_name, total=total, completed=done, best=self._best(),
+                                                                   cost=self._cost_line())
             heartbeat = threading.Thread(target=self._beat, args=(stop,), daemon=True)
             heartbeat.start()
             try:
@@ -296,7 +330,8 @@ class Scheduler:
             with runner.lock:
                 self.ran += 1
                 self._log_line(frozen)
-                self.progress.update(self.task, completed=record.count_done(self.study.get_trials(deepcopy=False)), best=self._best())
+                self.progress.update(self.task, completed=record.count_done(self.study.get_trials(deepcopy=False)), best=self._best(),
+                                     cost=self._cost_line(frozen))
                 runner.update_parent()
 
     def _beat(self, stop: threading.Event) -> None:
@@ -310,6 +345,13 @@ class Scheduler:
             for trial_id in list(self.runner.in_flight):
                 storage.record_heartbeat(trial_id)
             stop.wait(interval)
+
+    def _cost_line(self, last: optuna.trial.FrozenTrial | None = None) -> str:
+        """Budget used and predicted time left, from the trials' predicted costs and the throughput measured so far."""
+        trials = self.study.get_trials(deepcopy=False)
+        device = (last or next((t for t in reversed(trials) if record.DEVICE in t.user_attrs), None))
+        rate = costs.throughput(trials, device.user_attrs[record.DEVICE]) if device is not None and record.DEVICE in device.user_attrs else None
+        return costs.progress_line(trials, self.runner.session.settings.total, self.runner.budget, rate)
 
     def _best(self) -> str:
         if self.runner.session.settings.cost is not None:
@@ -325,21 +367,26 @@ class Scheduler:
         if trial.state == TrialState.FAIL:
             outcome = f"FAIL ({trial.user_attrs.get(record.FAIL_REASON, 'unknown')})"
         else:
-            value = trial.values[0]  # for a pruned trial Optuna keeps the last reported val_accuracy
+            # A pruned trial: Optuna keeps the last reported val_accuracy; in a multi-objective study it keeps no values.
+            value = trial.values[0] if trial.values else trial.user_attrs[record.VAL_CURVE][-1]
             shown = f" {cost}={trial.values[1]:.4g}" if cost and trial.state == TrialState.COMPLETE else ""
             outcome = f"{trial.state.name} val_accuracy={value:.4f}{shown} after {_epochs(trial.user_attrs.get('epochs_run'))}, {trial.user_attrs.get('train_seconds', 0):.1f} s"
         self.progress.console.print(f"trial {trial.number}: {params} -> {outcome}")
 
 
 def run_launch(session: Session, tracker: Tracker, console: Console, devices: list[str], timeout: float | None = None,
-               data_dir: str | None = None, log_model: str = "best") -> int:
-    """Run the session's study until it holds its total (or `timeout` seconds pass); returns the trials run."""
-    runner = TrialRunner(session, tracker, console, log_model=log_model)
+               data_dir: str | None = None, log_model: str = "best", budget: costs.Budget | None = None) -> int:
+    """Run the session's study until it holds its total, its budget is spent (or `timeout` seconds pass); returns the trials run."""
+    runner = TrialRunner(session, tracker, console, log_model=log_model, budget=budget)
+    if session.settings.cost is not None:
+        runner.cost_pruner = CostBucketPruner.from_settings(session.settings.pruner)
     recovery = recovery_for(session.study, session.storage, tracker, console, session.settings.plan, runner.track)
     scheduler = Scheduler(runner, recovery, devices or ["auto"], data_dir, None if timeout is None else time.monotonic() + timeout)
     ran = scheduler.run()
     if scheduler.timed_out:
         console.print(f"timeout of {timeout:g} s reached after {ran} trials; launch again to continue")
+    if runner.budget_stop:
+        console.print(f"budget reached after {ran} trials: the next trial's {runner.budget_stop}; it is queued for a launch with a larger --budget")
     return ran
 
 

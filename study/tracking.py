@@ -201,7 +201,7 @@ def _now_ms() -> int:
 class Tracker:
     """The MLflow side of one study: its experiment, its parent run, and one child run per trial."""
 
-    def __init__(self, study_name: str, uri: str, artifact_root: Path | None = None, study_uid: str | None = None):
+    def __init__(self, study_name: str, uri: str, artifact_root: Path | None = None, study_uid: str | None = None, reopen: bool = True):
         if uri.startswith("sqlite:///"):
             open_sqlite_store(Path(uri.removeprefix("sqlite:///")))
         self.client = MlflowClient(tracking_uri=uri)
@@ -216,7 +216,7 @@ class Tracker:
         else:
             self.experiment_id = experiment.experiment_id
         self.client.set_experiment_tag(self.experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", first_view())
-        self.parent_run_id = self._parent_run()
+        self.parent_run_id = self._parent_run(reopen)
         self.common_tags = {
             "optuna.study_name": study_name,
             "host": socket.gethostname(),
@@ -229,13 +229,15 @@ class Tracker:
             **({"git_commit": commit, "mlflow.source.git.commit": commit} if (commit := git_commit()) else {}),
         }
 
-    def _parent_run(self) -> str:
+    def _parent_run(self, reopen: bool = True) -> str:
         """The study's parent run, found by the study's identity, not its name alone; a relaunch reuses it, so
-        trials from every launch sit under one parent."""
+        trials from every launch sit under one parent. reopen=False: only read it (confirm and finalize link to
+        it without running the study)."""
         mine = record.parent_runs(self.client, self.experiment_id, self.study_uid)
         if mine:
             run_id = mine[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
+            if reopen:
+                self.client.update_run(run_id, status="RUNNING")
             return run_id
         self.other_studies = len(self.client.search_runs([self.experiment_id], filter_string=record.PARENT_FILTER, max_results=1000))
         tags = {"study.role": "parent", "optuna.study_name": self.study_name, **({record.UID_TAG: self.study_uid} if self.study_uid else {})}
@@ -252,9 +254,10 @@ class Tracker:
         self.client.log_batch(self.parent_run_id, params=params, tags=tags)
         self.client.log_text(self.parent_run_id, spec_text, "spec.toml")
 
-    def start_trial(self, number: int, config: TrainConfig, sampled: dict, data: FashionMNIST | None = None) -> str:
+    def start_trial(self, number: int, config: TrainConfig, sampled: dict, data: FashionMNIST | None = None, extra_tags: dict | None = None) -> str:
         """Open a trial's child run: tags, every setting as a param, its layer table and its dataset input."""
         tags = {
+            **(extra_tags or {}),
             **self.common_tags,
             "mlflow.parentRunId": self.parent_run_id,
             "optuna.trial_number": str(number),
@@ -313,7 +316,7 @@ class Tracker:
                 tags.append(RunTag("best_trial_run_id", best_run_id))
         self.client.log_batch(self.parent_run_id, metrics=metrics, tags=tags)
 
-    def log_model(self, run_id: str, number: int, result: TrainResult, data: FashionMNIST) -> str:
+    def log_model(self, run_id: str, number: int, result: TrainResult, data: FashionMNIST, name: str | None = None) -> str:
         """The trial's trained network as an MLflow PyTorch model, and its confusion matrix on the test split.
 
         MLflow 3 keeps models as LoggedModels beside runs; the client API below does what
@@ -333,7 +336,8 @@ class Tracker:
         with torch.inference_mode():
             signature = infer_signature(example.numpy(), model(example).numpy())
         params = {key: str(value) for key, value in dataclasses.asdict(config).items()}
-        logged = self.client.create_logged_model(self.experiment_id, name=f"trial-{number}", source_run_id=run_id, params=params,
+        name = name or f"trial-{number}"
+        logged = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=run_id, params=params,
                                                  tags={"optuna.study_name": self.study_name, "optuna.trial_number": str(number)}, model_type="pytorch")
         metadata = {"input": f"float32 images (N, 1, {resize}, {resize}) in [0, 1]: Fashion-MNIST resized bilinearly (objectives.predict.model_inputs)",
                     "output": "logits (N, 10), Fashion-MNIST classes by label", "project_version": project_version()}
@@ -363,7 +367,7 @@ class Tracker:
         counts = confusion_matrix(predict(model.to(predict_device), test.test_images, resize), test.test_labels)
         model.to("cpu")
         self.client.log_text(run_id, confusion_csv(counts), "confusion_matrix.csv")
-        self.client.log_figure(run_id, confusion_figure(counts, f"trial-{number}: test split, {int(counts.sum())} images"), "confusion_matrix.png")
+        self.client.log_figure(run_id, confusion_figure(counts, f"{name}: test split, {int(counts.sum())} images"), "confusion_matrix.png")
         return model_uri
 
     def register_model(self, name: str, trial):

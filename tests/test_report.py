@@ -62,7 +62,7 @@ n_warmup_steps = 3
 [presets.cpu.conditional.alexnet]
 resize = { low = 65, high = 65 }
 """
-SECTIONS = ("summary", "cost", "alexnet", "curves", "search", "layers", "table")
+SECTIONS = ("summary", "confirmed", "cost", "cost-model", "alexnet", "curves", "search", "layers", "table")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -118,7 +118,7 @@ def test_report_sections_png_and_browser(home, page):
     assert "alexnet (65 px)" in text and "alexnet_28 (28 px)" in text  # the cpu preset runs AlexNet at its minimum
 
     # Every figure also as a PNG.
-    expected = {"cost", "alexnet-0", "curves", "history", "importance", "parallel-0", "slice-0", "layers-0"}
+    expected = {"cost", "cost-model", "alexnet-0", "curves", "history", "importance", "parallel-0", "slice-0", "layers-0"}
     assert {p.stem for p in out.glob("*.png")} == expected
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == PNG_MAGIC
