@@ -90,20 +90,37 @@ def _run_study(args, join: bool) -> int:
         raise ValueError(f"--timeout must be > 0 seconds; got {args.timeout}")
     if args.register is not None and (args.log_model == "none" or not args.register.strip()):
         raise ValueError(f"--register {args.register!r}: give a model name, and keep --log-model best or all so there is a model to register")
-    slots = devices(args.workers, args.gpus, args.trials_per_gpu)
+    ray_slots = _ray_slots(args) if getattr(args, "ray", None) else None
+    slots = [] if ray_slots else devices(args.workers, args.gpus, args.trials_per_gpu)
     spec = load_spec(args.name)
     from study.launch import report_path
 
     output = None if join else _report_output(args.output, report_path(home(), [spec.name]))
     previous = _stop_on_sigterm()
     try:
-        return _launch(args, request, spec, slots, output)
+        return _launch(args, request, spec, slots, ray_slots, output)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _launch(args, request, spec, slots: list[str], output: Path | None) -> int:
+def _ray_slots(args):
+    """--ray ADDRESS: the trial slots as actors on that Ray cluster, which places them; checked and connected up front."""
+    if args.gpus is not None:
+        raise ValueError(f"--gpus {args.gpus} picks GPUs of this machine; with --ray, Ray places the trials (use --trials-per-gpu and --workers)")
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be >= 1; got {args.workers}")
+    if args.trials_per_gpu < 1:
+        raise ValueError(f"--trials-per-gpu must be >= 1; got {args.trials_per_gpu}")
+    try:
+        from study.ray_slots import connect, ray_slots
+    except ImportError:
+        raise ValueError(f"--ray {args.ray}: Ray is not installed; install it with pip install '.[ray]'") from None
+    connect(args.ray)
+    return ray_slots(args.workers, args.trials_per_gpu)
+
+
+def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | None) -> int:
     import optuna
 
     from dashboards import write_report
@@ -128,10 +145,12 @@ def _launch(args, request, spec, slots: list[str], output: Path | None) -> int:
     tracker = Tracker(spec.name, uri, artifact_root=home() / "mlartifacts")
     if not request.join:
         tracker.describe_study(spec.path.read_text(), settings.preset, storage_label, type(study.sampler).__name__, type(study.pruner).__name__)
-    if len(slots) > 1:
+    if ray_slots:
+        console.print(f"Ray cluster {args.ray}: trials run as Ray actors, {args.workers or 'as many as the cluster holds'} at once")
+    elif len(slots) > 1:
         console.print(f"{len(slots)} workers: {', '.join('cpu' if d == 'auto' else d for d in slots)}")
     try:
-        run_launch(session, tracker, console, slots, args.timeout, args.data_dir, args.log_model)
+        run_launch(session, tracker, console, slots, args.timeout, args.data_dir, args.log_model, make_slots=ray_slots)
     except KeyboardInterrupt:
         if not request.join:
             tracker.close_parent("KILLED")
@@ -378,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="trained networks logged to MLflow as PyTorch models, with a test-set confusion matrix: "
                              "each new best trial, every trial, or none (default: best)")
     launch.add_argument("--register", metavar="NAME", help="register the study's best model in the MLflow model registry under NAME")
+    launch.add_argument("--ray", metavar="ADDRESS", help="run the trials as actors on a Ray cluster: auto (the cluster this machine belongs to), "
+                                                         "ray://host:port or a host:port GCS address; --workers caps how many run at once "
+                                                         "(default: the cluster's capacity); needs pip install '.[ray]'")
     launch.set_defaults(run=cmd_launch)
 
     worker = commands.add_parser("worker", help="join a launched study (from this or another machine) and run trials until its total is reached")
