@@ -113,9 +113,11 @@ def _ray_slots(args):
     if args.trials_per_gpu < 1:
         raise ValueError(f"--trials-per-gpu must be >= 1; got {args.trials_per_gpu}")
     try:
-        from study.ray_slots import connect, ray_slots
+        import ray  # noqa: F401 -- before the slower imports of study.ray_slots
     except ImportError:
         raise ValueError(f"--ray {args.ray}: Ray is not installed; install it with pip install '.[ray]'") from None
+    from study.ray_slots import connect, ray_slots
+
     connect(args.ray)
     return ray_slots(args.workers, args.trials_per_gpu)
 
