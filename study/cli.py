@@ -1,4 +1,4 @@
-"""`python -m study COMMAND`: launch, worker, list, show, export, report, inspect, ui.
+"""`python -m study COMMAND`: launch, worker, list, show, export, report, inspect, ui, serve-storage.
 
 Each command is one function taking the parsed arguments and returning an exit code.
 User mistakes become one line on stderr and exit 1; `--debug` shows the traceback.
@@ -348,6 +348,25 @@ def cmd_ui(args) -> int:
         return 0
 
 
+def cmd_serve_storage(args) -> int:
+    """Optuna's gRPC storage proxy in front of --storage, for many workers (study/storage_proxy.py)."""
+    from study.storage import mask, open_storage
+
+    if args.storage.startswith("grpc://"):
+        raise ValueError(f"--storage {args.storage}: give the storage the proxy serves (postgresql://..., a journal file), not another proxy")
+    try:
+        from study.storage_proxy import serve
+    except ImportError:
+        raise ValueError("serve-storage: the gRPC server is not installed; install it with pip install '.[ray]'") from None
+    server = serve(open_storage(args.storage), args.host, args.port)
+    print(f"serving {mask(args.storage)} on grpc://{args.host}:{args.port}; workers use --storage grpc://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
+    try:
+        server.wait_for_termination()
+    except KeyboardInterrupt:
+        server.stop(grace=5)
+    return 0
+
+
 def _add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, help="trials run at once, one worker process each (default: one per GPU slot, 1 on a CPU)")
     parser.add_argument("--gpus", help="GPU indices to use, e.g. 0,1 (default: every visible GPU)")
@@ -380,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m study", description="Optuna studies of classic CNNs on Fashion-MNIST, tracked in MLflow.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    storage_help = "Optuna storage: a journal file path or an SQLAlchemy URL such as postgresql://host/db (default: $STUDY_HOME/optuna.journal)"
+    storage_help = ("Optuna storage: a journal file path, an SQLAlchemy URL such as postgresql://host/db, or grpc://host:port of a "
+                    "`serve-storage` proxy (default: $STUDY_HOME/optuna.journal)")
 
     launch = commands.add_parser("launch", help="run (or resume) a study")
     launch.add_argument("name", help="a shipped study (see `list`) or a path to a .toml spec")
@@ -442,6 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--ratio", type=int, default=1, help="channel divisor (default: 1)")
     inspect.add_argument("--format", choices=["table", "csv", "json"], default="table")
     inspect.set_defaults(run=cmd_inspect)
+
+    serve = commands.add_parser("serve-storage", help="serve a storage to many workers through Optuna's gRPC proxy (workers: --storage grpc://HOST:PORT)")
+    serve.add_argument("--storage", required=True, help="the storage it serves: postgresql://host/db, or a journal file path")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only; 0.0.0.0 for every machine)")
+    serve.add_argument("--port", type=int, default=13000, help="default: 13000")
+    serve.set_defaults(run=cmd_serve_storage)
 
     ui = commands.add_parser("ui", help="serve the MLflow UI on the studies' tracking store")
     ui.add_argument("--port", type=int, default=5000, help="default: 5000")

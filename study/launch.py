@@ -30,7 +30,7 @@ from study.pool import InProcess, WorkerDied, local_slots
 from study.reconcile import reconcile
 from study.recovery import HeartbeatRecovery, JournalRecovery, recovery_for
 from study.session import Session
-from study.storage import claim_lock, heartbeat_enabled, mask
+from study.storage import StudyFull, claim_lock, heartbeat_enabled, mask
 from study.tracking import Tracker
 
 
@@ -77,7 +77,10 @@ class TrialRunner:
             with claim_lock(storage, self.study.study_name):
                 if not claim():
                     return None
-                trial = self.study.ask()
+                try:
+                    trial = self.study.ask()
+                except StudyFull:  # the storage proxy's own count: other workers took the last trials
+                    return None
                 if heartbeat_enabled(storage):
                     # At once, not at the next beat: Optuna ignores trials without heartbeats, so a worker killed
                     # before its first beat would leave its trial RUNNING for ever.

@@ -2,7 +2,8 @@
 
 Default: $STUDY_HOME (or ./studies) holding `optuna.journal` (Optuna's journal file,
 safe for several processes and safe to reopen), `mlflow.db`, `mlartifacts/` and `reports/`.
-`--storage` takes any Optuna storage URL (sqlite:///..., postgresql://...) or a journal file path.
+`--storage` takes any Optuna storage URL (sqlite:///..., postgresql://...), a journal file path, or
+grpc://host:port for Optuna's storage proxy (`python -m study serve-storage`, study/storage_proxy.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from dashboards import record
 
 class StorageError(RuntimeError):
     """The storage URL is malformed or the storage cannot be reached."""
+
+
+class StudyFull(RuntimeError):
+    """The storage proxy refused a new trial: finished and running trials already make up the study's total."""
 
 
 def home() -> Path:
@@ -73,6 +78,8 @@ def open_storage(url: str | None, heartbeat: int | None = None) -> optuna.storag
         if not path.parent.is_dir():
             raise StorageError(f"journal storage {path}: directory {path.parent} does not exist")
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith("grpc://"):
+        return _proxy(url)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -86,6 +93,21 @@ def open_storage(url: str | None, heartbeat: int | None = None) -> optuna.storag
     except Exception as error:  # noqa: BLE001 -- sqlalchemy raises several types for bad URLs and unreachable servers
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise StorageError(f"cannot open storage {mask(url)}: {first_line}") from None
+
+
+def _proxy(url: str) -> optuna.storages.BaseStorage:
+    """grpc://host:port: a client of the storage proxy that `python -m study serve-storage` runs."""
+    host, _, port = url.removeprefix("grpc://").rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise StorageError(f"storage {url}: give grpc://HOST:PORT, e.g. grpc://127.0.0.1:13000")
+    try:
+        from study.storage_proxy import connect
+    except ImportError:
+        raise StorageError(f"storage {url}: the gRPC client is not installed; install it with pip install '.[ray]'") from None
+    try:
+        return connect(host, int(port))
+    except ConnectionError:
+        raise StorageError(f"storage {url}: no storage proxy answers there; start one with `python -m study serve-storage --storage URL --port {port}`") from None
 
 
 def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:
