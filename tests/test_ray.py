@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from reliability.checks import LENET_SPEC, check_consistent, sqlite_uri, wait_until
 
-from conftest import ROOT, journal
+from conftest import ROOT, journal, run_cli
 
 ray_cluster_utils = pytest.importorskip("ray.cluster_utils", reason="Ray is an optional extra: pip install '.[ray]'")
 
@@ -198,3 +198,10 @@ def test_ray_flag_without_ray_installed_is_one_line(study_home, tiny_spec):
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and "pip install '.[ray]'" in result.stderr, result.stderr
     assert not study_home.exists()  # checked before anything is written
+
+
+def test_ray_flag_with_gpus_is_one_line(study_home, tiny_spec):
+    result = run_cli("launch", str(tiny_spec), "--trials", "1", "--ray", "auto", "--gpus", "0")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: --gpus 0 picks GPUs of this machine; with --ray, Ray places the trials (use --trials-per-gpu and --workers)"
+    assert not study_home.exists()
