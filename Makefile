@@ -1,12 +1,13 @@
 # The two commands of the README:
 #   make demo   set up, then run the main study end to end and write its report
 #   make test   set up, then run the test suite
+#   make test-fast   the same without the tests marked slow (soaks, repeated launches), for a quick answer
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 TRIALS  ?= 50
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test setup data browser clean
+.PHONY: demo test test-fast setup data browser clean
 
 demo: setup data
 	$(PY) -m study launch vgg_ratio --trials $(TRIALS)
@@ -14,6 +15,9 @@ demo: setup data
 
 test: setup data browser
 	$(PY) -m pytest -q
+
+test-fast: setup data browser
+	$(PY) -m pytest -q -m "not slow"
 
 setup: $(STAMP)
 

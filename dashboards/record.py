@@ -12,6 +12,10 @@ A trial of a launched study carries, as user attributes:
     RESULT_FIELDS   the TrainResult numbers, once it finished training; `device` its device name
     fail_reason     why it failed; `interrupted` when its process was stopped or died (MLflow: KILLED)
     retry_of        on a trial queued again: the number of the trial it repeats
+
+The study itself carries `study_uid`, its identity in its storage: MLflow's parent run of the study is
+tagged with it (`optuna.study_uid`), so that a study of the same name in another storage, or one that
+replaced a deleted journal, never shares a parent run (and its trial numbers) with this one.
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ DEVICE = "device"
 FAIL_REASON = "fail_reason"
 INTERRUPTED = "interrupted"
 RETRY_OF = "retry_of"
+
+STUDY_UID = "study_uid"
+UID_TAG = "optuna.study_uid"
+TRIAL_NUMBER_TAG = "optuna.trial_number"
+PARENT_FILTER = "tags.`study.role` = 'parent'"
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 # Every number a TrainResult holds, less val_accuracy (the trial's value): kept on the trial too, so
@@ -74,3 +83,20 @@ def count_done(trials: list[optuna.trial.FrozenTrial]) -> int:
     """Finished trials that use up one of the study's N: not those queued again (interrupted, dead worker)."""
     again = retried(trials)
     return sum(t.state in FINISHED and t.number not in again for t in trials)
+
+
+def parent_runs(client, experiment_id: str, study_uid: str | None) -> list:
+    """MLflow parent runs of the study with this identity (None: a study recorded before identities, whose parent has no tag)."""
+    parents = client.search_runs([experiment_id], filter_string=PARENT_FILTER, max_results=1000)
+    return [run for run in parents if run.data.tags.get(UID_TAG) == study_uid]
+
+
+def trial_runs(client, experiment_id: str, parent_run_id: str) -> dict[int, list]:
+    """The study's trial runs by trial number (a list, so that a duplicate would show).
+
+    This, not the trial's `mlflow_run_id` attribute, is how a run rebuilt after the trial finished is found:
+    Optuna cannot change a finished trial's attributes."""
+    runs: dict[int, list] = {}
+    for run in client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=50000):
+        runs.setdefault(int(run.data.tags[TRIAL_NUMBER_TAG]), []).append(run)
+    return runs

@@ -99,10 +99,19 @@ class Mlflow:
         self.client = MlflowClient(tracking_uri=tracking_uri) if tracking_uri else None
         self.ui_url = ui_url
         self.experiment_ids = {}
+        self.trial_run_ids: dict[tuple[str, int], str] = {}  # (study, trial number) -> run id, as MLflow holds them
         for study in studies if self.client else []:
             experiment = self.client.get_experiment_by_name(study.study_name)
             if experiment is not None:
                 self.experiment_ids[study.study_name] = experiment.experiment_id
+                for parent in record.parent_runs(self.client, experiment.experiment_id, study.user_attrs.get(record.STUDY_UID))[:1]:
+                    for number, runs in record.trial_runs(self.client, experiment.experiment_id, parent.info.run_id).items():
+                        self.trial_run_ids[(study.study_name, number)] = runs[0].info.run_id
+
+    def run_id(self, row) -> str | None:
+        """The trial's run as MLflow holds it under the study's parent (also one rebuilt after the trial, whose id
+        the finished trial cannot record), else the id the trial recorded."""
+        return self.trial_run_ids.get((row["study"], row["trial"])) or row["mlflow_run_id"]
 
     def run_url(self, row) -> str:
         if not row["mlflow_run_id"] or row["study"] not in self.experiment_ids:
@@ -437,6 +446,7 @@ def write_report(studies: list[optuna.Study], path: Path, tracking_uri: str | No
     mlflow = Mlflow(tracking_uri, ui_url, studies)
     frame = trials_frame(studies)
     if not frame.empty:
+        frame["mlflow_run_id"] = frame.apply(mlflow.run_id, axis=1)
         frame["run_url"] = frame.apply(mlflow.run_url, axis=1)
     sections = [summary_section(studies, frame), cost_section(frame, cost), alexnet_section(frame), curves_section(frame, mlflow),
                 search_section(studies, frame), layers_section(frame), table_section(frame)]

@@ -37,6 +37,8 @@ HOW_TO_GET = (
     "run `python -m objectives download`, or point FASHION_MNIST_DIR at the four IDX files"
 )
 VAL_SIZE = 5000  # held out of the 60,000 training images; Optuna optimises accuracy on these
+TRAIN_SIZE = 60000 - VAL_SIZE
+TEST_SIZE = 10000
 SPLIT_SEED = 0   # the train/validation split never changes between trials or studies
 
 

@@ -35,11 +35,33 @@ class LayerCost:
 @torch.no_grad()
 def layer_costs(arch: str, resize: int | None = None, ratio: int = 1) -> list[LayerCost]:
     resize = resize or get_architecture(arch).default_resize
-    net = build_model(arch, resize, ratio).eval()
-    x = torch.zeros(1, 1, resize, resize)
-    rows = []
-    for index, layer in enumerate(net):
-        with FlopCounterMode(display=False) as counter:
-            x = layer(x)
-        rows.append(LayerCost(index, type(layer).__name__, tuple(x.shape[1:]), parameter_count(layer), counter.get_total_flops(), x.numel() * FP32_BYTES))
+    # On the meta device: shapes and FLOPs without computing or allocating anything, whatever the size.
+    with torch.device("meta"):
+        net = build_model(arch, resize, ratio).eval()
+        x = torch.zeros(1, 1, resize, resize)
+        rows = []
+        for index, layer in enumerate(net):
+            with FlopCounterMode(display=False) as counter:
+                x = layer(x)
+            rows.append(LayerCost(index, type(layer).__name__, tuple(x.shape[1:]), parameter_count(layer), counter.get_total_flops(), x.numel() * FP32_BYTES))
     return rows
+
+
+@torch.no_grad()
+def training_bytes(arch: str, resize: int, ratio: int, batch_size: int) -> int:
+    """A lower bound on the memory one training step needs in fp32: the weights, their gradients and
+    momentum, and every layer's output, which autograd keeps for the backward pass. On the meta device,
+    so that even an impossible size costs nothing to estimate."""
+    outputs = 0
+
+    def count(module, inputs, output) -> None:
+        nonlocal outputs
+        outputs += output.numel()
+
+    with torch.device("meta"):
+        net = build_model(arch, resize, ratio).eval()
+        for module in net.modules():
+            if not list(module.children()):
+                module.register_forward_hook(count)
+        net(torch.zeros(1, 1, resize, resize))
+    return (3 * parameter_count(net) + batch_size * outputs) * FP32_BYTES

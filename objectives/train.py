@@ -18,6 +18,7 @@ import math
 import resource
 import sys
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from objectives.data import FashionMNIST
+from objectives.data import TEST_SIZE, TRAIN_SIZE, VAL_SIZE, FashionMNIST
+from objectives.inspect import training_bytes
 from objectives.models import build_model, check_resize, get_architecture, parameter_count
 
 
@@ -36,6 +38,9 @@ class DivergedError(RuntimeError):
 
 class DeviceOutOfMemoryError(RuntimeError):
     """The device ran out of memory; the trial's memory has been released."""
+
+
+SPLIT_SIZES = {"n_train": TRAIN_SIZE, "n_val": VAL_SIZE, "n_test": TEST_SIZE}
 
 
 @dataclass(frozen=True)
@@ -63,16 +68,36 @@ class TrainConfig:
     eval_batch_size: int = 1024          # evaluation has no backward pass, so bigger batches fit
 
     def __post_init__(self) -> None:
+        # Checked against the annotations: a TOML file or a user may hand over a float epochs or a string resize.
+        for name, hint in typing.get_type_hints(TrainConfig).items():
+            kinds = typing.get_args(hint) or (hint,)
+            kinds += (int,) if float in kinds else ()
+            value = getattr(self, name)
+            if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+                wanted = " or ".join("None" if kind is type(None) else kind.__name__ for kind in kinds)
+                raise ValueError(f"{name} must be {wanted}; got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number; got {value}")
         get_architecture(self.arch)
         if self.resize is not None:
             check_resize(self.arch, self.resize)
         for name in ("epochs", "batch_size", "ratio", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        for name, split_size in SPLIT_SIZES.items():
+            if getattr(self, name) is not None and not 1 <= getattr(self, name) <= split_size:
+                raise ValueError(f"{name} must be between 1 and the split's {split_size} images; got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0; got {self.lr}")
+        if self.momentum < 0 or self.weight_decay < 0:
+            raise ValueError(f"momentum and weight_decay must be >= 0; got {self.momentum} and {self.weight_decay}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32; got {self.precision!r}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}") from None
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -122,6 +147,18 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory the device can still give: CUDA's free memory, or the host's MemAvailable; None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return None
+    available = [line.split()[1] for line in meminfo if line.startswith("MemAvailable:")]
+    return int(available[0]) * 1024 if available else None
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -189,6 +226,11 @@ def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetr
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
+    # Refused before anything is allocated: a size that cannot fit would otherwise take the host down with it.
+    needed, free = training_bytes(config.arch, resize, config.ratio, config.batch_size), free_memory_bytes(device)
+    if free is not None and needed > free:
+        raise DeviceOutOfMemoryError(f"{config.arch} at resize {resize}, ratio {config.ratio}, batch {config.batch_size} needs at least "
+                                     f"{needed / 2**30:.1f} GiB to train; {device} has {free / 2**30:.1f} GiB free")
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)
     model = step_model = optimizer = None

@@ -8,6 +8,7 @@ Heavy imports (torch, optuna, mlflow) happen inside the commands, so `--help` is
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -64,16 +65,24 @@ def cmd_worker(args) -> int:
     return _run_study(args, join=True)
 
 
-def _stop_on_sigterm():
-    """SIGTERM (kill, systemd, a batch scheduler) stops a launch as Ctrl-C does: the running trials are
-    recorded as interrupted, their MLflow runs closed, and a relaunch runs them again. Returns the handler
-    to restore afterwards (None off the main thread, where Python handles no signals)."""
+def _interrupt_once() -> dict | None:
+    """Ctrl-C and SIGTERM (kill, systemd, a batch scheduler) stop a launch once: the first raises
+    KeyboardInterrupt, the running trials are recorded as interrupted, their MLflow runs closed, and a
+    relaunch runs them again. Signals after the first are ignored, so that a second Ctrl-C cannot cut that
+    recording short (it would lose the trial's retry). Returns the handlers to restore afterwards (None off
+    the main thread, where Python handles no signals)."""
+    stopping = threading.Event()
+
     def interrupt(signum, frame):
+        if stopping.is_set():
+            print("already stopping: recording the running trials as interrupted", file=sys.stderr)
+            return
+        stopping.set()
         raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():
         return None
-    return signal.signal(signal.SIGTERM, interrupt)
+    return {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
 def _run_study(args, join: bool) -> int:
@@ -96,12 +105,12 @@ def _run_study(args, join: bool) -> int:
     from study.launch import report_path
 
     output = None if join else _report_output(args.output, report_path(home(), [spec.name]))
-    previous = _stop_on_sigterm()
+    previous = _interrupt_once()
     try:
         return _launch(args, request, spec, slots, ray_slots, output)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in (previous or {}).items():
+            signal.signal(signum, handler)
 
 
 def _ray_slots(args):
@@ -126,25 +135,28 @@ def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | Non
     import optuna
 
     from dashboards import write_report
-    from dashboards.record import count_done
+    from dashboards.record import STUDY_UID, count_done
     from objectives.data import verify
     from study.launch import run_launch
     from study.session import open_session
-    from study.storage import default_storage_url, home, make_home, mask
-    from study.tracking import Tracker, tracking_uri, ui_url
+    from study.storage import default_storage_url, home, mask
+    from study.tracking import Tracker, check_reachable, tracking_uri, ui_url
 
     verify(args.data_dir)  # fail on missing, truncated or wrong data files before anything is written
+    check_reachable(tracking_uri(home()))  # a silent server or a half-made store: one line, before anything is written
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     session = open_session(request, spec)
     settings, study = session.settings, session.study
     console = _console()
     console.print(f"preset [bold]{settings.preset}[/bold]: {settings.preset_reason}")
     storage_label = mask(args.storage or default_storage_url())
-    make_home()  # for the MLflow store and the report, also when the storage is elsewhere
     if settings.cost:
         console.print(f"objectives: maximise val_accuracy, minimise {settings.cost} (no pruning: Optuna cannot prune multi-objective studies)")
     uri = tracking_uri(home())
-    tracker = Tracker(spec.name, uri, artifact_root=home() / "mlartifacts")
+    tracker = Tracker(spec.name, uri, artifact_root=home() / "mlartifacts", study_uid=study.user_attrs.get(STUDY_UID))
+    if tracker.other_studies:
+        console.print(f"MLflow experiment {spec.name} also holds {tracker.other_studies} other studies named {spec.name} (another storage, or a "
+                      f"journal that was replaced); this study's trials go under a parent run of their own, {tracker.parent_run_id}")
     if not request.join:
         tracker.describe_study(spec.path.read_text(), settings.preset, storage_label, type(study.sampler).__name__, type(study.pruner).__name__)
     if ray_slots:
@@ -476,8 +488,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# MLflow's HTTP client waits 120 s per request and retries 7 times with backoff: many minutes of silence when
+# a tracking server is down or does not answer. These bound every request; a user's own settings win.
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for name, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)  # MLflow reads them at every request
     try:
         return args.run(args)
     except Exception as error:

@@ -22,12 +22,7 @@ from study.tracking import FINAL_METRICS, RUN_STATUS, Tracker
 
 def child_runs(tracker: Tracker) -> dict[int, list]:
     """The study's trial runs by trial number (a list, so a duplicate would show)."""
-    runs: dict[int, list] = {}
-    found = tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{tracker.parent_run_id}'",
-                                       max_results=50000)
-    for run in found:
-        runs.setdefault(int(run.data.tags["optuna.trial_number"]), []).append(run)
-    return runs
+    return record.trial_runs(tracker.client, tracker.experiment_id, tracker.parent_run_id)
 
 
 def expected_status(trial: optuna.trial.FrozenTrial) -> str:

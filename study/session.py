@@ -7,6 +7,7 @@ and nowhere else: objective and cost, preset, sampler, pruner and the study's to
 
 from __future__ import annotations
 
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +15,9 @@ from pathlib import Path
 import optuna
 import torch
 
+from dashboards.record import STUDY_UID
 from study.specs import PRESETS, PRUNER_NAMES, SAMPLER_NAMES, Plan, Spec, SpecError, resolve
-from study.storage import default_storage_url, mask, open_storage
+from study.storage import default_storage_url, make_home, mask, open_storage
 
 # Costs a multi-objective study minimises beside validation accuracy: TrainResult fields.
 COSTS = ("train_seconds", "train_flops")
@@ -142,11 +144,23 @@ def check_preset_matches(study_name: str, recorded: str | None, preset: str) -> 
         raise SpecError(f"study {study_name} was created with preset {recorded}; relaunch with --preset {recorded} or use another --storage")
 
 
+def check_strategies(spec: Spec) -> None:
+    """The spec's [sampler] and [pruner] arguments, built once before anything is written."""
+    try:
+        make_pruner(spec.pruner)
+        for preset in PRESETS:
+            make_sampler(spec.sampler, resolve(spec, preset))
+    except (TypeError, ValueError) as error:
+        raise SpecError(f"{spec.path}: [sampler] or [pruner]: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+
+
 def open_session(request: Request, spec: Spec) -> Session:
     """Create or resume the study (`launch`), or join it (`worker`); its settings recorded on it in one place."""
+    check_strategies(spec)
     if request.join and request.storage is None and not Path(default_storage_url()).exists():
         raise SpecError(f"no study named {spec.name!r}: {default_storage_url()} does not exist yet; run `python -m study launch {request.name}` first")
     storage = open_storage(request.storage, request.heartbeat)
+    make_home()  # the MLflow store and the reports live there, also when the storage is elsewhere; before the study is written
     exists = spec.name in optuna.get_all_study_names(storage)
     if request.join and not exists:
         raise SpecError(f"no study named {spec.name!r} in {mask(request.storage or default_storage_url())}; run `python -m study launch {request.name}` first")
@@ -175,4 +189,6 @@ def open_session(request: Request, spec: Spec) -> Session:
         record = {"preset": preset, "objective": objective, "sampler": settings.sampler["name"], "pruner": settings.pruner["name"], "trials": settings.total}
         for key in RECORDED:
             study.set_user_attr(key, record[key])
+        if not exists:
+            study.set_user_attr(STUDY_UID, uuid.uuid4().hex)  # its identity in MLflow (dashboards.record); older studies have none
     return Session(settings=settings, study=study, storage=storage)

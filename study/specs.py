@@ -22,6 +22,7 @@ TOML, Optuna, MLflow and the reports.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,9 +125,21 @@ def parse_distribution(where: str, name: str, raw) -> Distribution:
     low, high = raw["low"], raw["high"]
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low > high:
         raise SpecError(f"{where}: search.{name} needs numbers with low <= high; got low={low!r}, high={high!r}")
+    if not all(math.isfinite(v) for v in (low, high)):
+        raise SpecError(f"{where}: search.{name} needs finite bounds; got low={low!r}, high={high!r}")
     if raw.get("log") and low <= 0:
         raise SpecError(f"{where}: search.{name} is on a log scale, so low must be > 0; got {low}")
-    return Range(low, high, bool(raw.get("log", False)), raw.get("step"))
+    step = raw.get("step")
+    if step is not None:
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step <= 0:
+            raise SpecError(f"{where}: search.{name} needs a step > 0; got {step!r}")
+        if raw.get("log"):
+            raise SpecError(f"{where}: search.{name} cannot have both a step and a log scale (Optuna samples one or the other)")
+        if isinstance(low, int) and isinstance(high, int) and not isinstance(step, int):
+            raise SpecError(f"{where}: search.{name} is an integer range, so its step must be an integer; got {step!r}")
+    if not isinstance(raw.get("log", False), bool):
+        raise SpecError(f"{where}: search.{name}: log must be true or false; got {raw['log']!r}")
+    return Range(low, high, bool(raw.get("log", False)), step)
 
 
 # --- specs and presets ------------------------------------------------------------------------------
@@ -248,9 +261,13 @@ def _parse(path: Path, raw: dict) -> Spec:
     fixed = _table(where, raw, "fixed")
     search = {name: parse_distribution(where, name, dist) for name, dist in _table(where, raw, "search").items()}
     enqueue = raw.get("enqueue", [])
+    if not isinstance(enqueue, list) or not all(isinstance(row, dict) for row in enqueue):
+        raise SpecError(f"{where}: [[enqueue]] must be a list of tables, one per first trial")
     for name in [*fixed, *search, *(k for row in enqueue for k in row)]:
         if name not in CONFIG_FIELDS:
             raise SpecError(f"{where}: unknown setting {name!r}; known: {', '.join(sorted(CONFIG_FIELDS))}")
+    if "arch" not in fixed and "arch" not in search:
+        raise SpecError(f"{where}: no architecture: set `arch` in [fixed] (e.g. arch = \"lenet\") or search it in [search]")
     archs = search["arch"].values if isinstance(search.get("arch"), Choices) else ()
     conditional = _parse_conditional(where, raw.get("conditional", {}), search, archs)
     presets = {}

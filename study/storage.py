@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,8 @@ from pathlib import Path
 import optuna
 
 from dashboards import record
+
+CONNECT_TIMEOUT = 10  # seconds to connect to a database server
 
 
 class StorageError(RuntimeError):
@@ -74,9 +77,18 @@ def open_storage(url: str | None, heartbeat: int | None = None) -> optuna.storag
         # A plain path: Optuna's journal file, which several processes may append to safely.
         from optuna.storages.journal import JournalFileBackend
 
+        from study.journal import JournalCorrupt, repair
+
         path = Path(url)
         if not path.parent.is_dir():
             raise StorageError(f"journal storage {path}: directory {path.parent} does not exist")
+        try:
+            aside = repair(path)
+        except JournalCorrupt as error:
+            raise StorageError(str(error)) from None
+        if aside is not None:
+            print(f"journal {path}: its last record was torn (a crash or a full disk mid-write); moved it to {aside} "
+                  "and went on from the last whole record", file=sys.stderr)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     if url.startswith("grpc://"):
         return _proxy(url)
@@ -84,7 +96,11 @@ def open_storage(url: str | None, heartbeat: int | None = None) -> optuna.storag
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             # pool_pre_ping: a connection the server dropped (restart, pg_terminate_backend) is replaced, not used.
-            beats = {"engine_kwargs": {"pool_pre_ping": True}}
+            engine = {"pool_pre_ping": True}
+            if url.startswith("postgresql"):
+                # libpq waits for ever on a server that accepts the connection and never answers.
+                engine["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}
+            beats = {"engine_kwargs": engine}
             if heartbeat is not None:
                 beats |= {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat, "heartbeat_stale_trial_callback": RetryStaleTrial()}
             return optuna.storages.RDBStorage(url, **beats)

@@ -16,6 +16,7 @@ import getpass
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -39,6 +40,83 @@ EPOCH_METRICS = tuple(f.name for f in dataclasses.fields(EpochMetrics) if f.name
 FINAL_METRICS = tuple(name for name in record.RESULT_FIELDS if name not in EPOCH_METRICS)
 # Optuna state -> MLflow run status. Pruned trials finished normally; their tag says they were pruned.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "INTERRUPTED": "KILLED"}
+
+
+HEALTH_TIMEOUT = 5  # seconds for a tracking server to answer /health before anything is written
+
+
+class TrackingUnreachable(ConnectionError):
+    """The MLflow tracking store cannot be reached or opened."""
+
+
+def check_reachable(uri: str) -> None:
+    """Before a launch writes anything: a tracking server answers, an existing local store opens."""
+    import urllib.request
+
+    from study.storage import mask
+
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT).close()
+        except OSError as error:
+            why = getattr(error, "reason", None) or error
+            raise TrackingUnreachable(f"MLflow server {mask(uri)} does not answer within {HEALTH_TIMEOUT} s ({why}); "
+                                      "start it, or unset MLFLOW_TRACKING_URI to use the local store") from None
+    elif uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///")).exists():
+        open_sqlite_store(Path(uri.removeprefix("sqlite:///")))
+
+
+def open_sqlite_store(path: Path) -> None:
+    """Create a new local MLflow store whole, or fail in one line on one left half-made.
+
+    MLflow builds a SQLite store in many steps (tables, then a chain of migrations); a process killed in
+    between leaves a file every later start fails on, and two first launches racing corrupt each other.
+    So the store is built under a temporary name and linked into place in one step: of two racing
+    launches one store wins, the other is discarded before anything was written to it.
+    """
+    # MLflow logs each creation step, and a failed one with its traceback: the one line below says it all.
+    quiet = [logging.getLogger(name) for name in ("mlflow", "alembic")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        _create_whole(path)
+        MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments(max_results=1)
+    except Exception as error:  # noqa: BLE001 -- sqlalchemy and alembic raise many types for a damaged store
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise TrackingUnreachable(f"MLflow store {path} cannot be opened ({first_line[:200]}); it was probably left half-made by an "
+                                  "interrupted first launch: move it away and launch again (the Optuna storage keeps every trial, "
+                                  "and the next launch writes their MLflow runs again)") from None
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
+
+
+def _create_whole(path: Path) -> None:
+    if path.exists():
+        return
+    for left in path.parent.glob(f".{path.name}.building-*"):  # by launches killed while building
+        if not _alive(int(left.name.split("-")[1])):
+            left.unlink(missing_ok=True)
+    building = path.with_name(f".{path.name}.building-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{building}").search_experiments(max_results=1)
+        try:
+            os.link(building, path)
+        except FileExistsError:
+            pass  # another launch created it first
+    finally:
+        building.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def tracking_uri(home: Path) -> str:
@@ -85,9 +163,12 @@ def _now_ms() -> int:
 class Tracker:
     """The MLflow side of one study: its experiment, its parent run, and one child run per trial."""
 
-    def __init__(self, study_name: str, uri: str, artifact_root: Path | None = None):
+    def __init__(self, study_name: str, uri: str, artifact_root: Path | None = None, study_uid: str | None = None):
+        if uri.startswith("sqlite:///"):
+            open_sqlite_store(Path(uri.removeprefix("sqlite:///")))
         self.client = MlflowClient(tracking_uri=uri)
-        self.study_name = study_name
+        self.study_name, self.study_uid = study_name, study_uid
+        self.other_studies = 0  # parent runs of other studies of this name (other storages) in the experiment
         experiment = self.client.get_experiment_by_name(study_name)
         if experiment is None:
             location = (artifact_root / study_name).resolve().as_uri() if artifact_root and not uri.startswith("http") else None
@@ -110,14 +191,16 @@ class Tracker:
         }
 
     def _parent_run(self) -> str:
-        # A relaunch reuses the study's parent run, so trials from every launch sit under one parent.
-        found = self.client.search_runs([self.experiment_id], filter_string="tags.`study.role` = 'parent'", max_results=1)
-        if found:
-            run_id = found[0].info.run_id
+        """The study's parent run, found by the study's identity, not its name alone; a relaunch reuses it, so
+        trials from every launch sit under one parent."""
+        mine = record.parent_runs(self.client, self.experiment_id, self.study_uid)
+        if mine:
+            run_id = mine[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
             return run_id
-        run = self.client.create_run(self.experiment_id, run_name=self.study_name, tags={"study.role": "parent", "optuna.study_name": self.study_name})
-        return run.info.run_id
+        self.other_studies = len(self.client.search_runs([self.experiment_id], filter_string=record.PARENT_FILTER, max_results=1000))
+        tags = {"study.role": "parent", "optuna.study_name": self.study_name, **({record.UID_TAG: self.study_uid} if self.study_uid else {})}
+        return self.client.create_run(self.experiment_id, run_name=self.study_name, tags=tags).info.run_id
 
     def describe_study(self, spec_text: str, preset: str, storage: str, sampler: str, pruner: str) -> None:
         params = [Param("preset", preset), Param("sampler", sampler), Param("pruner", pruner)]

@@ -1,11 +1,15 @@
-"""Shared fixtures: the real Fashion-MNIST files, a study home per test, a tiny study spec."""
+"""Shared fixtures and helpers: the real Fashion-MNIST files, a study home per test, tiny study specs (make_spec), one
+shared launched study, the CLI in-process (run_main) or as a process (run_cli), and launches held at a phase (hold_env)."""
 
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -60,6 +64,19 @@ n_startup_trials = 2
 
 
 @pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory):
+    """A study home holding `tiny` (TINY_SPEC, 3 trials: COMPLETE, FAIL, one sampled), launched once for every test
+    that only reads a launched study (show, report, export, the MLflow layout, the browser). Read it, never launch
+    into it; a test that changes the study copies the home first."""
+    home = tmp_path_factory.mktemp("shared") / "home"
+    spec = home.parent / "tiny.toml"
+    spec.write_text(TINY_SPEC)
+    result = run_main("launch", str(spec), "--trials", "3", env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": None})
+    assert result.returncode == 0, result.stderr
+    return home
+
+
+@pytest.fixture(scope="session")
 def fashion():
     from objectives import load_fashion_mnist
 
@@ -81,10 +98,108 @@ def tiny_spec(tmp_path):
     return path
 
 
+# ---- test specs ----
+
+# The cheapest trial that still runs the whole trainer: LeNet for one epoch on a few hundred images.
+LENET = {
+    "fixed": {"arch": "lenet", "batch_size": 64, "momentum": 0.9, "n_train": 256, "n_val": 128, "n_test": 128, "epochs": 1},
+    "search": {"lr": {"low": 0.01, "high": 0.1, "log": True}},
+    "pruner": {"name": "none"},
+}
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    return repr(value)
+
+
+def make_spec(directory: Path, name: str, base: dict, **tables) -> Path:
+    """Write `<directory>/<name>.toml` (the study is named `name`): the tables of `base`, each updated with the
+    keyword of the same name (`fixed={"epochs": 2}`; a value None drops that key); `enqueue` is a list of rows."""
+    spec = {table: dict(values) for table, values in base.items() if table != "enqueue"}
+    for table, values in tables.items():
+        if table != "enqueue":
+            spec[table] = {k: v for k, v in {**spec.get(table, {}), **values}.items() if v is not None}
+    lines = [f"description = {_toml(spec.pop('description', f'{name}, a test study'))}"]
+    for table, values in spec.items():
+        lines += ["", f"[{table}]", *(f"{k} = {_toml(v)}" for k, v in values.items())]
+    for row in tables.get("enqueue", base.get("enqueue", [])):
+        lines += ["", "[[enqueue]]", *(f"{k} = {_toml(v)}" for k, v in row.items())]
+    path = directory / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ---- commands ----
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`python -m study ARGS` as a user runs it, in a subprocess."""
+    """`python -m study ARGS` as a user runs it, in a subprocess: for what only a real process shows (its exit
+    status, signals, what it imports). Everything else goes through run_main, which skips the imports."""
     return subprocess.run([sys.executable, "-m", "study", *args], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=timeout, check=False)
+
+
+def run_main(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m study ARGS` in this process (the CLI's own `main`), with `env` set for the call (None unsets a
+    variable); its exit code and output as run_cli returns them."""
+    from study.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    sigterm = signal.getsignal(signal.SIGTERM)  # a launch turns SIGTERM into Ctrl-C for its duration
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        for name, value in {"COLUMNS": "200", **(env or {})}.items():
+            if value is None:
+                patch.delenv(name, raising=False)
+            else:
+                patch.setenv(name, value)
+        try:
+            code = main(list(args))
+        except SystemExit as exit:  # argparse: usage errors and --help
+            code = exit.code if isinstance(exit.code, int) else 1
+        finally:
+            signal.signal(signal.SIGTERM, sigterm)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+# ---- a launch held at a phase (tests/hooked_study.py) ----
+
+HOOKED = ROOT / "tests" / "hooked_study.py"
+
+
+def hold_env(directory: Path, at: str, lr: float | None = None) -> dict:
+    """Orders for tests/hooked_study.py: hold every trial (or the one with learning rate `lr`) at phase `at`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return {"HOOKED_HOLD_DIR": str(directory), "HOOKED_HOLD_AT": at, **({"HOOKED_HOLD_LR": repr(lr)} if lr is not None else {})}
+
+
+def start_hooked(*args: str, env: dict) -> subprocess.Popen:
+    """`python tests/hooked_study.py ARGS`: a launch as a user runs it, that stops where `env` says (see hold_env)."""
+    return subprocess.Popen([sys.executable, str(HOOKED), *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **env})
+
+
+def wait_for_holds(directory: Path, count: int, alive, timeout: float = 600) -> list[dict]:
+    """Until `count` processes are held in `directory`: their readiness records (with `path`). Fails if `alive()` turns
+    false first (the launch ended without reaching the phase); `timeout` only guards against a hang."""
+    deadline = time.monotonic() + timeout
+    while True:
+        holds = [{**json.loads(path.read_text()), "path": path} for path in sorted(directory.glob("*.json"))]
+        if len(holds) >= count:
+            return holds
+        assert alive(), f"the process ended before {count} trials reached the phase held ({len(holds)} did)"
+        assert time.monotonic() < deadline, f"no {count} holds after {timeout:g} s"
+        time.sleep(0.05)
+
+
+def release(hold: dict) -> None:
+    Path(f"{hold['path']}.release").touch()
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +221,22 @@ def page(browser):
     context = browser.new_context(viewport={"width": 1366, "height": 900})
     yield context.new_page()
     context.close()
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses with a socket listening on TCP `port`, read from the kernel's tables (IPv4 and IPv6)."""
+    addresses = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as rows:
+            for row in list(rows)[1:]:
+                local, state = row.split()[1], row.split()[3]
+                address, _, hex_port = local.partition(":")
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    raw = bytes.fromhex(address)
+                    # The kernel prints each 32-bit word in host (little-endian) order.
+                    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                    addresses.add(socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, words))
+    return addresses
 
 
 def free_port() -> int:

@@ -82,6 +82,11 @@ sys.modules["objectives.train"].train = objectives.train = hooked_train
 dashboards.report.write_report = dashboards.write_report = hooked_write_report
 
 if __name__ == "__main__":
+    import signal
+
     import study.cli
 
+    # Ctrl-C raises KeyboardInterrupt, as in a terminal, also when the tests run with SIGINT ignored (a shell's
+    # background job), which Python would otherwise keep ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(study.cli.main(sys.argv[1:]))

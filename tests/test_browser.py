@@ -8,28 +8,15 @@ import subprocess
 import sys
 import urllib.request
 
-import pytest
-
-from conftest import ARTIFACTS, ROOT, TINY_SPEC, free_port, run_cli, wait_until_up
+from conftest import ARTIFACTS, ROOT, free_port, listening_addresses, wait_until_up
 
 
-@pytest.fixture(scope="module")
-def launched(tmp_path_factory):
-    """A tiny study launched once for this module: its home directory."""
-    home = tmp_path_factory.mktemp("browser") / "home"
-    spec = home.parent / "tiny.toml"
-    spec.write_text(TINY_SPEC)
-    result = run_cli("launch", str(spec), "--trials", "3", "--preset", "cpu", env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": ""})
-    assert result.returncode == 0, result.stderr
-    return home
-
-
-def test_report_renders_every_plot_and_sorts(launched, page):
+def test_report_renders_every_plot_and_sorts(tiny_study, page):
     errors = []
     page.on("console", lambda message: message.type == "error" and errors.append(message.text))
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.route("http*://**", lambda route: (errors.append(f"network request {route.request.url}"), route.abort()))
-    page.goto((launched / "reports" / "tiny.html").as_uri())
+    page.goto((tiny_study / "reports" / "tiny.html").as_uri())
     for plot in ("plot-cost", "plot-history", "plot-curves"):
         # calcdata: the points Plotly computed from the (binary-encoded) trace data and drew.
         page.wait_for_function(f"document.getElementById('{plot}') && document.getElementById('{plot}').calcdata !== undefined")
@@ -46,15 +33,16 @@ def test_report_renders_every_plot_and_sorts(launched, page):
     assert errors == []
 
 
-def test_ui_serves_the_study_runs_nested(launched, page):
+def test_ui_serves_the_study_runs_nested(tiny_study, page):
     port = free_port()
-    env = {**os.environ, "STUDY_HOME": str(launched)}
+    env = {**os.environ, "STUDY_HOME": str(tiny_study)}
     env.pop("MLFLOW_TRACKING_URI", None)
     server = subprocess.Popen([sys.executable, "-m", "study", "ui", "--port", str(port)], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(f"{base}/health", server, "MLflow UI", log=server.stdout.read)
+        assert listening_addresses(port) == {"127.0.0.1"}  # by default the UI is reachable from this machine only
         with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny") as response:
             experiment_id = json.load(response)["experiment"]["experiment_id"]
         request = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", data=json.dumps({"experiment_ids": [experiment_id]}).encode(),

@@ -1,12 +1,14 @@
-"""End to end through `python -m study`, as a user runs it: real journal file, real SQLite MLflow store."""
+"""End to end through the CLI (`study.cli.main`, as `python -m study` runs it): real journal file, real SQLite MLflow store."""
 
+import os
 import re
+import subprocess
+import sys
 
-import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
 
-from conftest import journal, postgres_database, run_cli
+from conftest import ROOT, journal, postgres_database, run_main
 
 
 def _mlflow_runs(home, experiment):
@@ -15,15 +17,9 @@ def _mlflow_runs(home, experiment):
     return client, client.search_runs([exp.experiment_id], max_results=1000)
 
 
-def test_launch_show_report_and_resume(study_home, tiny_spec):
-    first = run_cli("launch", str(tiny_spec), "--trials", "3", "--preset", "cpu")
-    assert first.returncode == 0, first.stderr
-    assert "preset cpu: as requested" in first.stdout
-    assert re.search(r"trial 1: .* -> FAIL \(diverged", first.stdout)
-
+def test_launch_records_every_trial_in_optuna_and_mlflow(tiny_study):
     # The Optuna storage holds three finished trials: the enqueued notes' default first, the diverged one FAIL.
-    storage = journal(study_home)
-    study = optuna.load_study(study_name="tiny", storage=storage)
+    study = optuna.load_study(study_name="tiny", storage=journal(tiny_study))
     trials = study.get_trials()
     assert [t.state.name for t in trials][:2] == ["COMPLETE", "FAIL"]
     assert trials[0].params == {"lr": 0.05, "epochs": 2, "resize": 32, "ratio": 16}
@@ -31,7 +27,7 @@ def test_launch_show_report_and_resume(study_home, tiny_spec):
     assert trials[1].user_attrs["fail_reason"].startswith("diverged")
 
     # MLflow: one parent, one nested child per trial, per-epoch metrics with step = epoch.
-    client, runs = _mlflow_runs(study_home, "tiny")
+    client, runs = _mlflow_runs(tiny_study, "tiny")
     parents = [r for r in runs if r.data.tags.get("study.role") == "parent"]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and len(children) == 3 and len(runs) == 4
@@ -53,9 +49,7 @@ def test_launch_show_report_and_resume(study_home, tiny_spec):
     assert parents[0].info.status == "FINISHED"
 
     # The report exists, is self-contained, and carries the three plots with data.
-    report = study_home / "reports" / "tiny.html"
-    assert f"report:         {report}" in first.stdout.replace("\n", " ") or str(report) in first.stdout
-    page = report.read_text()
+    page = (tiny_study / "reports" / "tiny.html").read_text()
     assert not re.search(r"<script[^>]+src=[\"']https?:", page)
     assert "plotly.js v" in page or "Plotly" in page
     for div in ("plot-cost", "plot-history", "plot-curves"):
@@ -63,31 +57,40 @@ def test_launch_show_report_and_resume(study_home, tiny_spec):
     assert "Pareto front" in page
 
     # `show` prints the best trials.
-    shown = run_cli("show", "tiny")
+    shown = run_main("show", "tiny", env={"STUDY_HOME": str(tiny_study), "MLFLOW_TRACKING_URI": None})
     assert shown.returncode == 0, shown.stderr
     assert "3 trials" in shown.stdout and "val_accuracy" in shown.stdout
 
+
+def test_a_launch_says_what_it_ran_and_resumes_to_the_total(study_home, tiny_spec):
+    first = run_main("launch", str(tiny_spec), "--trials", "2")
+    assert first.returncode == 0, first.stderr
+    assert re.search(r"trial 1: .* -> FAIL \(diverged", first.stdout)
+    report = study_home / "reports" / "tiny.html"
+    assert str(report) in first.stdout.replace("\n", "") and report.exists()
+
     # `--trials` is the total: a relaunch runs only what is missing, under the same parent run.
-    again = run_cli("launch", str(tiny_spec), "--trials", "4", "--preset", "cpu")
+    storage = journal(study_home)
+    again = run_main("launch", str(tiny_spec), "--trials", "3")
     assert again.returncode == 0, again.stderr
-    assert len(optuna.load_study(study_name="tiny", storage=storage).get_trials()) == 4
+    assert len(optuna.load_study(study_name="tiny", storage=storage).get_trials()) == 3
     _, runs = _mlflow_runs(study_home, "tiny")
-    assert sum(r.data.tags.get("study.role") == "parent" for r in runs) == 1 and len(runs) == 5
-    done = run_cli("launch", str(tiny_spec), "--trials", "4", "--preset", "cpu")
-    assert "already holds 4 finished trials" in done.stdout
+    assert sum(r.data.tags.get("study.role") == "parent" for r in runs) == 1 and len(runs) == 4
+    done = run_main("launch", str(tiny_spec), "--trials", "3")
+    assert "already holds 3 finished trials" in done.stdout
 
     # A study keeps its preset.
-    mixed = run_cli("launch", str(tiny_spec), "--trials", "5", "--preset", "full")
-    assert mixed.returncode == 1 and "was created with preset cpu" in mixed.stderr
+    mixed = run_main("launch", str(tiny_spec), "--trials", "5", "--preset", "full")
+    assert mixed.returncode == 1 and "was created with preset" in mixed.stderr
 
 
 def test_postgresql_storage(study_home, tiny_spec):
     with postgres_database("cli") as url:
-        result = run_cli("launch", str(tiny_spec), "--trials", "2", "--preset", "cpu", "--storage", url)
+        result = run_main("launch", str(tiny_spec), "--trials", "2", "--storage", url)
         assert result.returncode == 0, result.stderr
         study = optuna.load_study(study_name="tiny", storage=url)
         assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "FAIL"]
-        assert run_cli("show", "tiny", "--storage", url).returncode == 0
+        assert run_main("show", "tiny", "--storage", url).returncode == 0
         optuna.storages.RDBStorage(url).engine.dispose()
 
 
@@ -101,26 +104,26 @@ def _one_line_error(result, *fragments):
 
 
 def test_user_mistakes_are_one_line_errors(study_home, tmp_path, tiny_spec):
-    _one_line_error(run_cli("launch", "vgg_ratoi", "--trials", "2"), "unknown study 'vgg_ratoi'", "vgg_ratio")
+    _one_line_error(run_main("launch", "vgg_ratoi", "--trials", "2"), "unknown study 'vgg_ratoi'", "vgg_ratio")
     small = tmp_path / "small.toml"
     small.write_text(tiny_spec.read_text().replace("resize = { choices = [32] }", "resize = { choices = [16, 32] }"))
-    _one_line_error(run_cli("launch", str(small), "--trials", "2"), "vgg11 needs resize >= 32", "got 16")
+    _one_line_error(run_main("launch", str(small), "--trials", "2"), "vgg11 needs resize >= 32", "got 16")
     broken = tmp_path / "broken.toml"
     broken.write_text("[fixed\narch = 'vgg11'\n")
-    _one_line_error(run_cli("launch", str(broken)), "broken.toml", "line 1")
-    _one_line_error(run_cli("launch", str(tiny_spec), "--trials", "0"), "--trials must be >= 1")
-    _one_line_error(run_cli("launch", str(tiny_spec), "--storage", "postgresql://nobody@127.0.0.1:1/none"), "cannot open storage")
-    _one_line_error(run_cli("launch", str(tiny_spec), "--data-dir", str(tmp_path / "nowhere")), "does not exist")
-    _one_line_error(run_cli("show", "never_launched"), "no study named 'never_launched'")
-    _one_line_error(run_cli("report", "never_launched"), "no study named 'never_launched'")
-    _one_line_error(run_cli("launch", str(tiny_spec), "-o", str(tmp_path / "missing" / "r.html")), "directory", "does not exist")
-    _one_line_error(run_cli("launch", str(tiny_spec), "-o", str(tmp_path / "r.txt")), "ending in .html")
+    _one_line_error(run_main("launch", str(broken)), "broken.toml", "line 1")
+    _one_line_error(run_main("launch", str(tiny_spec), "--trials", "0"), "--trials must be >= 1")
+    _one_line_error(run_main("launch", str(tiny_spec), "--storage", "postgresql://nobody@127.0.0.1:1/none"), "cannot open storage")
+    _one_line_error(run_main("launch", str(tiny_spec), "--data-dir", str(tmp_path / "nowhere")), "does not exist")
+    _one_line_error(run_main("show", "never_launched"), "no study named 'never_launched'")
+    _one_line_error(run_main("report", "never_launched"), "no study named 'never_launched'")
+    _one_line_error(run_main("launch", str(tiny_spec), "-o", str(tmp_path / "missing" / "r.html")), "directory", "does not exist")
+    _one_line_error(run_main("launch", str(tiny_spec), "-o", str(tmp_path / "r.txt")), "ending in .html")
     # Nothing was written by any of these, not even the study home.
     assert not study_home.exists()
 
 
 def test_list_shows_every_spec():
-    result = run_cli("list")
+    result = run_main("list")
     assert result.returncode == 0
     assert re.search(r"^vgg_ratio +arch vgg11, lr 0.005..0.2 log, epochs 2..12, resize \{32, 64, 96, 128, 224\}, ratio \{1, 2, 4, 8, 16\}$", result.stdout, re.MULTILINE)
     for arch in ("lenet", "lenet_bn", "alexnet", "alexnet_28", "vgg11", "nin", "googlenet", "resnet18", "densenet"):
@@ -129,7 +132,12 @@ def test_list_shows_every_spec():
     assert re.search(r"^alexnet_resize +arch \{alexnet, alexnet_28\}", result.stdout, re.MULTILINE)
 
 
-def test_mlflow_import_is_not_needed_for_help():
-    result = run_cli("--help")
-    assert result.returncode == 0 and "launch" in result.stdout
-    assert mlflow  # imported above for the store checks
+def test_help_imports_no_heavy_library():
+    """`python -m study --help` answers at once: a fresh interpreter shows the help without importing torch, Optuna or MLflow."""
+    probe = ("import runpy, sys\nsys.argv = ['study', '--help']\ntry:\n    runpy.run_module('study', run_name='__main__')\n"
+             "except SystemExit as exit:\n    assert exit.code == 0, exit.code\n"
+             "print('imported:', sorted(name for name in ('torch', 'optuna', 'mlflow') if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "launch" in result.stdout and result.stdout.strip().endswith("imported: []"), result.stdout[-500:]

@@ -20,7 +20,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import ARTIFACTS, free_port, journal, postgres_database, run_cli, wait_until_up
+from conftest import ARTIFACTS, free_port, journal, postgres_database, run_main, wait_until_up
 
 TRACKED_SPEC = """
 description = "tiny study for the MLflow tests: two COMPLETE, one FAIL (diverges), one PRUNED"
@@ -80,7 +80,8 @@ n_startup_trials = 1
 EXPECTED_STATES = {0: ("COMPLETE", "FINISHED"), 1: ("FAIL", "FAILED"), 2: ("PRUNED", "FINISHED"), 3: ("COMPLETE", "FINISHED")}
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+# The PostgreSQL-backed server, a second `mlflow server` for the same checks, runs in the slow tier.
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 def tracked(request, tmp_path_factory):
     """An `mlflow server` on a free port and a tiny study launched against it over HTTP."""
     tmp = tmp_path_factory.mktemp(f"mlflow-{request.param}")
@@ -97,7 +98,7 @@ def tracked(request, tmp_path_factory):
             spec = tmp / "tracked.toml"
             spec.write_text(TRACKED_SPEC)
             home = tmp / "home"
-            result = run_cli("launch", str(spec), "--trials", "4", "--preset", "cpu", "--register", "tracked-best",
+            result = run_main("launch", str(spec), "--trials", "4", "--register", "tracked-best",
                              env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": uri})
             assert result.returncode == 0, result.stderr
             study = optuna.load_study(study_name="tracked", storage=journal(home))
@@ -228,7 +229,7 @@ def test_logged_model_predicts_what_the_trained_one_did(tracked, fashion, monkey
 
 @pytest.mark.parametrize("tracked", ["sqlite"], indirect=True)
 def test_ui_names_the_remote_server(tracked, tmp_path):
-    result = run_cli("ui", env={"STUDY_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": tracked["uri"]})
+    result = run_main("ui", env={"STUDY_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": tracked["uri"]})
     assert result.returncode == 0, result.stderr
     assert f"points to the MLflow server {tracked['uri']}" in result.stdout and "no local UI started" in result.stdout
     experiment_id = tracked["client"].get_experiment_by_name("tracked").experiment_id
@@ -237,7 +238,7 @@ def test_ui_names_the_remote_server(tracked, tmp_path):
 
 
 def test_ui_says_when_the_remote_server_does_not_answer(tmp_path):
-    down = run_cli("ui", env={"STUDY_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
+    down = run_main("ui", env={"STUDY_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
     assert down.returncode == 1 and down.stderr.startswith("error: MLFLOW_TRACKING_URI=http://127.0.0.1:") and len(down.stderr.splitlines()) == 1
     assert "does not answer" in down.stderr and down.stdout == ""
 
@@ -278,7 +279,7 @@ def test_run_pages_in_the_browser(tracked):
 
 
 def test_register_needs_a_logged_model(study_home, tiny_spec):
-    result = run_cli("launch", str(tiny_spec), "--trials", "1", "--log-model", "none", "--register", "best")
+    result = run_main("launch", str(tiny_spec), "--trials", "1", "--log-model", "none", "--register", "best")
     assert result.returncode == 1 and len(result.stderr.splitlines()) == 1
     assert result.stderr.startswith("error: --register 'best'") and "--log-model best or all" in result.stderr
     assert not study_home.exists()  # nothing written

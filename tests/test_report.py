@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+import shutil
 
 import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from conftest import ARTIFACTS, TINY_SPEC, journal, run_cli
+from conftest import ARTIFACTS, journal, run_main
 from dashboards import write_report
 from study.cli import main
 
@@ -66,15 +67,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """One study home with two launched studies: `pair` (5 trials, two architectures) and `tiny` (3 trials of VGG-11)."""
+def home(tmp_path_factory, tiny_study):
+    """One study home with two launched studies: `pair` (5 trials, two architectures) and `tiny` (3 trials of VGG-11, a copy of the shared one)."""
     home = tmp_path_factory.mktemp("report") / "home"
-    env = {"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": ""}
-    for name, spec, trials in (("pair", PAIR_SPEC, "5"), ("tiny", TINY_SPEC, "3")):
-        path = home.parent / f"{name}.toml"
-        path.write_text(spec)
-        result = run_cli("launch", str(path), "--trials", trials, "--preset", "cpu", env=env)
-        assert result.returncode == 0, result.stderr
+    shutil.copytree(tiny_study, home)
+    path = home.parent / "pair.toml"
+    path.write_text(PAIR_SPEC)
+    result = run_main("launch", str(path), "--trials", "5", env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": None})
+    assert result.returncode == 0, result.stderr
     storage = journal(home)
     states = [t.state for t in optuna.load_study(study_name="pair", storage=storage).get_trials()]
     assert states[:4] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.PRUNED]
@@ -104,8 +104,8 @@ def _plots_drawn(page) -> list[str]:
 
 def test_report_sections_png_and_browser(home, page):
     out = home.parent / "pngs"
-    result = run_cli("report", "pair", "-o", str(home.parent / "pair.html"), "--png", str(out), "--cost", "train_flops",
-                     env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": ""})
+    result = run_main("report", "pair", "-o", str(home.parent / "pair.html"), "--png", str(out), "--cost", "train_flops",
+                     env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": None})
     assert result.returncode == 0, result.stderr
     text = (home.parent / "pair.html").read_text()
     for section in SECTIONS:
@@ -149,7 +149,7 @@ def test_report_sections_png_and_browser(home, page):
 
 
 def test_two_studies_on_the_same_axes(home, page):
-    result = run_cli("report", "pair", "tiny", "-o", str(home.parent / "both.html"), env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": ""})
+    result = run_main("report", "pair", "tiny", "-o", str(home.parent / "both.html"), env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": None})
     assert result.returncode == 0, result.stderr
     errors = _watch(page)
     page.goto((home.parent / "both.html").as_uri())
@@ -237,7 +237,7 @@ def test_report_mistakes_are_one_line(storage, study_home, tmp_path, capsys, mon
     assert capsys.readouterr().err.startswith("error: --png needs Chromium")
     assert not (tmp_path / "y.html").exists() and not (tmp_path / "pngs").exists()
     # A study name that does not exist, as a user types it.
-    result = run_cli("report", "nosuch", env={"STUDY_HOME": str(study_home), "MLFLOW_TRACKING_URI": ""})
+    result = run_main("report", "nosuch", env={"STUDY_HOME": str(study_home), "MLFLOW_TRACKING_URI": None})
     assert result.returncode == 1 and result.stderr.startswith("error: no study named 'nosuch'") and result.stderr.count("\n") == 1
 
 

@@ -1,69 +1,36 @@
-"""Interrupting a launch (Ctrl-C, kill -9) loses nothing, and launching again finishes the study."""
+"""Interrupting a launch (Ctrl-C, kill -9) in the middle of a trial loses nothing, and launching again finishes the study."""
 
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, journal, run_cli
-
-# Trials long enough (10 epochs) to be caught mid-training.
-SLOW = """
-[fixed]
-arch = "lenet"
-batch_size = 256
-n_train = 20000
-n_val = 500
-n_test = 500
-[search]
-lr = { low = 0.1, high = 1.0, log = true }
-epochs = { low = 10, high = 10 }
-[pruner]
-name = "none"
-"""
-
-
-
-def _wait_for_running_epoch(home, process, timeout=120):
-    """Until the first trial has reported an epoch: the launcher is inside training."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()
-        if (home / "optuna.journal").exists():
-            try:
-                trials = optuna.load_study(study_name="slow", storage=journal(home)).get_trials()
-            except KeyError:
-                trials = []
-            if trials and trials[-1].intermediate_values:
-                return trials[-1].number
-        time.sleep(0.5)
-    pytest.fail("no trial reached its first epoch")
+from conftest import LENET, hold_env, journal, make_spec, run_main, start_hooked, wait_for_holds
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_interrupted_launch_resumes_without_loss(study_home, tmp_path, sig):
-    spec = tmp_path / "slow.toml"
-    spec.write_text(SLOW)
-    env = {**os.environ, "STUDY_HOME": str(study_home)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    process = subprocess.Popen([sys.executable, "-m", "study", "launch", str(spec), "--trials", "2", "--preset", "cpu"],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    interrupted = _wait_for_running_epoch(study_home, process)
+    # Two epochs; the launch is held after the first one of its first trial, so the signal lands mid-training.
+    spec = make_spec(tmp_path, "slow", LENET, fixed={"epochs": 2})
+    argv = ("launch", str(spec), "--trials", "2")
+    process = start_hooked(*argv, env={"STUDY_HOME": str(study_home), **hold_env(tmp_path / "holds", "epoch:1")})
+    (hold,) = wait_for_holds(tmp_path / "holds", 1, lambda: process.poll() is None)
+    assert hold["pid"] == process.pid and hold["epoch"] == 1
     process.send_signal(sig)
-    out, err = process.communicate(timeout=60)
+    out, err = process.communicate(timeout=600)
     if sig == signal.SIGINT:
         assert process.returncode == 130, err
         assert "launch the same command to resume" in out
+    else:
+        assert process.returncode == -signal.SIGKILL
     study = optuna.load_study(study_name="slow", storage=journal(study_home))
-    first = study.trials[interrupted]
+    (first,) = [t for t in study.trials if t.params.get("lr") == hold["lr"]]
+    assert list(first.intermediate_values) == [1]  # one epoch of two: it was interrupted, not finished
     assert first.state.name == ("FAIL" if sig == signal.SIGINT else "RUNNING")
+    interrupted = first.number
 
-    resumed = run_cli("launch", str(spec), "--trials", "2", "--preset", "cpu")
+    resumed = run_main(*argv)
     assert resumed.returncode == 0, resumed.stderr
     trials = optuna.load_study(study_name="slow", storage=journal(study_home)).get_trials()
     first = trials[interrupted]

@@ -16,41 +16,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import ROOT, free_port, journal, postgres_database, run_cli, wait_until_up
+from conftest import LENET, ROOT, free_port, hold_env, journal, make_spec, postgres_database, run_cli, run_main, start_hooked, wait_for_holds, wait_until_up
 
 # One epoch of a tiny VGG: the cheapest trial that still goes through the whole trainer.
-FAST = """
-[fixed]
-arch = "vgg11"
-batch_size = 32
-momentum = 0.9
-n_train = 256
-n_val = 128
-n_test = 128
-epochs = 1
-resize = 32
-ratio = 16
-[search]
-lr = { low = 0.01, high = 0.1, log = true }
-[pruner]
-name = "none"
-"""
-
-# LeNet for a few seconds per epoch on two cores: long enough to be killed mid-trial.
-SLOW = """
-[fixed]
-arch = "lenet"
-batch_size = 256
-n_train = 6000
-n_val = 500
-n_test = 500
-epochs = 4
-[search]
-lr = { low = 0.1, high = 1.0, log = true }
-[pruner]
-name = "none"
-"""
-
+FAST = {
+    "fixed": {"arch": "vgg11", "batch_size": 32, "momentum": 0.9, "n_train": 256, "n_val": 128, "n_test": 128, "epochs": 1, "resize": 32, "ratio": 16},
+    "search": {"lr": {"low": 0.01, "high": 0.1, "log": True}},
+    "pruner": {"name": "none"},
+}
 
 
 def _children_by_trial(client: MlflowClient, experiment: str) -> tuple[list, list]:
@@ -73,10 +46,10 @@ def _check_parallel_study(study: optuna.Study, client: MlflowClient, total: int)
     assert not [c for c in children if c.info.status == "RUNNING"]
 
 
+@pytest.mark.slow
 def test_four_workers_on_the_local_default_storage(study_home, tmp_path):
-    spec = tmp_path / "fast.toml"
-    spec.write_text(FAST)
-    result = run_cli("launch", str(spec), "--trials", "8", "--workers", "4", "--preset", "cpu")
+    spec = make_spec(tmp_path, "fast", FAST)
+    result = run_cli("launch", str(spec), "--trials", "8", "--workers", "4")
     assert result.returncode == 0, result.stderr
     output = result.stdout + result.stderr
     assert "4 workers: cpu, cpu, cpu, cpu" in output
@@ -89,7 +62,7 @@ def test_four_workers_on_the_local_default_storage(study_home, tmp_path):
 
     # Export: one row per trial, Optuna and MLflow joined.
     for name in ("trials.csv", "trials.parquet"):
-        exported = run_cli("export", "fast", "-o", str(tmp_path / name))
+        exported = run_main("export", "fast", "-o", str(tmp_path / name))
         assert exported.returncode == 0, exported.stderr
         frame = pd.read_csv(tmp_path / name) if name.endswith(".csv") else pd.read_parquet(tmp_path / name)
         assert sorted(frame["number"]) == list(range(8))
@@ -122,14 +95,14 @@ def mlflow_server(postgres, tmp_path_factory):
     log.close()
 
 
+@pytest.mark.slow
 def test_four_workers_from_two_machines_on_postgresql(study_home, tmp_path, postgres, mlflow_server):
     """A launch with 2 workers and a `worker` command with 2 more, on one PostgreSQL study and one MLflow server."""
-    spec = tmp_path / "shared.toml"
-    spec.write_text(FAST)
+    spec = make_spec(tmp_path, "shared", FAST)
     env = {**os.environ, "STUDY_HOME": str(study_home), "MLFLOW_TRACKING_URI": mlflow_server, "COLUMNS": "200"}
     url = postgres["optuna"]
     command = [sys.executable, "-m", "study"]
-    launch = subprocess.Popen([*command, "launch", str(spec), "--trials", "8", "--workers", "2", "--preset", "cpu", "--storage", url, "--heartbeat", "2"],
+    launch = subprocess.Popen([*command, "launch", str(spec), "--trials", "8", "--workers", "2", "--storage", url, "--heartbeat", "2"],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while "shared" not in optuna.get_all_study_names(url) or "trials" not in optuna.load_study(study_name="shared", storage=url).user_attrs:
@@ -151,32 +124,30 @@ def test_four_workers_from_two_machines_on_postgresql(study_home, tmp_path, post
     optuna.storages.RDBStorage(url).engine.dispose()
 
 
+@pytest.mark.slow
 def test_killed_worker_is_failed_by_heartbeat_and_retried(study_home, tmp_path, postgres, mlflow_server):
     """kill -9 in the middle of a trial: the heartbeat goes stale, the trial is FAIL, retried once, its MLflow run KILLED."""
-    spec = tmp_path / "slow.toml"
-    spec.write_text(SLOW)
-    env = {**os.environ, "STUDY_HOME": str(study_home), "MLFLOW_TRACKING_URI": mlflow_server}
+    from dashboards import record
+
+    spec = make_spec(tmp_path, "slow", LENET, fixed={"epochs": 2})
     url = postgres["optuna"]
-    process = subprocess.Popen([sys.executable, "-m", "study", "launch", str(spec), "--trials", "2", "--preset", "cpu", "--storage", url, "--heartbeat", "2"],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    killed = None
-    while killed is None:
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        if "slow" in optuna.get_all_study_names(url):
-            running = [t for t in optuna.load_study(study_name="slow", storage=url).get_trials() if t.intermediate_values]
-            killed = running[0].number if running else None
-        time.sleep(0.3)
+    process = start_hooked("launch", str(spec), "--trials", "2", "--storage", url, "--heartbeat", "2",
+                           env={"STUDY_HOME": str(study_home), "MLFLOW_TRACKING_URI": mlflow_server, **hold_env(tmp_path / "holds", "epoch:1")})
+    (hold,) = wait_for_holds(tmp_path / "holds", 1, lambda: process.poll() is None)
+    assert hold["pid"] == process.pid
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=30)
+    (held,) = [t for t in optuna.load_study(study_name="slow", storage=url).get_trials() if t.params.get("lr") == hold["lr"]]
+    assert held.state == TrialState.RUNNING and list(held.intermediate_values) == [1]  # killed mid-training
+    killed = held.number
 
-    resumed = run_cli("worker", str(spec), "--storage", url, "--heartbeat", "2", env={"MLFLOW_TRACKING_URI": mlflow_server})
+    resumed = run_main("worker", str(spec), "--storage", url, "--heartbeat", "2", env={"MLFLOW_TRACKING_URI": mlflow_server})
     assert resumed.returncode == 0, resumed.stderr
     assert re.search(rf"trial {killed}: worker stopped sending heartbeats .*; marked FAIL and queued again", resumed.stdout)
     trials = optuna.load_study(study_name="slow", storage=url).get_trials()
     dead = trials[killed]
     assert dead.state == TrialState.FAIL
-    retries = [t for t in trials if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == killed]
+    retries = [t for t in trials if record.retry_source(t) == killed]
     assert len(retries) == 1 and retries[0].params == dead.params and retries[0].state == TrialState.COMPLETE
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2 and not [t for t in trials if not t.state.is_finished()]
 
@@ -189,14 +160,13 @@ def test_killed_worker_is_failed_by_heartbeat_and_retried(study_home, tmp_path, 
 
 
 def test_pareto_front_of_accuracy_against_cost(study_home, tmp_path):
-    tiny_spec = tmp_path / "tiny.toml"
-    tiny_spec.write_text(FAST.replace("epochs = 1\n", "").replace("[search]", "[search]\nepochs = { low = 1, high = 2 }"))
-    result = run_cli("launch", str(tiny_spec), "--trials", "5", "--preset", "cpu", "--objective", "accuracy,cost", "--cost", "train_flops")
+    tiny_spec = make_spec(tmp_path, "tiny", FAST, fixed={"epochs": None}, search={"epochs": {"low": 1, "high": 2}})
+    result = run_main("launch", str(tiny_spec), "--trials", "5", "--objective", "accuracy,cost", "--cost", "train_flops")
     assert result.returncode == 0, result.stderr
     assert "no pruning" in result.stdout
     study = optuna.load_study(study_name="tiny", storage=journal(study_home))
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
-    shown = run_cli("show", "tiny")
+    shown = run_main("show", "tiny")
     assert shown.returncode == 0, shown.stderr
     assert "Pareto front" in shown.stdout and "train_flops" in shown.stdout
     rows = [line for line in shown.stdout.splitlines() if re.match(r"^│\s+\d+ │", line)]
@@ -209,15 +179,14 @@ def test_pareto_front_of_accuracy_against_cost(study_home, tmp_path):
     for trial in complete:
         assert trial.values[1] == trial.user_attrs["train_flops"]
     # A study keeps its objective.
-    changed = run_cli("launch", str(tiny_spec), "--trials", "6", "--preset", "cpu", "--objective", "accuracy")
+    changed = run_main("launch", str(tiny_spec), "--trials", "6", "--objective", "accuracy")
     assert changed.returncode == 1 and "optimises accuracy,train_flops" in changed.stderr
 
 
 def test_grid_sampler_runs_every_combination(study_home, tmp_path):
-    spec = tmp_path / "grid.toml"
-    spec.write_text(FAST.replace('lr = { low = 0.01, high = 0.1, log = true }', 'lr = { choices = [0.02, 0.05] }\nbatch_size = { choices = [32, 64] }')
-                    .replace("batch_size = 32\n", "").replace('[pruner]\nname = "none"', '[pruner]\nname = "hyperband"\n[sampler]\nname = "random"'))
-    result = run_cli("launch", str(spec), "--trials", "4", "--preset", "cpu", "--sampler", "grid")
+    spec = make_spec(tmp_path, "grid", FAST, fixed={"batch_size": None}, search={"lr": {"choices": [0.02, 0.05]}, "batch_size": {"choices": [32, 64]}},
+                     pruner={"name": "hyperband"}, sampler={"name": "random"})
+    result = run_main("launch", str(spec), "--trials", "4", "--sampler", "grid")
     assert result.returncode == 0, result.stderr
     study = optuna.load_study(study_name="grid", storage=journal(study_home))
     assert sorted((t.params["lr"], t.params["batch_size"]) for t in study.trials) == [(0.02, 32), (0.02, 64), (0.05, 32), (0.05, 64)]
@@ -261,30 +230,21 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(study_home, tiny_spec,
 
 
 def test_ctrl_c_stops_every_worker_cleanly(study_home, tmp_path):
-    spec = tmp_path / "slow.toml"
-    spec.write_text(SLOW.replace("epochs = 4", "epochs = 20"))
-    env = {**os.environ, "STUDY_HOME": str(study_home)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    process = subprocess.Popen([sys.executable, "-m", "study", "launch", str(spec), "--trials", "4", "--workers", "2", "--preset", "cpu"],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while True:
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        if (study_home / "optuna.journal").exists():
-            try:
-                trials = optuna.load_study(study_name="slow", storage=journal(study_home)).get_trials()
-            except KeyError:
-                trials = []
-            if len([t for t in trials if t.intermediate_values]) == 2:
-                break
-        time.sleep(0.3)
+    spec = make_spec(tmp_path, "slow", LENET, fixed={"epochs": 2})
+    process = start_hooked("launch", str(spec), "--trials", "4", "--workers", "2",
+                           env={"STUDY_HOME": str(study_home), **hold_env(tmp_path / "holds", "epoch:1")})
+    # Both worker processes hold a trial after its first epoch: Ctrl-C lands while two trials are training.
+    holds = wait_for_holds(tmp_path / "holds", 2, lambda: process.poll() is None)
+    assert len({hold["pid"] for hold in holds} - {process.pid}) == 2
     process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=60)
+    out, err = process.communicate(timeout=600)
     assert process.returncode == 130, err
     assert "will run again" in out
     trials = optuna.load_study(study_name="slow", storage=journal(study_home)).get_trials()
     interrupted = [t for t in trials if t.state == TrialState.FAIL]
     assert len(interrupted) == 2 and all(t.user_attrs["fail_reason"] == "interrupted" for t in interrupted)
+    assert sorted(t.params["lr"] for t in interrupted) == sorted(hold["lr"] for hold in holds)
+    assert all(list(t.intermediate_values) == [1] for t in interrupted)  # both mid-training
     # Each is queued again with its params; nothing is left RUNNING, in Optuna or in MLflow.
     queued = {t.user_attrs["retry_of"]: t.system_attrs["fixed_params"] for t in trials if t.state == TrialState.WAITING}
     assert queued == {t.number: t.params for t in interrupted}
@@ -298,8 +258,7 @@ def test_samplers_and_pruners_from_the_spec(tmp_path):
     from study.session import make_pruner, make_sampler
     from study.specs import SpecError, load_spec, resolve
 
-    path = tmp_path / "gp.toml"
-    path.write_text(FAST.replace('[pruner]\nname = "none"', '[pruner]\nname = "hyperband"\nmin_resource = 1\nreduction_factor = 2\n[sampler]\nname = "gp"\nseed = 3'))
+    path = make_spec(tmp_path, "gp", FAST, pruner={"name": "hyperband", "min_resource": 1, "reduction_factor": 2}, sampler={"name": "gp", "seed": 3})
     spec = load_spec(str(path))
     plan = resolve(spec, "cpu")
     assert type(make_sampler(spec.sampler, plan)).__name__ == "GPSampler"
@@ -312,7 +271,7 @@ def test_samplers_and_pruners_from_the_spec(tmp_path):
     zoo = load_spec("zoo")
     with pytest.raises(SpecError, match="cannot search ranges that depend on the architecture"):
         make_sampler({"name": "grid"}, resolve(zoo, "full"))
-    path.write_text(FAST + '[sampler]\nname = "cmaes"\n')
+    path = make_spec(tmp_path, "gp", FAST, sampler={"name": "cmaes"})
     with pytest.raises(SpecError, match="sampler 'cmaes' is not supported; use tpe, gp, random, grid"):
         load_spec(str(path))
 

@@ -22,32 +22,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import ARTIFACTS, ROOT, free_port, postgres_database, wait_until_up
+from conftest import ARTIFACTS, LENET, ROOT, free_port, make_spec, postgres_database, wait_until_up
 
 REPEATS = int(os.environ.get("RELIABILITY_REPEATS", "20"))
 SEED = int(os.environ.get("RELIABILITY_SEED", "9"))
 FIGURES_JSON = ARTIFACTS / "reliability.json"
 FIGURES_MD = ARTIFACTS / "reliability.md"
-
-# LeNet on 256 images for one epoch: the cheapest trial that still runs the whole trainer.
-LENET_SPEC = """
-description = "tiny LeNet study for the reliability suite"
-
-[fixed]
-arch = "lenet"
-batch_size = 64
-momentum = 0.9
-n_train = 256
-n_val = 128
-n_test = 128
-epochs = 1
-
-[search]
-lr = { low = 0.01, high = 0.1, log = true }
-
-[pruner]
-name = "none"
-"""
 
 # ---- figures: what the README's table shows, written at the end of the session ----
 
@@ -102,18 +82,17 @@ def check_consistent(study_name: str, storage, tracking_uri: str, total: int | N
     left RUNNING or WAITING; the study holds exactly `total` trials that count. Returns the counts, and fails
     with the list of problems after recording them.
     """
-    from dashboards.record import CONFIG, count_done, retry_source
+    from dashboards.record import CONFIG, MLFLOW_RUN_ID, STUDY_UID, count_done, parent_runs, retry_source, trial_runs
 
     study = optuna.load_study(study_name=study_name, storage=storage)
     trials = study.get_trials()
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment = client.get_experiment_by_name(study_name)
-    runs = client.search_runs([experiment.experiment_id], max_results=50000) if experiment else []
-    parents = [r for r in runs if r.data.tags.get("study.role") == "parent"]
-    children: dict[int, list] = {}
-    for run in runs:
-        if "optuna.trial_number" in run.data.tags:
-            children.setdefault(int(run.data.tags["optuna.trial_number"]), []).append(run)
+    # This study's runs: those under its parent, found by the study's identity (other storages' studies of the
+    # same name may share the experiment).
+    parents = parent_runs(client, experiment.experiment_id, study.user_attrs.get(STUDY_UID)) if experiment else []
+    children = trial_runs(client, experiment.experiment_id, parents[0].info.run_id) if parents else {}
+    runs = parents[:1] + [run for found in children.values() for run in found]
     counts, problems = Counts(trials=len(trials)), []
 
     def lost(why):
@@ -151,8 +130,11 @@ def check_consistent(study_name: str, storage, tracking_uri: str, total: int | N
                 problems.append(f"trial {trial.number}: val_accuracy {run.data.metrics.get('val_accuracy')} in MLflow, {trial.values[0]} in Optuna")
             if run.data.metrics.get("test_accuracy") != trial.user_attrs.get("test_accuracy"):
                 problems.append(f"trial {trial.number}: test_accuracy differs between MLflow and Optuna")
-        if "mlflow_run_id" in trial.user_attrs and trial.user_attrs["mlflow_run_id"] != run.info.run_id:
+        recorded = trial.user_attrs.get(MLFLOW_RUN_ID)
+        if recorded and recorded != run.info.run_id and _run_exists(client, recorded):  # a rebuilt store's runs have new ids
             problems.append(f"trial {trial.number}: user attr mlflow_run_id is not its run")
+        if run.info.lifecycle_stage != "active":
+            problems.append(f"trial {trial.number}: its MLflow run {run.info.run_id} is {run.info.lifecycle_stage}")
         for name, value in trial.params.items():
             if CONFIG in trial.user_attrs and trial.user_attrs[CONFIG][name] != value:
                 problems.append(f"trial {trial.number}: Optuna holds {name}={value}, but {trial.user_attrs[CONFIG][name]} trained")
@@ -184,6 +166,16 @@ def check_consistent(study_name: str, storage, tracking_uri: str, total: int | N
     return counts
 
 
+def _run_exists(client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
 # ---- processes ----
 
 def sqlite_uri(home: Path) -> str:
@@ -195,7 +187,7 @@ class ForkServer:
 
     def __init__(self):
         self.process = subprocess.Popen([sys.executable, str(Path(__file__).parent / "forkserver.py")], cwd=ROOT, stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
         assert self.process.stdout.readline().strip() == "ready"
         self.count = 0
 
@@ -223,7 +215,7 @@ class Command:
     def kill(self, sig=signal.SIGKILL) -> None:
         os.kill(self.pid, sig)
 
-    def wait(self, timeout: float = 180) -> int:
+    def wait(self, timeout: float = 900) -> int:  # a guard against a hang, not a speed limit
         deadline = time.monotonic() + timeout
         while self.alive():
             assert time.monotonic() < deadline, f"command {self.pid} still running: {self.output()[-2000:]}"
@@ -243,21 +235,7 @@ def forks():
 
 @pytest.fixture
 def lenet_spec(tmp_path):
-    path = tmp_path / "kill.toml"
-    path.write_text(LENET_SPEC)
-    return path
-
-
-def wait_until(condition, timeout: float = 120, what: str = "condition", alive=None):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if alive is not None and not alive():
-            return None
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+    return make_spec(tmp_path, "kill", LENET)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@ once, then forks a process per command (one JSON request per stdin line, its pid
 
 Each child is a real process running `study.cli.main(argv)`, so kill -9 and signals hit it as they hit a
 user's launch; only the 5-10 s of imports are skipped. This process never runs torch itself, so the forked
-children start with fresh thread pools. It reaps its children at once (a zombie would still look alive to
+children start with fresh thread pools. Its commands run with the trainer wrapped by tests/hooked_study.py
+(imported before any `study` module), so a test can hold one at a phase. It reaps its children at once (a zombie would still look alive to
 the launcher's dead-process check) and writes each exit code to `<log>.rc`.
 """
 
@@ -15,6 +16,7 @@ import signal
 import sys
 import traceback
 
+import hooked_study  # noqa: F401 -- wraps the trainer before `study` imports it
 import mlflow  # noqa: F401
 import optuna  # noqa: F401
 import torch  # noqa: F401
@@ -45,6 +47,9 @@ def reap(signum, frame) -> None:
 
 def run(request: dict) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    # Ctrl-C raises KeyboardInterrupt, as in a terminal, also when this server was started with SIGINT ignored
+    # (by a shell that runs the tests in the background), which Python would otherwise keep.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(log, 1)
     os.dup2(log, 2)

@@ -32,16 +32,6 @@ def _tiny_without_lr_search(text: str) -> str:
     return TINY_SPEC.replace('lr = { low = 0.01, high = 0.1, log = true }\n', "").replace('arch = "vgg11"\n', text)
 
 
-@pytest.fixture(autouse=True)
-def keep_study_home():
-    saved = os.environ.get("STUDY_HOME")
-    yield
-    if saved is None:
-        os.environ.pop("STUDY_HOME", None)
-    else:
-        os.environ["STUDY_HOME"] = saved
-
-
 def _one_line_error(capsys, argv: list[str], *fragments: str) -> str:
     from study.cli import main
 
@@ -74,7 +64,7 @@ def _data_dir(tmp_path: Path, fashion_dir: Path, broken: str) -> Path:
     return directory
 
 
-def test_bad_inputs_are_one_line_errors_that_write_nothing(study_home, tmp_path, capsys, postgres_db):
+def test_bad_inputs_are_one_line_errors_that_write_nothing(study_home, tmp_path, capsys, postgres_db, monkeypatch):
     from objectives.data import locate
 
     url, _, _ = postgres_db
@@ -110,12 +100,9 @@ def test_bad_inputs_are_one_line_errors_that_write_nothing(study_home, tmp_path,
         tried += 1
         assert not study_home.exists(), f"{argv} created the study home"
     # A study home that cannot be created.
-    os.environ["STUDY_HOME"] = "/proc/studies"
-    try:
-        _one_line_error(capsys, ["launch", str(spec), "--storage", url], "cannot create the study home")
-        tried += 1
-    finally:
-        os.environ["STUDY_HOME"] = str(study_home)
+    monkeypatch.setenv("STUDY_HOME", "/proc/studies")
+    _one_line_error(capsys, ["launch", str(spec), "--storage", url], "cannot create the study home")
+    tried += 1
     assert optuna.get_all_study_names(url) == studies_before
     record_bad_inputs(tried, 0)
 
@@ -129,7 +116,6 @@ VALUES = st.one_of(st.integers(-5, 300), st.floats(allow_nan=True, allow_infinit
                    st.lists(st.integers(-2, 64), max_size=3))
 KEYS = st.sampled_from(["arch", "lr", "epochs", "resize", "ratio", "batch_size", "low", "high", "choices", "log", "name", "step", "n_train"])
 TABLES = st.sampled_from(["fixed", "search", "search.lr", "search.resize", "pruner", "sampler", "presets.cpu", "conditional.vgg11", "enqueue"])
-GENERATED = {"tried": 0, "tracebacks": 0}
 
 
 def _toml_value(value) -> str:
@@ -164,19 +150,19 @@ def _no_traceback(capsys, argv: list[str]) -> None:
     except SystemExit:
         pass  # argparse: usage and exit 2, as every CLI does for an unknown flag
     captured = capsys.readouterr()
-    GENERATED["tried"] += 1
-    if "Traceback" in captured.out + captured.err or "(run with --debug" in captured.err:
-        GENERATED["tracebacks"] += 1
+    traceback = "Traceback" in captured.out + captured.err or "(run with --debug" in captured.err
+    record_bad_inputs(1, int(traceback))  # each generated input counts in the figures as it is tried
+    if traceback:
         pytest.fail(f"{argv}: {captured.err[-2000:]}")
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(spec=spec_files(), extra=st.lists(WORDS, max_size=3))
-def test_generated_spec_files_never_show_a_traceback(spec, extra, tmp_path_factory, capsys):
+def test_generated_spec_files_never_show_a_traceback(spec, extra, tmp_path_factory, capsys, monkeypatch):
     home = tmp_path_factory.mktemp("generated")
     path = home / "generated.toml"
     path.write_text(spec)
-    os.environ["STUDY_HOME"] = str(home / "studies")
+    monkeypatch.setenv("STUDY_HOME", str(home / "studies"))
     # `show` of a study that was never launched, and a launch that must fail validation before training
     # (its storage URL cannot be opened), so no example trains.
     _no_traceback(capsys, ["show", str(path)])
@@ -186,17 +172,11 @@ def test_generated_spec_files_never_show_a_traceback(spec, extra, tmp_path_facto
 
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(argv=st.lists(WORDS, min_size=1, max_size=5))
-def test_generated_command_lines_never_show_a_traceback(argv, tmp_path_factory, capsys):
+def test_generated_command_lines_never_show_a_traceback(argv, tmp_path_factory, capsys, monkeypatch):
     if argv[0] in ("launch", "worker", "ui") or "launch" in argv[:1]:
         argv = [*argv, "--storage", "nosuchdb://x/y"]  # stop before training or serving
     if argv[0] == "ui":
         return
     home = tmp_path_factory.mktemp("argv")
-    os.environ["STUDY_HOME"] = str(home / "studies")
+    monkeypatch.setenv("STUDY_HOME", str(home / "studies"))
     _no_traceback(capsys, argv)
-
-
-def test_zz_record_generated_inputs():
-    """Runs after the generated tests (file order): their counts go into the figures."""
-    record_bad_inputs(GENERATED["tried"], GENERATED["tracebacks"])
-    assert GENERATED["tried"] > 0 and GENERATED["tracebacks"] == 0

@@ -1,0 +1,70 @@
+"""Keep Optuna's journal file whole before anything appends to it.
+
+A crash or a full disk in the middle of an append leaves a torn last record: a partial line, or
+a final line that is not JSON. Optuna reads around it, but the next append would land right after
+it and fuse two records, and from then on no command could read the study. So before a journal is
+opened, under the same lock Optuna takes to append, a torn tail is moved out of the journal into
+a file of its own (kept, never deleted) and the study goes on from its last whole record. A record
+that is corrupt in the middle of the file cannot be set aside without losing what follows it: that
+is an error naming the file and the line.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from optuna.storages.journal import JournalFileSymlinkLock
+
+
+class JournalCorrupt(ValueError):
+    """A record in the middle of the journal file is not valid JSON."""
+
+
+def _whole(line: bytes) -> bool:
+    if not line.endswith(b"\n"):
+        return False
+    try:
+        json.loads(line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
+        return False
+    return True
+
+
+def torn_tail_start(content: bytes, path: Path) -> int | None:
+    """The byte offset where the journal's torn tail starts, or None when every record is whole.
+
+    Raises JournalCorrupt for a bad record followed by good ones."""
+    lines = content.splitlines(keepends=True)
+    first_bad, offset = None, 0
+    for number, line in enumerate(lines, start=1):
+        if _whole(line):
+            if first_bad is not None:
+                bad_number, _ = first_bad
+                raise JournalCorrupt(f"journal {path}: line {bad_number} is not a valid record, and whole records follow it; "
+                                     f"the file was edited or damaged in the middle: restore it from a backup")
+        elif first_bad is None:
+            first_bad = (number, offset)
+        offset += len(line)
+    return None if first_bad is None else first_bad[1]
+
+
+def repair(path: Path) -> Path | None:
+    """Move a torn tail of the journal at `path` into `<path>.torn-<time>`; returns that file, or None."""
+    if not path.is_file():
+        return None
+    lock = JournalFileSymlinkLock(str(path))  # Optuna's own append lock: no record is half-written while we look
+    lock.acquire()
+    try:
+        content = path.read_bytes()
+        start = torn_tail_start(content, path)
+        if start is None:
+            return None
+        aside = path.with_name(f"{path.name}.torn-{time.strftime('%Y%m%dT%H%M%S')}-{start}")
+        aside.write_bytes(content[start:])
+        with path.open("r+b") as journal:
+            journal.truncate(start)
+        return aside
+    finally:
+        lock.release()

@@ -1,0 +1,101 @@
+"""A journal file torn at its end (a crash or a full disk mid-append) is set aside and the study goes on;
+one damaged in the middle is an error that names the file and the line, and nothing is written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+
+import pytest
+
+from conftest import journal, run_cli
+from reliability.checks import check_consistent, record_fault, sqlite_uri
+
+TAILS = {
+    "truncated": lambda content: content[:-30],
+    "garbage line": lambda content: content + b"\x00\xffnot json at all\n",
+    "partial garbage": lambda content: content + b'{"op_code": 5, "worker_id": "x", "tri',
+}
+
+
+@pytest.mark.parametrize("tear", list(TAILS), ids=list(TAILS))
+def test_torn_tail_is_set_aside_and_the_study_goes_on(study_home, lenet_spec, tear):
+    env = {"STUDY_HOME": str(study_home)}
+    first = run_cli("launch", str(lenet_spec), "--trials", "2", "--log-model", "none", env=env)
+    assert first.returncode == 0, first.stderr
+    path = study_home / "optuna.journal"
+    path.write_bytes(TAILS[tear](path.read_bytes()))
+
+    second = run_cli("launch", str(lenet_spec), "--trials", "3", "--log-model", "none", env=env)
+    assert second.returncode == 0, second.stderr
+    aside = list(study_home.glob("optuna.journal.torn-*"))
+    assert len(aside) == 1 and aside[0].stat().st_size > 0
+    assert str(aside[0]) in second.stderr and "torn" in second.stderr
+    for command in (("show", "kill"), ("export", "kill", "-o", str(study_home / "trials.csv"))):
+        shown = run_cli(*command, env=env)
+        assert shown.returncode == 0, shown.stderr
+    record_fault(f"journal tail {tear}", 1, check_consistent("kill", journal(study_home), sqlite_uri(study_home), total=3))
+
+
+def test_journal_damaged_in_the_middle_is_an_error_that_writes_nothing(study_home, lenet_spec):
+    env = {"STUDY_HOME": str(study_home)}
+    assert run_cli("launch", str(lenet_spec), "--trials", "1", "--log-model", "none", env=env).returncode == 0
+    path = study_home / "optuna.journal"
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[2] = b"{broken\n"
+    path.write_bytes(b"".join(lines))
+    before = path.read_bytes()
+    for command in (("launch", str(lenet_spec), "--trials", "2"), ("show", "kill")):
+        result = run_cli(*command, env=env)
+        assert result.returncode == 1
+        assert result.stderr.count("\n") == 1 and f"{path}: line 3" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert path.read_bytes() == before
+    assert not list(study_home.glob("optuna.journal.torn-*"))
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 2 MiB tmpfs, so that an append can really run out of space."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", f"tmpfs-{uuid.uuid4().hex[:8]}", str(mount)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_mid_append_loses_nothing(study_home, lenet_spec, small_tmpfs):
+    """ENOSPC for real: the journal lives on a tmpfs left with a few hundred bytes free."""
+    storage = small_tmpfs / "optuna.journal"
+    env = {"STUDY_HOME": str(study_home)}
+    argv = ["launch", str(lenet_spec), "--storage", str(storage), "--log-model", "none"]
+    assert run_cli(*argv, "--trials", "1", env=env).returncode == 0
+    filler = small_tmpfs / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)  # fill the disk, then give back a little: the next appends tear
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    os.ftruncate(fd, max(os.fstat(fd).st_size - 700, 0))
+    os.close(fd)
+    full = run_cli(*argv, "--trials", "3", env=env)
+    assert full.returncode != 0 and "Traceback" not in full.stderr
+    assert "No space left on device" in full.stderr or "Errno 28" in full.stderr, full.stderr
+    filler.unlink()
+
+    again = run_cli(*argv, "--trials", "3", env=env)
+    assert again.returncode == 0, again.stderr
+    record_fault("journal append on a full disk", 1, check_consistent("kill", journal_at(storage), sqlite_uri(study_home), total=3))
+
+
+def journal_at(path):
+    import optuna
+
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))

@@ -1,0 +1,103 @@
+"""Servers that accept a connection and never answer, under the project's default settings: the launch
+ends with one line naming the address, and nothing is written. And a first launch's MLflow store is
+created whole, so an interrupted or concurrent creation cannot leave every later launch failing."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from conftest import ROOT, journal, run_cli
+from reliability.checks import check_consistent, record_fault, sqlite_uri, wait_until
+
+# The suite's own outage test shortens MLflow's waits by environment; these tests keep the defaults.
+MLFLOW_WAITS = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
+BOUND = 60  # seconds: far above what the bounded waits need, far below the hangs they replace
+
+
+@pytest.fixture
+def silent_server():
+    """A TCP port that accepts every connection and never sends a byte."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    held, stop = [], threading.Event()
+
+    def accept():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    thread.join()
+    for connection in held:
+        connection.close()
+    listener.close()
+
+
+def _default_env(**extra) -> dict:
+    env = {key: value for key, value in os.environ.items() if key not in MLFLOW_WAITS}
+    return {**env, **extra}
+
+
+def _run(*args, env):
+    return subprocess.run([sys.executable, "-m", "study", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=BOUND, check=False)
+
+
+def test_mlflow_server_that_never_answers(study_home, lenet_spec, silent_server):
+    address = f"http://127.0.0.1:{silent_server}"
+    done = _run("launch", str(lenet_spec), "--trials", "1", env=_default_env(STUDY_HOME=str(study_home), MLFLOW_TRACKING_URI=address))
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and address in done.stderr and "does not answer" in done.stderr, done.stderr
+    assert not (study_home / "optuna.journal").exists()
+
+
+def test_postgresql_server_that_never_answers(study_home, lenet_spec, silent_server):
+    address = f"postgresql://postgres@127.0.0.1:{silent_server}/study"
+    done = _run("launch", str(lenet_spec), "--trials", "1", "--storage", address, env=_default_env(STUDY_HOME=str(study_home)))
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and f"127.0.0.1:{silent_server}" in done.stderr, done.stderr
+    assert not (study_home / "mlflow.db").exists()
+
+
+def test_half_made_mlflow_store_is_named_in_one_line(study_home, lenet_spec):
+    """A store left by an older launch killed while MLflow created its tables."""
+    study_home.mkdir()
+    store = study_home / "mlflow.db"
+    with sqlite3.connect(store) as db:  # what an interrupted creation leaves: some tables, no migrations
+        db.execute("CREATE TABLE experiments (experiment_id INTEGER PRIMARY KEY, name VARCHAR(256))")
+    done = run_cli("launch", str(lenet_spec), "--trials", "1", env={"STUDY_HOME": str(study_home)})
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert str(store) in done.stderr and "move it away" in done.stderr
+    store.rename(study_home / "mlflow.db.damaged")
+    again = run_cli("launch", str(lenet_spec), "--trials", "1", "--log-model", "none", env={"STUDY_HOME": str(study_home)})
+    assert again.returncode == 0, again.stderr
+
+
+def test_first_launch_killed_while_creating_the_store_and_concurrent_first_launches(study_home, lenet_spec, tmp_path):
+    """Kill a first launch once its MLflow store is being built, then start two first launches at once."""
+    env = {**os.environ, "STUDY_HOME": str(study_home), "COLUMNS": "200"}
+    argv = [sys.executable, "-m", "study", "launch", str(lenet_spec), "--trials", "2", "--log-model", "none"]
+    first = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    building = wait_until(lambda: list(study_home.glob(".mlflow.db.building-*")) or first.poll() is not None, what="the store being built")
+    first.kill()
+    first.wait(30)
+    assert building is not True, "the launch ended before building its MLflow store"
+    racers = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [racer.communicate(timeout=600) for racer in racers]
+    assert [racer.returncode for racer in racers] == [0, 0], results
+    assert not list(study_home.glob(".mlflow.db.building-*"))
+    record_fault("first launch killed while creating the MLflow store, then 2 first launches at once", 1,
+                 check_consistent("kill", journal(study_home), sqlite_uri(study_home), total=2))
