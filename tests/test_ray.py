@@ -12,15 +12,16 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
-from reliability.checks import LENET_SPEC, check_consistent, sqlite_uri, wait_until
+from reliability.checks import check_consistent, sqlite_uri
 
-from conftest import ROOT, journal, run_cli
+from conftest import LENET, ROOT, journal, make_spec, run_cli
 
 ray_cluster_utils = pytest.importorskip("ray.cluster_utils", reason="Ray is an optional extra: pip install '.[ray]'")
 
@@ -39,6 +40,14 @@ class Holds:
 
     def held(self) -> list[Path]:
         return [p for p in self.directory.glob("*.json") if not Path(f"{p}.release").exists()]
+
+    def wait(self, count: int, process: subprocess.Popen, timeout: float = LAUNCH_TIMEOUT) -> None:
+        """Until `count` trials are held; fails if the launch ends first. `timeout` only guards against a hang."""
+        deadline = time.monotonic() + timeout
+        while len(self.held()) < count:
+            assert process.poll() is None, f"the launch ended before {count} trials were held: {process.log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {count} trials held after {timeout:g} s"
+            time.sleep(0.05)
 
     def release_all(self) -> None:
         for path in self.held():
@@ -87,8 +96,7 @@ def cluster(tmp_path_factory):
 def launch(study_home, tmp_path):
     """Start `python tests/hooked_study.py launch ... --ray ADDRESS` (the CLI with the trainer wrapped); killed at the end."""
     started: list[subprocess.Popen] = []
-    spec = tmp_path / "raystudy.toml"
-    spec.write_text(LENET_SPEC)
+    spec = make_spec(tmp_path, "raystudy", LENET)
 
     def start(address: str, trials: int, *extra: str) -> subprocess.Popen:
         log = open(tmp_path / f"launch-{len(started)}.log", "w")  # noqa: SIM115 -- kept by the process
@@ -135,8 +143,7 @@ def test_ctrl_c_stops_the_actors_and_records_running_trials_interrupted(cluster,
     instance, holds = cluster
     holds.auto.clear()
     process = launch(instance.address, 3)
-    wait_until(lambda: len(holds.held()) == 2, timeout=LAUNCH_TIMEOUT, what="two trials held in their actors", alive=lambda: process.poll() is None)
-    assert len(holds.held()) == 2, process.log.read_text()
+    holds.wait(2, process)
     process.send_signal(signal.SIGINT)
     code, output = _finish(process)
     assert code == 130, output
@@ -157,8 +164,7 @@ def test_a_node_stopped_mid_trial_loses_nothing(cluster, launch, study_home):
     holds.auto.clear()
     process = launch(instance.address, 4)
     # Both slots hold a trial, one on each node (one CPU each): the worker node's trial is provably mid-trial.
-    wait_until(lambda: len(holds.held()) == 2, timeout=LAUNCH_TIMEOUT, what="two trials held in their actors", alive=lambda: process.poll() is None)
-    assert len(holds.held()) == 2, process.log.read_text()
+    holds.wait(2, process)
     worker_node = instance.list_all_nodes()[1]
     lost_node = f"/{worker_node.node_id}"
     instance.remove_node(worker_node, allow_graceful=True)  # as `ray stop` on that machine

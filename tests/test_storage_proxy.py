@@ -6,13 +6,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import optuna
 import pytest
 from optuna.trial import TrialState
-from reliability.checks import LENET_SPEC, check_consistent, sqlite_uri, wait_until
+from reliability.checks import check_consistent, sqlite_uri
 
-from conftest import ROOT, free_port, postgres_database, run_cli
+from conftest import LENET, ROOT, free_port, make_spec, postgres_database, run_cli
 
 pytest.importorskip("grpc", reason="the gRPC proxy is in the optional extra: pip install '.[ray]'")
 
@@ -27,8 +28,11 @@ def proxy(tmp_path):
             process = subprocess.Popen([sys.executable, "-m", "study", "serve-storage", "--storage", url, "--port", str(port)], cwd=ROOT,
                                        stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         try:
-            wait_until(lambda: "serving" in log.read_text(), timeout=120, what="serve-storage", alive=lambda: process.poll() is None)
-            assert process.poll() is None, log.read_text()
+            deadline = time.monotonic() + 300  # a guard against a hang, not a speed limit
+            while "serving" not in log.read_text():
+                assert process.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "serve-storage did not start"
+                time.sleep(0.1)
             yield f"grpc://127.0.0.1:{port}", url
         finally:
             process.send_signal(signal.SIGINT)
@@ -52,8 +56,7 @@ def test_the_proxy_refuses_trials_beyond_the_total(proxy):
 
 def test_a_study_runs_through_the_proxy(proxy, study_home, tmp_path):
     grpc_url, postgres_url = proxy
-    spec = tmp_path / "proxied.toml"
-    spec.write_text(LENET_SPEC)
+    spec = make_spec(tmp_path, "proxied", LENET)
     result = run_cli("launch", str(spec), "--trials", "3", "--preset", "cpu", "--log-model", "none", "--storage", grpc_url)
     assert result.returncode == 0, result.stderr
     check_consistent("proxied", optuna.storages.RDBStorage(postgres_url), sqlite_uri(study_home), total=3)
