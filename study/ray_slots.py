@@ -193,6 +193,6 @@ def ray_slots(workers: int | None, trials_per_gpu: int) -> Callable[[FashionMNIS
         gpus = int(ray.cluster_resources().get("GPU", 0))
         options = {"num_gpus": 1 / trials_per_gpu, "num_cpus": 0} if gpus else {"num_cpus": 1}
         count = workers or capacity(trials_per_gpu)
-        return [RaySlot(arrays_ref, options, threads=1 if not gpus else 2) for _ in range(count)]
+        return [RaySlot(arrays_ref, options, threads=1) for _ in range(count)]  # one CPU each; on a GPU the CPU only feeds it
 
     return make
