@@ -7,6 +7,7 @@ beside the report, which may not import study/, and study/ imports it from here.
 A trial of a launched study carries, as user attributes:
     config          the fully resolved TrainConfig (`dataclasses.asdict`): what trained, fixed settings included
     host, pid       the process running it, so a dead process is noticed (journal storage)
+    node            where it trained: this host, or on a Ray cluster `hostname/Ray node id` (also an MLflow tag)
     mlflow_run_id   its MLflow child run
     RESULT_FIELDS   the TrainResult numbers, once it finished training; `device` its device name,
                     `peak_memory_source` what its peak memory measured
@@ -39,6 +40,7 @@ from objectives.train import TrainConfig, TrainResult
 CONFIG = "config"
 HOST = "host"
 PID = "pid"
+NODE = "node"
 MLFLOW_RUN_ID = "mlflow_run_id"
 DEVICE = "device"
 PEAK_MEMORY_SOURCE = "peak_memory_source"  # what peak_memory_bytes measured (objectives.memory.SOURCES)

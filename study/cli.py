@@ -1,4 +1,4 @@
-"""`python -m study COMMAND`: launch, worker, confirm, finalize, list, show, export, report, inspect, ui.
+"""`python -m study COMMAND`: launch, worker, confirm, finalize, list, show, export, report, inspect, ui, serve-storage.
 
 Each command is one function taking the parsed arguments and returning an exit code.
 User mistakes become one line on stderr and exit 1; `--debug` shows the traceback.
@@ -104,14 +104,15 @@ def _run_study(args, join: bool) -> int:
         args.budget = Budget.parse(args.budget)
     if args.register is not None and (args.log_model == "none" or not args.register.strip()):
         raise ValueError(f"--register {args.register!r}: give a model name, and keep --log-model best or all so there is a model to register")
-    slots = devices(args.workers, args.gpus, args.trials_per_gpu)
+    ray_slots = _ray_slots(args) if getattr(args, "ray", None) else None
+    slots = [] if ray_slots else devices(args.workers, args.gpus, args.trials_per_gpu)
     spec = load_spec(args.name)
     from study.launch import report_path
 
     output = None if join else _report_output(args.output, report_path(home(), [spec.name]))
     handling = _interrupt_once()
     try:
-        return _launch(args, request, spec, slots, output)
+        return _launch(args, request, spec, slots, ray_slots, output)
     finally:
         if handling is not None:
             previous, stopping = handling
@@ -120,7 +121,25 @@ def _run_study(args, join: bool) -> int:
                 signal.signal(signum, signal.SIG_IGN if stopping.is_set() else handler)
 
 
-def _launch(args, request, spec, slots: list[str], output: Path | None) -> int:
+def _ray_slots(args):
+    """--ray ADDRESS: the trial slots as actors on that Ray cluster, which places them; checked and connected up front."""
+    if args.gpus is not None:
+        raise ValueError(f"--gpus {args.gpus} picks GPUs of this machine; with --ray, Ray places the trials (use --trials-per-gpu and --workers)")
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be >= 1; got {args.workers}")
+    if args.trials_per_gpu < 1:
+        raise ValueError(f"--trials-per-gpu must be >= 1; got {args.trials_per_gpu}")
+    try:
+        import ray  # noqa: F401 -- before the slower imports of study.ray_slots
+    except ImportError:
+        raise ValueError(f"--ray {args.ray}: Ray is not installed; install it with pip install '.[ray]'") from None
+    from study.ray_slots import connect, ray_slots
+
+    connect(args.ray)
+    return ray_slots(args.workers, args.trials_per_gpu)
+
+
+def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | None) -> int:
     import optuna
 
     from dashboards import write_report
@@ -151,10 +170,12 @@ def _launch(args, request, spec, slots: list[str], output: Path | None) -> int:
         tracker.describe_study(spec.path.read_text(), settings.preset, storage_label, type(study.sampler).__name__, type(study.pruner).__name__)
     if args.log_model != "none":
         console.print(PICKLE_NOTE)
-    if len(slots) > 1:
+    if ray_slots:
+        console.print(f"Ray cluster {args.ray}: trials run as Ray actors, {args.workers or 'as many as the cluster holds'} at once")
+    elif len(slots) > 1:
         console.print(f"{len(slots)} workers: {', '.join('cpu' if d == 'auto' else d for d in slots)}")
     try:
-        run_launch(session, tracker, console, slots, args.timeout, args.data_dir, args.log_model, budget=args.budget)
+        run_launch(session, tracker, console, slots, args.timeout, args.data_dir, args.log_model, budget=args.budget, make_slots=ray_slots)
     except KeyboardInterrupt:
         if not request.join:
             tracker.close_parent("KILLED")
@@ -473,6 +494,25 @@ def _stop_group(server: subprocess.Popen) -> None:
             time.sleep(0.1)
 
 
+def cmd_serve_storage(args) -> int:
+    """Optuna's gRPC storage proxy in front of --storage, for many workers (study/storage_proxy.py)."""
+    from study.storage import mask, open_storage
+
+    if args.storage.startswith("grpc://"):
+        raise ValueError(f"--storage {args.storage}: give the storage the proxy serves (postgresql://..., a journal file), not another proxy")
+    try:
+        from study.storage_proxy import serve
+    except ImportError:
+        raise ValueError("serve-storage: the gRPC server is not installed; install it with pip install '.[ray]'") from None
+    server = serve(open_storage(args.storage), args.host, args.port)
+    print(f"serving {mask(args.storage)} on grpc://{args.host}:{args.port}; workers use --storage grpc://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
+    try:
+        server.wait_for_termination()
+    except KeyboardInterrupt:
+        server.stop(grace=5)
+    return 0
+
+
 def _add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, help="trials run at once, one worker process each (default: one per GPU slot, 1 on a CPU)")
     parser.add_argument("--gpus", help="GPU indices to use, e.g. 0,1 (default: every visible GPU)")
@@ -505,7 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m study", description="Optuna studies of classic CNNs on Fashion-MNIST, tracked in MLflow.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    storage_help = "Optuna storage: a journal file path or an SQLAlchemy URL such as postgresql://host/db (default: $STUDY_HOME/optuna.journal)"
+    storage_help = ("Optuna storage: a journal file path, an SQLAlchemy URL such as postgresql://host/db, or grpc://host:port of a "
+                    "`serve-storage` proxy (default: $STUDY_HOME/optuna.journal)")
 
     launch = commands.add_parser("launch", help="run (or resume) a study")
     launch.add_argument("name", help="a shipped study (see `list`) or a path to a .toml spec")
@@ -526,6 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="trained networks logged to MLflow as PyTorch models, with a test-set confusion matrix: "
                              "each new best trial, every trial, or none (default: best)")
     launch.add_argument("--register", metavar="NAME", help="register the study's best model in the MLflow model registry under NAME")
+    launch.add_argument("--ray", metavar="ADDRESS", help="run the trials as actors on a Ray cluster: auto (the cluster this machine belongs to), "
+                                                         "ray://host:port or a host:port GCS address; --workers caps how many run at once "
+                                                         "(default: the cluster's capacity); needs pip install '.[ray]'")
     launch.set_defaults(run=cmd_launch)
 
     worker = commands.add_parser("worker", help="join a launched study (from this or another machine) and run trials until its total is reached")
@@ -583,6 +627,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--ratio", type=int, default=1, help="channel divisor (default: 1)")
     inspect.add_argument("--format", choices=["table", "csv", "json"], default="table")
     inspect.set_defaults(run=cmd_inspect)
+
+    serve = commands.add_parser("serve-storage", help="serve a storage to many workers through Optuna's gRPC proxy (workers: --storage grpc://HOST:PORT)")
+    serve.add_argument("--storage", required=True, help="the storage it serves: postgresql://host/db, or a journal file path")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only; 0.0.0.0 for every machine)")
+    serve.add_argument("--port", type=int, default=13000, help="default: 13000")
+    serve.set_defaults(run=cmd_serve_storage)
 
     ui = commands.add_parser("ui", help="serve the MLflow UI on the studies' tracking store")
     ui.add_argument("--port", type=int, default=5000, help="default: 5000")

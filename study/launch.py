@@ -24,16 +24,15 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-import objectives
 from dashboards import record
 from objectives import DeviceOutOfMemoryError, DivergedError, FashionMNIST, TrainResult, load_fashion_mnist
 from study import budget as costs
 from study.costprune import CostBucketPruner, bucket
-from study.pool import Worker, WorkerDied, cpu_threads
+from study.pool import InProcess, WorkerDied, local_slots
 from study.reconcile import reconcile
 from study.recovery import HeartbeatRecovery, JournalRecovery, recovery_for
 from study.session import Session
-from study.storage import claim_lock, heartbeat_enabled, mask
+from study.storage import StudyFull, claim_lock, heartbeat_enabled, mask
 from study.tracking import Tracker
 
 
@@ -59,7 +58,7 @@ class TrialRunner:
     budget_stop: str | None = None      # why the budget stopped the study
     cost_pruner: CostBucketPruner | None = None  # accuracy,cost studies: pruning against trials of similar cost
     # confirm: what a trial trains (default: the plan's draw) and extra tags on its MLflow run
-    config_for: Callable[[optuna.Trial], objectives.TrainConfig] | None = None
+    config_for: Callable[[optuna.Trial], TrainConfig] | None = None
     run_tags: Callable[[optuna.Trial], dict] | None = None
     running_cost: dict[int, float] = field(default_factory=dict)  # trial id -> predicted cost counted against the budget
     cost_history: optuna.Study | None = None  # confirm: the original study, whose trials measured this device's throughput too
@@ -81,14 +80,17 @@ class TrialRunner:
             self.console.print(f"MLflow write failed ({self.tracking_error}); finishing the running trials into the Optuna storage only")
             return None
 
-    def run_trial(self, train_fn: Callable, claim: Callable[[], bool], device: str | None = None) -> optuna.trial.FrozenTrial | None:
-        """One trial: ask, train with `train_fn(config, on_epoch)`, tell. None when `claim` says the study is full."""
+    def run_trial(self, slot, claim: Callable[[], bool]) -> optuna.trial.FrozenTrial | None:
+        """One trial: ask, train on `slot` (study.pool), tell. None when `claim` says the study is full."""
         storage = self.session.storage
         with self.lock:
             with claim_lock(storage, self.study.study_name):
                 if not claim():
                     return None
-                trial = self.study.ask()
+                try:
+                    trial = self.study.ask()
+                except StudyFull:  # the storage proxy's own count: other workers took the last trials
+                    return None
                 if heartbeat_enabled(storage):
                     # At once, not at the next beat: Optuna ignores trials without heartbeats, so a worker killed
                     # before its first beat would leave its trial RUNNING for ever.
@@ -96,9 +98,10 @@ class TrialRunner:
             self.in_flight.add(trial._trial_id)
             trial.set_user_attr(record.HOST, socket.gethostname())
             trial.set_user_attr(record.PID, os.getpid())
+            trial.set_user_attr(record.NODE, slot.node)
             config = (self.config_for or self.session.settings.plan.trial_config)(trial)
-            if device is not None:
-                config = dataclasses.replace(config, device=device)
+            if slot.device is not None:
+                config = dataclasses.replace(config, device=slot.device)
             trial.set_user_attr(record.CONFIG, dataclasses.asdict(config))
             trials = self.study.get_trials(deepcopy=False)
             prediction = costs.predict(config, trials + (self.cost_history.get_trials(deepcopy=False) if self.cost_history else []))
@@ -108,6 +111,7 @@ class TrialRunner:
             run_id = self.track(self.tracker.start_trial, trial.number, config, trial.params, self.data, self.run_tags(trial) if self.run_tags else None)
             if run_id is not None:
                 trial.set_user_attr(record.MLFLOW_RUN_ID, run_id)
+                self.track(self.tracker.client.set_tag, run_id, record.NODE, slot.node)
             if refusal:
                 # Not run; queued again, so a launch with a larger budget runs this configuration first.
                 trial.set_user_attr(record.FAIL_REASON, refusal)
@@ -122,7 +126,7 @@ class TrialRunner:
             if self.budget:
                 self.running_cost[trial._trial_id] = self.budget.cost(prediction)
         try:
-            return self._train_and_tell(trial, config, run_id, train_fn)
+            return self._train_and_tell(trial, config, run_id, slot.train)
         finally:
             self.in_flight.discard(trial._trial_id)
             self.running_cost.pop(trial._trial_id, None)
@@ -145,19 +149,16 @@ class TrialRunner:
 
         try:
             result: TrainResult = train_fn(config, on_epoch)
-        except (DivergedError, DeviceOutOfMemoryError, WorkerDied) as error:
-            reason = str(error) if isinstance(error, WorkerDied) else f"{'diverged' if isinstance(error, DivergedError) else 'out of memory'}: {error}"
+        except (DivergedError, DeviceOutOfMemoryError) as error:
+            reason = f"{'diverged' if isinstance(error, DivergedError) else 'out of memory'}: {error}"
             with self.lock:
                 trial.set_user_attr(record.FAIL_REASON, reason)
                 self._finish(run_id, "FAIL", reason=reason)
                 return self.study.tell(trial, state=TrialState.FAIL)
+        except WorkerDied as error:  # its process, Ray actor or node is gone: the trial runs again once, elsewhere
+            return self._interrupted(trial, run_id, str(error))
         except KeyboardInterrupt:
-            with self.lock:
-                trial.set_user_attr(record.FAIL_REASON, "interrupted")
-                trial.set_user_attr(record.INTERRUPTED, True)
-                frozen = self.study.tell(trial, state=TrialState.FAIL)
-                self._finish(run_id, "INTERRUPTED", reason="interrupted")
-                record.retry(self.study, frozen)
+            self._interrupted(trial, run_id, "interrupted")
             raise
         except BaseException as error:
             reason = f"{type(error).__name__}: {error}".splitlines()[0]
@@ -179,6 +180,16 @@ class TrialRunner:
                 frozen = self.study.tell(trial, result.val_accuracy)
             if run_id is not None and self._keeps_model(frozen):
                 self.track(self.tracker.log_model, run_id, frozen.number, result, self.data)
+            return frozen
+
+    def _interrupted(self, trial: optuna.Trial, run_id: str | None, reason: str) -> optuna.trial.FrozenTrial:
+        """A trial that could not run to its end: FAIL with the reason, MLflow KILLED, queued once more."""
+        with self.lock:
+            trial.set_user_attr(record.FAIL_REASON, reason)
+            trial.set_user_attr(record.INTERRUPTED, True)
+            frozen = self.study.tell(trial, state=TrialState.FAIL)
+            self._finish(run_id, "INTERRUPTED", reason=reason)
+            record.retry(self.study, frozen)
             return frozen
 
     def _keeps_model(self, frozen: optuna.trial.FrozenTrial) -> bool:
@@ -205,11 +216,11 @@ class TrialRunner:
 
 @dataclass
 class Scheduler:
-    """Trial slots (one per device entry), each a thread running trials until the study holds its total."""
+    """Trial slots (study.pool, study.ray_slots), each driven by a thread running trials until the study holds its total."""
 
     runner: TrialRunner
     recovery: JournalRecovery | HeartbeatRecovery
-    devices: list[str]           # one per slot: "auto" or "cuda:N"
+    make_slots: Callable[[FashionMNIST], list]  # the slots, given the data the launcher loaded
     data_dir: str | None = None
     deadline: float | None = None  # time.monotonic() after which no trial starts
     ran: int = 0                 # trials this launch finished
@@ -224,8 +235,9 @@ class Scheduler:
     def run(self) -> int:
         """Run trials until the study holds its total; returns how many this launch ran.
 
-        One slot trains in this process. Several get a worker process each, driven by one thread each running
-        the same trial loop; the runner's lock keeps this process the only writer of the storage and MLflow.
+        A slot in this process runs the trial loop itself. Other slots (worker processes, Ray actors) are driven by
+        one thread each running the same loop; the runner's lock keeps this process the only writer of the storage
+        and MLflow.
         """
         runner, total = self.runner, self.runner.session.settings.total
         with runner.lock:
@@ -241,14 +253,8 @@ class Scheduler:
             runner.console.print(f"study {self.study.study_name} already holds {done} finished trials (asked for {total}); nothing to run")
             return 0
         # Loaded here also with worker processes: MLflow's dataset input and the logged models' test predictions need it.
-        runner.data = data = load_fashion_mnist(self.data_dir)
-        workers = []
-        if len(self.devices) == 1:
-            # objectives.train looked up at each call, so a wrapped trainer is the one that runs.
-            slots = [(lambda config, on_epoch: objectives.train(config, data, on_epoch), None if self.devices[0] == "auto" else self.devices[0])]
-        else:
-            workers = [Worker(device, self.data_dir, cpu_threads(len(self.devices))) for device in self.devices]
-            slots = [(worker.train, None if worker.device == "auto" else worker.device) for worker in workers]
+        runner.data = load_fashion_mnist(self.data_dir)
+        slots = self.make_slots(runner.data)
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("best {task.fields[best]}"),
                    TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[cost]}"))
         stop = threading.Event()
@@ -258,44 +264,44 @@ class Scheduler:
             heartbeat = threading.Thread(target=self._beat, args=(stop,), daemon=True)
             heartbeat.start()
             try:
-                if len(slots) == 1:
-                    self._slot_loop(*slots[0])
+                if isinstance(slots[0], InProcess):
+                    self._slot_loop(slots[0])
                 else:
-                    self._run_threads(slots, workers)
+                    self._run_threads(slots)
             finally:
                 stop.set()
-                for worker in workers:
-                    worker.stop()
+                for slot in slots:
+                    slot.stop()
         if runner.tracking_error is not None:
             raise TrackingUnavailable(f"MLflow at {mask(runner.tracker.client.tracking_uri)} failed ({runner.tracking_error}); the {self.ran} trials of this launch "
                                       "are kept in the Optuna storage; launch again once MLflow is back and their MLflow records are written then")
         return self.ran
 
-    def _run_threads(self, slots, workers) -> None:
+    def _run_threads(self, slots: list) -> None:
         errors: list[BaseException] = []
         finished = [threading.Event() for _ in slots]
 
-        def loop(train_fn, device, done):
+        def loop(slot, done):
             try:
-                self._slot_loop(train_fn, device)
+                self._slot_loop(slot)
             except BaseException as error:  # noqa: BLE001 -- re-raised by the main thread
                 errors.append(error)
                 self.runner.stopping.set()
-                for worker in workers:
-                    worker.stop()  # one unexpected error ends the launch, as it does with one worker
+                for other in slots:
+                    other.stop()  # one unexpected error ends the launch, as it does with one slot
             finally:
                 done.set()
 
         for slot, done in zip(slots, finished):
-            threading.Thread(target=loop, args=(*slot, done), daemon=True).start()
+            threading.Thread(target=loop, args=(slot, done), daemon=True).start()
         # Events rather than Thread.join: a join cut short by Ctrl-C may not wait for its thread again.
         try:
             while not all(done.wait(0.2) for done in finished):
                 pass
         except KeyboardInterrupt:
             self.runner.stopping.set()
-            for worker in workers:
-                worker.stop()  # each running trial then records itself as interrupted
+            for slot in slots:
+                slot.stop()  # each running trial then records itself as interrupted
             for done in finished:
                 done.wait()
             raise
@@ -303,7 +309,7 @@ class Scheduler:
         if real:
             raise real[0]
 
-    def _slot_loop(self, train_fn, device) -> None:
+    def _slot_loop(self, slot) -> None:
         """Run trials until the study holds its total, waiting while other workers' trials could still reach it."""
         runner, total = self.runner, self.runner.session.settings.total
         counts = {"done": 0, "running": 0}
@@ -321,7 +327,12 @@ class Scheduler:
             if self.deadline is not None and time.monotonic() > self.deadline:
                 self.timed_out = True
                 return
-            frozen = runner.run_trial(train_fn, claim, device)
+            if not slot.ready(1.0):  # a Ray actor that no node has room for yet: ask for no trial until it has
+                with runner.lock:
+                    if runner.stopping.is_set() or record.count_done(self.study.get_trials(deepcopy=False)) >= total:
+                        return
+                continue
+            frozen = runner.run_trial(slot, claim)
             if frozen is None:
                 if runner.stopping.is_set() or counts["done"] >= total:
                     return
@@ -375,13 +386,16 @@ class Scheduler:
 
 
 def run_launch(session: Session, tracker: Tracker, console: Console, devices: list[str], timeout: float | None = None,
-               data_dir: str | None = None, log_model: str = "best", budget: costs.Budget | None = None) -> int:
-    """Run the session's study until it holds its total, its budget is spent (or `timeout` seconds pass); returns the trials run."""
+               data_dir: str | None = None, log_model: str = "best", budget: costs.Budget | None = None,
+               make_slots: Callable[[FashionMNIST], list] | None = None) -> int:
+    """Run the session's study until it holds its total, its budget is spent (or `timeout` seconds pass); returns the trials run.
+
+    The trials run on `devices` of this machine, or on the slots `make_slots` gives (study.ray_slots)."""
     runner = TrialRunner(session, tracker, console, log_model=log_model, budget=budget)
     if session.settings.cost is not None:
         runner.cost_pruner = CostBucketPruner.from_settings(session.settings.pruner)
     recovery = recovery_for(session.study, session.storage, tracker, console, session.settings.plan, runner.track)
-    scheduler = Scheduler(runner, recovery, devices or ["auto"], data_dir, None if timeout is None else time.monotonic() + timeout)
+    scheduler = Scheduler(runner, recovery, make_slots or local_slots(devices or ["auto"], data_dir), data_dir, None if timeout is None else time.monotonic() + timeout)
     ran = scheduler.run()
     if scheduler.timed_out:
         console.print(f"timeout of {timeout:g} s reached after {ran} trials; launch again to continue")

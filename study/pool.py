@@ -1,5 +1,9 @@
-"""Trial worker processes: each holds the data on its device, trains one config at a time, and streams
+"""Trial slots on this machine: each holds the data on its device, trains one config at a time, and streams
 per-epoch metrics back to the launcher, which reports, prunes and logs.
+
+A trial slot is any object with `device` (None or "cuda:N"), `node` (where it trains), `ready(timeout)` (True
+once it can train), `train(config, on_epoch) -> TrainResult` and `stop()`. Two kinds live here: `InProcess`
+(one slot, in the launcher's process) and `Worker` (a process of its own); study.ray_slots adds Ray actors.
 
 So locally the launcher stays the only writer of the Optuna storage and the MLflow store, and the
 trainer stays free of Optuna and MLflow. A worker is a spawned process (CUDA cannot be forked);
@@ -15,9 +19,11 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import socket
 from collections.abc import Callable
 
-from objectives import DeviceOutOfMemoryError, DivergedError, EpochMetrics, TrainConfig, TrainResult
+import objectives
+from objectives import DeviceOutOfMemoryError, DivergedError, EpochMetrics, FashionMNIST, TrainConfig, TrainResult
 
 ERRORS = {"diverged": DivergedError, "out of memory": DeviceOutOfMemoryError}
 
@@ -62,12 +68,31 @@ def _serve(conn, data_dir: str | None, threads: int) -> None:
         conn.send(("result", result))
 
 
+class InProcess:
+    """The one trial slot of a single-device launch: trains in the launcher's process, on the data it holds."""
+
+    def __init__(self, device: str, data: FashionMNIST):
+        self.device = None if device == "auto" else device
+        self.data = data
+        self.node = socket.gethostname()
+
+    def ready(self, timeout: float) -> bool:
+        return True
+
+    def train(self, config: TrainConfig, on_epoch: Callable[[EpochMetrics], bool]) -> TrainResult:
+        return objectives.train(config, self.data, on_epoch)  # looked up at each call, so a wrapped trainer is the one that runs
+
+    def stop(self) -> None:
+        pass  # Ctrl-C reaches the training in this process directly
+
+
 class Worker:
     """One trial slot: a process pinned to one device."""
 
     def __init__(self, device: str, data_dir: str | None, threads: int):
-        self.device = device  # "auto" (the CPU here) or "cuda:N"
+        self.device = None if device == "auto" else device  # None: the CPU here
         self.data_dir, self.threads = data_dir, threads
+        self.node = socket.gethostname()
         self.process = None
         self.stopping = False
 
@@ -89,6 +114,11 @@ class Worker:
             code = self.process.exitcode
             self.process = None
             raise WorkerDied(f"worker process died (exit code {code})") from None
+
+    def ready(self, timeout: float) -> bool:
+        if self.process is None and not self.stopping:
+            self.start()  # returns once the process holds the data
+        return not self.stopping
 
     def train(self, config: TrainConfig, on_epoch: Callable[[EpochMetrics], bool]) -> TrainResult:
         if self.stopping:
@@ -122,6 +152,17 @@ class Worker:
             self.process.kill()
             self.process.join(5)
             self.process = None
+
+
+def local_slots(devices: list[str], data_dir: str | None) -> Callable[[FashionMNIST], list]:
+    """The launch's trial slots on this machine, one per device entry, made once the launcher holds the data."""
+
+    def make(data: FashionMNIST) -> list:
+        if len(devices) == 1:
+            return [InProcess(devices[0], data)]
+        return [Worker(device, data_dir, cpu_threads(len(devices))) for device in devices]
+
+    return make
 
 
 def cpu_threads(workers: int) -> int:

@@ -2,7 +2,8 @@
 
 Default: $STUDY_HOME (or ./studies) holding `optuna.journal` (Optuna's journal file,
 safe for several processes and safe to reopen), `mlflow.db`, `mlartifacts/` and `reports/`.
-`--storage` takes any Optuna storage URL (sqlite:///..., postgresql://...) or a journal file path.
+`--storage` takes any Optuna storage URL (sqlite:///..., postgresql://...), a journal file path, or
+grpc://host:port for Optuna's storage proxy (`python -m study serve-storage`, study/storage_proxy.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ CONNECT_TIMEOUT = 10  # seconds to connect to a database server
 
 class StorageError(RuntimeError):
     """The storage URL is malformed or the storage cannot be reached."""
+
+
+class StudyFull(RuntimeError):
+    """The storage proxy refused a new trial: finished and running trials already make up the study's total."""
 
 
 def home() -> Path:
@@ -85,6 +90,8 @@ def open_storage(url: str | None, heartbeat: int | None = None) -> optuna.storag
             print(f"journal {path}: its last record was torn (a crash or a full disk mid-write); moved it to {aside} "
                   "and went on from the last whole record", file=sys.stderr)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith("grpc://"):
+        return _proxy(url)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -102,6 +109,21 @@ def open_storage(url: str | None, heartbeat: int | None = None) -> optuna.storag
     except Exception as error:  # noqa: BLE001 -- sqlalchemy raises several types for bad URLs and unreachable servers
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise StorageError(f"cannot open storage {mask(url)}: {first_line}") from None
+
+
+def _proxy(url: str) -> optuna.storages.BaseStorage:
+    """grpc://host:port: a client of the storage proxy that `python -m study serve-storage` runs."""
+    host, _, port = url.removeprefix("grpc://").rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise StorageError(f"storage {url}: give grpc://HOST:PORT, e.g. grpc://127.0.0.1:13000")
+    try:
+        from study.storage_proxy import connect
+    except ImportError:
+        raise StorageError(f"storage {url}: the gRPC client is not installed; install it with pip install '.[ray]'") from None
+    try:
+        return connect(host, int(port))
+    except ConnectionError:
+        raise StorageError(f"storage {url}: no storage proxy answers there; start one with `python -m study serve-storage --storage URL --port {port}`") from None
 
 
 def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:

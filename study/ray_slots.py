@@ -1,0 +1,198 @@
+"""Trial slots as Ray actors: `launch NAME --ray ADDRESS` makes the launcher a Ray driver.
+
+A `RaySlot` is the Ray implementation of a trial slot (study.pool holds the local ones, in this process and
+in worker processes): the same `ready`, `train(config, on_epoch) -> TrainResult` and `stop`. Its actor holds
+the data, trains one TrainConfig at a time in a thread of its own, and hands each ("epoch", EpochMetrics)
+to the launcher, which answers prune or go on; so the launcher stays the only writer of the Optuna storage
+and of MLflow, as with local workers:
+
+    driver -> actor   start(config)     train this
+    driver -> actor   next()            the actor's next message: ("epoch", EpochMetrics), ("result", TrainResult)
+                                        or ("error", kind, message)
+    driver -> actor   answer(stop)      after an epoch: True stops the trial (pruning)
+
+Ray places the actors: `num_gpus = 1 / trials_per_gpu` each on a cluster with GPUs, one CPU each on a CPU
+cluster. The verified data goes into Ray's object store once; every actor, on whatever node, reads it from
+there and checks its digest, so no node needs the files or the internet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import signal
+import socket
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError
+
+import objectives
+from objectives import DataError, DeviceOutOfMemoryError, DivergedError, EpochMetrics, FashionMNIST, TrainConfig, TrainResult
+from study.pool import ERRORS, WorkerDied
+
+SPLITS = ("train_images", "train_labels", "val_images", "val_labels", "test_images", "test_labels")
+
+
+def connect(address: str) -> None:
+    """Join the Ray cluster at `address` (auto, ray://host:port, or a host:port GCS address) as its driver."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise ConnectionError(f"--ray {address}: no Ray cluster there ({str(error).strip().splitlines()[0]}); "
+                              "start one with `ray start --head`, or give its address") from None
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)  # ray.init takes SIGTERM; it stops the launch as Ctrl-C does
+
+
+def _arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    """md5 over the arrays as they travel: what an actor received is what the driver verified and sent."""
+    digest = hashlib.md5()
+    for name in SPLITS:
+        digest.update(np.ascontiguousarray(arrays[name]).data)
+    return digest.hexdigest()
+
+
+@ray.remote(max_restarts=0, max_concurrency=4)
+class TrialActor:
+    """One trial slot on a Ray node: the data in memory, one training at a time in a thread."""
+
+    def __init__(self, arrays: dict, threads: int):
+        self.arrays, self.threads = arrays, threads
+        self.data: FashionMNIST | None = None
+        self.outbox: queue.Queue = queue.Queue()
+        self.inbox: queue.Queue = queue.Queue()
+
+    def node(self) -> str:
+        """Check and unpack the data (once), then say where this actor runs: hostname and Ray node id."""
+        if self.data is None:
+            if _arrays_digest(self.arrays) != self.arrays["digest"]:
+                raise DataError("Fashion-MNIST arrays from Ray's object store do not match the digest the launcher sent")
+            torch.set_num_threads(self.threads)
+            tensors = {name: torch.from_numpy(self.arrays[name].copy()) for name in SPLITS}  # the store's arrays are read-only
+            self.data = FashionMNIST(**tensors, source=self.arrays["source"], digest=self.arrays["files_digest"])
+            self.arrays = None
+        return f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()}"
+
+    def start(self, config: TrainConfig) -> None:
+        threading.Thread(target=self._train, args=(config,), daemon=True).start()
+
+    def next(self):
+        return self.outbox.get()
+
+    def answer(self, stop: bool) -> None:
+        self.inbox.put(stop)
+
+    def _train(self, config: TrainConfig) -> None:
+        def on_epoch(metrics: EpochMetrics) -> bool:
+            self.outbox.put(("epoch", metrics))
+            return self.inbox.get()
+
+        try:
+            result = objectives.train(config, self.data, on_epoch)  # looked up at each call, so a wrapped trainer runs
+        except (DivergedError, DeviceOutOfMemoryError) as error:
+            self.outbox.put(("error", "diverged" if isinstance(error, DivergedError) else "out of memory", str(error)))
+            return
+        except Exception as error:  # noqa: BLE001 -- sent back so the launcher records it on the trial
+            self.outbox.put(("error", type(error).__name__, str(error)))
+            return
+        if result.model is not None:
+            result.model = result.model.to("cpu")  # the driver may have no GPU to unpickle a CUDA tensor on
+        self.outbox.put(("result", result))
+
+
+class RaySlot:
+    """One trial slot as a Ray actor, started (again) whenever it has none: after a lost node, Ray places the new one."""
+
+    device = None  # the actor trains on what Ray gave it: "auto" finds its GPU (CUDA_VISIBLE_DEVICES) or the CPU
+
+    def __init__(self, arrays_ref: ray.ObjectRef, options: dict, threads: int):
+        self.arrays_ref, self.options, self.threads = arrays_ref, options, threads
+        self.actor = None
+        self.placed = None  # the ObjectRef of the actor's node(): ready once the data is unpacked
+        self.node: str | None = None
+        self.stopping = False
+
+    def ready(self, timeout: float) -> bool:
+        """True once the actor runs and holds the data; False while Ray has no room for it yet."""
+        if self.stopping:
+            return False
+        if self.actor is None:
+            self.actor = TrialActor.options(**self.options).remote(self.arrays_ref, self.threads)
+            self.placed, self.node = self.actor.node.remote(), None
+        if self.node is None:
+            try:
+                self.node = ray.get(self.placed, timeout=timeout)
+            except GetTimeoutError:
+                return False
+            except RayActorError:
+                self.actor = None  # its node went away before it started; the next call places a new one
+                return False
+        return True
+
+    def train(self, config: TrainConfig, on_epoch: Callable[[EpochMetrics], bool]) -> TrainResult:
+        while not self.ready(1.0):
+            if self.stopping:
+                raise KeyboardInterrupt
+        self._call(self.actor.start.remote(config))
+        while True:
+            message = self._call(self.actor.next.remote())
+            if message[0] == "epoch":
+                try:
+                    stop = bool(on_epoch(message[1]))
+                except BaseException:
+                    self._end()  # it waits for an answer that will not come; the next trial gets a fresh actor
+                    raise
+                self._call(self.actor.answer.remote(stop))
+            elif message[0] == "result":
+                return message[1]
+            else:
+                _, kind, text = message
+                raise ERRORS.get(kind, RuntimeError)(text if kind in ERRORS else f"{kind}: {text}")
+
+    def _call(self, ref: ray.ObjectRef):
+        try:
+            return ray.get(ref)
+        except RayActorError as error:
+            if self.stopping:
+                raise KeyboardInterrupt from None
+            node, self.actor, self.node = self.node, None, None
+            cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise WorkerDied(f"Ray actor on node {node} died ({cause})") from None
+
+    def stop(self) -> None:
+        """End the actor now, also in the middle of a trial (Ctrl-C); that trial then sees KeyboardInterrupt."""
+        self.stopping = True
+        self._end()
+
+    def _end(self) -> None:
+        if self.actor is not None:
+            ray.kill(self.actor, no_restart=True)
+            self.actor, self.node = None, None
+
+
+def capacity(trials_per_gpu: int) -> int:
+    """Trial slots the cluster holds now: `trials_per_gpu` per GPU, else one per CPU."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    return gpus * trials_per_gpu if gpus else max(1, int(resources.get("CPU", 1)))
+
+
+def ray_slots(workers: int | None, trials_per_gpu: int) -> Callable[[FashionMNIST], list[RaySlot]]:
+    """The launch's trial slots, made once the driver holds the data: `workers` of them (default: the cluster's capacity)."""
+
+    def make(data: FashionMNIST) -> list[RaySlot]:
+        arrays = {name: getattr(data, name).numpy() for name in SPLITS}
+        arrays |= {"digest": _arrays_digest(arrays), "source": data.source, "files_digest": data.digest}
+        arrays_ref = ray.put(arrays)  # once; every actor reads it from the object store of its node
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        options = {"num_gpus": 1 / trials_per_gpu, "num_cpus": 0} if gpus else {"num_cpus": 1}
+        count = workers or capacity(trials_per_gpu)
+        return [RaySlot(arrays_ref, options, threads=1) for _ in range(count)]  # one CPU each; on a GPU the CPU only feeds it
+
+    return make

@@ -1,0 +1,49 @@
+"""The `study worker` templates of deploy/: the Kubernetes YAML loads, and the command in each template is a
+valid `python -m study worker` invocation once its environment variables are filled in."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+import yaml
+
+from conftest import ROOT
+from study.cli import build_parser, cmd_worker
+
+DEPLOY = ROOT / "deploy"
+ENVIRONMENT = {"STUDY": "vgg_ratio", "STUDY_STORAGE": "postgresql://study:secret@db-host:5432/studies"}
+
+
+def _worker_args(words: list[str]):
+    """The parsed arguments of `python -m study worker ...`, after the command's own prefix."""
+    assert words[:3] == ["python", "-m", "study"], words
+    args = build_parser().parse_args(words[3:])
+    assert args.command == "worker" and args.run is cmd_worker
+    return args
+
+
+def test_slurm_array_runs_one_worker_per_task():
+    script = (DEPLOY / "slurm" / "study-worker.sbatch").read_text()
+    assert re.search(r"^#SBATCH --array=\d+-\d+$", script, re.MULTILINE) and "#SBATCH --gres=gpu:1" in script
+    [line] = [line for line in script.splitlines() if line.startswith("srun ")]
+    words = shlex.split(re.sub(r'"?\$\{?(\w+)\}?"?', lambda m: shlex.quote(ENVIRONMENT[m.group(1)]), line))[1:]
+    args = _worker_args(words)
+    assert args.name == "vgg_ratio" and args.storage == ENVIRONMENT["STUDY_STORAGE"]
+    assert "MLFLOW_TRACKING_URI" in script  # the worker mirrors into an MLflow server
+
+
+def test_kubernetes_indexed_job_runs_workers_on_postgresql_and_an_mlflow_server():
+    documents = list(yaml.safe_load_all((DEPLOY / "kubernetes" / "study-worker.yaml").read_text()))
+    secret, job = documents
+    assert secret["kind"] == "Secret" and secret["stringData"]["url"].startswith("postgresql://")
+    assert job["kind"] == "Job" and job["spec"]["completionMode"] == "Indexed"
+    [container] = job["spec"]["template"]["spec"]["containers"]
+    env = {item["name"]: item for item in container["env"]}
+    assert env["STUDY_STORAGE"]["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
+    assert env["MLFLOW_TRACKING_URI"]["value"].startswith("http://")
+    # Kubernetes expands $(NAME) in a container's command from its environment.
+    words = [re.sub(r"\$\((\w+)\)", lambda m: ENVIRONMENT[m.group(1)], word) for word in container["command"]]
+    args = _worker_args(words)
+    assert args.storage == ENVIRONMENT["STUDY_STORAGE"] and args.name == "vgg_ratio"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
