@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from dashboards import record
-from objectives import DeviceOutOfMemoryError, DivergedError, FashionMNIST, TrainResult, load_fashion_mnist
+from objectives import DeviceOutOfMemoryError, DivergedError, FashionMNIST, TrainConfig, TrainResult, load_fashion_mnist
 from study import budget as costs
 from study.costprune import CostBucketPruner, bucket
 from study.pool import InProcess, WorkerDied, local_slots
