@@ -123,6 +123,13 @@ def _toml(value) -> str:
 def make_spec(directory: Path, name: str, base: dict, **tables) -> Path:
     """Write `<directory>/<name>.toml` (the study is named `name`): the tables of `base`, each updated with the
     keyword of the same name (`fixed={"epochs": 2}`; a value None drops that key); `enqueue` is a list of rows."""
+    path = directory / f"{name}.toml"
+    path.write_text(spec_text(name, base, **tables))
+    return path
+
+
+def spec_text(name: str, base: dict, **tables) -> str:
+    """The TOML text make_spec writes."""
     spec = {table: dict(values) for table, values in base.items() if table != "enqueue"}
     for table, values in tables.items():
         if table != "enqueue":
@@ -132,9 +139,7 @@ def make_spec(directory: Path, name: str, base: dict, **tables) -> Path:
         lines += ["", f"[{table}]", *(f"{k} = {_toml(v)}" for k, v in values.items())]
     for row in tables.get("enqueue", base.get("enqueue", [])):
         lines += ["", "[[enqueue]]", *(f"{k} = {_toml(v)}" for k, v in row.items())]
-    path = directory / f"{name}.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return "\n".join(lines) + "\n"
 
 
 # ---- commands ----

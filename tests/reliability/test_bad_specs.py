@@ -6,8 +6,10 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from reliability.checks import LENET_SPEC, record_bad_inputs
+from conftest import LENET, spec_text
+from reliability.checks import record_bad_inputs
 
+LENET_SPEC = spec_text("kill", LENET)
 LR = "lr = { low = 0.01, high = 0.1, log = true }"
 BAD_SPECS = {
     "no arch": LENET_SPEC.replace('arch = "lenet"\n', ""),

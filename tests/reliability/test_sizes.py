@@ -6,10 +6,11 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
-from conftest import journal, run_cli
+from conftest import LENET, journal, run_cli, spec_text
 from objectives.inspect import training_bytes
-from reliability.checks import LENET_SPEC, check_consistent, record_fault, sqlite_uri
+from reliability.checks import check_consistent, record_fault, sqlite_uri
 
+LENET_SPEC = spec_text("kill", LENET)
 HUGE_SPEC = LENET_SPEC.replace('lr = { low = 0.01, high = 0.1, log = true }', 'lr = { low = 0.01, high = 0.1, log = true }\nresize = { choices = [28, 20000] }') + """
 [[enqueue]]
 lr = 0.05
