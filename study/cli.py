@@ -345,7 +345,7 @@ def _show_pareto(study, console) -> int:
 def cmd_export(args) -> int:
     from study.export import trials_table, write_table
     from study.storage import home
-    from study.tracking import tracking_uri
+    from study.tracking import check_reachable, tracking_uri
 
     path = Path(args.output)
     if path.suffix not in (".csv", ".parquet"):
@@ -358,6 +358,7 @@ def cmd_export(args) -> int:
         except ImportError:
             raise ValueError(f"-o {path}: writing Parquet needs pyarrow (pip install pyarrow), or export to .csv") from None
     study = _open_study(args.name, args.storage)
+    check_reachable(tracking_uri(home()))  # a silent tracking server: one line at once, not minutes of retries
     frame = trials_table(study, tracking_uri(home()))
     write_table(frame, path)
     print(f"{path}: {len(frame)} trials, {len(frame.columns)} columns")
@@ -402,7 +403,7 @@ def cmd_report(args) -> int:
     from dashboards import write_report
     from study.launch import report_path
     from study.storage import home
-    from study.tracking import tracking_uri, ui_url
+    from study.tracking import check_reachable, tracking_uri, ui_url
 
     output = _report_output(args.output, report_path(home(), args.names))
     png_dir = Path(args.png) if args.png else None
@@ -414,6 +415,7 @@ def cmd_report(args) -> int:
         find_browser()  # before any work: PNGs need Chromium
     studies = [_open_study(name, args.storage) for name in args.names]
     uri = tracking_uri(home())
+    check_reachable(uri)  # a silent tracking server: one line at once, not minutes of retries
     print(write_report(studies, output, uri, ui_url(uri), cost=args.cost, png_dir=png_dir))
     if png_dir is not None:
         print(f"figures as PNG in {png_dir}")

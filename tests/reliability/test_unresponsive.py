@@ -103,3 +103,12 @@ def test_first_launch_killed_while_creating_the_store_and_concurrent_first_launc
     assert not list(study_home.glob(".mlflow.db.building-*"))
     record_fault("first launch killed while creating the MLflow store, then 2 first launches at once", 1,
                  check_consistent("kill", journal(study_home), sqlite_uri(study_home), total=2))
+
+
+def test_report_and_export_with_a_tracking_server_that_never_answers(tiny_study, tmp_path, silent_server):
+    """A study read back while its MLflow server is silent: one line at once, not minutes of retries."""
+    address = f"http://127.0.0.1:{silent_server}"
+    env = _default_env(STUDY_HOME=str(tiny_study), MLFLOW_TRACKING_URI=address)
+    for command in (("report", "tiny", "-o", str(tmp_path / "r.html")), ("export", "tiny", "-o", str(tmp_path / "t.csv"))):
+        done = _run(*command, env=env)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1 and address in done.stderr, done.stderr
