@@ -36,7 +36,13 @@ def proxy(tmp_path):
             yield f"grpc://127.0.0.1:{port}", url
         finally:
             process.send_signal(signal.SIGINT)
-            assert process.wait(30) == 0, log.read_text()
+            try:
+                code = process.wait(30)
+            finally:
+                if process.poll() is None:
+                    process.kill()  # never leave a server behind, whatever the assertion below says
+                    process.wait(30)
+            assert code == 0, log.read_text()
 
 
 def test_the_proxy_refuses_trials_beyond_the_total(proxy):
