@@ -24,6 +24,7 @@ import objectives
 from dashboards import record
 from dashboards.confirmed import Confirmed, companion_name, confirmed, search_ranking
 from study.launch import TrialRunner
+from study.pool import InProcess
 from study.recovery import recovery_for
 from study.session import Session
 from study.storage import claim_lock
@@ -101,11 +102,9 @@ def run_confirm(session: Session, uri: str, artifact_root, console: Console, top
         def waiting() -> bool:
             return any(t.state == TrialState.WAITING for t in companion.get_trials(deepcopy=False))
 
-        def train_fn(config, on_epoch):
-            return objectives.train(config, data, on_epoch)
-
+        slot = InProcess("auto", data)  # the launcher's own trial slot: this process, its device
         try:
-            while (frozen := runner.run_trial(train_fn, waiting)) is not None:
+            while (frozen := runner.run_trial(slot, waiting)) is not None:
                 value = f"val_accuracy={frozen.value:.4f}" if frozen.state == TrialState.COMPLETE else f"{frozen.state.name} ({frozen.user_attrs.get(record.FAIL_REASON)})"
                 console.print(f"confirm trial {frozen.number}: trial {frozen.user_attrs[record.CONFIRM_OF]} with seed "
                               f"{frozen.user_attrs[record.CONFIRM_SEED]} -> {value}")

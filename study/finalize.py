@@ -101,6 +101,8 @@ def run_finalize(study: optuna.Study, uri: str, artifact_root, console: Console,
                      tags=[RunTag("device", result.device_name), RunTag("precision", result.precision)])
     model_uri = tracker.log_model(run_id, source.number, result, data, name="final")
     client.set_terminated(run_id, status="FINISHED")
-    version = tracker.register_model(register, run_id)
+    version = tracker.register_run_model(register, run_id, f"final model of study {study.study_name}, trial {source.number}'s configuration "
+                                         "trained on train + validation", source.number, {"test_accuracy": result.test_accuracy},
+                                         dataclasses.asdict(final_config))
     client.set_tag(tracker.parent_run_id, "final_run_id", run_id)
     return Final(source.number, chosen_by, run_id, result.test_accuracy, len(data.train_labels), model_uri, f"{register} version {version.version}")

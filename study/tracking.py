@@ -377,9 +377,17 @@ class Tracker:
         `model_id`, and the logged model lists the version under `mlflow.modelVersions`, as mlflow.register_model
         does); its description and tags say the study, trial, accuracy and configuration. Registering the same model
         again returns its existing version."""
+        config = record.config(trial)
+        test_accuracy = trial.user_attrs.get("test_accuracy")
+        scores = {"val_accuracy": trial.values[0], **({"test_accuracy": test_accuracy} if test_accuracy is not None else {})}
+        return self.register_run_model(name, trial.user_attrs[record.MLFLOW_RUN_ID], f"Optuna study {self.study_name}, trial {trial.number}",
+                                       trial.number, scores, config)
+
+    def register_run_model(self, name: str, run_id: str, what: str, number: int, scores: dict[str, float], config: dict):
+        """A version of registered model `name` for the model logged on `run_id` (`what` it is, the trial `number` it
+        comes from, its `scores` and `config` go into its description and tags); None when the run has no model."""
         import mlflow
 
-        run_id = trial.user_attrs[record.MLFLOW_RUN_ID]
         model_uri = self.client.get_run(run_id).data.tags.get("model_uri")
         if model_uri is None:
             return None
@@ -390,14 +398,11 @@ class Tracker:
         for version in self.client.search_model_versions(f"name = '{name}'"):
             if version.tags.get("model_id") == model_id:
                 return version
-        config = record.config(trial)
         summary = ", ".join(f"{key}={value}" for key, value in config.items() if key in REGISTRY_CONFIG and value is not None)
-        test_accuracy = trial.user_attrs.get("test_accuracy")
-        description = (f"Optuna study {self.study_name}, trial {trial.number}: val_accuracy {trial.values[0]:.4f}"
-                       + (f", test_accuracy {test_accuracy:.4f}" if test_accuracy is not None else "") + f". Configuration: {summary}. "
+        description = (f"{what}: " + ", ".join(f"{key} {value:.4f}" for key, value in scores.items()) + f". Configuration: {summary}. "
                        f"Input: float32 images (N, 1, {config.get('resize')}, {config.get('resize')}) in [0, 1]; output: logits for the 10 classes.")
-        tags = {"optuna.study_name": self.study_name, "optuna.trial_number": str(trial.number), "model_id": model_id,
-                "val_accuracy": f"{trial.values[0]:.4f}", **({"test_accuracy": f"{test_accuracy:.4f}"} if test_accuracy is not None else {}),
+        tags = {"optuna.study_name": self.study_name, "optuna.trial_number": str(number), "model_id": model_id,
+                **{key: f"{value:.4f}" for key, value in scores.items()},
                 **{key: str(config[key]) for key in REGISTRY_CONFIG if config.get(key) is not None}}
         # A local registry store resolves models:/ through MLflow's global tracking URI, not this client's: point it here meanwhile.
         previous = mlflow.get_tracking_uri()

@@ -181,7 +181,12 @@ def test_finalize_trains_on_train_and_validation_and_registers_the_model(launche
     import mlflow.pytorch
     import torch
 
-    model = mlflow.pytorch.load_model(version.source)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(client.tracking_uri)  # the version's source is models:/<id>, found in this store
+    try:
+        model = mlflow.pytorch.load_model(version.source)
+    finally:
+        mlflow.set_tracking_uri(previous)
     assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
 
     wrong = run_cli("finalize", "decide", "--trial", "999", env=env)
