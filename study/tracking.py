@@ -404,13 +404,20 @@ class Tracker:
         tags = {"optuna.study_name": self.study_name, "optuna.trial_number": str(number), "model_id": model_id,
                 **{key: f"{value:.4f}" for key, value in scores.items()},
                 **{key: str(config[key]) for key in REGISTRY_CONFIG if config.get(key) is not None}}
-        # A local registry store resolves models:/ through MLflow's global tracking URI, not this client's: point it here meanwhile.
-        previous = mlflow.get_tracking_uri()
+        # A local registry store resolves models:/ through MLflow's global tracking URI, not this client's: point it
+        # here meanwhile, then put back exactly what was there (set_tracking_uri also writes MLFLOW_TRACKING_URI).
+        from mlflow.tracking._tracking_service import utils
+
+        saved_uri, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.client.tracking_uri)
         try:
             version = self.client.create_model_version(name, model_uri, run_id=run_id, tags=tags, description=description, model_id=model_id)
         finally:
-            mlflow.set_tracking_uri(previous)
+            utils._tracking_uri = saved_uri
+            if saved_env is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = saved_env
         listed = json.loads(self.client.get_logged_model(model_id).tags.get("mlflow.modelVersions", "[]"))
         self.client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps([*listed, {"name": name, "version": version.version}])})
         return version
