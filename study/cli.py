@@ -228,12 +228,13 @@ def cmd_confirm(args) -> int:
     from objectives.data import verify
     from study.confirm import run_confirm
     from study.storage import home, make_home
-    from study.tracking import tracking_uri
+    from study.tracking import check_reachable, tracking_uri
     from study.views import print_confirmed
 
     if args.top < 1 or args.seeds < 1:
         raise ValueError(f"--top and --seeds must be >= 1; got --top {args.top}, --seeds {args.seeds}")
     verify(args.data_dir)
+    check_reachable(tracking_uri(home()))  # a silent tracking server: one line, before anything is written
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     session = _session_of(args.name, args.storage)
     make_home()
@@ -249,11 +250,12 @@ def cmd_finalize(args) -> int:
     from objectives.data import verify
     from study.finalize import run_finalize
     from study.storage import home, make_home
-    from study.tracking import tracking_uri
+    from study.tracking import check_reachable, tracking_uri
 
     if args.register is not None and not args.register.strip():
         raise ValueError("--register: give a model name")
     verify(args.data_dir)
+    check_reachable(tracking_uri(home()))  # a silent tracking server: one line, before anything is written
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = _open_study(args.name, args.storage)
     make_home()
