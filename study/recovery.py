@@ -8,7 +8,6 @@ One strategy per kind of storage, chosen by `recovery_for`:
 
 from __future__ import annotations
 
-import os
 import socket
 import warnings
 from collections.abc import Callable
@@ -21,18 +20,8 @@ from rich.console import Console
 from dashboards import record
 from study.reconcile import reconcile
 from study.specs import Plan
-from study.storage import heartbeat_enabled
+from study.storage import heartbeat_enabled, pid_alive
 from study.tracking import Tracker
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -49,7 +38,7 @@ class JournalRecovery:
         study_id = self.storage.get_study_id_from_name(self.study.study_name)
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             pid = trial.user_attrs.get(record.PID)
-            if trial.user_attrs.get(record.HOST) != host or pid is None or _alive(pid):
+            if trial.user_attrs.get(record.HOST) != host or pid is None or pid_alive(pid):
                 continue
             trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
             self.storage.set_trial_user_attr(trial_id, record.FAIL_REASON, "worker process died")

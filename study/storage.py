@@ -42,6 +42,17 @@ def make_home() -> None:
         raise StorageError(f"cannot create the study home {home()} ({error.strerror}); set STUDY_HOME to a writable directory") from None
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host with this pid exists (a dead launcher or worker leaves its trials behind)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def mask(url: str) -> str:
     """A storage URL fit for logs and reports: the password replaced by ***."""
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)

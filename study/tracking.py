@@ -32,6 +32,7 @@ from dashboards import record
 from objectives.data import FashionMNIST
 from objectives.models import get_architecture
 from objectives.train import EpochMetrics, TrainConfig, TrainResult, resolve_device
+from study.storage import pid_alive
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 EPOCH_METRICS = tuple(f.name for f in dataclasses.fields(EpochMetrics) if f.name != "epoch")
@@ -101,7 +102,7 @@ def _create_whole(path: Path) -> None:
     if path.exists():
         return
     for left in path.parent.glob(f".{path.name}.building-*"):  # by launches killed while building
-        if not _alive(int(left.name.split("-")[1])):
+        if not pid_alive(int(left.name.split("-")[1])):
             left.unlink(missing_ok=True)
     building = path.with_name(f".{path.name}.building-{os.getpid()}-{time.monotonic_ns()}")
     try:
@@ -112,16 +113,6 @@ def _create_whole(path: Path) -> None:
             pass  # another launch created it first
     finally:
         building.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def tracking_uri(home: Path) -> str:
