@@ -181,12 +181,8 @@ def test_finalize_trains_on_train_and_validation_and_registers_the_model(launche
     import mlflow.pytorch
     import torch
 
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(client.tracking_uri)  # the version's source is models:/<id>, found in this store
-    try:
-        model = mlflow.pytorch.load_model(version.source)
-    finally:
-        mlflow.set_tracking_uri(previous)
+    # The version's source is models:/<id>; its files are at the logged model's artifact location in this store.
+    model = mlflow.pytorch.load_model(client.get_logged_model(version.source.removeprefix("models:/")).artifact_location)
     assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
 
     wrong = run_cli("finalize", "decide", "--trial", "999", env=env)
