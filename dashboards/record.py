@@ -103,6 +103,46 @@ def count_done(trials: list[optuna.trial.FrozenTrial]) -> int:
     return sum(t.state in FINISHED and t.number not in again for t in trials)
 
 
+# Fashion-MNIST has 10 balanced classes: guessing scores 0.10. A best validation accuracy below 0.20 means the
+# networks learned next to nothing, whatever the ranking between them says.
+CHANCE_ACCURACY = 0.10
+CHANCE_FLAG_BELOW = 0.20
+
+
+def chance_warnings(trials: list[optuna.trial.FrozenTrial], accuracy_index: int = 0, preset: str | None = None) -> list[str]:
+    """One line for a study whose best complete trial is no better than chance, else one per architecture that is
+    (a study of several architectures); each with the likely cause read off the trials' configurations. Empty when
+    every architecture learned, or nothing completed."""
+    groups: dict[str, list[optuna.trial.FrozenTrial]] = {}
+    for trial in trials:
+        if trial.state == TrialState.COMPLETE and trial.values is not None:
+            groups.setdefault(config(trial).get("arch", "?"), []).append(trial)
+    if not groups:
+        return []
+    everything = [t for group in groups.values() for t in group]
+    if max(t.values[accuracy_index] for t in everything) < CHANCE_FLAG_BELOW:
+        return [_chance_line("the study", everything, accuracy_index, preset)]
+    if len(groups) == 1:
+        return []
+    return [_chance_line(f"architecture {arch}", group, accuracy_index, preset) for arch, group in sorted(groups.items())
+            if max(t.values[accuracy_index] for t in group) < CHANCE_FLAG_BELOW]
+
+
+def _chance_line(who: str, trials: list[optuna.trial.FrozenTrial], accuracy_index: int, preset: str | None) -> str:
+    best = max(t.values[accuracy_index] for t in trials)
+    configs = [config(t) for t in trials]
+
+    def spread(key: str, fmt: str) -> str:
+        values = sorted({c[key] for c in configs if c.get(key) is not None})
+        return "" if not values else format(values[0], fmt) if len(values) == 1 else f"{values[0]:{fmt}} to {values[-1]:{fmt}}"
+
+    images = spread("n_train", "d") or "all"
+    epochs = spread("epochs", "d")
+    budget = f"the budget{f' of preset {preset}' if preset else ''} ({images} training images, {epochs} epoch{'' if epochs == '1' else 's'})"
+    return (f"no better than chance: {who}'s best val_accuracy is {best:.4f} over {len(trials)} complete trials (chance is "
+            f"{CHANCE_ACCURACY:.2f}, 10 classes); likely cause: {budget} or the learning rate (lr {spread('lr', '.3g')})")
+
+
 def parent_runs(client, experiment_id: str, study_uid: str | None) -> list:
     """MLflow parent runs of the study with this identity (None: a study recorded before identities, whose parent has no tag)."""
     parents = client.search_runs([experiment_id], filter_string=PARENT_FILTER, max_results=1000)

@@ -165,6 +165,10 @@ def summary_section(studies: list[optuna.Study], frame: pd.DataFrame) -> Section
     # Compute time: wall seconds of every trial that finished training, by device.
     by_device = frame.dropna(subset=["wall_seconds"]).groupby("device")["wall_seconds"].sum()
     compute = ", ".join(f"{_seconds(s)} on {device}" for device, s in by_device.items()) or "none recorded"
+    for study in studies:
+        for line in record.chance_warnings(study.get_trials(deepcopy=False), accuracy_index(study), study.user_attrs.get("preset")):
+            prefix = f"{study.study_name}: " if len(studies) > 1 else ""
+            section.parts.append(f'<p class="chance">{html.escape(prefix + line)}</p>')
     section.parts.append(f"<p><b>{len(studies)} stud{'y' if len(studies) == 1 else 'ies'}, {len(frame)} trials</b> ({counts}); "
                          f"compute time {html.escape(compute)}.</p>")
     head = "".join(f"<th>{h}</th>" for h in ("study", "preset", "objectives", "trials", "best trial", "val_accuracy", "test_accuracy",
@@ -374,6 +378,7 @@ section {{ margin-bottom: 2rem; }}
 table {{ border-collapse: collapse; font-size: 0.85rem; width: 100%; }}
 th, td {{ border-bottom: 1px solid #ddd; padding: 0.25rem 0.5rem; text-align: right; }}
 table.summary td, table.compare td:first-child {{ text-align: left; }}
+p.chance {{ background: #fff4e0; border-left: 4px solid #e69500; padding: .4em .7em; }}
 th {{ background: #f4f4f4; position: sticky; top: 0; }}
 #trials th {{ cursor: pointer; white-space: nowrap; }}
 #trials th[data-order=asc]::after {{ content: " ▲"; }}

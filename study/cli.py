@@ -143,7 +143,7 @@ def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | Non
     import optuna
 
     from dashboards import write_report
-    from dashboards.record import STUDY_UID, count_done
+    from dashboards.record import STUDY_UID, chance_warnings, count_done
     from objectives.data import verify
     from study.launch import run_launch
     from study.session import open_session
@@ -194,6 +194,8 @@ def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | Non
     console.print(f"mlflow store:   {mask(uri)}  (browse with `python -m study ui`)")
     if not request.join:
         console.print(f"report:         {write_report([study], output, uri, ui_url(uri))}")
+    for line in chance_warnings(study.get_trials(deepcopy=False), preset=settings.preset):
+        console.print(line, style="bold yellow", markup=False, soft_wrap=False)  # wrapped to the terminal: it is prose
     return 0
 
 
@@ -287,6 +289,10 @@ def cmd_show(args) -> int:
     counts = ", ".join(f"{sum(t.state == s for t in trials)} {s.name}" for s in TrialState if any(t.state == s for t in trials))
     console = _console()
     console.print(f"study {study.study_name} (preset {study.user_attrs.get('preset', '?')}): {len(trials)} trials, {counts}")
+    from dashboards.record import chance_warnings
+
+    for line in chance_warnings(trials, preset=study.user_attrs.get("preset")):
+        console.print(line, style="bold yellow", markup=False, soft_wrap=False)  # wrapped to the terminal: it is prose
     from dashboards.confirmed import confirmed, load_companion
     from study.views import print_confirmed, print_costs
 

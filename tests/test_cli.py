@@ -8,7 +8,7 @@ import sys
 import optuna
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, journal, postgres_database, run_main
+from conftest import LENET, ROOT, journal, make_spec, postgres_database, run_main
 
 
 def _mlflow_runs(home, experiment):
@@ -141,3 +141,20 @@ def test_help_imports_no_heavy_library():
                             timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert "launch" in result.stdout and result.stdout.strip().endswith("imported: []"), result.stdout[-500:]
+
+
+def test_a_study_that_learned_nothing_says_so_in_launch_show_and_the_report(study_home, tmp_path):
+    # lr 1e-7..1e-6 for one epoch on 256 images: the weights barely move, every trial stays at chance.
+    spec = make_spec(tmp_path, "stuck", LENET, search={"lr": {"low": 1e-7, "high": 1e-6, "log": True}})
+    launched = run_main("launch", str(spec), "--trials", "2")
+    assert launched.returncode == 0, launched.stderr
+    # The launch's last words (rich wraps them to the terminal's width).
+    warning = re.search(r"no better than chance: [^\n]*(\n[^\n]+)*\Z", launched.stdout.strip())[0]
+    warning = " ".join(warning.split())
+    assert re.match(r"no better than chance: the study's best val_accuracy is 0\.1\d{3} over 2 complete trials \(chance is 0\.10", warning)
+    assert "the budget of preset cpu (256 training images, 1 epoch)" in warning and "the learning rate (lr " in warning
+    shown = run_main("show", "stuck")
+    assert shown.returncode == 0 and " ".join(shown.stdout.split("\n", 1)[1].split()).startswith(warning)  # under the header line
+    html = (study_home / "reports" / "stuck.html").read_text()
+    summary = html[html.index('id="summary"'):]
+    assert summary.index('<p class="chance">no better than chance: the study') < summary.index("trials</b>")

@@ -37,3 +37,20 @@ def test_the_resolved_config_round_trips_through_the_trial():
     frozen = study.tell(trial, 0.5)
     assert record.train_config(frozen) == config and record.config(frozen)["resize"] == 28
     assert record.train_config(study.tell(study.ask(), 0.1)) is None
+
+
+def _done(value: float, **config) -> optuna.trial.FrozenTrial:
+    return optuna.trial.create_trial(value=value, user_attrs={record.CONFIG: {"epochs": 1, "n_train": 512, "lr": 0.05, **config}})
+
+
+def test_a_study_or_an_architecture_at_chance_is_named_with_its_likely_cause():
+    learned = [_done(0.81, arch="lenet", lr=0.1), _done(0.11, arch="lenet", lr=1e-6)]
+    assert record.chance_warnings(learned) == []  # the study's best learned; a bad trial among good ones is not news
+    (line,) = record.chance_warnings([_done(0.113, arch="lenet", lr=1e-6), _done(0.09, arch="lenet", lr=1e-7, epochs=2)], preset="cpu")
+    assert line.startswith("no better than chance: the study's best val_accuracy is 0.1130 over 2 complete trials")
+    assert "the budget of preset cpu (512 training images, 1 to 2 epochs)" in line and "(lr 1e-07 to 1e-06)" in line
+    mixed = [_done(0.85, arch="lenet"), _done(0.10, arch="alexnet", resize=224), _done(0.19, arch="alexnet", resize=28)]
+    (line,) = record.chance_warnings(mixed)
+    assert line.startswith("no better than chance: architecture alexnet's best val_accuracy is 0.1900 over 2 complete trials")
+    assert record.chance_warnings(mixed + [_done(0.21, arch="alexnet")]) == []
+    assert record.chance_warnings([optuna.trial.create_trial(state=TrialState.FAIL)]) == []
