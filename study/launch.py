@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
+import sqlalchemy.exc
 from optuna.trial import TrialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -354,7 +355,10 @@ class Scheduler:
         while not stop.is_set():
             # No runner.lock: a heartbeat must not wait behind slow MLflow calls (RDB sessions are per thread).
             for trial_id in list(self.runner.in_flight):
-                storage.record_heartbeat(trial_id)
+                try:
+                    storage.record_heartbeat(trial_id)
+                except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError):
+                    pass  # a connection the server dropped mid-beat: the next beat, well within the grace period, gets a new one
             stop.wait(interval)
 
     def _cost_line(self, last: optuna.trial.FrozenTrial | None = None) -> str:
