@@ -139,20 +139,32 @@ def _ray_slots(args):
     return ray_slots(args.workers, args.trials_per_gpu)
 
 
-def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | None) -> int:
+def _ready_to_train(data_dir: str | None) -> str:
+    """What a command that trains checks before it writes anything, each a one-line error: the data files are whole
+    and the tracking store answers (a silent server, a half-made store). Returns the tracking URI."""
     import optuna
+
+    from objectives.data import verify
+    from study.storage import home
+    from study.tracking import check_reachable, tracking_uri
+
+    verify(data_dir)
+    uri = tracking_uri(home())
+    check_reachable(uri)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return uri
+
+
+def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | None) -> int:
 
     from dashboards import write_report
     from dashboards.record import STUDY_UID, chance_warnings, count_done
-    from objectives.data import verify
     from study.launch import run_launch
     from study.session import open_session
     from study.storage import default_storage_url, home, mask
-    from study.tracking import PICKLE_NOTE, Tracker, check_reachable, tracking_uri, ui_url
+    from study.tracking import PICKLE_NOTE, Tracker, ui_url
 
-    verify(args.data_dir)  # fail on missing, truncated or wrong data files before anything is written
-    check_reachable(tracking_uri(home()))  # a silent server or a half-made store: one line, before anything is written
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    uri = _ready_to_train(args.data_dir)
     session = open_session(request, spec)
     settings, study = session.settings, session.study
     console = _console()
@@ -161,7 +173,6 @@ def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | Non
     if settings.cost:
         pruning = "no pruning" if settings.pruner["name"] == "none" else "pruned on val_accuracy against trials of similar cost (study/costprune.py)"
         console.print(f"objectives: maximise val_accuracy, minimise {settings.cost} ({pruning})")
-    uri = tracking_uri(home())
     tracker = Tracker(spec.name, uri, artifact_root=home() / "mlartifacts", study_uid=study.user_attrs.get(STUDY_UID))
     if tracker.other_studies:
         console.print(f"MLflow experiment {spec.name} also holds {tracker.other_studies} other studies named {spec.name} (another storage, or a "
@@ -225,44 +236,32 @@ def _session_of(name: str, storage: str | None):
 
 
 def cmd_confirm(args) -> int:
-    import optuna
-
-    from objectives.data import verify
     from study.confirm import run_confirm
     from study.storage import home, make_home
-    from study.tracking import check_reachable, tracking_uri
     from study.views import print_confirmed
 
     if args.top < 1 or args.seeds < 1:
         raise ValueError(f"--top and --seeds must be >= 1; got --top {args.top}, --seeds {args.seeds}")
-    verify(args.data_dir)
-    check_reachable(tracking_uri(home()))  # a silent tracking server: one line, before anything is written
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    uri = _ready_to_train(args.data_dir)
     session = _session_of(args.name, args.storage)
     make_home()
     console = _console()
-    rows = run_confirm(session, tracking_uri(home()), home() / "mlartifacts", console, args.top, args.seeds, args.data_dir)
+    rows = run_confirm(session, uri, home() / "mlartifacts", console, args.top, args.seeds, args.data_dir)
     print_confirmed(console, rows)
     return 0
 
 
 def cmd_finalize(args) -> int:
-    import optuna
-
-    from objectives.data import verify
     from study.finalize import run_finalize
     from study.storage import home, make_home
-    from study.tracking import check_reachable, tracking_uri
 
     if args.register is not None and not args.register.strip():
         raise ValueError("--register: give a model name")
-    verify(args.data_dir)
-    check_reachable(tracking_uri(home()))  # a silent tracking server: one line, before anything is written
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    uri = _ready_to_train(args.data_dir)
     study = _open_study(args.name, args.storage)
     make_home()
     console = _console()
-    final = run_finalize(study, tracking_uri(home()), home() / "mlartifacts", console, args.trial, args.register or f"{study.study_name}-final", args.data_dir)
+    final = run_finalize(study, uri, home() / "mlartifacts", console, args.trial, args.register or f"{study.study_name}-final", args.data_dir)
     console.print(f"final model: trial {final.trial}'s configuration ({final.chosen_by}), trained on {final.n_train:,} images; "
                   f"test_accuracy {final.test_accuracy:.4f}")
     console.print(f"mlflow run {final.run_id}; model {final.model_uri}; registered {final.registered}")
