@@ -14,7 +14,7 @@ from benchmarks.presets import format_row, run_study
 from benchmarks.presets import main as presets_main
 from benchmarks.reference import _TextbookDataset, train_ch6
 from benchmarks.throughput import PRESET_SHAPES, measure_preset_shape
-from conftest import ROOT
+from conftest import ROOT, make_spec
 from objectives import TrainConfig, train
 from objectives.train import _prepare, native_bf16
 from study.specs import available, load_spec, resolve
@@ -98,20 +98,11 @@ def test_presets_benchmark_refuses_an_unknown_study(capsys):
 
 
 def test_presets_benchmark_reads_a_launched_study_from_its_journal(tmp_path):
-    spec = tmp_path / "tiny_presets.toml"
-    spec.write_text("""description = "tiny"
-[fixed]
-arch = "lenet_bn"
-batch_size = 64
-n_train = 512
-n_val = 128
-n_test = 128
-[search]
-lr = { low = 0.5, high = 1.0, log = true }
-epochs = { low = 1, high = 1 }
-[presets.cpu]
-[presets.full]
-""")
+    spec = make_spec(tmp_path, "tiny_presets", {
+        "fixed": {"arch": "lenet_bn", "batch_size": 64, "n_train": 512, "n_val": 128, "n_test": 128},
+        "search": {"lr": {"low": 0.5, "high": 1.0, "log": True}, "epochs": {"low": 1, "high": 1}},
+        "presets.cpu": {}, "presets.full": {},
+    })
     home = tmp_path / "home"
     home.mkdir()
     row = run_study(str(spec), 2, "none", home)

@@ -11,34 +11,15 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import ARTIFACTS, journal, run_cli
+from conftest import ARTIFACTS, journal, make_spec, run_cli
 
 # Small enough to train a few times in a test; the FLOPs of each configuration are exact, whatever the machine.
-SPEC = """
-description = "decisions test study"
-
-[fixed]
-arch = "vgg11"
-batch_size = 32
-momentum = 0.9
-resize = 32
-ratio = 16
-n_train = 128
-n_val = 64
-n_test = 64
-
-[search]
-lr = { low = 0.01, high = 0.1, log = true }
-epochs = { low = 1, high = 2 }
-
-[[enqueue]]
-lr = 0.05
-epochs = 1
-
-[pruner]
-name = "median"
-n_startup_trials = 2
-"""
+DECIDE = {
+    "fixed": {"arch": "vgg11", "batch_size": 32, "momentum": 0.9, "resize": 32, "ratio": 16, "n_train": 128, "n_val": 64, "n_test": 64},
+    "search": {"lr": {"low": 0.01, "high": 0.1, "log": True}, "epochs": {"low": 1, "high": 2}},
+    "enqueue": [{"lr": 0.05, "epochs": 1}],
+    "pruner": {"name": "median", "n_startup_trials": 2},
+}
 EPOCH_FLOPS_LIMIT = 4.5  # the budget, in units of one epoch's predicted FLOPs: room for 2 to 4 trials
 
 
@@ -62,8 +43,7 @@ def epoch_flops():
 
 @pytest.fixture(scope="module")
 def launched(home, env, epoch_flops):
-    spec = home / "decide.toml"
-    spec.write_text(SPEC)
+    spec = make_spec(home, "decide", DECIDE)
     result = run_cli("launch", str(spec), "--trials", "20", "--preset", "cpu", "--budget", f"{EPOCH_FLOPS_LIMIT * epoch_flops:.6g}", env=env)
     assert result.returncode == 0, result.stderr
     return result

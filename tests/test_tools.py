@@ -18,35 +18,21 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import ARTIFACTS, ROOT, free_port, journal, run_cli, wait_until_up
+from conftest import ARTIFACTS, ROOT, free_port, journal, make_spec, run_cli, wait_until_up
 
 # A LeNet study that trains in seconds; its first trial runs a single epoch ("after 1 epoch").
-LENET_SPEC = """
-description = "small LeNet study"
-
-[fixed]
-arch = "lenet"
-batch_size = 64
-n_train = 1024
-n_val = 256
-n_test = 256
-
-[search]
-lr = { low = 0.1, high = 1.0, log = true }
-epochs = { low = 1, high = 2 }
-
-[[enqueue]]
-lr = 0.9
-epochs = 1
-"""
+LENET_SMALL = {
+    "fixed": {"arch": "lenet", "batch_size": 64, "n_train": 1024, "n_val": 256, "n_test": 256},
+    "search": {"lr": {"low": 0.1, "high": 1.0, "log": True}, "epochs": {"low": 1, "high": 2}},
+    "enqueue": [{"lr": 0.9, "epochs": 1}],
+}
 
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     """One launch of the LeNet study, its best model registered: (home, the launch's output)."""
     home = tmp_path_factory.mktemp("tools") / "home"
-    spec = home.parent / "lenet_small.toml"
-    spec.write_text(LENET_SPEC)
+    spec = make_spec(home.parent, "lenet_small", LENET_SMALL)
     result = run_cli("launch", str(spec), "--trials", "3", "--preset", "cpu", "--register", "lenet-small-best",
                      env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": ""})
     assert result.returncode == 0, result.stderr
@@ -108,8 +94,7 @@ def test_optuna_metric_names(launched, tmp_path, monkeypatch):
     from study.session import Request, open_session
     from study.specs import load_spec
 
-    spec = tmp_path / "lenet_cost.toml"
-    spec.write_text(LENET_SPEC)
+    spec = make_spec(tmp_path, "lenet_cost", LENET_SMALL)
     storage = str(tmp_path / "cost.journal")
     request = Request.from_flags(str(spec), False, 2, "cpu", "accuracy,cost", "train_flops", None, None, storage, 10)
     open_session(request, load_spec(str(spec)))
