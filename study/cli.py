@@ -156,9 +156,8 @@ def _ready_to_train(data_dir: str | None) -> str:
 
 
 def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | None) -> int:
-
     from dashboards import write_report
-    from dashboards.record import STUDY_UID, chance_warnings, count_done
+    from dashboards.record import STUDY_UID, count_done
     from study.launch import run_launch
     from study.session import open_session
     from study.storage import default_storage_url, home, mask
@@ -205,9 +204,16 @@ def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | Non
     console.print(f"mlflow store:   {mask(uri)}  (browse with `python -m study ui`)")
     if not request.join:
         console.print(f"report:         {write_report([study], output, uri, ui_url(uri))}")
-    for line in chance_warnings(study.get_trials(deepcopy=False), preset=settings.preset):
-        console.print(line, style="bold yellow", markup=False, soft_wrap=False)  # wrapped to the terminal: it is prose
+    _print_chance(console, study.get_trials(deepcopy=False), settings.preset)
     return 0
+
+
+def _print_chance(console, trials, preset: str | None) -> None:
+    """The study's (or an architecture's) no-better-than-chance line, if any, wrapped to the terminal: it is prose."""
+    from dashboards.record import chance_warnings
+
+    for line in chance_warnings(trials, preset=preset):
+        console.print(line, style="bold yellow", markup=False, soft_wrap=False)
 
 
 def _register_best(tracker, study, name: str, console) -> None:
@@ -288,10 +294,7 @@ def cmd_show(args) -> int:
     counts = ", ".join(f"{sum(t.state == s for t in trials)} {s.name}" for s in TrialState if any(t.state == s for t in trials))
     console = _console()
     console.print(f"study {study.study_name} (preset {study.user_attrs.get('preset', '?')}): {len(trials)} trials, {counts}")
-    from dashboards.record import chance_warnings
-
-    for line in chance_warnings(trials, preset=study.user_attrs.get("preset")):
-        console.print(line, style="bold yellow", markup=False, soft_wrap=False)  # wrapped to the terminal: it is prose
+    _print_chance(console, trials, study.user_attrs.get("preset"))
     from dashboards.confirmed import confirmed, load_companion
     from study.views import print_confirmed, print_costs
 
