@@ -13,11 +13,14 @@ demo: setup data
 	$(PY) -m study launch vgg_ratio --trials $(TRIALS)
 	$(PY) -m study show vgg_ratio --top 5
 
+# One pytest process per core (at most 4), a test file per process at a time (module fixtures are not duplicated).
+PYTEST  := $(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
+
 test: setup data browser
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: setup data browser
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 setup: $(STAMP)
 

@@ -1,5 +1,6 @@
 """Shared fixtures and helpers: the real Fashion-MNIST files, a study home per test, tiny study specs (make_spec), one
-shared launched study, the CLI in-process (run_main) or as a process (run_cli), and launches held at a phase (hold_env)."""
+shared launched study, the CLI in-process (run_main) or as a process (run_cli, forked from a server that imported
+everything once; fresh=True for a whole new interpreter), and launches held at a phase (hold_env)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,18 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+# Under pytest-xdist each test process gets its share of the cores for torch's threads (read when torch starts, here
+# and in every process the tests start): threads of parallel tests that outnumber the cores wait on each other.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"  # screenshots and other things worth looking at after a run
@@ -144,11 +152,112 @@ def spec_text(name: str, base: dict, **tables) -> str:
 
 # ---- commands ----
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`python -m study ARGS` as a user runs it, in a subprocess: for what only a real process shows (its exit
-    status, signals, what it imports). Everything else goes through run_main, which skips the imports."""
-    return subprocess.run([sys.executable, "-m", "study", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=timeout, check=False)
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, fresh: bool = False) -> subprocess.CompletedProcess:
+    """`python -m study ARGS` as a user runs it, in a process of its own: for what only a real process shows (its exit
+    status, signals, output streams). Forked from the fork server, which has already imported everything;
+    `fresh=True` starts a whole new interpreter, for what the command imports and prints while importing.
+    Everything else goes through run_main, in this process."""
+    if fresh:
+        return subprocess.run([sys.executable, "-m", "study", *args], capture_output=True, text=True, cwd=ROOT,
+                              env=command_env(env), timeout=timeout, check=False)
+    with tempfile.TemporaryDirectory() as directory:
+        command = fork_server().start(list(args), Path(directory), env, stderr_apart=True)
+        code = command.wait(timeout)
+        return subprocess.CompletedProcess(list(args), code, command.output(), command.errors())
+
+
+def command_env(env: dict | None) -> dict:
+    """A command's environment: this process's, COLUMNS=200 (wide tables), and `env` (a value None unsets)."""
+    merged = {**os.environ, "COLUMNS": "200", **(env or {})}
+    return {name: value for name, value in merged.items() if value is not None}
+
+
+class ForkServer:
+    """`python -m study` commands as forked processes (see tests/forkserver.py)."""
+
+    def __init__(self):
+        self.process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkserver.py")], cwd=ROOT, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
+        assert self.process.stdout.readline().strip() == "ready"
+        self.count = 0
+
+    def start(self, argv: list[str], log_dir: Path, env: dict | None = None, stderr_apart: bool = False) -> Command:
+        """Fork `python -m study ARGV` in command_env(env); its output goes to a log in `log_dir` (standard error
+        too, unless `stderr_apart`)."""
+        self.count += 1
+        log = log_dir / f"command-{self.count}.log"
+        errors = log.with_suffix(".err") if stderr_apart else log
+        request = {"argv": argv, "stdout": str(log), "stderr": str(errors), "env": command_env(env)}
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return Command(int(self.process.stdout.readline()), log, errors)
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait(30)
+
+
+@dataclass
+class Command:
+    """A forked command: its pid, its logs, and the part of subprocess.Popen's interface the tests use."""
+    pid: int
+    log: Path
+    error_log: Path
+    returncode: int | None = None
+
+    def alive(self) -> bool:
+        return not Path(f"{self.log}.rc").exists()
+
+    def poll(self) -> int | None:
+        return None if self.alive() else self.wait()
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        os.kill(self.pid, sig)
+
+    def send_signal(self, sig) -> None:
+        """As Popen's: nothing once the process has ended (a burst of signals outlives it)."""
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def wait(self, timeout: float | None = None) -> int:  # a guard against a hang, not a speed limit
+        deadline = time.monotonic() + (timeout or 900)
+        while self.alive():
+            if time.monotonic() > deadline:
+                self.kill()
+                raise subprocess.TimeoutExpired(f"study {self.pid}", timeout, self.output())
+            time.sleep(0.02)
+        self.returncode = int(Path(f"{self.log}.rc").read_text())
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        return self.output(), self.errors()
+
+    def output(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def errors(self) -> str:
+        return self.error_log.read_text() if self.error_log.exists() else ""
+
+
+_servers: list[ForkServer] = []  # at most one per test process, started on first use
+
+
+def fork_server() -> ForkServer:
+    if not _servers:
+        _servers.append(ForkServer())
+    return _servers[0]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for server in _servers:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def forks():
+    return fork_server()
 
 
 def run_main(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -175,19 +284,16 @@ def run_main(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
 
 # ---- a launch held at a phase (tests/hooked_study.py) ----
 
-HOOKED = ROOT / "tests" / "hooked_study.py"
-
-
 def hold_env(directory: Path, at: str, lr: float | None = None) -> dict:
     """Orders for tests/hooked_study.py: hold every trial (or the one with learning rate `lr`) at phase `at`."""
     directory.mkdir(parents=True, exist_ok=True)
     return {"HOOKED_HOLD_DIR": str(directory), "HOOKED_HOLD_AT": at, **({"HOOKED_HOLD_LR": repr(lr)} if lr is not None else {})}
 
 
-def start_hooked(*args: str, env: dict) -> subprocess.Popen:
-    """`python tests/hooked_study.py ARGS`: a launch as a user runs it, that stops where `env` says (see hold_env)."""
-    return subprocess.Popen([sys.executable, str(HOOKED), *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **env})
+def start_hooked(*args: str, env: dict) -> Command:
+    """`python -m study ARGS` as a process of its own, with the trainer and report writer of tests/hooked_study.py
+    (which the fork server imports), so that it stops where `env` says (see hold_env)."""
+    return fork_server().start(list(args), Path(tempfile.mkdtemp(prefix="study-command-")), env, stderr_apart=True)
 
 
 def wait_for_holds(directory: Path, count: int, alive, timeout: float = 600) -> list[dict]:

@@ -12,7 +12,8 @@ with no test hook in the product. The orders are environment variables, read at 
 
 The wrapping happens at import, not under `__main__`: spawned worker processes import this file again (as
 `__mp_main__`) and are wrapped too; and before any `study` module is imported, since those bind `train` then.
-The fork server of the reliability suite imports this module for the same reasons.
+The fork server of the tests (tests/forkserver.py) imports this module for the same reasons, and makes it the main
+module of the commands it forks.
 """
 
 from __future__ import annotations

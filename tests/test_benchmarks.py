@@ -97,6 +97,7 @@ def test_presets_benchmark_refuses_an_unknown_study(capsys):
     assert capsys.readouterr().err.startswith("error: unknown study no_such_study; shipped: ")
 
 
+@pytest.mark.slow
 def test_presets_benchmark_reads_a_launched_study_from_its_journal(tmp_path):
     spec = make_spec(tmp_path, "tiny_presets", {
         "fixed": {"arch": "lenet_bn", "batch_size": 64, "n_train": 512, "n_val": 128, "n_test": 128},

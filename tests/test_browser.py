@@ -8,6 +8,8 @@ import subprocess
 import sys
 import urllib.request
 
+import pytest
+
 from conftest import ARTIFACTS, ROOT, free_port, listening_addresses, wait_until_up
 
 
@@ -33,6 +35,7 @@ def test_report_renders_every_plot_and_sorts(tiny_study, page):
     assert errors == []
 
 
+@pytest.mark.slow  # a real `mlflow server` behind `study ui`
 def test_ui_serves_the_study_runs_nested(tiny_study, page):
     port = free_port()
     env = {**os.environ, "STUDY_HOME": str(tiny_study)}

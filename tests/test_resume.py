@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 from conftest import LENET, hold_env, journal, make_spec, run_main, start_hooked, wait_for_holds
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGKILL, marks=pytest.mark.slow)])
 def test_interrupted_launch_resumes_without_loss(study_home, tmp_path, sig):
     # Two epochs; the launch is held after the first one of its first trial, so the signal lands mid-training.
     spec = make_spec(tmp_path, "slow", LENET, fixed={"epochs": 2})

@@ -3,7 +3,6 @@ a worker killed mid-trial, the accuracy-against-cost Pareto front, samplers, exp
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -16,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import LENET, ROOT, free_port, hold_env, journal, make_spec, postgres_database, run_cli, run_main, start_hooked, wait_for_holds, wait_until_up
+from conftest import LENET, free_port, hold_env, journal, make_spec, postgres_database, run_cli, run_main, start_hooked, wait_for_holds, wait_until_up
 
 # One epoch of a tiny VGG: the cheapest trial that still goes through the whole trainer.
 FAST = {
@@ -100,19 +99,16 @@ def mlflow_server(postgres, tmp_path_factory):
 def test_four_workers_from_two_machines_on_postgresql(study_home, tmp_path, postgres, mlflow_server):
     """A launch with 2 workers and a `worker` command with 2 more, on one PostgreSQL study and one MLflow server."""
     spec = make_spec(tmp_path, "shared", FAST)
-    env = {**os.environ, "STUDY_HOME": str(study_home), "MLFLOW_TRACKING_URI": mlflow_server, "COLUMNS": "200"}
+    env = {"STUDY_HOME": str(study_home), "MLFLOW_TRACKING_URI": mlflow_server}
     url = postgres["optuna"]
-    command = [sys.executable, "-m", "study"]
-    launch = subprocess.Popen([*command, "launch", str(spec), "--trials", "8", "--workers", "2", "--storage", url, "--heartbeat", "2"],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launch = start_hooked("launch", str(spec), "--trials", "8", "--workers", "2", "--storage", url, "--heartbeat", "2", env=env)
     deadline = time.monotonic() + 120
     while "shared" not in optuna.get_all_study_names(url) or "trials" not in optuna.load_study(study_name="shared", storage=url).user_attrs:
         assert launch.poll() is None and time.monotonic() < deadline, launch.communicate()
         time.sleep(0.5)
     # The second "machine": a study home of its own, the same storage URL and tracking server.
-    other_env = {**env, "STUDY_HOME": str(tmp_path / "other")}
-    worker = subprocess.run([*command, "worker", str(spec), "--storage", url, "--workers", "2", "--heartbeat", "2"],
-                            cwd=ROOT, env=other_env, capture_output=True, text=True, timeout=300, check=False)
+    worker = run_cli("worker", str(spec), "--storage", url, "--workers", "2", "--heartbeat", "2",
+                     env={**env, "STUDY_HOME": str(tmp_path / "other")}, timeout=300)
     out, err = launch.communicate(timeout=300)
     assert launch.returncode == 0, err
     assert worker.returncode == 0, worker.stderr
@@ -231,6 +227,7 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(study_home, tiny_spec,
     assert not study_home.exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_worker_cleanly(study_home, tmp_path):
     spec = make_spec(tmp_path, "slow", LENET, fixed={"epochs": 2})
     process = start_hooked("launch", str(spec), "--trials", "4", "--workers", "2",

@@ -15,6 +15,8 @@ from reliability.checks import check_consistent, sqlite_uri
 
 from conftest import LENET, ROOT, free_port, make_spec, postgres_database, run_cli
 
+pytestmark = pytest.mark.slow  # gRPC proxy server processes: `make test` runs them, `make test-fast` does not
+
 pytest.importorskip("grpc", reason="the gRPC proxy is in the optional extra: pip install '.[ray]'")
 
 

@@ -30,11 +30,12 @@ LENET_SMALL = {
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    """One launch of the LeNet study, its best model registered: (home, the launch's output)."""
+    """One launch of the LeNet study, its best model registered: (home, the launch's output). A whole new
+    interpreter, so that the output holds what importing prints too."""
     home = tmp_path_factory.mktemp("tools") / "home"
     spec = make_spec(home.parent, "lenet_small", LENET_SMALL)
     result = run_cli("launch", str(spec), "--trials", "3", "--preset", "cpu", "--register", "lenet-small-best",
-                     env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": ""})
+                     env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": ""}, fresh=True)
     assert result.returncode == 0, result.stderr
     return home, result
 
@@ -232,6 +233,7 @@ def _answers(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
+@pytest.mark.slow  # a real `mlflow server` behind `study ui`
 def test_sigterm_stops_the_ui_server_and_its_workers(launched):
     home, _ = launched
     port = free_port()
@@ -271,6 +273,7 @@ def test_ui_on_a_busy_port_is_one_line_and_exit_1(launched):
     assert line.startswith(f"error: --port {port}: 127.0.0.1:{port} is already in use") and "--port " in line.split(";")[1]
 
 
+@pytest.mark.slow  # a real `mlflow server` behind `study ui`
 def test_ui_first_view_shows_trials_and_curves(launched, page, tmp_path):
     """The link `study ui` prints, opened in Chromium: model-training view, trials listed flat, per-epoch curves first."""
     home, _ = launched

@@ -8,12 +8,12 @@ processes and servers the faults hit.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import ARTIFACTS, LENET, ROOT, free_port, make_spec, postgres_database, wait_until_up
+from conftest import ARTIFACTS, LENET, free_port, make_spec, postgres_database, wait_until_up
 
 REPEATS = int(os.environ.get("RELIABILITY_REPEATS", "20"))
 SEED = int(os.environ.get("RELIABILITY_SEED", "9"))
@@ -35,11 +35,14 @@ FIGURES: dict = {"faults": {}, "bad_inputs": {"tried": 0, "tracebacks": 0}}
 
 
 def record_fault(kind: str, repetitions: int, counts: Counts) -> None:
-    row = FIGURES["faults"].setdefault(kind, {"repetitions": 0, "trials_checked": 0, "trials_lost": 0, "duplicates": 0})
-    row["repetitions"] += repetitions
-    row["trials_checked"] += counts.trials
-    row["trials_lost"] += counts.lost
-    row["duplicates"] += counts.duplicates
+    _add_fault(FIGURES, kind, {"repetitions": repetitions, "trials_checked": counts.trials, "trials_lost": counts.lost,
+                               "duplicates": counts.duplicates})
+
+
+def _add_fault(figures: dict, kind: str, row: dict) -> None:
+    total = figures["faults"].setdefault(kind, dict.fromkeys(row, 0))
+    for key, value in row.items():
+        total[key] += value
 
 
 def record_bad_inputs(tried: int, tracebacks: int) -> None:
@@ -59,10 +62,26 @@ def figures_markdown(figures: dict) -> str:
 @pytest.fixture(scope="session", autouse=True)
 def figures():
     yield FIGURES
-    if FIGURES["faults"] or FIGURES["bad_inputs"]["tried"]:
-        ARTIFACTS.mkdir(exist_ok=True)
-        FIGURES_JSON.write_text(json.dumps({**FIGURES, "seed": SEED, "repeats": REPEATS}, indent=2) + "\n")
-        FIGURES_MD.write_text(figures_markdown(FIGURES))
+    if not (FIGURES["faults"] or FIGURES["bad_inputs"]["tried"]):
+        return
+    ARTIFACTS.mkdir(exist_ok=True)
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # under pytest-xdist each worker holds its share of the figures
+    with open(ARTIFACTS / ".reliability.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = FIGURES
+        if run:
+            share = ARTIFACTS / f".reliability-{os.environ['PYTEST_XDIST_WORKER']}.json"
+            share.write_text(json.dumps({**FIGURES, "run": run}))
+            merged = {"faults": {}, "bad_inputs": {"tried": 0, "tracebacks": 0}}
+            for path in ARTIFACTS.glob(".reliability-*.json"):
+                part = json.loads(path.read_text())
+                if part["run"] == run:
+                    for kind, row in part["faults"].items():
+                        _add_fault(merged, kind, row)
+                    for key in merged["bad_inputs"]:
+                        merged["bad_inputs"][key] += part["bad_inputs"][key]
+        FIGURES_JSON.write_text(json.dumps({**merged, "seed": SEED, "repeats": REPEATS}, indent=2) + "\n")
+        FIGURES_MD.write_text(figures_markdown(merged))
 
 
 # ---- the checker ----
@@ -180,57 +199,6 @@ def _run_exists(client, run_id: str) -> bool:
 
 def sqlite_uri(home: Path) -> str:
     return f"sqlite:///{(home / 'mlflow.db').resolve()}"
-
-
-class ForkServer:
-    """`python -m study` commands as forked processes (see forkserver.py)."""
-
-    def __init__(self):
-        self.process = subprocess.Popen([sys.executable, str(Path(__file__).parent / "forkserver.py")], cwd=ROOT, stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
-        assert self.process.stdout.readline().strip() == "ready"
-        self.count = 0
-
-    def start(self, argv: list[str], log_dir: Path, env: dict | None = None) -> Command:
-        self.count += 1
-        log = log_dir / f"command-{self.count}.log"
-        environment = {**os.environ, "COLUMNS": "200", **(env or {})}
-        self.process.stdin.write(json.dumps({"argv": argv, "log": str(log), "env": environment}) + "\n")
-        self.process.stdin.flush()
-        return Command(int(self.process.stdout.readline()), log)
-
-    def close(self):
-        self.process.stdin.close()
-        self.process.wait(30)
-
-
-@dataclass
-class Command:
-    pid: int
-    log: Path
-
-    def alive(self) -> bool:
-        return not Path(f"{self.log}.rc").exists()
-
-    def kill(self, sig=signal.SIGKILL) -> None:
-        os.kill(self.pid, sig)
-
-    def wait(self, timeout: float = 900) -> int:  # a guard against a hang, not a speed limit
-        deadline = time.monotonic() + timeout
-        while self.alive():
-            assert time.monotonic() < deadline, f"command {self.pid} still running: {self.output()[-2000:]}"
-            time.sleep(0.05)
-        return int(Path(f"{self.log}.rc").read_text())
-
-    def output(self) -> str:
-        return self.log.read_text() if self.log.exists() else ""
-
-
-@pytest.fixture(scope="session")
-def forks():
-    server = ForkServer()
-    yield server
-    server.close()
 
 
 @pytest.fixture

@@ -15,6 +15,8 @@ from conftest import hold_env, journal, start_hooked, wait_for_holds
 from dashboards.record import retry_source
 from reliability.checks import check_consistent, record_fault, sqlite_uri
 
+pytestmark = pytest.mark.slow  # repeated signal bursts: `make test` runs them, `make test-fast` does not
+
 BURSTS = 3  # seeded bursts, each of several signals at random offsets
 
 

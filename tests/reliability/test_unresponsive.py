@@ -4,17 +4,14 @@ created whole, so an interrupted or concurrent creation cannot leave every later
 
 from __future__ import annotations
 
-import os
 import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-from conftest import ROOT, journal, run_cli
+from conftest import journal, run_cli
 from reliability.checks import check_consistent, record_fault, sqlite_uri
 
 # The suite's own outage test shortens MLflow's waits by environment; these tests keep the defaults.
@@ -49,14 +46,14 @@ def silent_server():
 
 
 def _default_env(**extra) -> dict:
-    env = {key: value for key, value in os.environ.items() if key not in MLFLOW_WAITS}
-    return {**env, **extra}
+    return {**dict.fromkeys(MLFLOW_WAITS), **extra}  # None: unset
 
 
 def _run(*args, env):
-    return subprocess.run([sys.executable, "-m", "study", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=BOUND, check=False)
+    return run_cli(*args, env=env, timeout=BOUND)
 
 
+@pytest.mark.slow  # waits out the default timeouts
 def test_mlflow_server_that_never_answers(study_home, lenet_spec, silent_server):
     address = f"http://127.0.0.1:{silent_server}"
     done = _run("launch", str(lenet_spec), "--trials", "1", env=_default_env(STUDY_HOME=str(study_home), MLFLOW_TRACKING_URI=address))
@@ -65,6 +62,7 @@ def test_mlflow_server_that_never_answers(study_home, lenet_spec, silent_server)
     assert not (study_home / "optuna.journal").exists()
 
 
+@pytest.mark.slow  # waits out the default timeouts
 def test_postgresql_server_that_never_answers(study_home, lenet_spec, silent_server):
     address = f"postgresql://postgres@127.0.0.1:{silent_server}/study"
     done = _run("launch", str(lenet_spec), "--trials", "1", "--storage", address, env=_default_env(STUDY_HOME=str(study_home)))
@@ -87,24 +85,25 @@ def test_half_made_mlflow_store_is_named_in_one_line(study_home, lenet_spec):
     assert again.returncode == 0, again.stderr
 
 
-def test_first_launch_killed_while_creating_the_store_and_concurrent_first_launches(study_home, lenet_spec, tmp_path):
+def test_first_launch_killed_while_creating_the_store_and_concurrent_first_launches(forks, study_home, lenet_spec, tmp_path):
     """Kill a first launch once its MLflow store is being built, then start two first launches at once."""
-    env = {**os.environ, "STUDY_HOME": str(study_home), "COLUMNS": "200"}
-    argv = [sys.executable, "-m", "study", "launch", str(lenet_spec), "--trials", "2", "--log-model", "none"]
-    first = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"STUDY_HOME": str(study_home)}
+    argv = ["launch", str(lenet_spec), "--trials", "2", "--log-model", "none"]
+    first = forks.start(argv, tmp_path, env)
     while not list(study_home.glob(".mlflow.db.building-*")):  # the store is being built: strike now
-        assert first.poll() is None, "the launch ended before building its MLflow store"
+        assert first.alive(), "the launch ended before building its MLflow store"
         time.sleep(0.005)
     first.kill()
-    first.wait(30)
-    racers = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [racer.communicate(timeout=600) for racer in racers]
-    assert [racer.returncode for racer in racers] == [0, 0], results
+    assert first.wait() == -9
+    racers = [forks.start(argv, tmp_path, env) for _ in range(2)]
+    codes = [racer.wait() for racer in racers]
+    assert codes == [0, 0], [racer.output()[-3000:] for racer in racers]
     assert not list(study_home.glob(".mlflow.db.building-*"))
     record_fault("first launch killed while creating the MLflow store, then 2 first launches at once", 1,
                  check_consistent("kill", journal(study_home), sqlite_uri(study_home), total=2))
 
 
+@pytest.mark.slow  # waits out the default timeouts
 def test_report_and_export_with_a_tracking_server_that_never_answers(tiny_study, tmp_path, silent_server):
     """A study read back while its MLflow server is silent: one line at once, not minutes of retries."""
     address = f"http://127.0.0.1:{silent_server}"

@@ -1,11 +1,14 @@
-"""Start `python -m study` commands fast: one interpreter imports torch, Optuna, MLflow and the project
-once, then forks a process per command (one JSON request per stdin line, its pid on stdout).
+"""Start `python -m study` commands fast: one interpreter imports torch, Optuna, MLflow, the project and what
+a command loads on first use (MLflow's model flavour and store, matplotlib, Optuna's importance) once, then forks
+a process per command (one JSON request per stdin line, its pid on stdout).
 
-Each child is a real process running `study.cli.main(argv)`, so kill -9 and signals hit it as they hit a
-user's launch; only the 5-10 s of imports are skipped. This process never runs torch itself, so the forked
-children start with fresh thread pools. Its commands run with the trainer wrapped by tests/hooked_study.py
-(imported before any `study` module), so a test can hold one at a phase. It reaps its children at once (a zombie would still look alive to
-the launcher's dead-process check) and writes each exit code to `<log>.rc`.
+Each child is a real process running `study.cli.main(argv)` with its own environment, standard output and
+error files and exit status, so kill -9 and signals hit it as they hit a user's launch; only the 4-8 s of
+imports are skipped. This process never computes with torch (the one warm-up runs on the meta device), so the
+forked children start with fresh thread pools. Its commands run with the trainer wrapped by
+tests/hooked_study.py (imported before any `study` module), so a test can hold one at a phase. It reaps its
+children at once (a zombie would still look alive to the launcher's dead-process check) and writes each exit
+code to `<stdout>.rc`.
 """
 
 from __future__ import annotations
@@ -17,8 +20,12 @@ import sys
 import traceback
 
 import hooked_study  # noqa: F401 -- wraps the trainer before `study` imports it
-import mlflow  # noqa: F401
-import optuna  # noqa: F401
+import matplotlib
+import mlflow
+import mlflow.pytorch
+import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+import optuna
+import optuna.importance  # noqa: F401
 import torch  # noqa: F401
 
 import dashboards  # noqa: F401 -- imported once here, for every forked command
@@ -26,6 +33,12 @@ import study.cli
 import study.launch
 import study.reconcile
 import study.session
+from objectives.inspect import layer_costs
+
+matplotlib.use("Agg")
+import matplotlib.pyplot
+
+layer_costs("lenet")  # torch's meta kernels register on first use: once here, not in every command
 
 logs: dict[int, str] = {}
 
@@ -50,11 +63,15 @@ def run(request: dict) -> None:
     # Ctrl-C raises KeyboardInterrupt, as in a terminal, also when this server was started with SIGINT ignored
     # (by a shell that runs the tests in the background), which Python would otherwise keep.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # not the request pipe
+    stdout = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(stdout, 1)
+    os.dup2(stdout if request["stderr"] == request["stdout"] else os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
     os.environ.clear()
     os.environ.update(request["env"])
+    # A worker process this command spawns imports the main module again: the hooked trainer, as under
+    # tests/hooked_study.py, rather than this server's imports.
+    sys.modules["__main__"] = sys.modules["hooked_study"]
     try:
         code = study.cli.main(request["argv"])
     except SystemExit as exit:
@@ -77,7 +94,7 @@ def main() -> None:
         if pid == 0:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
             run(request)
-        logs[pid] = request["log"]
+        logs[pid] = request["stdout"]
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         print(pid, flush=True)
 
