@@ -106,6 +106,17 @@ def tiny_spec(tmp_path):
     return path
 
 
+# The files that take longest go first: with one test file per test process at a time (`make test`), the processes
+# then finish together instead of one waiting on another's last long file.
+LONGEST_FIRST = ("reliability/test_kill.py", "test_scale.py", "test_ray.py", "test_mlflow_server.py", "test_tools.py",
+                 "reliability/test_faults.py", "test_decide.py", "test_report.py", "reliability/test_unresponsive.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.relative_to(ROOT / "tests").as_posix(), len(rank)))  # stable: the rest in file order
+
+
 # ---- test specs ----
 
 # The cheapest trial that still runs the whole trainer: LeNet for one epoch on a few hundred images.
