@@ -71,6 +71,19 @@ PRESET_SHAPES = (
     ("vgg11", 32, 16, 32),
 )
 PRESET_SHAPE_STEPS = 8  # training steps per shape, after one epoch's first step has warmed oneDNN up
+# On CUDA, the small end of the full search spaces (vgg_ratio's ratio 16 at 32 px is a few MFLOPs an example):
+# whether such a step is bound by kernel launches rather than arithmetic, beside AlexNet-224.
+CUDA_SMALL_SHAPES = (
+    ("lenet", 28, 1, 256),
+    ("alexnet_28", 28, 4, 128),
+    ("vgg11", 32, 16, 128),
+    ("vgg11", 32, 4, 128),
+    ("vgg11", 96, 4, 128),
+    ("vgg11", 224, 4, 128),
+    ("resnet18", 32, 4, 256),
+    ("googlenet", 32, 4, 128),
+)
+CUDA_SHAPE_STEPS = 60
 QUICK_DIVISOR = 8  # --quick: an eighth of the examples, at least one batch
 
 # Dense bf16 peak of the GPUs we are lent, in FLOP/s, from the vendors' data sheets (without sparsity).
@@ -137,13 +150,13 @@ def measure(case: Case, data, device: str, quick: bool, precision: str, channels
 
 
 def measure_preset_shape(arch: str, resize: int, ratio: int, batch_size: int, data, device: str, precision: str,
-                         channels_last: bool | None, steps: int) -> float:
-    """Training FLOP/s of one preset shape: `steps` batches of training, as a trial trains them."""
+                         channels_last: bool | None, steps: int) -> tuple[float, float]:
+    """Training FLOP/s and steps per second of one shape: `steps` batches of training, as a trial trains them."""
     config = TrainConfig(arch=arch, resize=resize, ratio=ratio, batch_size=batch_size, lr=0.01, momentum=0.9, epochs=1,
                          n_train=batch_size * steps, n_val=batch_size, n_test=batch_size, device=device,
                          precision=precision, channels_last=channels_last)
     result = train(config, data)
-    return result.train_flops / result.train_seconds
+    return result.train_flops / result.train_seconds, steps / result.train_seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="our trainer's precision (default: auto)")
     parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto", help="our trainer's memory format (default: auto)")
     parser.add_argument("--compile", action="store_true", help="torch.compile our model (its compile time counts)")
-    parser.add_argument("--no-preset-shapes", action="store_true", help="skip the table of the cpu presets' shapes")
+    parser.add_argument("--no-preset-shapes", action="store_true", help="skip the table of the small shapes (the cpu presets' on a CPU)")
     parser.add_argument("--json", help="also write the rows and settings to this JSON file")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -183,18 +196,20 @@ def main(argv: list[str] | None = None) -> int:
               f"   ({time.perf_counter() - started:.0f} s)", flush=True)
     alexnet = next((r for r in rows if r.arch == "alexnet" and r.resize == 224), None)
     preset_rows = []
-    if args.device == "cpu" and not args.no_preset_shapes:
-        steps = 2 if args.quick else PRESET_SHAPE_STEPS
-        print(f"cpu presets' shapes, {steps} training steps each, training TFLOP/s"
+    if not args.no_preset_shapes:
+        shapes, steps = (PRESET_SHAPES, PRESET_SHAPE_STEPS) if args.device == "cpu" else (CUDA_SMALL_SHAPES, CUDA_SHAPE_STEPS)
+        steps = 2 if args.quick else steps
+        title = "cpu presets' shapes" if args.device == "cpu" else "small shapes of the full search spaces"
+        print(f"{title}, {steps} training steps each, training TFLOP/s"
               + (f" against AlexNet-224's {alexnet.train_flops_per_second / 1e12:.3f} above" if alexnet else " (run with AlexNet for the ratio)"))
-        print(f"{'shape':<30}{'TFLOP/s':>9}{'of AlexNet-224':>16}")
-        for arch, resize, ratio, batch_size in PRESET_SHAPES:
-            flops_per_second = measure_preset_shape(arch, resize, ratio, batch_size, data, args.device, args.precision, channels_last, steps)
+        print(f"{'shape':<30}{'TFLOP/s':>9}{'of AlexNet-224':>16}{'steps/s':>9}")
+        for arch, resize, ratio, batch_size in shapes:
+            flops_per_second, steps_per_second = measure_preset_shape(arch, resize, ratio, batch_size, data, args.device, args.precision, channels_last, steps)
             share = flops_per_second / alexnet.train_flops_per_second if alexnet else None
             preset_rows.append({"arch": arch, "resize": resize, "ratio": ratio, "batch_size": batch_size,
-                                "train_flops_per_second": flops_per_second, "of_alexnet_224": share})
+                                "train_flops_per_second": flops_per_second, "of_alexnet_224": share, "steps_per_second": steps_per_second})
             name = f"{arch} {resize}px r{ratio} batch {batch_size}"
-            print(f"{name:<30}{flops_per_second / 1e12:>9.3f}{f'{share:.0%}' if share is not None else '-':>16}", flush=True)
+            print(f"{name:<30}{flops_per_second / 1e12:>9.3f}{f'{share:.0%}' if share is not None else '-':>16}{steps_per_second:>9.0f}", flush=True)
     geomean = math.exp(sum(math.log(r.speedup) for r in rows) / len(rows))
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k != "json"}

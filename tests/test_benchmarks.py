@@ -89,7 +89,8 @@ def test_the_throughput_benchmark_lists_every_shape_the_cpu_presets_train():
 
 
 def test_a_preset_shape_is_measured_in_flops_per_second(fashion):
-    assert measure_preset_shape("lenet", 28, 1, 64, fashion, "cpu", "auto", None, steps=2) > 0
+    flops_per_second, steps_per_second = measure_preset_shape("lenet", 28, 1, 64, fashion, "cpu", "auto", None, steps=2)
+    assert flops_per_second > 0 and steps_per_second > 0
 
 
 def test_presets_benchmark_refuses_an_unknown_study(capsys):
