@@ -5,12 +5,14 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 TRIALS  ?= 50
+# The demo stops starting trials after this many minutes (0: no limit); `make demo` again continues the study.
+DEMO_MINUTES ?= 9
 STAMP   := $(VENV)/.installed
 
 .PHONY: demo test test-fast setup data browser clean
 
 demo: setup data
-	$(PY) -m study launch vgg_ratio --trials $(TRIALS)
+	$(PY) -m study launch vgg_ratio --trials $(TRIALS) $(if $(filter-out 0,$(DEMO_MINUTES)),--timeout $$(( $(DEMO_MINUTES) * 60 )))
 	$(PY) -m study show vgg_ratio --top 5
 
 # One pytest process per core (at most 4), a test file per process at a time (module fixtures are not duplicated).

@@ -6,8 +6,9 @@
 Each study runs as a user runs it, `python -m study launch NAME --trials N --preset cpu --log-model none`,
 in a scratch STUDY_HOME of its own, so nothing is resumed and nothing of the user's is touched. One
 row per study: trials (complete / pruned / failed), wall time of the launch, best validation accuracy
-and that trial's test accuracy, and the share of the launch spent inside `train()` (the trials'
-wall_seconds over the launch's wall time; the rest is start-up, Optuna, MLflow and the report).
+and that trial's test accuracy, the share of the launch spent inside `train()` (the trials'
+wall_seconds over the launch's wall time; the rest is start-up, Optuna, MLflow and the report), and
+for a study of several architectures each one's best validation accuracy among its complete trials.
 Evidence and dates: benchmarks/RESULTS.md.
 """
 
@@ -40,6 +41,7 @@ class Row:
     best_val: float | None
     best_test: float | None
     train_share: float  # sum of trials' wall_seconds / launch wall time
+    best_by_arch: dict[str, float]  # studies of several architectures: each one's best validation accuracy
 
 
 def run_study(name: str, trials: int, log_model: str, home: Path) -> Row:
@@ -56,6 +58,10 @@ def run_study(name: str, trials: int, log_model: str, home: Path) -> Row:
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
     best = max(complete, key=lambda t: t.value, default=None)
     inside = sum(t.user_attrs.get("wall_seconds", 0.0) for t in study.trials)
+    best_by_arch = {}
+    for trial in complete:
+        if "arch" in trial.params:
+            best_by_arch[trial.params["arch"]] = max(trial.value, best_by_arch.get(trial.params["arch"], 0.0))
     return Row(
         study=name,
         complete=len(complete),
@@ -65,6 +71,7 @@ def run_study(name: str, trials: int, log_model: str, home: Path) -> Row:
         best_val=best.value if best else None,
         best_test=best.user_attrs.get("test_accuracy") if best else None,
         train_share=inside / wall,
+        best_by_arch=best_by_arch,
     )
 
 
@@ -73,8 +80,9 @@ def format_row(row: Row) -> str:
         return f"{value:.3f}" if value is not None else "-"
     minutes, seconds = divmod(round(row.wall_seconds), 60)
     flag = "  at chance" if row.best_val is None or row.best_val < 2 * CHANCE else ""
+    by_arch = ", ".join(f"{arch} {value:.3f}" for arch, value in sorted(row.best_by_arch.items(), key=lambda item: -item[1]))
     return (f"| {row.study} | {row.complete} / {row.pruned} / {row.failed} | {minutes} min {seconds:02d} s | "
-            f"{acc(row.best_val)} | {acc(row.best_test)} | {row.train_share:.0%} |{flag}")
+            f"{acc(row.best_val)} | {acc(row.best_test)} | {row.train_share:.0%} | {by_arch or '-'} |{flag}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     print(f"{time.strftime('%Y-%m-%d %H:%M')}, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}, "
           f"{os.cpu_count()} CPUs, --trials {args.trials}, --preset cpu, --log-model {args.log_model}")
-    print("| study | trials complete / pruned / failed | wall time | best val | its test | time in train() |")
-    print("|---|---|---|---|---|---|")
+    print("| study | trials complete / pruned / failed | wall time | best val | its test | time in train() | best val by architecture |")
+    print("|---|---|---|---|---|---|---|")
     for name in names:
         with tempfile.TemporaryDirectory(prefix=f"presets-{name}-") as home:
             print(format_row(run_study(name, args.trials, args.log_model, Path(home))), flush=True)
