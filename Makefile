@@ -6,7 +6,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 TRIALS  ?= 50
 # The demo stops starting trials after this many minutes (0: no limit); `make demo` again continues the study.
-DEMO_MINUTES ?= 9
+DEMO_MINUTES ?= 8
 STAMP   := $(VENV)/.installed
 
 .PHONY: demo test test-fast setup data browser clean
