@@ -39,7 +39,7 @@ def proxy(tmp_path):
         finally:
             process.send_signal(signal.SIGINT)
             try:
-                code = process.wait(120)  # a guard against a hang: with both cores busy the shutdown has taken over 30 s
+                code = process.wait(30)
             finally:
                 if process.poll() is None:
                     process.kill()  # never leave a server behind, whatever the assertion below says
