@@ -160,7 +160,7 @@ def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | Non
     from dashboards.record import STUDY_UID, count_done
     from study.launch import run_launch
     from study.session import open_session
-    from study.storage import default_storage_url, home, mask
+    from study.storage import default_storage_url, home, mask, setup_lock
     from study.tracking import PICKLE_NOTE, Tracker, ui_url
 
     uri = _ready_to_train(args.data_dir)
@@ -172,12 +172,13 @@ def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | Non
     if settings.cost:
         pruning = "no pruning" if settings.pruner["name"] == "none" else "pruned on val_accuracy against trials of similar cost (study/costprune.py)"
         console.print(f"objectives: maximise val_accuracy, minimise {settings.cost} ({pruning})")
-    tracker = Tracker(spec.name, uri, artifact_root=home() / "mlartifacts", study_uid=study.user_attrs.get(STUDY_UID))
+    with setup_lock(request.storage, session.storage, spec.name):  # two first launches at once open one parent run
+        tracker = Tracker(spec.name, uri, artifact_root=home() / "mlartifacts", study_uid=study.user_attrs.get(STUDY_UID))
+        if not request.join:
+            tracker.describe_study(spec.path.read_text(), settings.preset, storage_label, type(study.sampler).__name__, type(study.pruner).__name__)
     if tracker.other_studies:
         console.print(f"MLflow experiment {spec.name} also holds {tracker.other_studies} other studies named {spec.name} (another storage, or a "
                       f"journal that was replaced); this study's trials go under a parent run of their own, {tracker.parent_run_id}")
-    if not request.join:
-        tracker.describe_study(spec.path.read_text(), settings.preset, storage_label, type(study.sampler).__name__, type(study.pruner).__name__)
     if args.log_model != "none":
         console.print(PICKLE_NOTE)
     if ray_slots:

@@ -17,7 +17,7 @@ import torch
 
 from dashboards.record import STUDY_UID
 from study.specs import PRESETS, PRUNER_NAMES, SAMPLER_NAMES, Plan, Spec, SpecError, resolve
-from study.storage import default_storage_url, make_home, mask, open_storage
+from study.storage import default_storage_url, make_home, mask, open_storage, setup_lock
 
 # Costs a multi-objective study minimises beside validation accuracy: TrainResult fields.
 COSTS = ("train_seconds", "train_flops")
@@ -161,6 +161,11 @@ def open_session(request: Request, spec: Spec) -> Session:
         raise SpecError(f"no study named {spec.name!r}: {default_storage_url()} does not exist yet; run `python -m study launch {request.name}` first")
     storage = open_storage(request.storage, request.heartbeat)
     make_home()  # the MLflow store and the reports live there, also when the storage is elsewhere; before the study is written
+    with setup_lock(request.storage, storage, spec.name):  # two first launches at once create one study with one identity
+        return _create_or_load(request, spec, storage)
+
+
+def _create_or_load(request: Request, spec: Spec, storage: optuna.storages.BaseStorage) -> Session:
     exists = spec.name in optuna.get_all_study_names(storage)
     if request.join and not exists:
         raise SpecError(f"no study named {spec.name!r} in {mask(request.storage or default_storage_url())}; run `python -m study launch {request.name}` first")

@@ -8,10 +8,12 @@ grpc://host:port for Optuna's storage proxy (`python -m study serve-storage`, st
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import sys
 import warnings
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import optuna
 from dashboards import record
 
 CONNECT_TIMEOUT = 10  # seconds to connect to a database server
+SETUP_LOCK_SPACE = 0x5354  # PostgreSQL advisory locks taken by setup_lock: (this, the study name's CRC)
 
 
 class StorageError(RuntimeError):
@@ -158,3 +161,41 @@ def claim_lock(storage: optuna.storages.BaseStorage, study_name: str):
             yield
         finally:
             connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), key)
+
+
+@contextmanager
+def setup_lock(url: str | None, storage: optuna.storages.BaseStorage, study_name: str):
+    """Held while a launch creates or reopens a study's record (the study and its identity in Optuna, its parent
+    run in MLflow), so that first launches started at the same moment agree on one of each.
+
+    A journal or SQLite file: an exclusive flock on the directory that holds it (not on the file: closing
+    another descriptor of an SQLite file would drop SQLite's own POSIX locks). PostgreSQL: an advisory lock
+    keyed by the study's name. The kernel or the server drops either with the process, so a killed launch
+    never leaves it held. The gRPC proxy: none; start a proxied study's first launch alone.
+    """
+    url = url or default_storage_url()
+    if isinstance(storage, optuna.storages.RDBStorage) and storage.engine.dialect.name == "postgresql":
+        import sqlalchemy
+
+        key = {"space": SETUP_LOCK_SPACE, "key": zlib.crc32(study_name.encode()) - 2**31}
+        with storage.engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:space, :key)"), key)
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:space, :key)"), key)
+        return
+    path = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None if "://" in url else Path(url)
+    if path is None:
+        yield
+        return
+    try:
+        descriptor = os.open(path.resolve().parent, os.O_RDONLY)
+    except OSError:  # a directory we may write in but not open: nothing to lock with
+        yield
+        return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock

@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
 
+import optuna
+import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import journal, run_cli
+from conftest import journal, postgres_database, run_cli
 from dashboards.record import parent_runs, trial_runs
 from reliability.checks import check_consistent, record_fault, sqlite_uri
+from study.storage import setup_lock
 
 
 def test_a_study_that_replaced_a_deleted_journal_gets_its_own_parent(study_home, lenet_spec):
@@ -51,3 +57,40 @@ def test_report_after_the_mlflow_store_is_rebuilt_from_the_optuna_storage(study_
     assert linked == held and len(held) == 3
     record_fault("MLflow store lost, rebuilt from Optuna, then report", 1,
                  check_consistent("kill", journal(study_home), sqlite_uri(study_home), total=3))
+
+
+def _lock_waiters(directory: Path, database: str | None) -> int:
+    """Processes blocked on the set-up lock: flock requests on `directory` that /proc/locks lists as blocked
+    ('->'), or PostgreSQL advisory locks not yet granted in `database`."""
+    if database is None:
+        inode = str(directory.stat().st_ino)
+        lines = Path("/proc/locks").read_text().splitlines()
+        return sum(1 for line in lines if "->" in line and "FLOCK" in line and line.split()[-3].rsplit(":", 1)[-1] == inode)
+    import psycopg
+
+    with psycopg.connect(host="127.0.0.1", user="postgres", dbname=database, autocommit=True) as connection:
+        return connection.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").fetchone()[0]
+
+
+@pytest.mark.parametrize("backend", ["journal", "postgresql"])
+def test_first_launches_let_go_at_once_open_one_study_and_one_parent(forks, study_home, lenet_spec, tmp_path, backend):
+    """Two first launches held at the study's set-up lock and let go at the same moment: one study identity, one
+    parent run, every trial under it."""
+    study_home.mkdir(parents=True, exist_ok=True)
+    env = {"STUDY_HOME": str(study_home)}
+    with postgres_database("identity") if backend == "postgresql" else nullcontext() as url:
+        storage = optuna.storages.RDBStorage(url) if url else journal(study_home)
+        argv = ["launch", str(lenet_spec), "--trials", "2", "--log-model", "none", *(["--storage", url] if url else [])]
+        with setup_lock(url or str(study_home / "optuna.journal"), storage, "kill"):
+            racers = [forks.start(argv, tmp_path, env) for _ in range(2)]
+            while _lock_waiters(study_home, url and url.rsplit("/", 1)[1]) < 2:  # both wait at the lock: let go now
+                assert all(racer.alive() for racer in racers), [racer.output()[-3000:] for racer in racers]
+                time.sleep(0.05)
+        codes = [racer.wait() for racer in racers]
+        assert codes == [0, 0], [racer.output()[-3000:] for racer in racers]
+        client = MlflowClient(tracking_uri=sqlite_uri(study_home))
+        experiment = client.get_experiment_by_name("kill").experiment_id
+        assert len(client.search_runs([experiment], filter_string="tags.`study.role` = 'parent'")) == 1
+        record_fault(f"2 first launches let go at once ({backend})", 1, check_consistent("kill", storage, sqlite_uri(study_home), total=2))
+        if url:
+            storage.engine.dispose()
