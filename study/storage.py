@@ -144,23 +144,35 @@ def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:
     return isinstance(storage, optuna.storages.RDBStorage) and storage.get_heartbeat_interval() is not None
 
 
+def _on_postgresql(storage: optuna.storages.BaseStorage) -> bool:
+    return isinstance(storage, optuna.storages.RDBStorage) and storage.engine.dialect.name == "postgresql"
+
+
+@contextmanager
+def _advisory_lock(storage: optuna.storages.RDBStorage, *keys: int):
+    """A PostgreSQL advisory lock on one bigint key or two int keys (a separate key space), held on a connection
+    of its own; the server drops it with the connection, so a killed process never leaves it held."""
+    import sqlalchemy
+
+    names, values = ", ".join(f":k{i}" for i in range(len(keys))), {f"k{i}": key for i, key in enumerate(keys)}
+    with storage.engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({names})"), values)
+        try:
+            yield
+        finally:
+            connection.execute(sqlalchemy.text(f"SELECT pg_advisory_unlock({names})"), values)
+
+
 @contextmanager
 def claim_lock(storage: optuna.storages.BaseStorage, study_name: str):
     """Held while a worker counts a study's trials and asks for a new one, so that workers on several
     machines never start more trials than the study's total. PostgreSQL only (an advisory lock);
     elsewhere the one launcher process already does this under its own lock."""
-    if not (isinstance(storage, optuna.storages.RDBStorage) and storage.engine.dialect.name == "postgresql"):
+    if not _on_postgresql(storage):
         yield
         return
-    import sqlalchemy
-
-    key = {"key": storage.get_study_id_from_name(study_name)}
-    with storage.engine.connect() as connection:
-        connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), key)
-        try:
-            yield
-        finally:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), key)
+    with _advisory_lock(storage, storage.get_study_id_from_name(study_name)):
+        yield
 
 
 @contextmanager
@@ -174,16 +186,9 @@ def setup_lock(url: str | None, storage: optuna.storages.BaseStorage, study_name
     never leaves it held. The gRPC proxy: none; start a proxied study's first launch alone.
     """
     url = url or default_storage_url()
-    if isinstance(storage, optuna.storages.RDBStorage) and storage.engine.dialect.name == "postgresql":
-        import sqlalchemy
-
-        key = {"space": SETUP_LOCK_SPACE, "key": zlib.crc32(study_name.encode()) - 2**31}
-        with storage.engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:space, :key)"), key)
-            try:
-                yield
-            finally:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:space, :key)"), key)
+    if _on_postgresql(storage):
+        with _advisory_lock(storage, SETUP_LOCK_SPACE, zlib.crc32(study_name.encode()) - 2**31):
+            yield
         return
     path = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None if "://" in url else Path(url)
     if path is None:
