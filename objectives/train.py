@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 import typing
@@ -62,7 +63,7 @@ class TrainConfig:
     n_test: int | None = None
     # speed
     device: str = "auto"                 # "auto": cuda when available, else cpu
-    precision: str = "auto"              # "auto": bf16 autocast where the device has bf16 arithmetic (CUDA, AVX512-BF16/AMX CPUs), else fp32
+    precision: str = "auto"              # "auto": bf16 autocast on CUDA, and on CPUs with bf16 arithmetic (AVX512-BF16, AMX) for the shapes it speeds up (cpu_bf16_pays); else fp32
     channels_last: bool | None = None    # None: on (NHWC convolutions are faster with cuDNN and with oneDNN); False for NCHW
     compile: bool = False                # torch.compile; pays off only for long runs
     eval_batch_size: int = 1024          # evaluation has no backward pass, so bigger batches fit
@@ -174,6 +175,39 @@ def native_bf16(device: torch.device) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_pays(arch: str, resize: int, ratio: int, batch_size: int, channels_last: bool) -> bool:
+    """Whether bf16 autocast trains this shape faster than fp32 on this CPU: timed once per shape and process.
+
+    On a CPU with bf16 arithmetic neither precision always wins. Autocast casts every weight to bf16 each
+    step and every gradient back, which costs more than it saves where a step is small matrix products over
+    large weights: VGG-11 at 32 px (two 4096-wide linear layers) trains 1.2x faster in fp32 at batch 32,
+    ResNet-18 at 32 px and a quarter width 1.3x, while AlexNet at 65 px and NiN train 1.15-1.4x faster
+    in bf16 (benchmarks/RESULTS.md). Three warm-up steps (oneDNN builds its kernels for a new shape), then
+    the fastest of five steps in each precision, on random inputs; the caller's random state is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        inputs = torch.rand(batch_size, 1, resize, resize)
+        inputs = inputs.contiguous(memory_format=torch.channels_last) if channels_last else inputs
+        labels = torch.randint(0, 10, (batch_size,))
+        seconds = {}
+        for bf16 in (True, False):
+            model = build_model(arch, resize, ratio)
+            model = model.to(memory_format=torch.channels_last) if channels_last else model
+            optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+            step_seconds = []
+            for _ in range(8):
+                start = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = F.cross_entropy(model(inputs), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step_seconds.append(time.perf_counter() - start)
+            seconds[bf16] = min(step_seconds[3:])  # the fastest step: what the shape costs, less the noise of a busy machine
+    return seconds[True] < seconds[False]
+
+
 def _prepare(images: torch.Tensor, resize: int, channels_last: bool) -> torch.Tensor:
     # uint8 (B, 28, 28) on the device -> float (B, 1, R, R) in [0, 1], as ToTensor + Resize would give.
     x = images.unsqueeze(1).float().div_(255)
@@ -223,16 +257,19 @@ def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetr
     check_resize(config.arch, resize)
     device = resolve_device(config.device)
     on_cuda = device.type == "cuda"
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and native_bf16(device))
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    channels_last = True if config.channels_last is None else config.channels_last
 
     # Refused before anything is allocated: a size that cannot fit would otherwise take the host down with it.
     needed, free = training_bytes(config.arch, resize, config.ratio, config.batch_size), free_memory_bytes(device)
     if free is not None and needed > free:
         raise DeviceOutOfMemoryError(f"{config.arch} at resize {resize}, ratio {config.ratio}, batch {config.batch_size} needs at least "
                                      f"{needed / 2**30:.1f} GiB to train; {device} has {free / 2**30:.1f} GiB free")
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and native_bf16(device) and
+                                              (on_cuda or cpu_bf16_pays(config.arch, resize, config.ratio, config.batch_size, channels_last)))
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
     peak_memory_meter = PeakMemory(device)  # this trial's own peak, also on a CPU (objectives/memory.py)
     model = step_model = optimizer = None
     out_of_memory = None
@@ -249,7 +286,6 @@ def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetr
         model = build_model(config.arch, resize, config.ratio).to(device)
         # NHWC lets cuDNN and oneDNN pick their fastest convolutions: on a 2-core CPU, AlexNet at 224 px
         # and VGG-11 at 224 px train 1.2x and 1.4x faster in fp32, ResNet-18 at 96 px 1.2x in bf16 (benchmarks/RESULTS.md).
-        channels_last = True if config.channels_last is None else config.channels_last
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         params = parameter_count(model)
