@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from conftest import journal, postgres_database, run_cli
 from dashboards.record import parent_runs, trial_runs
 from reliability.checks import check_consistent, record_fault, sqlite_uri
-from study.storage import setup_lock
+from study.storage import SETUP_LOCK_SPACE, setup_lock
 
 
 def test_a_study_that_replaced_a_deleted_journal_gets_its_own_parent(study_home, lenet_spec):
@@ -69,7 +69,8 @@ def _lock_waiters(directory: Path, database: str | None) -> int:
     import psycopg
 
     with psycopg.connect(host="127.0.0.1", user="postgres", dbname=database, autocommit=True) as connection:
-        return connection.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").fetchone()[0]
+        return connection.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND classid = %s "
+                                  "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())", (SETUP_LOCK_SPACE,)).fetchone()[0]
 
 
 @pytest.mark.parametrize("backend", ["journal", "postgresql"])
