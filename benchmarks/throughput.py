@@ -31,7 +31,7 @@ import torch
 
 from benchmarks.reference import train_ch6
 from objectives import TrainConfig, get_architecture, load_fashion_mnist, train
-from objectives.train import cpu_bf16_pays, native_bf16
+from objectives.train import bf16_autocast
 
 
 @dataclass(frozen=True)
@@ -140,10 +140,9 @@ def measure(case: Case, data, device: str, quick: bool, precision: str, channels
                           test_images=data.test_images[:n_eval], test_labels=data.test_labels[:n_eval], device=device, **common)
     config = TrainConfig(arch=case.arch, resize=case.resize, ratio=case.ratio, n_train=n_train, n_val=n_eval, n_test=n_eval, device=device,
                          precision=precision, channels_last=channels_last, compile=compile_model, **common)
-    if device == "cpu" and precision == "auto" and native_bf16(torch.device("cpu")):
-        # Timed once per shape and process before a study's first trial of it, not in each trial: made here, before
-        # the clock starts, it does not weigh on a 4-step run as it would never weigh on a trial's hundreds.
-        cpu_bf16_pays(case.arch, case.resize, case.ratio, arch.batch_size, channels_last is not False)
+    # On a bf16 CPU "auto" times the shape once per process, before a study's first trial of it: made here, before
+    # the clock starts, it does not weigh on a 4-step run as it never weighs on a trial's hundreds of steps.
+    bf16_autocast(config)
     ours = train(config, data)
     flops_per_second = ours.train_flops / ours.train_seconds
     peak = bf16_peak(ours.device_name) if device == "cuda" else None
