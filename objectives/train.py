@@ -175,7 +175,7 @@ def native_bf16(device: torch.device) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_bf16_pays(arch: str, resize: int, ratio: int, batch_size: int, channels_last: bool) -> bool:
     """Whether bf16 autocast trains this shape faster than fp32 on this CPU: timed once per shape and process.
 
