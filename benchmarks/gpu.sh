@@ -16,6 +16,7 @@
 #   GPU_SH_STEPS="4 1 2" bash benchmarks/gpu.sh   these steps, in this order (default: 1 2 3 4 5)
 #   GPU_SH_LAUNCH_SECONDS=300 ...                 step 4 starts no new trial after this many seconds
 #                                                 (launch --timeout; default: none, all 50 trials)
+#   GPU_SH_TRIALS_PER_GPU=3 ...                   step 4 trains this many trials at once on the GPU (default: 1)
 #   GPU_SH_STEP_SECONDS=200 ...                   each other step is stopped after this long (default: none)
 #
 # Copy the figures into benchmarks/RESULTS.md with the device, date and this command.
@@ -27,8 +28,8 @@ steps=${GPU_SH_STEPS:-1 2 3 4 5}
 results=${out%.txt}
 limit=()
 [ -n "${GPU_SH_STEP_SECONDS:-}" ] && limit=(timeout "$GPU_SH_STEP_SECONDS")
-launch_timeout=()
-[ -n "${GPU_SH_LAUNCH_SECONDS:-}" ] && launch_timeout=(--timeout "$GPU_SH_LAUNCH_SECONDS")
+launch_options=(--trials-per-gpu "${GPU_SH_TRIALS_PER_GPU:-1}")
+[ -n "${GPU_SH_LAUNCH_SECONDS:-}" ] && launch_options+=(--timeout "$GPU_SH_LAUNCH_SECONDS")
 mkdir -p "$(dirname "$out")"
 {
   echo "# bash benchmarks/gpu.sh, $(date -u '+%F %T UTC'), $(git rev-parse --short HEAD 2>/dev/null || echo 'no git'), steps: $steps"
@@ -43,13 +44,13 @@ mkdir -p "$(dirname "$out")"
          "${limit[@]}" "$python" -m benchmarks.accuracy --arch alexnet --device cuda ;;
       3) echo "## 3. packing"
          "${limit[@]}" "$python" -m benchmarks.packing --device cuda --packing 1 --packing 4 ;;
-      4) echo "## 4. python -m study launch vgg_ratio --trials 50 --preset full ${launch_timeout[*]}"
+      4) echo "## 4. python -m study launch vgg_ratio --trials 50 --preset full ${launch_options[*]}"
          if ! "$python" -c 'import optuna, mlflow, plotly' 2>/dev/null && [ -d wheels ]; then
            "$python" -m pip install -q --no-index --find-links wheels optuna mlflow-skinny plotly sqlalchemy alembic
          fi
          home="$results-vgg_ratio"
          rm -rf "$home" && mkdir -p "$home"
-         STUDY_HOME="$home" "$python" -m study launch vgg_ratio --trials 50 --preset full "${launch_timeout[@]}" -o "$home/vgg_ratio.html"
+         STUDY_HOME="$home" "$python" -m study launch vgg_ratio --trials 50 --preset full "${launch_options[@]}" -o "$home/vgg_ratio.html"
          echo "launch exit status $?"
          STUDY_HOME="$home" "$python" -m study show vgg_ratio --top 5 ;;
       5) echo "## 5. torch.compile"

@@ -157,13 +157,13 @@ def measure(case: Case, data, device: str, quick: bool, precision: str, channels
 
 
 def measure_preset_shape(arch: str, resize: int, ratio: int, batch_size: int, data, device: str, precision: str,
-                         channels_last: bool | None, steps: int) -> tuple[float, float]:
+                         channels_last: bool | None, steps: int, cuda_graph: bool | None = None) -> tuple[float, float]:
     """Training FLOP/s and steps per second of one shape, as a trial trains it: two epochs of `steps`
-    batches, timed over the second, so the first step's one-off set-up (oneDNN, cuDNN) is left out as
-    it is from a trial's hundreds of steps."""
+    batches, timed over the second, so the first step's one-off set-up (oneDNN, cuDNN, a CUDA graph's
+    recording) is left out as it is from a trial's hundreds of steps."""
     config = TrainConfig(arch=arch, resize=resize, ratio=ratio, batch_size=batch_size, lr=0.01, momentum=0.9, epochs=2,
                          n_train=batch_size * steps, n_val=batch_size, n_test=batch_size, device=device,
-                         precision=precision, channels_last=channels_last)
+                         precision=precision, channels_last=channels_last, cuda_graph=cuda_graph)
     result = train(config, data)
     seconds = result.history[-1].epoch_seconds
     return result.train_flops / result.epochs_run / seconds, steps / seconds
@@ -211,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         title = "cpu presets' shapes" if args.device == "cpu" else "small shapes of the full search spaces"
         # The yardstick is measured as the shapes are (second epoch of `steps` batches), so the ratios compare like with like.
         print(f"{title}, timed over {steps} training steps after as many (AlexNet-224 on a CPU: half), training TFLOP/s beside AlexNet-224's (batch 128)")
-        print(f"{'shape':<30}{'TFLOP/s':>9}{'of AlexNet-224':>16}{'steps/s':>9}")
+        # On CUDA each shape also trains without CUDA graphs: what replaying the step buys where launches bind it.
+        eager_columns = f"{'eager steps/s':>15}{'graphs buy':>12}" if args.device == "cuda" else ""
+        print(f"{'shape':<30}{'TFLOP/s':>9}{'of AlexNet-224':>16}{'steps/s':>9}{eager_columns}")
         yardstick = None
         for arch, resize, ratio, batch_size in (("alexnet", 224, 1, 128), *shapes):
             # AlexNet-224's steps take seconds each on a CPU: half as many still time several seconds.
@@ -220,10 +222,16 @@ def main(argv: list[str] | None = None) -> int:
                                                                       channels_last, shape_steps)
             yardstick = yardstick or flops_per_second
             share = flops_per_second / yardstick
-            preset_rows.append({"arch": arch, "resize": resize, "ratio": ratio, "batch_size": batch_size,
-                                "train_flops_per_second": flops_per_second, "of_alexnet_224": share, "steps_per_second": steps_per_second})
+            row = {"arch": arch, "resize": resize, "ratio": ratio, "batch_size": batch_size,
+                   "train_flops_per_second": flops_per_second, "of_alexnet_224": share, "steps_per_second": steps_per_second}
             name = f"{arch} {resize}px r{ratio} batch {batch_size}"
-            print(f"{name:<30}{flops_per_second / 1e12:>9.3f}{share:>16.0%}{steps_per_second:>9.1f}", flush=True)
+            line = f"{name:<30}{flops_per_second / 1e12:>9.3f}{share:>16.0%}{steps_per_second:>9.1f}"
+            if args.device == "cuda" and not args.compile:
+                _, row["eager_steps_per_second"] = measure_preset_shape(arch, resize, ratio, batch_size, data, args.device, args.precision,
+                                                                        channels_last, shape_steps, cuda_graph=False)
+                line += f"{row['eager_steps_per_second']:>15.1f}{steps_per_second / row['eager_steps_per_second']:>11.2f}x"
+            preset_rows.append(row)
+            print(line, flush=True)
     geomean = math.exp(sum(math.log(r.speedup) for r in rows) / len(rows))
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k != "json"}

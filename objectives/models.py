@@ -270,8 +270,20 @@ def _make_layers(rows: tuple | list, in_channels: int, ratio: int, arch: Archite
     return layers, in_channels
 
 
-def build_model(arch: str, resize: int | None = None, ratio: int = 1) -> nn.Sequential:
-    """The network for a single-channel `resize` x `resize` input and 10 classes, Xavier-initialised."""
+INITS = ("xavier", "kaiming")
+
+
+def build_model(arch: str, resize: int | None = None, ratio: int = 1, init: str = "xavier") -> nn.Sequential:
+    """The network for a single-channel `resize` x `resize` input and 10 classes.
+
+    init "xavier" is the notes' (d2l's init_weights: Xavier-uniform weights, default biases). "kaiming"
+    (He-uniform weights with the gain of the architecture's activation, zero biases) keeps the signal's
+    scale through ReLU layers: without batch norm, Xavier halves its variance at every ReLU, so VGG-11,
+    AlexNet, NiN and GoogLeNet start with vanishing gradients and sit on a loss plateau for hundreds of
+    steps, which a short CPU budget cannot afford (benchmarks/RESULTS.md).
+    """
+    if init not in INITS:
+        raise ValueError(f"init must be {' or '.join(INITS)}; got {init!r}")
     spec = get_architecture(arch)
     resize = spec.default_resize if resize is None else resize
     check_resize(arch, resize)
@@ -291,10 +303,15 @@ def build_model(arch: str, resize: int | None = None, ratio: int = 1) -> nn.Sequ
     if spec.head:
         classifier.append(nn.Linear(flat, NUM_CLASSES))
     net = nn.Sequential(*features, *classifier)
-    # d2l's init_weights: Xavier-uniform weights for every conv and linear layer, default biases.
+    nonlinearity = "relu" if spec.activation is nn.ReLU else "sigmoid"
     for module in net.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
-            nn.init.xavier_uniform_(module.weight)
+            if init == "xavier":
+                nn.init.xavier_uniform_(module.weight)
+            else:
+                nn.init.kaiming_uniform_(module.weight, nonlinearity=nonlinearity)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
     return net
 
 

@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from objectives.data import TEST_SIZE, TRAIN_SIZE, VAL_SIZE, FashionMNIST
 from objectives.inspect import training_bytes
 from objectives.memory import PeakMemory
-from objectives.models import build_model, check_resize, get_architecture, parameter_count
+from objectives.models import INITS, build_model, check_resize, get_architecture, parameter_count
 
 
 class DivergedError(RuntimeError):
@@ -50,6 +50,7 @@ class TrainConfig:
     arch: str = "vgg11"
     resize: int | None = None  # input side in pixels; None: the architecture's default (224 for AlexNet and VGG)
     ratio: int = 1             # divides every conv layer's channels (the d2l VGG exercise uses 4)
+    init: str = "xavier"       # weight init: "xavier" as in the notes, or "kaiming" (objectives.models.build_model)
     # optimisation (d2l: plain SGD, no momentum, no weight decay)
     lr: float = 0.05
     epochs: int = 10
@@ -66,6 +67,7 @@ class TrainConfig:
     precision: str = "auto"              # "auto": bf16 autocast on CUDA, and on CPUs with bf16 arithmetic (AVX512-BF16, AMX) for the shapes it speeds up (cpu_bf16_pays); else fp32
     channels_last: bool | None = None    # None: on (NHWC convolutions are faster with cuDNN and with oneDNN); False for NCHW
     compile: bool = False                # torch.compile; pays off only for long runs
+    cuda_graph: bool | None = None       # None: on CUDA without compile, each full-batch training step replays one CUDA graph
     eval_batch_size: int = 1024          # evaluation has no backward pass, so bigger batches fit
 
     def __post_init__(self) -> None:
@@ -92,6 +94,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0; got {self.lr}")
         if self.momentum < 0 or self.weight_decay < 0:
             raise ValueError(f"momentum and weight_decay must be >= 0; got {self.momentum} and {self.weight_decay}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be {' or '.join(INITS)}; got {self.init!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32; got {self.precision!r}")
         if self.device != "auto":
@@ -140,6 +144,7 @@ class TrainResult:
     device_name: str
     precision: str               # as resolved from config.precision: "bf16" (autocast) or "fp32"
     channels_last: bool          # as resolved from config.channels_last
+    cuda_graph: bool             # as resolved from config.cuda_graph
     config: TrainConfig = field(repr=False)
     model: torch.nn.Module | None = field(default=None, repr=False)  # the trained network, in eval mode, on its device
 
@@ -256,6 +261,41 @@ def _accuracy(model, images, labels, resize, channels_last, batch_size, autocast
     return correct.item() / len(labels)  # host sync, once per evaluation
 
 
+def _graphed(train_step: Callable[[torch.Tensor], None], batch_size: int, device: torch.device) -> Callable[[torch.Tensor], None]:
+    """`train_step(index)` with its full batches replayed from one CUDA graph, recorded after three warm-up steps.
+
+    A small network's step is bound by launching its hundreds of kernels from Python, not by arithmetic (VGG-11
+    at 32 px: 90-190 steps/s on an H200 whatever its width, benchmarks/RESULTS.md); a replay launches them all at
+    once. The warm-up steps (on a side stream, as torch.cuda.graph asks) create the optimiser's state and let
+    cuDNN choose its kernels; they and a short last batch train eagerly. Parameters, gradients and optimiser state
+    are updated in place, so eager steps and replays see the same tensors.
+    """
+    static_index = torch.zeros(batch_size, dtype=torch.long, device=device)
+    graph = None
+    warm_up_steps = 3
+
+    def step(index: torch.Tensor) -> None:
+        nonlocal graph, warm_up_steps
+        if len(index) != batch_size:
+            train_step(index)
+        elif warm_up_steps:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                train_step(index)
+            torch.cuda.current_stream(device).wait_stream(side)
+            warm_up_steps -= 1
+        else:
+            static_index.copy_(index)
+            if graph is None:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):  # records the step; nothing runs until the replay below
+                    train_step(static_index)
+            graph.replay()
+
+    return step
+
+
 def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetrics], bool | None] | None = None) -> TrainResult:
     """Train `config.arch` on `data` and return its accuracy and cost.
 
@@ -277,12 +317,16 @@ def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetr
         raise DeviceOutOfMemoryError(f"{config.arch} at resize {resize}, ratio {config.ratio}, batch {config.batch_size} needs at least "
                                      f"{needed / 2**30:.1f} GiB to train; {device} has {free / 2**30:.1f} GiB free")
     use_bf16 = bf16_autocast(config)
+    graphed = on_cuda and not config.compile if config.cuda_graph is None else config.cuda_graph
+    if graphed and (not on_cuda or config.compile):
+        raise ValueError(f"cuda_graph needs a CUDA device and no compile (whose mode reduce-overhead records graphs itself); got {device}, compile {config.compile}")
 
     def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        # A CUDA graph replays the casts it recorded, so autocast's cache of cast weights must stay out of it.
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16, cache_enabled=not graphed)
 
     peak_memory_meter = PeakMemory(device)  # this trial's own peak, also on a CPU (objectives/memory.py)
-    model = step_model = optimizer = None
+    model = step_model = optimizer = step = None
     out_of_memory = None
     try:
         # ---- data: whole split on the device, uint8 ----
@@ -294,7 +338,7 @@ def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetr
 
         # ---- model and optimiser ----
         torch.manual_seed(config.seed)
-        model = build_model(config.arch, resize, config.ratio).to(device)
+        model = build_model(config.arch, resize, config.ratio, config.init).to(device)
         # NHWC lets cuDNN and oneDNN pick their fastest convolutions: on a 2-core CPU, AlexNet at 224 px
         # and VGG-11 at 224 px train 1.2x and 1.4x faster in fp32, ResNet-18 at 96 px 1.2x in bf16 (benchmarks/RESULTS.md).
         if channels_last:
@@ -306,27 +350,33 @@ def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetr
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
         generator = torch.Generator(device=device).manual_seed(config.seed)
 
+        # Metrics accumulate on the device, in tensors a CUDA graph can write to.
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+
+        def train_step(index: torch.Tensor) -> None:
+            x, y = _prepare(train_images[index], resize, channels_last), train_labels[index]
+            with autocast():
+                logits = step_model(x)
+                loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum.add_(loss.detach().float() * len(index))
+            correct.add_((logits.argmax(1) == y).sum())
+
+        step = _graphed(train_step, config.batch_size, device) if graphed else train_step
         history: list[EpochMetrics] = []
         train_seconds = 0.0
         stopped_early = False
         for epoch in range(1, config.epochs + 1):
-            # ---- one epoch of training; metrics accumulate on the device ----
             model.train()
             epoch_start = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), dtype=torch.long, device=device)
+            loss_sum.zero_()
+            correct.zero_()
             order = torch.randperm(n_train, device=device, generator=generator)
             for start in range(0, n_train, config.batch_size):
-                index = order[start:start + config.batch_size]
-                x, y = _prepare(train_images[index], resize, channels_last), train_labels[index]
-                with autocast():
-                    logits = step_model(x)
-                    loss = F.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.detach().float() * len(index)
-                correct += (logits.argmax(1) == y).sum()
+                step(order[start:start + config.batch_size])
             train_loss = loss_sum.item() / n_train  # host sync, once per epoch
             epoch_seconds = time.perf_counter() - epoch_start
             train_seconds += epoch_seconds
@@ -355,7 +405,7 @@ def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetr
         out_of_memory = str(error).splitlines()[0]
     if out_of_memory is not None:
         # Outside the except block, so the traceback (and the activations its frames hold) is gone.
-        del model, step_model, optimizer
+        del model, step_model, optimizer, step
         if on_cuda:
             torch.cuda.empty_cache()
         raise DeviceOutOfMemoryError(f"{device} ran out of memory training {config.arch} at resize {resize}, batch {config.batch_size}: {out_of_memory}")
@@ -382,6 +432,7 @@ def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetr
         device_name=torch.cuda.get_device_name(device) if on_cuda else "cpu",
         precision="bf16" if use_bf16 else "fp32",
         channels_last=channels_last,
+        cuda_graph=graphed,
         config=config,
         model=model.eval(),
     )

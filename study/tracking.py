@@ -289,7 +289,8 @@ class Tracker:
             timestamp = _now_ms()
             metrics = [Metric(key, float(getattr(result, key)), timestamp, result.epochs_run) for key in FINAL_METRICS]
             tags += [RunTag("device", result.device_name), RunTag("peak_memory_source", result.peak_memory_source),
-                     RunTag("precision", result.precision), RunTag("channels_last", str(result.channels_last))]  # as resolved from "auto"
+                     RunTag("precision", result.precision), RunTag("channels_last", str(result.channels_last)),
+                     RunTag("cuda_graph", str(result.cuda_graph))]  # as resolved from "auto"
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self.client.set_terminated(run_id, status=RUN_STATUS[state])
 
