@@ -60,19 +60,19 @@ PRESET_SHAPES = (
     ("alexnet_28", 28, 8, 128),
     ("densenet", 32, 4, 64),
     ("densenet", 32, 4, 128),
-    ("googlenet", 32, 4, 32),
     ("googlenet", 32, 4, 64),
+    ("googlenet", 32, 4, 128),
     ("lenet", 28, 1, 64),
     ("lenet", 28, 1, 256),
     ("lenet_bn", 28, 1, 64),
     ("lenet_bn", 28, 1, 256),
-    ("nin", 67, 4, 32),
     ("nin", 67, 4, 64),
+    ("nin", 67, 4, 128),
     ("resnet18", 32, 4, 64),
     ("resnet18", 32, 4, 128),
-    ("vgg11", 32, 4, 32),
-    ("vgg11", 32, 8, 32),
+    ("vgg11", 32, 4, 128),
     ("vgg11", 32, 8, 64),
+    ("vgg11", 32, 8, 128),
 )
 PRESET_SHAPE_STEPS = 8  # training steps per shape, timed after as many have warmed oneDNN up
 # On CUDA, the small end of the full search spaces (vgg_ratio's ratio 16 at 32 px is a few MFLOPs an example):
