@@ -46,7 +46,7 @@ class RandomTrial:
         return math.exp(self.rng.uniform(math.log(low), math.log(high))) if log else self.rng.uniform(low, high)
 
 
-def draw_configs(preset: str, trials: int, max_epochs: int, seed: int, device: str, quick: bool) -> list[TrainConfig]:
+def draw_configs(preset: str, trials: int, max_epochs: int, seed: int, device: str, quick: bool, eager: bool = False) -> list[TrainConfig]:
     """`trials` configs drawn uniformly (log-uniformly for log ranges) from vgg_ratio's search space."""
     plan = resolve(load_spec("vgg_ratio"), preset)
     rng = RandomTrial(random.Random(seed))
@@ -54,6 +54,8 @@ def draw_configs(preset: str, trials: int, max_epochs: int, seed: int, device: s
     for _ in range(trials):
         config = plan.trial_config(rng)
         overrides = {"device": device, "epochs": min(config.epochs, max_epochs)}
+        if eager:
+            overrides["cuda_graph"] = False
         if quick:
             overrides |= {"n_train": 512, "n_val": 128, "n_test": 128, "epochs": 1}
         configs.append(dataclasses.replace(config, **overrides))
@@ -82,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--max-epochs", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny data subsets and one epoch: checks that it runs")
+    parser.add_argument("--eager", action="store_true", help="no CUDA graphs: every step launched from Python, as before they replayed")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
@@ -91,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --trials, --max-epochs and --packing must be >= 1", file=sys.stderr)
         return 1
     preset = args.preset or ("full" if args.device == "cuda" else "cpu")
-    configs = draw_configs(preset, args.trials, args.max_epochs, seed=0, device=args.device, quick=args.quick)
-    print(f"vgg_ratio preset {preset}, {args.trials} trials of at most {args.max_epochs} epochs on {args.device}, torch {torch.__version__}")
+    configs = draw_configs(preset, args.trials, args.max_epochs, seed=0, device=args.device, quick=args.quick, eager=args.eager)
+    print(f"vgg_ratio preset {preset}, {args.trials} trials of at most {args.max_epochs} epochs on {args.device}{' (eager steps)' if args.eager else ''}, "
+          f"torch {torch.__version__}")
     base = None
     for packing in packings:
         rate, seconds = trials_per_hour(configs, packing)
