@@ -1,6 +1,6 @@
 """Does each shipped study learn within its CPU preset's budget, and how long does it take?
 
-    python -m benchmarks.presets                          # every shipped study, 10 trials each (an hour or more on 2 cores)
+    python -m benchmarks.presets                          # every shipped study, 10 trials each (35-40 minutes on 2 AVX-512 cores)
     python -m benchmarks.presets --study vgg_ratio --trials 50 --log-model best   # what `make demo` runs
 
 Each study runs as a user runs it, `python -m study launch NAME --trials N --preset cpu --log-model none`,
