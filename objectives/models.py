@@ -32,6 +32,9 @@ NUM_CLASSES = 10
 CLASSES = "classes"  # a width that is the number of classes, never divided by ratio
 
 
+INITS = ("xavier", "kaiming")  # weight inits build_model knows: the notes' Xavier, He (kaiming)
+
+
 class InputTooSmallError(ValueError):
     """The requested resize is below what the architecture accepts."""
 
@@ -167,6 +170,12 @@ def check_resize(arch: str, resize: int) -> None:
         raise InputTooSmallError(f"{arch} needs resize >= {minimum} (its feature maps vanish below that); got {resize}")
 
 
+def check_init(init: str) -> None:
+    """Refuse, before any training, a weight init build_model does not know."""
+    if init not in INITS:
+        raise ValueError(f"init must be {' or '.join(INITS)}; got {init!r}")
+
+
 class Inception(nn.Module):
     """GoogLeNet's block: 1x1; 1x1 then 3x3; 1x1 then 5x5; 3x3 max-pool then 1x1; concatenated."""
 
@@ -270,9 +279,6 @@ def _make_layers(rows: tuple | list, in_channels: int, ratio: int, arch: Archite
     return layers, in_channels
 
 
-INITS = ("xavier", "kaiming")
-
-
 def build_model(arch: str, resize: int | None = None, ratio: int = 1, init: str = "xavier") -> nn.Sequential:
     """The network for a single-channel `resize` x `resize` input and 10 classes.
 
@@ -282,8 +288,7 @@ def build_model(arch: str, resize: int | None = None, ratio: int = 1, init: str 
     AlexNet, NiN and GoogLeNet start with vanishing gradients and sit on a loss plateau for hundreds of
     steps, which a short CPU budget cannot afford (benchmarks/RESULTS.md).
     """
-    if init not in INITS:
-        raise ValueError(f"init must be {' or '.join(INITS)}; got {init!r}")
+    check_init(init)
     spec = get_architecture(arch)
     resize = spec.default_resize if resize is None else resize
     check_resize(arch, resize)

@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from objectives.data import TEST_SIZE, TRAIN_SIZE, VAL_SIZE, FashionMNIST
 from objectives.inspect import training_bytes
 from objectives.memory import PeakMemory
-from objectives.models import INITS, build_model, check_resize, get_architecture, parameter_count
+from objectives.models import build_model, check_init, check_resize, get_architecture, parameter_count
 
 
 class DivergedError(RuntimeError):
@@ -94,8 +94,7 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0; got {self.lr}")
         if self.momentum < 0 or self.weight_decay < 0:
             raise ValueError(f"momentum and weight_decay must be >= 0; got {self.momentum} and {self.weight_decay}")
-        if self.init not in INITS:
-            raise ValueError(f"init must be {' or '.join(INITS)}; got {self.init!r}")
+        check_init(self.init)
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32; got {self.precision!r}")
         if self.device != "auto":

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 from objectives.models import ARCHITECTURES, InputTooSmallError, build_model, parameter_count
 
@@ -154,3 +155,15 @@ def test_ratio_divides_every_width_but_the_class_scores():
             full, quarter = parameter_count(build_model(arch)), parameter_count(build_model(arch, ratio=4))
             assert quarter < full / 8, arch  # conv parameters scale with width squared
             assert build_model(arch, ratio=4)(torch.zeros(1, 1, 96, 96)).shape == (1, 10)
+
+
+def test_he_init_keeps_the_signal_through_relu_layers_where_xavier_shrinks_it():
+    # Without batch norm, Xavier halves the variance at every ReLU; He init's gain of sqrt(2) keeps it.
+    torch.manual_seed(0)
+    x = torch.rand(64, 1, 32, 32)
+    scale = {init: build_model("vgg11", 32, 4, init).eval()[:-1](x).std().item() for init in ("xavier", "kaiming")}
+    assert scale["kaiming"] > 4 * scale["xavier"]
+    he = build_model("vgg11", 32, 4, "kaiming")
+    assert all(not m.bias.any() for m in he.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    with pytest.raises(ValueError, match="init must be xavier or kaiming; got 'he'"):
+        build_model("lenet", init="he")
