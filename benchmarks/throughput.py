@@ -11,7 +11,9 @@ notes' learning rate and batch size and the same number of examples on both side
 dates: benchmarks/RESULTS.md. Then a second table: the training TFLOP/s and steps per second of each
 shape that the shipped studies' `cpu` presets train (PRESET_SHAPES; on CUDA, the small end of the full
 search spaces, CUDA_SMALL_SHAPES), beside AlexNet-224's measured the same way in the same run, and
-their ratio. The last line printed is the geometric-mean speed-up.
+their ratio; on a CPU also the share of each step spent inside convolutions and matrix products (the only
+operators whose FLOPs are counted) and the ratio that sets as a ceiling. The last line printed is the
+geometric-mean speed-up.
 
 Imports only torch, Pillow and `objectives`, so it runs on a machine that has nothing else.
 """
@@ -169,6 +171,36 @@ def measure_preset_shape(arch: str, resize: int, ratio: int, batch_size: int, da
     return result.train_flops / result.epochs_run / seconds, steps / seconds
 
 
+# The operators whose FLOPs torch's counter counts (convolutions and matrix products), as the CPU profiler names them.
+COUNTED_OPERATORS = ("conv", "aten::mm", "aten::addmm", "aten::bmm")
+
+
+def counted_operator_time(arch: str, resize: int, ratio: int, batch_size: int, data, precision: str, channels_last: bool | None,
+                          steps: int) -> tuple[float, float]:
+    """On a CPU: (the share of a training epoch's time spent inside convolutions and matrix products, the FLOP/s they
+    reach there). The FLOP/s column counts only their FLOPs, so the second figure over AlexNet-224's is the most a
+    shape can reach with today's kernels if everything else (activations, pooling, batch norm, concatenation, the
+    optimiser, Python) took no time at all.
+
+    The second of two epochs of `steps` batches, as measure_preset_shape times it, run once more under the profiler
+    (whose own cost then stays out of the timed run); one validation image, so evaluation adds nothing.
+    """
+    config = TrainConfig(arch=arch, resize=resize, ratio=ratio, batch_size=batch_size, lr=0.01, momentum=0.9, epochs=2,
+                         n_train=batch_size * steps, n_val=1, n_test=1, device="cpu", precision=precision, channels_last=channels_last)
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+
+    def on_epoch(metrics) -> None:
+        if metrics.epoch == 1:
+            profiler.start()  # after epoch 1's validation, so what it records is epoch 2's training and validation
+        else:
+            profiler.stop()
+
+    result = train(config, data, on_epoch)
+    counted_us = sum(event.self_cpu_time_total for event in profiler.key_averages() if any(name in event.key for name in COUNTED_OPERATORS))
+    epoch_seconds = result.history[-1].epoch_seconds
+    return counted_us / 1e6 / epoch_seconds, result.train_flops / result.epochs_run / (counted_us / 1e6)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -211,9 +243,13 @@ def main(argv: list[str] | None = None) -> int:
         title = "cpu presets' shapes" if args.device == "cpu" else "small shapes of the full search spaces"
         # The yardstick is measured as the shapes are (second epoch of `steps` batches), so the ratios compare like with like.
         print(f"{title}, timed over {steps} training steps after as many (AlexNet-224 on a CPU: half), training TFLOP/s beside AlexNet-224's (batch 128)")
+        if args.device == "cpu":
+            print("in conv/mm: the share of the step inside convolutions and matrix products, whose FLOPs alone are counted; ceiling: their "
+                  "TFLOP/s there over AlexNet-224's, what the shape would reach if every other operator took no time")
         # On CUDA each shape also trains without CUDA graphs: what replaying the step buys where launches bind it.
-        eager_columns = f"{'eager steps/s':>15}{'graphs buy':>12}" if args.device == "cuda" else ""
-        print(f"{'shape':<30}{'TFLOP/s':>9}{'of AlexNet-224':>16}{'steps/s':>9}{eager_columns}")
+        # On a CPU each shape also runs once under the profiler: how much of its step the counted FLOPs account for.
+        extra_columns = f"{'eager steps/s':>15}{'graphs buy':>12}" if args.device == "cuda" else f"{'in conv/mm':>12}{'ceiling':>9}"
+        print(f"{'shape':<30}{'TFLOP/s':>9}{'of AlexNet-224':>16}{'steps/s':>9}{extra_columns}")
         yardstick = None
         for arch, resize, ratio, batch_size in (("alexnet", 224, 1, 128), *shapes):
             # AlexNet-224's steps take seconds each on a CPU: half as many still time several seconds.
@@ -226,10 +262,15 @@ def main(argv: list[str] | None = None) -> int:
                    "train_flops_per_second": flops_per_second, "of_alexnet_224": share, "steps_per_second": steps_per_second}
             name = f"{arch} {resize}px r{ratio} batch {batch_size}"
             line = f"{name:<30}{flops_per_second / 1e12:>9.3f}{share:>16.0%}{steps_per_second:>9.1f}"
-            if args.device == "cuda" and not args.compile:
+            if args.device == "cuda":
                 _, row["eager_steps_per_second"] = measure_preset_shape(arch, resize, ratio, batch_size, data, args.device, args.precision,
                                                                         channels_last, shape_steps, cuda_graph=False)
                 line += f"{row['eager_steps_per_second']:>15.1f}{steps_per_second / row['eager_steps_per_second']:>11.2f}x"
+            else:
+                row["counted_time_share"], row["counted_flops_per_second"] = counted_operator_time(
+                    arch, resize, ratio, batch_size, data, args.precision, channels_last, shape_steps)
+                row["ceiling_of_alexnet_224"] = row["counted_flops_per_second"] / yardstick
+                line += f"{row['counted_time_share']:>12.0%}{row['ceiling_of_alexnet_224']:>9.0%}"
             preset_rows.append(row)
             print(line, flush=True)
     geomean = math.exp(sum(math.log(r.speedup) for r in rows) / len(rows))

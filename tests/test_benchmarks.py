@@ -13,7 +13,7 @@ import torch
 from benchmarks.presets import format_row, run_study
 from benchmarks.presets import main as presets_main
 from benchmarks.reference import _TextbookDataset, train_ch6
-from benchmarks.throughput import PRESET_SHAPES, measure_preset_shape
+from benchmarks.throughput import PRESET_SHAPES, counted_operator_time, measure_preset_shape
 from conftest import ROOT, make_spec
 from objectives import TrainConfig, train
 from objectives.train import _prepare, cpu_bf16_pays, native_bf16
@@ -94,9 +94,20 @@ def test_a_preset_shape_is_measured_in_flops_per_second(fashion):
     assert flops_per_second > 0 and steps_per_second > 0
 
 
+def test_the_share_of_a_step_in_convolutions_and_matrix_products_is_measured(fashion):
+    # LeNet-BN spends much of its step in batch norm and pooling, which the FLOP counter does not count;
+    # AlexNet-28 at batch 128 is mostly large convolutions and matrix products.
+    small_share, small_flops = counted_operator_time("lenet_bn", 28, 1, 64, fashion, "fp32", None, steps=2)
+    large_share, large_flops = counted_operator_time("alexnet_28", 28, 8, 128, fashion, "fp32", None, steps=2)
+    assert 0 < small_share < large_share <= 1
+    assert small_flops > 0 and large_flops > 0
+
+
 def test_presets_benchmark_refuses_an_unknown_study(capsys):
     assert presets_main(["--study", "no_such_study"]) == 1
     assert capsys.readouterr().err.startswith("error: unknown study no_such_study; shipped: ")
+    assert presets_main(["--workers", "0"]) == 1
+    assert capsys.readouterr().err == "error: --workers must be >= 1; got 0\n"
 
 
 @pytest.mark.slow
