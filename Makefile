@@ -6,7 +6,8 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 TRIALS  ?= 50
 # The demo stops starting trials after this many minutes (0: no limit); `make demo` again continues the study.
-DEMO_MINUTES ?= 8
+# 6: with a fresh set-up (3-4 minutes) and the last trial (up to 2 minutes on two AVX2 cores) it ends inside 12.
+DEMO_MINUTES ?= 6
 STAMP   := $(VENV)/.installed
 
 .PHONY: demo test test-fast setup data browser clean
