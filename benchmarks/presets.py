@@ -1,6 +1,6 @@
 """Does each shipped study learn within its CPU preset's budget, and how long does it take?
 
-    python -m benchmarks.presets                          # every shipped study, 10 trials each (35-40 minutes on 2 AVX-512 cores)
+    python -m benchmarks.presets                          # every shipped study, 10 trials each (35-40 minutes on 2 AVX-512 cores, 80 on 2 AVX2 cores)
     python -m benchmarks.presets --study vgg_ratio --trials 50 --log-model best   # what `make demo` runs
     python -m benchmarks.presets --workers 2              # two trials at once, a core each (launch's --workers)
 
