@@ -158,14 +158,21 @@ def measure(case: Case, data, device: str, quick: bool, precision: str, channels
     )
 
 
+def _shape_config(arch: str, resize: int, ratio: int, batch_size: int, device: str, precision: str, channels_last: bool | None,
+                  steps: int, **settings) -> TrainConfig:
+    """Two epochs of `steps` batches of one shape, as measure_preset_shape and counted_operator_time both train it."""
+    shape = {"arch": arch, "resize": resize, "ratio": ratio, "batch_size": batch_size, "lr": 0.01, "momentum": 0.9, "epochs": 2,
+             "n_train": batch_size * steps, "n_val": batch_size, "n_test": batch_size, "device": device,
+             "precision": precision, "channels_last": channels_last}
+    return TrainConfig(**(shape | settings))
+
+
 def measure_preset_shape(arch: str, resize: int, ratio: int, batch_size: int, data, device: str, precision: str,
                          channels_last: bool | None, steps: int, cuda_graph: bool | None = None) -> tuple[float, float]:
     """Training FLOP/s and steps per second of one shape, as a trial trains it: two epochs of `steps`
     batches, timed over the second, so the first step's one-off set-up (oneDNN, cuDNN, a CUDA graph's
     recording) is left out as it is from a trial's hundreds of steps."""
-    config = TrainConfig(arch=arch, resize=resize, ratio=ratio, batch_size=batch_size, lr=0.01, momentum=0.9, epochs=2,
-                         n_train=batch_size * steps, n_val=batch_size, n_test=batch_size, device=device,
-                         precision=precision, channels_last=channels_last, cuda_graph=cuda_graph)
+    config = _shape_config(arch, resize, ratio, batch_size, device, precision, channels_last, steps, cuda_graph=cuda_graph)
     result = train(config, data)
     seconds = result.history[-1].epoch_seconds
     return result.train_flops / result.epochs_run / seconds, steps / seconds
@@ -185,8 +192,7 @@ def counted_operator_time(arch: str, resize: int, ratio: int, batch_size: int, d
     The second of two epochs of `steps` batches, as measure_preset_shape times it, run once more under the profiler
     (whose own cost then stays out of the timed run); one validation image, so evaluation adds nothing.
     """
-    config = TrainConfig(arch=arch, resize=resize, ratio=ratio, batch_size=batch_size, lr=0.01, momentum=0.9, epochs=2,
-                         n_train=batch_size * steps, n_val=1, n_test=1, device="cpu", precision=precision, channels_last=channels_last)
+    config = _shape_config(arch, resize, ratio, batch_size, "cpu", precision, channels_last, steps, n_val=1, n_test=1)
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
 
     def on_epoch(metrics) -> None:
