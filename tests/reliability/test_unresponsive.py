@@ -97,7 +97,8 @@ def test_first_launch_killed_while_creating_the_store_and_concurrent_first_launc
     assert first.wait() == -9
     racers = [forks.start(argv, tmp_path, env) for _ in range(2)]
     codes = [racer.wait() for racer in racers]
-    assert codes == [0, 0], [racer.output()[-3000:] for racer in racers]
+    # A string, which pytest prints whole (a list's repr is cut in the middle, where the failing racer's error was).
+    assert codes == [0, 0], "\n".join(f"--- racer {i}, exit {code}:\n{racer.output()[-3000:]}" for i, (racer, code) in enumerate(zip(racers, codes)))
     assert not list(study_home.glob(".mlflow.db.building-*"))
     record_fault("first launch killed while creating the MLflow store, then 2 first launches at once", 1,
                  check_consistent("kill", journal(study_home), sqlite_uri(study_home), total=2))
