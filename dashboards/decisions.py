@@ -13,7 +13,7 @@ from plotly.subplots import make_subplots
 from dashboards import record
 from dashboards.confirmed import NOISE_LEVEL, TEST_NAME, confirmed, load_companion, verdict
 from dashboards.figures import LAYOUT, PALETTE
-from dashboards.report import Section
+from dashboards.section import Section
 
 
 def confirmed_section(studies: list[optuna.Study]) -> Section:

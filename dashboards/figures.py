@@ -22,8 +22,8 @@ COST_AXES = {
 # How each recorded peak_memory_source measured, as the report says it (objectives.memory.SOURCES).
 MEMORY_SOURCES = {"cuda_max_allocated": "each trial's peak CUDA allocation",
                   "cpu_rss_above_start": "the resident memory each trial added on the CPU at its peak (sampled every 10 ms)"}
-LEARNING_CURVES = 5  # best complete trials per study drawn in the learning curves
-PRUNED_CURVES = 100  # pruned trials per study drawn at most: beyond that a grey mass that slows the page
+LEARNING_CURVES = 5  # best complete trials per study drawn in colour in the learning curves
+OTHER_CURVES = 100  # other trials per study drawn (grey) at most: beyond that a grey mass that slows the page
 SYMBOLS = ("circle", "square", "diamond", "triangle-up", "cross", "star")
 PALETTE = plotly.colors.qualitative.Plotly + plotly.colors.qualitative.D3
 HEIGHT = 520
@@ -146,33 +146,41 @@ def history_figure(frame: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def pruned_curves(group: pd.DataFrame) -> pd.DataFrame:
-    """The pruned trials of one study whose curves are drawn: all, or an even sample of PRUNED_CURVES."""
-    pruned = group[group["state"] == "PRUNED"]
-    return pruned if len(pruned) <= PRUNED_CURVES else pruned.sample(PRUNED_CURVES, random_state=0).sort_values("trial")
+def has_curve(frame: pd.DataFrame) -> pd.Series:
+    """Which trials ran at least one epoch, so have a learning curve (the frame's `intermediate`)."""
+    return frame["intermediate"].map(len) > 0
+
+
+def curve_trials(group: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The trials of one study whose learning curves are drawn: its best complete trials, and every other trial that
+    ran an epoch (pruned, failed or complete), or an even sample of OTHER_CURVES of them."""
+    best = group[group["state"] == "COMPLETE"].nlargest(LEARNING_CURVES, "val_accuracy")
+    others = group[has_curve(group) & ~group.index.isin(best.index)]
+    return best, others if len(others) <= OTHER_CURVES else others.sample(OTHER_CURVES, random_state=0).sort_values("trial")
 
 
 def learning_curves_figure(frame: pd.DataFrame, losses: dict[str, list[tuple[int, float]]]) -> go.Figure:
-    """Validation accuracy and training loss per epoch: the best complete trials, pruned trials faded.
+    """Validation accuracy and training loss per epoch: the best complete trials in colour, every other trial faded.
 
     `losses` maps an MLflow run id to its (epoch, train_loss) points; the accuracies come from Optuna.
     """
     panels = ("validation accuracy", "training loss") if losses else ("validation accuracy",)  # losses come from MLflow only
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=panels, horizontal_spacing=0.08)
-    shown_pruned, drawn, sampled = False, 0, False
+    shown, drawn, sampled = set(), 0, False  # the legend names one entry per kind of grey curve
     for study, group in frame.groupby("study", sort=False):
-        best = group[group["state"] == "COMPLETE"].nlargest(LEARNING_CURVES, "val_accuracy")
-        pruned = pruned_curves(group)
-        sampled = sampled or len(pruned) < (group["state"] == "PRUNED").sum()
+        best, others = curve_trials(group)
+        sampled = sampled or len(others) < has_curve(group).sum() - has_curve(best).sum()
         for _, row in best.iterrows():
             label = f"{study} trial {row['trial']} ({row['arch']})"
-            _curves(fig, row, losses, label, {"color": PALETTE[drawn % len(PALETTE)]}, 1.0, True)
+            _curves(fig, row, losses, label, label, {"color": PALETTE[drawn % len(PALETTE)]}, 1.0, True)
             drawn += 1
-        for _, row in pruned.iterrows():
-            _curves(fig, row, losses, "pruned trials", {"color": "#999", "width": 1}, 0.35, not shown_pruned)
-            shown_pruned = True
-    fig.update_layout(**{**LAYOUT, "height": 480}, title_text=f"Learning curves of the {LEARNING_CURVES} best trials per study (grey: pruned trials"
-                      + (f", {PRUNED_CURVES} per study drawn of more)" if sampled else ")"),
+        for _, row in others.iterrows():
+            name = "pruned trials" if row["state"] == "PRUNED" else "other trials"
+            _curves(fig, row, losses, name, f"{study} trial {row['trial']} ({row['state'].lower()})", {"color": "#999", "width": 1}, 0.35,
+                    name not in shown)
+            shown.add(name)
+    fig.update_layout(**{**LAYOUT, "height": 480}, title_text=f"Learning curves of the {LEARNING_CURVES} best trials per study (grey: pruned and other trials"
+                      + (f", {OTHER_CURVES} per study drawn of more)" if sampled else ")"),
                       legend={"orientation": "h", "y": -0.2})
     fig.update_xaxes(title_text="epoch", dtick=1)
     fig.update_yaxes(title_text="validation accuracy (fraction)", range=[0, 1.02], row=1, col=1)
@@ -181,9 +189,11 @@ def learning_curves_figure(frame: pd.DataFrame, losses: dict[str, list[tuple[int
     return fig
 
 
-def _curves(fig: go.Figure, row, losses: dict, label: str, line: dict, opacity: float, legend: bool) -> None:
+def _curves(fig: go.Figure, row, losses: dict, name: str, label: str, line: dict, opacity: float, legend: bool) -> None:
+    """One trial's curves: `name` its legend entry, `label` the trial in its hover text (and the trace's meta)."""
     epochs = sorted(row["intermediate"])
-    common = {"mode": "lines+markers", "line": line, "opacity": opacity, "legendgroup": label, "name": label}
+    common = {"mode": "lines+markers", "line": line, "opacity": opacity, "legendgroup": name, "name": name,
+              "meta": {"study": row["study"], "trial": int(row["trial"])}}
     fig.add_trace(go.Scatter(x=epochs, y=[row["intermediate"][e] for e in epochs], showlegend=legend, **common,
                              hovertemplate=f"{label}<br>epoch %{{x}}: val_accuracy %{{y:.4f}}<extra></extra>"), row=1, col=1)
     if not losses:

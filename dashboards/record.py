@@ -22,6 +22,8 @@ A trial of a launched study carries, as user attributes:
 A trial of a confirm study (`<study>.confirm`, study.confirm) carries `config` with its own seed and
     confirm_of      the number of the original study's trial whose configuration it trains again
     confirm_seed    the seed it trains with instead (TrainConfig.seed: weight initialisation and batch order)
+from the moment it is queued (a retry too). A queued one that a later, smaller call did not ask for is closed as
+FAIL without training, its fail_reason starting with "not run:".
 
 The study itself carries `study_uid`, its identity in its storage: MLflow's parent run of the study is
 tagged with it (`optuna.study_uid`), so that a study of the same name in another storage, or one that
@@ -82,13 +84,16 @@ def results(result: TrainResult) -> dict:
 
 
 def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """Queue a trial that did not run to its end (interrupted, dead process) once more, with the same params."""
-    study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number}, skip_if_exists=False)
+    """Queue a trial that did not run to its end (interrupted, dead process) once more, with the same params; a
+    confirm trial's retry also carries the configuration and seed it trains (they are user attributes, not params)."""
+    carried = {key: trial.user_attrs[key] for key in (CONFIRM_OF, CONFIRM_SEED) if key in trial.user_attrs}
+    study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number, **carried}, skip_if_exists=False)
 
 
 def retry_source(trial: optuna.trial.FrozenTrial) -> int | None:
     """The number of the trial this one repeats, if it is a retry. `failed_trial`: Optuna's own heartbeat
-    retry, which studies recorded before `retry` was used everywhere carry."""
+    retry, which studies recorded before `retry` was used everywhere carry. A FrozenTrial (what `get_trials`
+    gives): a live optuna.Trial shows no system attributes."""
     return trial.user_attrs.get(RETRY_OF, trial.system_attrs.get("failed_trial"))
 
 
@@ -158,3 +163,12 @@ def trial_runs(client, experiment_id: str, parent_run_id: str) -> dict[int, list
     for run in client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=50000):
         runs.setdefault(int(run.data.tags[TRIAL_NUMBER_TAG]), []).append(run)
     return runs
+
+
+def live_trial_runs(client, experiment_id: str, study_uid: str | None) -> dict[int, object]:
+    """The run of each trial of the study with this identity, by trial number, as MLflow holds it now; empty when
+    MLflow holds no parent run of the study. What export and the report link, rather than a recorded run id."""
+    parents = parent_runs(client, experiment_id, study_uid)
+    if not parents:
+        return {}
+    return {number: runs[0] for number, runs in trial_runs(client, experiment_id, parents[0].info.run_id).items()}

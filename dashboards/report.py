@@ -16,8 +16,8 @@ import dataclasses
 import html
 import os
 import shutil
+import tempfile
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -29,7 +29,10 @@ from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from dashboards import figures, record
+from dashboards.decisions import confirmed_section, cost_model_section
 from dashboards.figures import COST_AXES, format_value
+from dashboards.files import WriteError, write_whole
+from dashboards.section import Section
 
 CONFIG_SHOWN = ("arch", "resize", "ratio", "lr", "epochs", "batch_size", "momentum")  # a best trial's configuration, in this order
 ALEXNET_PAIR = ("alexnet", "alexnet_28")  # the original and note 004's 28-px variant
@@ -56,6 +59,14 @@ def _accuracy(trial: optuna.trial.FrozenTrial, index: int) -> float | None:
     return trial.user_attrs[record.VAL_CURVE][-1] if trial.user_attrs.get(record.VAL_CURVE) else None
 
 
+def _curve(trial: optuna.trial.FrozenTrial) -> dict[int, float]:
+    """Validation accuracy per epoch: Optuna's intermediate values, or the curve a trial of a multi-objective study
+    keeps instead (record.VAL_CURVE: Optuna's trial.report is single-objective), epochs counted from 1 alike."""
+    if trial.intermediate_values:
+        return dict(trial.intermediate_values)
+    return dict(enumerate(trial.user_attrs.get(record.VAL_CURVE) or [], start=1))
+
+
 def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
     """One row per trial of every study: state, params, final metrics and the MLflow run id."""
     rows = []
@@ -75,7 +86,7 @@ def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
                 "fail_reason": attrs.get(record.FAIL_REASON),
                 "mlflow_run_id": attrs.get(record.MLFLOW_RUN_ID),
                 "config": config,
-                "intermediate": dict(trial.intermediate_values),
+                "intermediate": _curve(trial),
             })
     frame = pd.DataFrame(rows)
     if not frame.empty:
@@ -87,19 +98,6 @@ def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
         process_wide = frame[record.PEAK_MEMORY_SOURCE].isna() & (frame["device"] == "cpu")
         frame.loc[process_wide, "peak_memory_bytes"] = float("nan")
     return frame
-
-
-@dataclass
-class Section:
-    """A part of the page: HTML snippets and figures, in order. A figure is (div id, go.Figure)."""
-
-    id: str
-    title: str
-    parts: list = field(default_factory=list)
-
-    def note(self, text: str) -> Section:
-        self.parts.append(f'<p class="note">{html.escape(text)}</p>')
-        return self
 
 
 class Mlflow:
@@ -114,9 +112,8 @@ class Mlflow:
             experiment = self.client.get_experiment_by_name(study.study_name)
             if experiment is not None:
                 self.experiment_ids[study.study_name] = experiment.experiment_id
-                for parent in record.parent_runs(self.client, experiment.experiment_id, study.user_attrs.get(record.STUDY_UID))[:1]:
-                    for number, runs in record.trial_runs(self.client, experiment.experiment_id, parent.info.run_id).items():
-                        self.trial_run_ids[(study.study_name, number)] = runs[0].info.run_id
+                for number, run in record.live_trial_runs(self.client, experiment.experiment_id, study.user_attrs.get(record.STUDY_UID)).items():
+                    self.trial_run_ids[(study.study_name, number)] = run.info.run_id
 
     def run_id(self, row) -> str | None:
         """The trial's run as MLflow holds it under the study's parent (also one rebuilt after the trial, whose id
@@ -126,7 +123,8 @@ class Mlflow:
     def run_url(self, row) -> str:
         if not row["mlflow_run_id"] or row["study"] not in self.experiment_ids:
             return ""
-        return f"{self.ui_url}/#/experiments/{self.experiment_ids[row['study']]}/runs/{row['mlflow_run_id']}"
+        # workflowType: MLflow 3's UI shows the run in its model-training view, not the GenAI one it starts in.
+        return f"{self.ui_url}/#/experiments/{self.experiment_ids[row['study']]}/runs/{row['mlflow_run_id']}?workflowType=machine_learning"
 
     def losses(self, run_ids) -> dict[str, list[tuple[int, float]]]:
         found = {}
@@ -207,13 +205,16 @@ def cost_section(frame: pd.DataFrame, cost: str) -> Section:
 
 def alexnet_section(frame: pd.DataFrame) -> Section | None:
     """None, so that the report leaves the section out, when no study holds a complete trial of both architectures."""
-    section = Section("alexnet", "AlexNet at 224 px against the 28-px variant")
+    section = Section("alexnet", "")
+    sizes: dict[str, set[int]] = {arch: set() for arch in ALEXNET_PAIR}  # the input sizes the compared trials trained at
     found = False
     for number, (study, group) in enumerate(frame.groupby("study", sort=False) if not frame.empty else []):
         original, variant = (_best(group[group["arch"] == arch]) for arch in ALEXNET_PAIR)
         if original is None or variant is None:
             continue
         found = True
+        for arch, best in zip(ALEXNET_PAIR, (original, variant)):
+            sizes[arch].add(int(best["resize"]))
         # (row, column, how to print it, higher is better)
         measures = [("validation accuracy", "val_accuracy", "{:.4f}", True), ("test accuracy", "test_accuracy", "{:.4f}", True),
                     ("seconds per epoch", "seconds_per_epoch", "{:.3g} s", False), ("forward FLOPs per example", "flops_per_example", "{:,.0f}", False),
@@ -238,22 +239,23 @@ def alexnet_section(frame: pd.DataFrame) -> Section | None:
         section.note(f"Peak memory: {figures.memory_measure(group)}.")
         rows = [(name, original[column], variant[column], higher) for name, column, _, higher in measures]
         section.parts.append((f"plot-alexnet-{number}", figures.alexnet_figure(rows, small, large)))
+    # The sizes that trained (the cpu preset runs AlexNet at 65 px, not the notes' 224).
+    large, small = (" and ".join(map(str, sorted(sizes[arch]))) for arch in ALEXNET_PAIR)
+    section.title = f"AlexNet at {large} px against the {small}-px variant"
     return section if found else None
 
 
 def curves_section(frame: pd.DataFrame, mlflow: Mlflow) -> Section:
     section = Section("curves", "Learning curves")
-    finished = frame[frame["state"].isin(["COMPLETE", "PRUNED"])] if not frame.empty else frame
-    if finished.empty:
-        return section.note("No complete or pruned trial yet, so no learning curves.")
+    if frame.empty or not figures.has_curve(frame).any():
+        return section.note("No trial has finished an epoch yet, so no learning curves.")
     wanted = []
-    for _, group in finished.groupby("study", sort=False):
-        wanted += group[group["state"] == "COMPLETE"].nlargest(figures.LEARNING_CURVES, "val_accuracy")["mlflow_run_id"].tolist()
-        wanted += figures.pruned_curves(group)["mlflow_run_id"].tolist()
+    for _, group in frame.groupby("study", sort=False):
+        wanted += [run_id for drawn in figures.curve_trials(group) for run_id in drawn["mlflow_run_id"]]
     losses = mlflow.losses(run_id for run_id in wanted if run_id)
     if not losses:
         section.note("The training losses come from MLflow, which holds no runs for these trials; only validation accuracy is drawn.")
-    section.parts.append(("plot-curves", figures.learning_curves_figure(finished, losses)))
+    section.parts.append(("plot-curves", figures.learning_curves_figure(frame, losses)))
     return section
 
 
@@ -268,6 +270,8 @@ def _importances(study: optuna.Study, target) -> dict[str, float] | str:
             warnings.filterwarnings("ignore", message=".*importances of params to achieve low `target` values")
             # Few trials: every trial falls in both quantiles, and the importances say so by being equal.
             warnings.filterwarnings("ignore", message="Target and region quantiles select the same set of trials")
+            # A parameter of some architectures only (the zoo's resize) has a regime of few trials: the figure shows it.
+            warnings.filterwarnings("ignore", message="Some regimes for parameter")
             values = optuna.importance.get_param_importances(study, target=target)
     except (ValueError, RuntimeError, ZeroDivisionError) as error:
         return f"{study.study_name}: Optuna could not compute parameter importances ({str(error).splitlines()[0]})."
@@ -440,17 +444,32 @@ def find_browser() -> str:
 
 
 def write_pngs(named: list[tuple[str, go.Figure]], directory: Path) -> list[Path]:
-    """Every figure as a PNG at 1200 px width and twice the pixel density, for slides and papers."""
+    """Every figure as a PNG at 1200 px width and twice the pixel density, for slides and papers.
+
+    Kaleido writes files in place as it draws: it draws into a temporary directory beside them, from which each
+    PNG is written whole (dashboards.files); the temporary directory goes whatever happens."""
     import kaleido
 
-    specs = []
-    for name, figure in named:
-        still = go.Figure(figure).update_layout(updatemenus=[])  # buttons do nothing in a picture
-        specs.append({"fig": still.to_dict(), "path": directory / f"{name.removeprefix('plot-')}.png",
-                      "opts": {"format": "png", "width": 1200, "height": figure.layout.height or figures.HEIGHT, "scale": 2}})
-    # No MathJax: kaleido would fetch it from a CDN, and the figures use no LaTeX.
-    kaleido.write_fig_from_object_sync(specs, kopts={"mathjax": False, "path": find_browser()})
-    return [spec["path"] for spec in specs]
+    try:
+        drawn = Path(tempfile.mkdtemp(dir=directory, prefix=".png-", suffix=".tmp"))
+    except OSError as error:
+        raise WriteError(f"cannot write the PNGs in {directory}: {error.strerror or error}") from None
+    try:
+        specs = []
+        for name, figure in named:
+            still = go.Figure(figure).update_layout(updatemenus=[])  # buttons do nothing in a picture
+            specs.append({"fig": still.to_dict(), "path": drawn / f"{name.removeprefix('plot-')}.png",
+                          "opts": {"format": "png", "width": 1200, "height": figure.layout.height or figures.HEIGHT, "scale": 2}})
+        # No MathJax: kaleido would fetch it from a CDN, and the figures use no LaTeX. Kaleido returns the errors of
+        # the figures it could not write rather than raising them.
+        errors = kaleido.write_fig_from_object_sync(specs, kopts={"mathjax": False, "path": find_browser()})
+        for error in errors or ():
+            if isinstance(error, OSError):
+                raise WriteError(f"cannot write the PNGs in {directory}: {error.strerror or error}") from None
+            raise error
+        return [write_whole(directory / spec["path"].name, lambda out, spec=spec: out.write(spec["path"].read_bytes())) for spec in specs]
+    finally:
+        shutil.rmtree(drawn, ignore_errors=True)
 
 
 def write_report(studies: list[optuna.Study], path: Path, tracking_uri: str | None = None, ui_url: str = "http://127.0.0.1:5000",
@@ -458,8 +477,6 @@ def write_report(studies: list[optuna.Study], path: Path, tracking_uri: str | No
     """Write the HTML report for `studies` to `path` (and every figure to `png_dir` as PNG); return the path."""
     if cost not in COST_AXES:
         raise ValueError(f"cost axis {cost!r} is not one of {', '.join(COST_AXES)}")
-    from dashboards.decisions import confirmed_section, cost_model_section  # they build on this module's Section
-
     mlflow = Mlflow(tracking_uri, ui_url, studies)
     frame = trials_frame(studies)
     if not frame.empty:
@@ -486,7 +503,4 @@ def write_report(studies: list[optuna.Study], path: Path, tracking_uri: str | No
     nav = "".join(f'<a href="#{s.id}">{html.escape(s.title.split(":")[0])}</a>' for s in sections)
     page = PAGE.format(title=html.escape(title), nav=nav, sections="\n".join(rendered))
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".html.tmp")
-    temporary.write_text(page, encoding="utf-8")
-    temporary.replace(path)  # never leave a half-written report behind
-    return path
+    return write_whole(path, lambda out: out.write(page.encode("utf-8")))  # never a half-written report

@@ -99,9 +99,13 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, bf16 or fp32; got {self.precision!r}")
         if self.device != "auto":
             try:
-                torch.device(self.device)
+                kind = torch.device(self.device).type
             except RuntimeError:
-                raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}") from None
+                kind = None
+            if kind not in ("cpu", "cuda"):  # torch also names meta, mps, xla...: devices the trainer does not run on
+                raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        if self.cuda_graph and self.compile:
+            raise ValueError("cuda_graph = true and compile = true exclude each other: compile's mode reduce-overhead records CUDA graphs itself")
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -154,22 +158,64 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def free_memory_bytes(device: torch.device) -> int | None:
-    """Memory the device can still give: CUDA's free memory, or the host's MemAvailable; None when unknown."""
+def check_machine(config: TrainConfig) -> None:
+    """What this machine must offer `config`, a ValueError naming the setting when it does not: the device, and CUDA
+    for the settings that need it. A launch checks every config it can run with this before anything is written;
+    `train` checks again, for callers that did not."""
+    device = resolve_device(config.device)
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        if not torch.cuda.is_available():
+            raise ValueError(f"device = {config.device!r} needs CUDA, and this machine has no CUDA device (torch.cuda.is_available() is False); "
+                             "use device = \"auto\" or \"cpu\"")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device = {config.device!r}: GPU {device.index} is not there; this machine has GPUs 0..{count - 1} "
+                             f"(torch.cuda.device_count() is {count})")
+        if config.precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"precision = \"bf16\": {torch.cuda.get_device_name(device)} has no bfloat16 arithmetic; use precision = \"auto\" or \"fp32\"")
+    elif config.cuda_graph:
+        raise ValueError(f"cuda_graph needs a CUDA device, and this trial runs on the {device}; leave cuda_graph out (it is on by default on CUDA) or set it false")
+
+
+def memory_shortfall(config: TrainConfig, have: int | None, kind: str) -> str | None:
+    """Why `config` cannot train with `have` bytes of its device's memory (`kind`: "free" or "in all"); None when its
+    estimate (objectives.inspect.training_bytes, a lower bound) fits, or `have` is unknown."""
+    resize = config.resize or get_architecture(config.arch).default_resize
+    needed = training_bytes(config.arch, resize, config.ratio, config.batch_size)
+    if have is None or needed <= have:
+        return None
+    return (f"{config.arch} at resize {resize}, ratio {config.ratio}, batch {config.batch_size} needs at least {needed / 2**30:.1f} GiB to train; "
+            f"{resolve_device(config.device)} has {have / 2**30:.1f} GiB {kind}")
+
+
+def _meminfo(field: str) -> int | None:
+    """A /proc/meminfo field in bytes; None where there is none."""
     try:
         meminfo = Path("/proc/meminfo").read_text().splitlines()
     except OSError:
         return None
-    available = [line.split()[1] for line in meminfo if line.startswith("MemAvailable:")]
-    return int(available[0]) * 1024 if available else None
+    values = [line.split()[1] for line in meminfo if line.startswith(f"{field}:")]
+    return int(values[0]) * 1024 if values else None
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory the device can still give: CUDA's free memory, or the host's MemAvailable; None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return _meminfo("MemAvailable")
+
+
+def total_memory_bytes(device: torch.device) -> int | None:
+    """All the memory the device has: the GPU's, or the host's MemTotal; None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory  # no CUDA context needed, unlike mem_get_info
+    return _meminfo("MemTotal")
 
 
 def native_bf16(device: torch.device) -> bool:
     """Whether the device multiplies bf16 in hardware, so autocast to bf16 is a speed-up rather than an emulation."""
     if device.type == "cuda":
-        return True
+        return torch.cuda.is_bf16_supported()  # from Ampere on; torch.autocast refuses bf16 on older GPUs
     # Without these instructions oneDNN emulates bf16 and is slower than fp32. Linux lists them in cpuinfo;
     # elsewhere we stay with fp32.
     try:
@@ -306,19 +352,17 @@ def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetr
     arch = get_architecture(config.arch)
     resize = config.resize or arch.default_resize
     check_resize(config.arch, resize)
+    check_machine(config)
     device = resolve_device(config.device)
     on_cuda = device.type == "cuda"
     channels_last = True if config.channels_last is None else config.channels_last
 
     # Refused before anything is allocated: a size that cannot fit would otherwise take the host down with it.
-    needed, free = training_bytes(config.arch, resize, config.ratio, config.batch_size), free_memory_bytes(device)
-    if free is not None and needed > free:
-        raise DeviceOutOfMemoryError(f"{config.arch} at resize {resize}, ratio {config.ratio}, batch {config.batch_size} needs at least "
-                                     f"{needed / 2**30:.1f} GiB to train; {device} has {free / 2**30:.1f} GiB free")
+    shortfall = memory_shortfall(config, free_memory_bytes(device), "free")
+    if shortfall is not None:
+        raise DeviceOutOfMemoryError(shortfall)
     use_bf16 = bf16_autocast(config)
     graphed = on_cuda and not config.compile if config.cuda_graph is None else config.cuda_graph
-    if graphed and (not on_cuda or config.compile):
-        raise ValueError(f"cuda_graph needs a CUDA device and no compile (whose mode reduce-overhead records graphs itself); got {device}, compile {config.compile}")
 
     def autocast():
         # A CUDA graph replays the casts it recorded, so autocast's cache of cast weights must stay out of it.

@@ -30,6 +30,7 @@ import optuna
 from dashboards import record
 from objectives.data import VAL_SIZE
 from objectives.train import TrainConfig
+from study.specs import Plan
 from study.tracking import device_name
 
 TRAIN_OVER_FORWARD = 3.0  # FLOPs of one training step per FLOP of a forward pass
@@ -74,6 +75,82 @@ def predict(config: TrainConfig, trials: list[optuna.trial.FrozenTrial]) -> Pred
     measured = throughput(trials, device)
     rate = measured or PRIOR_FLOPS_PER_SECOND["cpu" if device == "cpu" else "cuda"]
     return Prediction(flops, flops / rate, rate, measured is not None)
+
+
+def assumed_rate(trials: list[optuna.trial.FrozenTrial], earlier: list[optuna.trial.FrozenTrial], device: str, archs: tuple) -> tuple[float, str]:
+    """The throughput a study's prediction assumes on `device`, and where it comes from: what the study measured there, else
+    what `earlier` trials (other studies) of the same architectures measured there, else the prior."""
+    if (rate := throughput(trials, device)) is not None:
+        return rate, f"measured by this study's trials on {device}"
+    same = [t for t in earlier if record.config(t).get("arch") in archs]
+    if (rate := throughput(same, device)) is not None:
+        count = sum(t.user_attrs.get(record.DEVICE) == device and bool(t.user_attrs.get("wall_seconds")) for t in same)
+        return rate, f"measured on {device} by {count} earlier trials of {', '.join(archs)} in this storage"
+    prior = PRIOR_FLOPS_PER_SECOND["cpu" if device == "cpu" else "cuda"]
+    return prior, f"a prior for {device}, where no trial of {', '.join(archs)} has run yet"
+
+
+FORECAST_DRAWS = 16  # configurations drawn from a study's ranges to predict the mean cost of its trials
+
+
+def likely_configs(plan: Plan) -> list[TrainConfig]:
+    """What the study's trials may train: its first trials, and draws from its ranges (a seeded random sampler's, so
+    every launch predicts alike). Its own sampler goes where the good trials are, which is not known at the start."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the in-memory study below announces itself at INFO
+    try:
+        draws = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        return [plan.config(row) for row in plan.enqueue] + [plan.trial_config(draws.ask()) for _ in range(FORECAST_DRAWS)]
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def mean_flops(configs: list[TrainConfig]) -> float:
+    return statistics.fmean(predicted_flops(config) for config in configs)
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """A launch's prediction at its start, from the cost model: how long the trials it still has to run take here."""
+
+    trials: int    # trials still to run
+    flops: float   # predicted training FLOPs of one of them
+    rate: float    # training FLOP/s assumed
+    source: str    # where `rate` comes from
+    slots: int     # trials run side by side
+    unit: str = "trial"  # what a trial is called: "training" for confirm and finalize
+
+    def seconds(self, trials: int | None = None) -> float:
+        """Wall seconds of `trials` trials (default: all still to run)."""
+        return (self.trials if trials is None else trials) * self.flops / self.rate / self.slots
+
+    def describe(self, budget: Budget | None, trials: list[optuna.trial.FrozenTrial]) -> str:
+        """The launch's first line about time: the prediction, and how much of it `budget` holds."""
+        side_by_side = f", {self.slots} at a time" if self.slots > 1 else ""
+        line = (f"predicted time: {self._count(self.trials)} in about {describe_seconds(self.seconds())}{side_by_side} "
+                f"({self.flops:.3g} training FLOPs each at {self.rate:.3g} FLOP/s, {self.source})")
+        if budget is None:
+            return line
+        each = self.flops / self.rate if budget.unit == "seconds" else self.flops
+        fits = min(self.trials, int(max(budget.amount - budget.used(trials), 0.0) // each))
+        return line + f"; --budget {budget.describe(budget.amount)} holds {'all of them' if fits == self.trials else f'about {fits} of them'}"
+
+    def time_left(self, trials: list[optuna.trial.FrozenTrial], total: int, budget: Budget | None = None,
+                  history: list[optuna.trial.FrozenTrial] | None = None) -> list[str]:
+        """The progress display's time fields (progress_fields) for `trials` of `total`: at the throughput measured so far on
+        the device they train on, by them or by `history` (the study a confirm repeats), else at the forecast's."""
+        device = next((t.user_attrs[record.DEVICE] for t in reversed(trials) if record.DEVICE in t.user_attrs), None)
+        measured = throughput([*trials, *(history or [])], device) if device is not None else None
+        return progress_fields(trials, total, budget, measured or self.rate, self.flops, self.slots)
+
+    def compare(self, ran: int, seconds: float) -> str:
+        """The launch's last line about time: what `ran` trials took against what was predicted for them."""
+        predicted = self.seconds(ran)
+        return (f"time: {self._count(ran)} took {describe_seconds(seconds)}, predicted {describe_seconds(predicted)} "
+                f"at the start ({seconds / predicted:.2f}× the prediction)")
+
+    def _count(self, n: int) -> str:
+        return f"{n} {self.unit}{'' if n == 1 else 's'}"
 
 
 def prediction_errors(trials: list[optuna.trial.FrozenTrial]) -> dict[str, list[float]]:
@@ -124,9 +201,7 @@ class Budget:
         return float(sum(t.user_attrs.get(key, 0) for t in trials))
 
     def describe(self, value: float) -> str:
-        if self.unit == "flops":
-            return f"{value:.3g} FLOPs"
-        return f"{value / 3600:.2f} h" if value >= 3600 else f"{value / 60:.1f} min" if value >= 120 else f"{value:.0f} s"
+        return f"{value:.3g} FLOPs" if self.unit == "flops" else describe_seconds(value)
 
     def refusal(self, prediction: Prediction, trials: list[optuna.trial.FrozenTrial], running: float) -> str | None:
         """Why a trial with this prediction does not fit (None: it fits). `running`: the predicted cost of the trials in flight."""
@@ -138,18 +213,28 @@ class Budget:
                 f"left of --budget {self.describe(self.amount)}")
 
 
-def progress_line(trials: list[optuna.trial.FrozenTrial], total: int, budget: Budget | None, rate: float | None) -> str:
-    """Budget used and the predicted time left of the study, from the trials' predicted costs."""
+def describe_seconds(value: float) -> str:
+    if value < 10:
+        return f"{value:.1f} s"
+    return f"{value / 3600:.2f} h" if value >= 3600 else f"{value / 60:.1f} min" if value >= 120 else f"{value:.0f} s"
+
+
+def progress_fields(trials: list[optuna.trial.FrozenTrial], total: int, budget: Budget | None, rate: float, flops_per_trial: float,
+                    slots: int = 1) -> list[str]:
+    """The predicted time left of the study and the budget used, for the progress display (study.progress).
+
+    A trial still to run costs the mean predicted FLOPs of the study's trials so far (`flops_per_trial`, the launch's
+    forecast, before any), at `rate` FLOP/s, `slots` of them side by side."""
     done = record.count_done(trials)
     predicted = [t.user_attrs[record.PREDICTED_FLOPS] for t in trials if record.PREDICTED_FLOPS in t.user_attrs]
-    if not predicted or not rate:
-        return "cost: -"
-    flops_left = max(total - done, 0) * statistics.fmean(predicted)
-    seconds_left = flops_left / rate
-    line = ""
-    if budget is not None:
-        used = budget.used(trials)
-        left = max(budget.amount - used, 0.0)
-        seconds_left = min(seconds_left, left if budget.unit == "seconds" else left / rate)
-        line = f"budget {budget.describe(used)} of {budget.describe(budget.amount)}, "
-    return line + f"~{seconds_left / 60:.1f} min left (predicted)"
+    seconds_left = max(total - done, 0) * (statistics.fmean(predicted) if predicted else flops_per_trial) / rate / slots
+    if budget is None:
+        return [time_left_field(seconds_left)]
+    used = budget.used(trials)
+    left = max(budget.amount - used, 0.0)
+    seconds_left = min(seconds_left, (left if budget.unit == "seconds" else left / rate) / slots)
+    return [time_left_field(seconds_left), f"budget {budget.describe(used)} of {budget.describe(budget.amount)} used"]
+
+
+def time_left_field(seconds: float) -> str:
+    return f"~{describe_seconds(seconds)} left (predicted)"

@@ -19,18 +19,21 @@ from pathlib import Path
 
 
 def _open_study(name: str, storage_url: str | None):
-    """An existing study, or a SpecError that says how to create it. Writes nothing."""
+    """An existing study, named as launch named it (NAME, or the path of its .toml spec), or a SpecError that says
+    how to create it. Opens the storage read-only: creates, locks, repairs and writes nothing."""
     import optuna
 
-    from study.specs import SpecError
-    from study.storage import default_storage_url, mask, open_storage
+    from study.specs import SpecError, study_name
+    from study.storage import default_storage_url, mask, open_storage, storage_file
 
-    if storage_url is None and not Path(default_storage_url()).exists():
-        raise SpecError(f"no study named {name!r}: {default_storage_url()} does not exist yet; run `python -m study launch {name}` first")
-    storage = open_storage(storage_url)
-    if name not in optuna.get_all_study_names(storage):
-        raise SpecError(f"no study named {name!r} in {mask(storage_url or default_storage_url())}; run `python -m study launch {name}` first")
-    return optuna.load_study(study_name=name, storage=storage)
+    study = study_name(name)
+    file = storage_file(storage_url or default_storage_url())
+    if file is not None and not file.exists():
+        raise SpecError(f"no study named {study!r}: {file} does not exist yet; run `python -m study launch {name}` first")
+    storage = open_storage(storage_url, read_only=True)
+    if study not in optuna.get_all_study_names(storage):
+        raise SpecError(f"no study named {study!r} in {mask(storage_url or default_storage_url())}; run `python -m study launch {name}` first")
+    return optuna.load_study(study_name=study, storage=storage)
 
 
 def _report_output(output: str | None, default: Path) -> Path:
@@ -89,9 +92,10 @@ def _interrupt_once() -> tuple[dict, threading.Event] | None:
 def _run_study(args, join: bool) -> int:
     """`launch` (create or resume a study) and `worker` (join one that exists): the same session and trial loop."""
     from study.pool import devices
-    from study.session import Request
+    from study.session import Request, settle
     from study.specs import load_spec
     from study.storage import home
+    from study.validate import validate_launch
 
     # Every flag checked once, before anything is read or written.
     request = Request.from_flags(args.name, join, None if join else args.trials, getattr(args, "preset", None), args.objective, args.cost,
@@ -104,9 +108,13 @@ def _run_study(args, join: bool) -> int:
         args.budget = Budget.parse(args.budget)
     if args.register is not None and (args.log_model == "none" or not args.register.strip()):
         raise ValueError(f"--register {args.register!r}: give a model name, and keep --log-model best or all so there is a model to register")
-    ray_slots = _ray_slots(args) if getattr(args, "ray", None) else None
-    slots = [] if ray_slots else devices(args.workers, args.gpus, args.trials_per_gpu)
+    on_ray = bool(getattr(args, "ray", None))
+    slots = [] if on_ray else devices(args.workers, args.gpus, args.trials_per_gpu)
     spec = load_spec(args.name)
+    # Everything the launch can run, before the study, a trial or an MLflow run exists (and before a Ray cluster is
+    # joined); on Ray the cluster's nodes, not this machine, train the trials.
+    validate_launch(settle(request, spec), None if on_ray else slots)
+    ray_slots = _ray_slots(args) if on_ray else None
     from study.launch import report_path
 
     output = None if join else _report_output(args.output, report_path(home(), [spec.name]))
@@ -141,7 +149,8 @@ def _ray_slots(args):
 
 def _ready_to_train(data_dir: str | None) -> str:
     """What a command that trains checks before it writes anything, each a one-line error: the data files are whole
-    and the tracking store answers (a silent server, a half-made store). Returns the tracking URI."""
+    and the tracking store answers (a silent server, one that answers /health but not its API, a half-made store).
+    Returns the tracking URI."""
     import optuna
 
     from objectives.data import verify
@@ -156,9 +165,12 @@ def _ready_to_train(data_dir: str | None) -> str:
 
 
 def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | None) -> int:
+    from rich.markup import escape
+
     from dashboards import write_report
     from dashboards.record import STUDY_UID, count_done
-    from study.launch import run_launch
+    from study.launch import pruner_name, run_launch
+    from study.pool import cap_workers
     from study.session import open_session
     from study.storage import default_storage_url, home, mask, setup_lock
     from study.tracking import PICKLE_NOTE, Tracker, ui_url
@@ -167,7 +179,7 @@ def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | Non
     session = open_session(request, spec)
     settings, study = session.settings, session.study
     console = _console()
-    console.print(f"preset [bold]{settings.preset}[/bold]: {settings.preset_reason}")
+    console.print(f"preset [bold]{settings.preset}[/bold]: {escape(settings.preset_reason)}")  # it names [presets.*] tables
     storage_label = mask(args.storage or default_storage_url())
     if settings.cost:
         pruning = "no pruning" if settings.pruner["name"] == "none" else "pruned on val_accuracy against trials of similar cost (study/costprune.py)"
@@ -175,7 +187,7 @@ def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | Non
     with setup_lock(request.storage, session.storage, spec.name):  # two first launches at once open one parent run
         tracker = Tracker(spec.name, uri, artifact_root=home() / "mlartifacts", study_uid=study.user_attrs.get(STUDY_UID))
         if not request.join:
-            tracker.describe_study(spec.path.read_text(), settings.preset, storage_label, type(study.sampler).__name__, type(study.pruner).__name__)
+            tracker.describe_study(spec.path.read_text(), settings.preset, storage_label, type(study.sampler).__name__, pruner_name(session))
     if tracker.other_studies:
         console.print(f"MLflow experiment {spec.name} also holds {tracker.other_studies} other studies named {spec.name} (another storage, or a "
                       f"journal that was replaced); this study's trials go under a parent run of their own, {tracker.parent_run_id}")
@@ -183,18 +195,23 @@ def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | Non
         console.print(PICKLE_NOTE)
     if ray_slots:
         console.print(f"Ray cluster {args.ray}: trials run as Ray actors, {args.workers or 'as many as the cluster holds'} at once")
-    elif len(slots) > 1:
-        console.print(f"{len(slots)} workers: {', '.join('cpu' if d == 'auto' else d for d in slots)}")
+    else:
+        asked = len(slots)
+        slots, why = cap_workers(slots, settings.total - count_done(study.get_trials(deepcopy=False)))
+        if asked > 1:
+            shown = f"{len(slots)} worker{'' if len(slots) == 1 else 's'}: {', '.join('cpu' if d == 'auto' else d for d in slots)}"
+            console.print(f"{shown} (not {asked}: {why})" if why else shown)
     try:
         run_launch(session, tracker, console, slots, args.timeout, args.data_dir, args.log_model, budget=args.budget, make_slots=ray_slots)
     except KeyboardInterrupt:
         if not request.join:
-            tracker.close_parent("KILLED")
+            tracker.close_parent_on_exit("KILLED")
         console.print("interrupted: the running trials are recorded as interrupted and will run again; launch the same command to resume")
         return 130
-    except Exception as error:
-        if not request.join and not isinstance(error, ConnectionError):  # ConnectionError: MLflow itself is unreachable
-            tracker.close_parent("FAILED")  # the failing trial is already recorded FAIL with its reason
+    except Exception:
+        if not request.join:
+            # Also when an MLflow write failed: MLflow may still answer (a full artifact store); if not, the next launch closes it.
+            tracker.close_parent_on_exit("FAILED")  # the failing trial is already recorded FAIL with its reason
         raise
     done = count_done(study.get_trials(deepcopy=False))
     if not request.join or done >= settings.total:
@@ -243,32 +260,51 @@ def _session_of(name: str, storage: str | None):
 
 
 def cmd_confirm(args) -> int:
+    from dashboards.confirmed import search_ranking
     from study.confirm import run_confirm
+    from study.interrupts import Interrupts
     from study.storage import home, make_home
+    from study.validate import validate_trials
     from study.views import print_confirmed
 
     if args.top < 1 or args.seeds < 1:
         raise ValueError(f"--top and --seeds must be >= 1; got --top {args.top}, --seeds {args.seeds}")
-    uri = _ready_to_train(args.data_dir)
-    session = _session_of(args.name, args.storage)
-    make_home()
-    console = _console()
-    rows = run_confirm(session, uri, home() / "mlartifacts", console, args.top, args.seeds, args.data_dir)
+    study = _open_study(args.name, args.storage)
+    validate_trials(study, search_ranking(study)[:args.top])  # the configurations run_confirm trains again, before it writes
+    with Interrupts().installed() as interrupts:  # Ctrl-C and SIGTERM stop it only where nothing is half-written
+        uri = _ready_to_train(args.data_dir)
+        session = _session_of(args.name, args.storage)
+        make_home()
+        console = _console()
+        try:
+            rows = run_confirm(session, uri, home() / "mlartifacts", console, args.top, args.seeds, args.data_dir, interrupts)
+        except KeyboardInterrupt:
+            console.print("interrupted: a training that was running is recorded as interrupted and queued again; confirm again to finish")
+            return 130
     print_confirmed(console, rows)
     return 0
 
 
 def cmd_finalize(args) -> int:
-    from study.finalize import run_finalize
+    from study.finalize import choose, run_finalize
+    from study.interrupts import Interrupts
     from study.storage import home, make_home
+    from study.validate import validate_trials
 
     if args.register is not None and not args.register.strip():
         raise ValueError("--register: give a model name")
-    uri = _ready_to_train(args.data_dir)
-    study = _open_study(args.name, args.storage)
-    make_home()
-    console = _console()
-    final = run_finalize(study, uri, home() / "mlartifacts", console, args.trial, args.register or f"{study.study_name}-final", args.data_dir)
+    with Interrupts().installed() as interrupts:  # Ctrl-C and SIGTERM stop it only where nothing is half-written
+        uri = _ready_to_train(args.data_dir)
+        study = _open_study(args.name, args.storage)
+        validate_trials(study, [choose(study, args.trial)[0]])  # the configuration run_finalize trains, before it writes
+        make_home()
+        console = _console()
+        try:
+            final = run_finalize(study, uri, home() / "mlartifacts", console, args.trial, args.register or f"{study.study_name}-final",
+                                 args.data_dir, interrupts)
+        except KeyboardInterrupt:
+            console.print("interrupted: the final run is closed KILLED unless it had finished; finalize again to finish")
+            return 130
     console.print(f"final model: trial {final.trial}'s configuration ({final.chosen_by}), trained on {final.n_train:,} images; "
                   f"test_accuracy {final.test_accuracy:.4f}")
     console.print(f"mlflow run {final.run_id}; model {final.model_uri}; registered {final.registered}")
@@ -356,7 +392,7 @@ def _show_pareto(study, console) -> int:
 def cmd_export(args) -> int:
     from study.export import trials_table, write_table
     from study.storage import home
-    from study.tracking import check_reachable, tracking_uri
+    from study.tracking import read_only_uri
 
     path = Path(args.output)
     if path.suffix not in (".csv", ".parquet"):
@@ -369,8 +405,7 @@ def cmd_export(args) -> int:
         except ImportError:
             raise ValueError(f"-o {path}: writing Parquet needs pyarrow (pip install pyarrow), or export to .csv") from None
     study = _open_study(args.name, args.storage)
-    check_reachable(tracking_uri(home()))  # a silent tracking server: one line at once, not minutes of retries
-    frame = trials_table(study, tracking_uri(home()))
+    frame = trials_table(study, read_only_uri(home()))
     write_table(frame, path)
     print(f"{path}: {len(frame)} trials, {len(frame.columns)} columns")
     return 0
@@ -413,10 +448,11 @@ def cmd_inspect(args) -> int:
 def cmd_report(args) -> int:
     from dashboards import write_report
     from study.launch import report_path
+    from study.specs import study_name
     from study.storage import home
-    from study.tracking import check_reachable, tracking_uri, ui_url
+    from study.tracking import read_only_uri, tracking_uri, ui_url
 
-    output = _report_output(args.output, report_path(home(), args.names))
+    output = _report_output(args.output, report_path(home(), [study_name(name) for name in args.names]))
     png_dir = Path(args.png) if args.png else None
     if png_dir is not None:
         from dashboards.report import find_browser
@@ -425,9 +461,8 @@ def cmd_report(args) -> int:
             raise ValueError(f"--png {png_dir}: not a directory")
         find_browser()  # before any work: PNGs need Chromium
     studies = [_open_study(name, args.storage) for name in args.names]
-    uri = tracking_uri(home())
-    check_reachable(uri)  # a silent tracking server: one line at once, not minutes of retries
-    print(write_report(studies, output, uri, ui_url(uri), cost=args.cost, png_dir=png_dir))
+    uri = read_only_uri(home())  # None: no MLflow store yet, so a report of the Optuna side alone
+    print(write_report(studies, output, uri, ui_url(tracking_uri(home())), cost=args.cost, png_dir=png_dir))
     if png_dir is not None:
         print(f"figures as PNG in {png_dir}")
     return 0
@@ -437,7 +472,7 @@ def cmd_ui(args) -> int:
     from mlflow.tracking import MlflowClient
 
     from study.storage import home
-    from study.tracking import tracking_uri, ui_links
+    from study.tracking import MODEL_TRAINING_CLICK, read_only_uri, tracking_uri, ui_links
 
     uri = tracking_uri(home())
     if uri.startswith(("http://", "https://")):
@@ -445,10 +480,14 @@ def cmd_ui(args) -> int:
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: give a port between 1 and 65535")
     _check_port_free(args.host, args.port)
+    read_only = read_only_uri(home())
+    if read_only is None:  # the UI server would create an empty store
+        raise ValueError(f"no MLflow store at {uri.removeprefix('sqlite:///')} yet; launch a study first (`python -m study launch NAME`)")
     base = f"http://{args.host}:{args.port}"
     print(f"MLflow UI on {uri}: {base}  (Ctrl-C stops it)")
-    for name, link in ui_links(MlflowClient(tracking_uri=uri), base):
+    for name, link in ui_links(MlflowClient(tracking_uri=read_only), base):
         print(f"  {name}: {link}")
+    print(MODEL_TRAINING_CLICK)
     sys.stdout.flush()
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
                "--default-artifact-root", (home() / "mlartifacts").resolve().as_uri(), "--workers", "1"]
@@ -474,7 +513,10 @@ def _check_port_free(host: str, port: int) -> None:
 def _serve(command: list[str]) -> int:
     """Run the UI server in its own process group, and stop the whole group (uvicorn and its workers) when `ui` ends:
     on Ctrl-C, on SIGTERM, or on an error here."""
-    server = subprocess.Popen(command, start_new_session=True)  # its own group: a terminal's Ctrl-C reaches us only
+    # MLflow's server warns about its own dependencies (Starlette deprecations) on import: nothing a user of `ui` can act on.
+    # Prepended, so that a PYTHONWARNINGS the user set still decides.
+    quiet = {**os.environ, "PYTHONWARNINGS": ",".join(filter(None, ["ignore", os.environ.get("PYTHONWARNINGS")]))}
+    server = subprocess.Popen(command, start_new_session=True, env=quiet)  # its own group: a terminal's Ctrl-C reaches us only
 
     def stop(signum, frame):
         raise KeyboardInterrupt
@@ -543,7 +585,7 @@ def _remote_ui(uri: str) -> int:
     from mlflow.tracking import MlflowClient
 
     from study.storage import mask
-    from study.tracking import ui_links
+    from study.tracking import MODEL_TRAINING_CLICK, ui_links
 
     shown = mask(uri).rstrip("/")
     try:
@@ -553,6 +595,7 @@ def _remote_ui(uri: str) -> int:
     print(f"MLFLOW_TRACKING_URI points to the MLflow server {shown}, which serves the UI itself; no local UI started. Open {shown}")
     for name, link in ui_links(MlflowClient(tracking_uri=uri), shown):
         print(f"  {name}: {link}")
+    print(MODEL_TRAINING_CLICK)
     return 0
 
 
@@ -570,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--storage", help=storage_help)
     launch.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     launch.add_argument("--budget", help="the study's budget: device time such as 2h, 30m or 90s, or training FLOPs such as 5e15; "
-                                         "no trial starts whose predicted cost does not fit (see README: Budgets)")
+                                         "no trial starts whose predicted cost does not fit (see docs/after-the-search.md#budgets)")
     launch.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files (default: $FASHION_MNIST_DIR, the cache, Debian's package)")
     launch.add_argument("-o", "--output", help="report file (default: $STUDY_HOME/reports/NAME.html)")
     launch.add_argument("--objective", help="accuracy (default), or accuracy,cost: maximise val_accuracy and minimise --cost (Pareto front, no pruning)")
@@ -657,7 +700,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # MLflow's HTTP client waits 120 s per request and retries 7 times with backoff: many minutes of silence when
-# a tracking server is down or does not answer. These bound every request; a user's own settings win.
+# a tracking server is down or does not answer. These bound every request to two tries of 10 s (urllib3 waits no
+# backoff before a first retry); a server silent from the start is refused sooner, by study.tracking.check_reachable.
+# A user's own settings win.
 MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 

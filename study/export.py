@@ -3,7 +3,11 @@ joined with the MLflow side (the child run's status, and its metrics that the tr
 columns prefixed `mlflow.`).
 
 Column names: `params_<name>` are Optuna's hyperparameters, `param_count` the network's parameter count,
-`config.<name>` the resolved TrainConfig, `duration_seconds` the trial's wall time as a number."""
+`config.<name>` the resolved TrainConfig, `duration_seconds` the trial's wall time as a number. Every name is
+one column: the cost objective of an accuracy,cost study is also a recorded result (`train_seconds`), kept once.
+
+`mlflow_run_id` is the trial's run as MLflow holds it now, found by the study's identity and the trial number
+(dashboards.record): after a rebuilt store, the run written again, not the one the trial recorded."""
 
 from __future__ import annotations
 
@@ -14,9 +18,10 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from dashboards import record
+from dashboards.files import write_whole
 
 
-def trials_table(study: optuna.Study, uri: str) -> pd.DataFrame:
+def trials_table(study: optuna.Study, uri: str | None) -> pd.DataFrame:
     frame = study.trials_dataframe(attrs=("number", "state", "values", "datetime_start", "datetime_complete", "duration", "params", "user_attrs"))
     if frame.empty:
         return frame
@@ -26,6 +31,7 @@ def trials_table(study: optuna.Study, uri: str) -> pd.DataFrame:
     frame = frame.rename(columns={"value": "val_accuracy", "values_0": "val_accuracy", "values_1": cost,
                                   **{f"{prefix}_{name}": name for prefix in ("value", "values") for name in study.metric_names or []}})
     frame.columns = [name.removeprefix("user_attrs_") for name in frame.columns]
+    frame = _one_column_per_name(frame)
     # `params` (the recorded parameter count) would read as a sibling of the params_* hyperparameters.
     frame = frame.rename(columns={"params": "param_count"})
     frame["duration"] = frame["duration"].dt.total_seconds()  # a number in CSV, not "0 days 00:00:12.3"
@@ -34,23 +40,36 @@ def trials_table(study: optuna.Study, uri: str) -> pd.DataFrame:
         # The resolved TrainConfig, one column per setting (a nested dict fits neither CSV nor Parquet).
         settings = pd.DataFrame([value if isinstance(value, dict) else {} for value in frame.pop(record.CONFIG)], index=frame.index)
         frame = frame.join(settings.add_prefix(f"{record.CONFIG}."))
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(study.study_name)
-    runs = []
-    if experiment is not None:
-        found = client.search_runs([experiment.experiment_id], filter_string="tags.`optuna.trial_number` != ''", max_results=50000)
-        # Only the metrics the trial does not record itself (e.g. the last epoch_seconds): no column twice.
-        held = {*frame.columns, "params"}
-        runs = [{record.MLFLOW_RUN_ID: run.info.run_id, "mlflow.status": run.info.status,
-                 **{f"mlflow.{key}": value for key, value in run.data.metrics.items() if key not in held}} for run in found]
-    mlflow_frame = pd.DataFrame(runs, columns=[record.MLFLOW_RUN_ID, "mlflow.status"] if not runs else None)
-    if record.MLFLOW_RUN_ID not in frame.columns:
-        frame[record.MLFLOW_RUN_ID] = None
-    return frame.merge(mlflow_frame, on=record.MLFLOW_RUN_ID, how="left")
+    client = MlflowClient(tracking_uri=uri) if uri else None  # None: no MLflow store yet, and none is created
+    experiment = client.get_experiment_by_name(study.study_name) if client else None
+    live = record.live_trial_runs(client, experiment.experiment_id, study.user_attrs.get(record.STUDY_UID)) if experiment else {}
+    # The id the trial recorded may name a run a rebuilt store no longer holds: the live run's id replaces it.
+    frame = frame.drop(columns=record.MLFLOW_RUN_ID, errors="ignore")
+    # Only the metrics the trial does not record itself (e.g. the last epoch_seconds): no column twice.
+    held = {*frame.columns, "params"}
+    runs = [{"number": number, record.MLFLOW_RUN_ID: run.info.run_id, "mlflow.status": run.info.status,
+             **{f"mlflow.{key}": value for key, value in run.data.metrics.items() if key not in held}} for number, run in live.items()]
+    mlflow_frame = pd.DataFrame(runs, columns=None if runs else ["number", record.MLFLOW_RUN_ID, "mlflow.status"]).astype({"number": "int64"})
+    return frame.merge(mlflow_frame, on="number", how="left")
+
+
+def _one_column_per_name(frame: pd.DataFrame) -> pd.DataFrame:
+    """Columns of the same name made one: an accuracy,cost study's cost objective and the trial's recorded result of
+    that name hold the same number; the objective where Optuna keeps values, else the recorded result (a pruned trial
+    of a multi-objective study keeps no values, but its measured cost)."""
+    merged = {}
+    for name in dict.fromkeys(frame.columns):
+        same = frame.loc[:, frame.columns == name]
+        column = same.iloc[:, 0]
+        for index in range(1, same.shape[1]):
+            column = column.combine_first(same.iloc[:, index])
+        merged[name] = column
+    return pd.DataFrame(merged, index=frame.index)
 
 
 def write_table(frame: pd.DataFrame, path: Path) -> None:
+    """CSV or Parquet by the suffix, written whole or not at all (dashboards.files)."""
     if path.suffix == ".parquet":
-        frame.to_parquet(path, index=False)
+        write_whole(path, lambda out: frame.to_parquet(out, index=False))
     else:
-        frame.to_csv(path, index=False)
+        write_whole(path, lambda out: out.write(frame.to_csv(index=False).encode()))

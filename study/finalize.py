@@ -12,11 +12,17 @@ to the study's parent run and source trial by tags (`study.parent_run_id`, `fina
 `final.source_run_id`, `final.chosen_by`); it is not nested under the parent, whose children are the
 search's trials. It holds the configuration as params, the per-epoch curves, test_accuracy, the cost, and
 the model (Tracker.log_model), registered as `--register NAME` (default `<study>-final`).
+
+The run is FINISHED once its model is logged, and only then registered. Finalize again for the same
+configuration registers that finished run (if it is not yet) and trains nothing; Ctrl-C or SIGTERM
+(study.interrupts) stops the training at once and closes the run KILLED, so the next finalize trains it
+whole and the registered model has one version.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 
 import optuna
@@ -27,7 +33,10 @@ from rich.console import Console
 import objectives
 from dashboards import record
 from dashboards.confirmed import confirmed, load_companion, search_ranking
-from study.tracking import Tracker, _now_ms, layer_table_csv
+from study import budget as costs
+from study.interrupts import Interrupts
+from study.progress import LiveProgress
+from study.tracking import Tracker, _now_ms, device_name, layer_table_csv
 
 FINAL_EPOCH_METRICS = ("train_loss", "train_accuracy", "epoch_seconds", "examples_per_second")  # no val_accuracy: there is no validation split
 
@@ -59,34 +68,91 @@ def choose(study: optuna.Study, number: int | None) -> tuple[optuna.trial.Frozen
     return ranking[0], "best trial"
 
 
+def finished_final(tracker: Tracker, number: int):
+    """The FINISHED final run of trial `number`'s configuration that an earlier finalize of this study left; None if none."""
+    runs = tracker.client.search_runs([tracker.experiment_id], filter_string=(
+        f"tags.`study.role` = 'final' and tags.`study.parent_run_id` = '{tracker.parent_run_id}' and tags.`final.source_trial` = '{number}' "
+        "and attributes.status = 'FINISHED'"), max_results=1)
+    return runs[0] if runs else None
+
+
 def run_finalize(study: optuna.Study, uri: str, artifact_root, console: Console, number: int | None, register: str,
-                 data_dir: str | None = None) -> Final:
+                 data_dir: str | None = None, interrupts: Interrupts | None = None) -> Final:
+    """Train, test, log and register the final model, or register the one an earlier finalize of the same configuration
+    finished. `interrupts`: the command's signals, which stop it only where nothing is half-written (study.interrupts)."""
+    interrupts = interrupts or Interrupts()
+    interrupts.check()  # a signal while the command opened the study: stop before writing anything
     source, chosen_by = choose(study, number)
     config = record.train_config(source)
     if config is None:
         raise ValueError(f"trial {source.number} of {study.study_name} does not record its configuration; choose another with --trial")
-    data = objectives.load_fashion_mnist(data_dir).with_validation_in_train(config.n_train, config.n_val)
     final_config = dataclasses.replace(config, n_train=None, n_val=None)  # the merged split is exactly what to train on
+    tracker = Tracker(study.study_name, uri, artifact_root=artifact_root, study_uid=study.user_attrs.get(record.STUDY_UID), reopen=False)
+    done = finished_final(tracker, source.number)
+    if done is None:
+        final = _train_final(study, tracker, console, source, chosen_by, config, final_config, data_dir, interrupts)
+    else:
+        console.print(f"finalize {study.study_name}: trial {source.number}'s configuration ({chosen_by}) was trained on train + validation "
+                      f"already, in run {done.info.run_id}; not trained again")
+        final = Final(source.number, chosen_by, done.info.run_id, done.data.metrics["test_accuracy"], int(done.data.params["n_train_final"]),
+                      done.data.tags["model_uri"], "")
+    # Registering a model already registered under this name gives its existing version (Tracker.register_run_model).
+    version = tracker.register_run_model(register, final.run_id, f"final model of study {study.study_name}, trial {source.number}'s configuration "
+                                         "trained on train + validation", source.number, {"test_accuracy": final.test_accuracy},
+                                         dataclasses.asdict(final_config))
+    tracker.client.set_tag(tracker.parent_run_id, "final_run_id", final.run_id)
+    interrupts.check()  # a signal during the registration: it finished, the command still stops as asked
+    return dataclasses.replace(final, registered=f"{register} version {version.version}")
+
+
+def _forecast(study: optuna.Study, config: objectives.TrainConfig, images: int) -> costs.Forecast:
+    """The final training's time here, from the cost model, at the throughput the study's trials measured."""
+    rate, source = costs.assumed_rate(study.get_trials(deepcopy=False), [], device_name(config.device), (config.arch,))
+    return costs.Forecast(1, costs.predicted_flops(dataclasses.replace(config, n_train=images)), rate, source, 1, unit="training")
+
+
+def _train_final(study: optuna.Study, tracker: Tracker, console: Console, source: optuna.trial.FrozenTrial, chosen_by: str,
+                 config: objectives.TrainConfig, final_config: objectives.TrainConfig, data_dir: str | None, interrupts: Interrupts) -> Final:
+    """The final run: the configuration trained on train + validation, tested, its model logged; FINISHED, not yet registered."""
+    data = objectives.load_fashion_mnist(data_dir).with_validation_in_train(config.n_train, config.n_val)
     console.print(f"finalize {study.study_name}: trial {source.number} ({chosen_by}) on {len(data.train_labels):,} training images "
                   f"(train + validation), tested once on {len(data.test_labels[:config.n_test]):,}")
-    tracker = Tracker(study.study_name, uri, artifact_root=artifact_root, study_uid=study.user_attrs.get(record.STUDY_UID), reopen=False)
     client = tracker.client
     tags = {**tracker.common_tags, "mlflow.source.name": "python -m study finalize", "study.role": "final",
             "study.parent_run_id": tracker.parent_run_id, "final.source_trial": str(source.number),
             "final.source_run_id": source.user_attrs.get(record.MLFLOW_RUN_ID, ""), "final.chosen_by": chosen_by,
             "mlflow.note.content": f"Trial {source.number}'s configuration ({chosen_by}) trained on train + validation; reported on the test split only."}
+    forecast = _forecast(study, final_config, len(data.train_labels))
+    console.print(forecast.describe(None, []))
+    interrupts.check()  # the last point where stopping leaves nothing behind
     run_id = client.create_run(tracker.experiment_id, run_name="final", tags=tags).info.run_id
-    params = [Param(key, str(value)) for key, value in dataclasses.asdict(final_config).items()]
-    client.log_batch(run_id, params=[*params, Param("n_train_final", str(len(data.train_labels)))])
-    client.log_text(run_id, layer_table_csv(final_config), "layers.csv")
+    # The launch's progress display: epochs done, the latest training accuracy (there is no validation), predicted time left.
+    epochs = final_config.epochs
+    progress = LiveProgress(console, f"{study.study_name} final", "epochs", epochs, 0,
+                            [f"{len(data.train_labels):,} training images", costs.time_left_field(forecast.seconds())])
 
     def on_epoch(metrics) -> bool:
         client.log_batch(run_id, metrics=[Metric(key, float(getattr(metrics, key)), _now_ms(), metrics.epoch) for key in FINAL_EPOCH_METRICS])
-        console.print(f"epoch {metrics.epoch}: train_loss {metrics.train_loss:.4f}, train_accuracy {metrics.train_accuracy:.4f}")
+        progress.console.print(f"epoch {metrics.epoch}: train_loss {metrics.train_loss:.4f}, train_accuracy {metrics.train_accuracy:.4f}")
+        progress.update(done=metrics.epoch, status=[f"train_accuracy {metrics.train_accuracy:.4f} (epoch {metrics.epoch})",
+                                                    costs.time_left_field(forecast.seconds() * (epochs - metrics.epoch) / epochs)])
         return False
 
     try:
-        result = objectives.train(final_config, data, on_epoch)
+        params = [Param(key, str(value)) for key, value in dataclasses.asdict(final_config).items()]
+        client.log_batch(run_id, params=[*params, Param("n_train_final", str(len(data.train_labels)))])
+        client.log_text(run_id, layer_table_csv(final_config), "layers.csv")
+        started = time.monotonic()
+        with interrupts.while_training(), progress:
+            result = objectives.train(final_config, data, on_epoch)
+        interrupts.check()  # stopped as the training ended: its results are not kept, the next finalize trains again
+        console.print(forecast.compare(1, time.monotonic() - started))
+        final = {"test_accuracy": result.test_accuracy, "train_seconds": result.train_seconds, "wall_seconds": result.wall_seconds,
+                 "train_flops": result.train_flops, "flops_per_example": result.flops_per_example, "params": result.params,
+                 "peak_memory_bytes": result.peak_memory_bytes}
+        client.log_batch(run_id, metrics=[Metric(key, float(value), _now_ms(), result.epochs_run) for key, value in final.items()],
+                         tags=[RunTag("device", result.device_name), RunTag("precision", result.precision)])
+        model_uri = tracker.log_model(run_id, source.number, result, data, name="final")
     except KeyboardInterrupt:
         client.set_terminated(run_id, status="KILLED")
         raise
@@ -94,15 +160,5 @@ def run_finalize(study: optuna.Study, uri: str, artifact_root, console: Console,
         client.set_tag(run_id, "final.fail_reason", f"{type(error).__name__}: {error}".splitlines()[0])
         client.set_terminated(run_id, status="FAILED")
         raise
-    final = {"test_accuracy": result.test_accuracy, "train_seconds": result.train_seconds, "wall_seconds": result.wall_seconds,
-             "train_flops": result.train_flops, "flops_per_example": result.flops_per_example, "params": result.params,
-             "peak_memory_bytes": result.peak_memory_bytes}
-    client.log_batch(run_id, metrics=[Metric(key, float(value), _now_ms(), result.epochs_run) for key, value in final.items()],
-                     tags=[RunTag("device", result.device_name), RunTag("precision", result.precision)])
-    model_uri = tracker.log_model(run_id, source.number, result, data, name="final")
     client.set_terminated(run_id, status="FINISHED")
-    version = tracker.register_run_model(register, run_id, f"final model of study {study.study_name}, trial {source.number}'s configuration "
-                                         "trained on train + validation", source.number, {"test_accuracy": result.test_accuracy},
-                                         dataclasses.asdict(final_config))
-    client.set_tag(tracker.parent_run_id, "final_run_id", run_id)
-    return Final(source.number, chosen_by, run_id, result.test_accuracy, len(data.train_labels), model_uri, f"{register} version {version.version}")
+    return Final(source.number, chosen_by, run_id, result.test_accuracy, len(data.train_labels), model_uri, "")

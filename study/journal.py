@@ -6,7 +6,12 @@ it and fuse two records, and from then on no command could read the study. So be
 opened, under the same lock Optuna takes to append, a torn tail is moved out of the journal into
 a file of its own (kept, never deleted) and the study goes on from its last whole record. A record
 that is corrupt in the middle of the file cannot be set aside without losing what follows it: that
-is an error naming the file and the line.
+is an error naming the file and the line, and so is a file that holds no whole record at all: it is not a
+journal (a wrong --storage), and it is left as it is.
+
+Only the commands that write a study repair a journal. The commands that only read check it (`verify`) and
+read it through `ReadOnlyJournal`, which never creates, locks or appends to the file; Optuna reads around a
+torn tail.
 """
 
 from __future__ import annotations
@@ -15,27 +20,29 @@ import json
 import time
 from pathlib import Path
 
-from optuna.storages.journal import JournalFileSymlinkLock
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
 
 class JournalCorrupt(ValueError):
-    """A record in the middle of the journal file is not valid JSON."""
+    """A record in the middle of the journal file is not valid JSON, or the file holds no record at all."""
 
 
 def _whole(line: bytes) -> bool:
+    """A complete journal record: one line holding a JSON object with Optuna's op_code."""
     if not line.endswith(b"\n"):
         return False
     try:
-        json.loads(line)
+        record = json.loads(line)
     except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
         return False
-    return True
+    return isinstance(record, dict) and "op_code" in record
 
 
 def torn_tail_start(content: bytes, path: Path) -> int | None:
     """The byte offset where the journal's torn tail starts, or None when every record is whole.
 
-    Raises JournalCorrupt for a bad record followed by good ones."""
+    Raises JournalCorrupt for a bad record followed by good ones, and for a file with content but no whole
+    record: that is no journal with a torn tail but another file, which a repair would empty."""
     lines = content.splitlines(keepends=True)
     first_bad, offset = None, 0
     for number, line in enumerate(lines, start=1):
@@ -47,7 +54,29 @@ def torn_tail_start(content: bytes, path: Path) -> int | None:
         elif first_bad is None:
             first_bad = (number, offset)
         offset += len(line)
+    if first_bad is not None and first_bad[1] == 0:
+        raise JournalCorrupt(f"{path} is not an Optuna journal file (no line of it is a journal record); it was left as it is: "
+                             "check --storage, or move the file away to start a new journal there")
     return None if first_bad is None else first_bad[1]
+
+
+def verify(path: Path) -> None:
+    """What a command that only reads checks, without the lock or the repair: raises JournalCorrupt as
+    torn_tail_start does. A torn tail is fine: Optuna reads around it, and the next launch sets it aside."""
+    torn_tail_start(path.read_bytes(), path)
+
+
+class ReadOnlyJournal(JournalFileBackend):
+    """Optuna's journal file backend for the commands that only read: the file must exist (Optuna's creates it),
+    and an append is a bug that fails rather than changes the file."""
+
+    def __init__(self, path: Path):
+        if not path.is_file():
+            raise FileNotFoundError(f"journal {path} does not exist")
+        super().__init__(str(path))
+
+    def append_logs(self, logs) -> None:
+        raise RuntimeError(f"journal {self._file_path} is open read-only; a command that only reads tried to write to it")
 
 
 def repair(path: Path) -> Path | None:

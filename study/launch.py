@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,18 +24,23 @@ import optuna
 import sqlalchemy.exc
 from optuna.trial import TrialState
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from dashboards import record
 from objectives import DeviceOutOfMemoryError, DivergedError, FashionMNIST, TrainConfig, TrainResult, load_fashion_mnist
 from study import budget as costs
 from study.costprune import CostBucketPruner, bucket
+from study.errors import StudyFull
 from study.pool import InProcess, WorkerDied, local_slots
-from study.reconcile import reconcile
+from study.progress import LiveProgress
+from study.reconcile import reconcile, repair_models
 from study.recovery import HeartbeatRecovery, JournalRecovery, recovery_for
 from study.session import Session
-from study.storage import StudyFull, claim_lock, heartbeat_enabled, mask
-from study.tracking import Tracker
+from study.storage import claim_lock, heartbeat_enabled, mask
+from study.tracking import Tracker, device_name
+
+# Optuna warns at every ask() on a storage with heartbeats that they are meant for study.optimize: this launcher records
+# them itself (Scheduler._beat) and fails stale trials itself (study.recovery).
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize", category=UserWarning)
 
 
 class TrackingUnavailable(ConnectionError):
@@ -138,15 +144,18 @@ class TrialRunner:
         own_bucket = bucket(trial.user_attrs[record.PREDICTED_FLOPS], config.epochs) if cost is not None else None
 
         def on_epoch(metrics) -> bool:
+            # After its last epoch a trial is whole, its cost spent: no pruner is asked, so it is COMPLETE and may be the best.
+            last = metrics.epoch >= config.epochs
             with self.lock:
                 if run_id is not None:
                     self.track(self.tracker.log_epoch, run_id, metrics)
                 if cost is not None:
                     curve.append(metrics.val_accuracy)
                     trial.set_user_attr(record.VAL_CURVE, curve)
-                    return self.cost_pruner is not None and self.cost_pruner.should_prune(self.study, own_bucket, metrics.epoch, metrics.val_accuracy)
+                    return not last and self.cost_pruner is not None and self.cost_pruner.should_prune(self.study, own_bucket, metrics.epoch,
+                                                                                                        metrics.val_accuracy)
                 trial.report(metrics.val_accuracy, metrics.epoch)
-                return trial.should_prune()
+                return not last and trial.should_prune()
 
         try:
             result: TrainResult = train_fn(config, on_epoch)
@@ -224,10 +233,11 @@ class Scheduler:
     make_slots: Callable[[FashionMNIST], list]  # the slots, given the data the launcher loaded
     data_dir: str | None = None
     deadline: float | None = None  # time.monotonic() after which no trial starts
+    device: str | None = None    # where the slots train ("auto", "cuda:1"); None: Ray's nodes, known from the trials they ran
     ran: int = 0                 # trials this launch finished
     timed_out: bool = False
-    progress: Progress | None = None
-    task: TaskID | None = None
+    progress: LiveProgress | None = None
+    forecast: costs.Forecast | None = None  # the study's time on this machine, predicted at the start
 
     @property
     def study(self) -> optuna.Study:
@@ -245,6 +255,8 @@ class Scheduler:
             self.recovery.recover()
             if repaired := reconcile(self.study, runner.tracker, runner.session.settings.plan):
                 runner.console.print(f"MLflow: wrote the missing records of trials {', '.join(map(str, repaired))} from the Optuna storage")
+            if logged := repair_models(self.study, runner.tracker, runner.session.settings.plan, runner._keeps_model, self.data_dir, runner.console):
+                runner.console.print(f"MLflow: logged the missing models of trials {', '.join(map(str, logged))}")
             trials = self.study.get_trials(deepcopy=False)
             if not trials:
                 for row in runner.session.settings.plan.enqueue:
@@ -256,12 +268,12 @@ class Scheduler:
         # Loaded here also with worker processes: MLflow's dataset input and the logged models' test predictions need it.
         runner.data = load_fashion_mnist(self.data_dir)
         slots = self.make_slots(runner.data)
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("best {task.fields[best]}"),
-                   TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[cost]}"))
+        self.forecast = self._forecast(total - done, len(slots))
+        runner.console.print(self.forecast.describe(runner.budget, self.study.get_trials(deepcopy=False)))
         stop = threading.Event()
-        with Progress(*columns, console=runner.console) as progress:
-            self.progress, self.task = progress, progress.add_task(self.study.study_name, total=total, completed=done, best=self._best(),
-                                                                   cost=self._cost_line())
+        started = time.monotonic()
+        with LiveProgress(runner.console, self.study.study_name, "trials", total, done, self._status()) as progress:
+            self.progress = progress
             heartbeat = threading.Thread(target=self._beat, args=(stop,), daemon=True)
             heartbeat.start()
             try:
@@ -273,6 +285,8 @@ class Scheduler:
                 stop.set()
                 for slot in slots:
                     slot.stop()
+        if self.ran:
+            runner.console.print(self.forecast.compare(self.ran, time.monotonic() - started))
         if runner.tracking_error is not None:
             raise TrackingUnavailable(f"MLflow at {mask(runner.tracker.client.tracking_uri)} failed ({runner.tracking_error}); the {self.ran} trials of this launch "
                                       "are kept in the Optuna storage; launch again once MLflow is back and their MLflow records are written then")
@@ -342,8 +356,7 @@ class Scheduler:
             with runner.lock:
                 self.ran += 1
                 self._log_line(frozen)
-                self.progress.update(self.task, completed=record.count_done(self.study.get_trials(deepcopy=False)), best=self._best(),
-                                     cost=self._cost_line(frozen))
+                self.progress.update(done=record.count_done(self.study.get_trials(deepcopy=False)), status=self._status())
                 runner.update_parent()
 
     def _beat(self, stop: threading.Event) -> None:
@@ -361,20 +374,38 @@ class Scheduler:
                     pass  # a connection the server dropped mid-beat: the next beat, well within the grace period, gets a new one
             stop.wait(interval)
 
-    def _cost_line(self, last: optuna.trial.FrozenTrial | None = None) -> str:
-        """Budget used and predicted time left, from the trials' predicted costs and the throughput measured so far."""
+    def _forecast(self, to_run: int, slots: int) -> costs.Forecast:
+        """The time the trials still to run are predicted to take here: the cost model's FLOPs of the configurations they
+        may train, at the throughput this study measured on the device, else earlier trials of the storage's other studies."""
         trials = self.study.get_trials(deepcopy=False)
-        device = (last or next((t for t in reversed(trials) if record.DEVICE in t.user_attrs), None))
-        rate = costs.throughput(trials, device.user_attrs[record.DEVICE]) if device is not None and record.DEVICE in device.user_attrs else None
-        return costs.progress_line(trials, self.runner.session.settings.total, self.runner.budget, rate)
+        plan = self.runner.session.settings.plan
+        rate, source = costs.assumed_rate(trials, self._earlier_trials(), self._device_name(trials), plan.archs())
+        return costs.Forecast(to_run, costs.mean_flops(costs.likely_configs(plan)), rate, source, slots)
+
+    def _device_name(self, trials: list[optuna.trial.FrozenTrial]) -> str:
+        """The device the trials train on: the slots', or with Ray the one its nodes recorded last (this machine's before any)."""
+        if self.device is None:
+            return next((t.user_attrs[record.DEVICE] for t in reversed(trials) if record.DEVICE in t.user_attrs), device_name("auto"))
+        return device_name(self.device)
+
+    def _earlier_trials(self) -> list[optuna.trial.FrozenTrial]:
+        """The trials of the storage's other studies, whose measured throughput predicts a new study's on the same device."""
+        storage = self.runner.session.storage
+        names = [name for name in optuna.get_all_study_names(storage) if name != self.study.study_name]
+        return [t for name in names for t in storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False)]
+
+    def _status(self) -> list[str]:
+        """The progress display's second line: best so far, predicted time left, budget used."""
+        trials = self.study.get_trials(deepcopy=False)
+        return [self._best(), *self.forecast.time_left(trials, self.runner.session.settings.total, self.runner.budget)]
 
     def _best(self) -> str:
         if self.runner.session.settings.cost is not None:
-            return f"Pareto front of {len(self.study.best_trials)} trials"
+            return f"best: Pareto front of {len(self.study.best_trials)} trials"
         try:
-            return f"val_accuracy {self.study.best_value:.4f} (trial {self.study.best_trial.number})"
+            return f"best val_accuracy {self.study.best_value:.4f} (trial {self.study.best_trial.number})"
         except ValueError:
-            return "-"
+            return "best: none yet"
 
     def _log_line(self, trial: optuna.trial.FrozenTrial) -> None:
         cost = self.runner.session.settings.cost
@@ -399,13 +430,24 @@ def run_launch(session: Session, tracker: Tracker, console: Console, devices: li
     if session.settings.cost is not None:
         runner.cost_pruner = CostBucketPruner.from_settings(session.settings.pruner)
     recovery = recovery_for(session.study, session.storage, tracker, console, session.settings.plan, runner.track)
-    scheduler = Scheduler(runner, recovery, make_slots or local_slots(devices or ["auto"], data_dir), data_dir, None if timeout is None else time.monotonic() + timeout)
+    devices = devices or ["auto"]
+    scheduler = Scheduler(runner, recovery, make_slots or local_slots(devices, data_dir), data_dir, None if timeout is None else time.monotonic() + timeout,
+                          device=None if make_slots else devices[0])
     ran = scheduler.run()
     if scheduler.timed_out:
         console.print(f"timeout of {timeout:g} s reached after {ran} trials; launch again to continue")
     if runner.budget_stop:
         console.print(f"budget reached after {ran} trials: the next trial's {runner.budget_stop}; it is queued for a launch with a larger --budget")
     return ran
+
+
+def pruner_name(session: Session) -> str:
+    """The class of the pruner that stops the study's trials, for its record: Optuna's, or in an accuracy,cost study (which
+    Optuna cannot prune) the cost-bucket pruner, unless the study's [pruner] is `none`."""
+    if session.settings.cost is None:
+        return type(session.study.pruner).__name__
+    pruner = CostBucketPruner.from_settings(session.settings.pruner)
+    return type(pruner).__name__ if pruner is not None else optuna.pruners.NopPruner.__name__
 
 
 def _epochs(n) -> str:

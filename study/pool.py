@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import threading
 from collections.abc import Callable
 
 import objectives
@@ -95,12 +96,17 @@ class Worker:
         self.node = socket.gethostname()
         self.process = None
         self.stopping = False
+        self.starting = threading.Lock()  # stop() from another thread never meets a process half-started
 
     def start(self) -> None:
         context = multiprocessing.get_context("spawn")
-        self.conn, child = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child, self.data_dir, self.threads), daemon=True)
-        self.process.start()
+        with self.starting:
+            if self.stopping:
+                raise KeyboardInterrupt  # stopped before this slot's process began: none is started
+            self.conn, child = context.Pipe()
+            process = context.Process(target=_serve, args=(child, self.data_dir, self.threads), daemon=True)
+            process.start()
+            self.process = process
         child.close()
         self._recv()  # ("ready",): the data is loaded
 
@@ -142,16 +148,19 @@ class Worker:
                 raise ERRORS.get(kind, RuntimeError)(text if kind in ERRORS else f"{kind}: {text}")
 
     def stop(self) -> None:
-        """End the process now, also in the middle of a trial (Ctrl-C); that trial then sees KeyboardInterrupt."""
-        self.stopping = True
-        if self.process is not None and self.process.is_alive():
-            os.kill(self.process.pid, signal.SIGKILL)
+        """End the process now, also in the middle of a trial (Ctrl-C); that trial then sees KeyboardInterrupt. Quiet in
+        every state: not started yet, starting, training, or already gone."""
+        with self.starting:
+            self.stopping = True
+            process = self.process  # the slot's thread may drop it meanwhile (the process died)
+        if process is not None:
+            process.kill()  # SIGKILL; multiprocessing ignores a process that has already ended
 
     def _end(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.join(5)
-            self.process = None
+        process, self.process = self.process, None
+        if process is not None:
+            process.kill()
+            process.join(5)
 
 
 def local_slots(devices: list[str], data_dir: str | None) -> Callable[[FashionMNIST], list]:
@@ -165,9 +174,27 @@ def local_slots(devices: list[str], data_dir: str | None) -> Callable[[FashionMN
     return make
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on (a container or taskset may allow fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cpu_threads(workers: int) -> int:
     """Torch threads per worker so that the workers together use each core once."""
-    return max(1, (os.cpu_count() or 1) // workers)
+    return max(1, cpu_cores() // workers)
+
+
+def cap_workers(devices: list[str], to_run: int) -> tuple[list[str], str]:
+    """The trial slots a launch starts: no more than the trials still to run, and on the CPU no more than its cores
+    (more would only share them). Returns the slots and why they are fewer than asked ("" when they are not)."""
+    reasons = []
+    if to_run < len(devices):
+        reasons.append(f"{to_run} trial{'' if to_run == 1 else 's'} still to run")
+    cores = cpu_cores()
+    if devices[0] == "auto" and cores < len(devices):
+        reasons.append(f"{cores} CPU core{'' if cores == 1 else 's'} here")
+    limit = min(to_run, cores) if devices[0] == "auto" else to_run
+    return devices[:max(1, limit)], " and ".join(reasons)  # one slot also for a study already full: it finds nothing to run
 
 
 def devices(workers: int | None, gpus: str | None, trials_per_gpu: int) -> list[str]:

@@ -19,12 +19,14 @@ there and checks its digest, so no node needs the files or the internet.
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
 import signal
 import socket
 import threading
 from collections.abc import Callable
 
+import grpc
 import numpy as np
 import ray
 import torch
@@ -35,10 +37,12 @@ from objectives import DataError, DeviceOutOfMemoryError, DivergedError, EpochMe
 from study.pool import ERRORS, WorkerDied
 
 SPLITS = ("train_images", "train_labels", "val_images", "val_labels", "test_images", "test_labels")
+PROBE_TIMEOUT = 5  # seconds for a Ray address to accept a connection, and again to complete gRPC's handshake
 
 
 def connect(address: str) -> None:
     """Join the Ray cluster at `address` (auto, ray://host:port, or a host:port GCS address) as its driver."""
+    _check_answers(address)
     previous = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
@@ -48,6 +52,40 @@ def connect(address: str) -> None:
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous)  # ray.init takes SIGTERM; it stops the launch as Ctrl-C does
+
+
+def _check_answers(address: str) -> None:
+    """A cluster answers at `address`, each step bounded by PROBE_TIMEOUT: a TCP connection, then gRPC's handshake.
+
+    ray.init waits minutes on an address with nothing behind it: 20 tries of about 41 s each for a GCS address,
+    30 s for ray://; and for ever, in effect, on a port that accepts and never answers. It dials the address as
+    Ray resolves it (auto read from RAY_ADDRESS or the last `ray start`, this machine's loopback as its IP), so
+    that is what is tried here.
+    """
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        target = address.removeprefix("ray://") if address.startswith("ray://") else canonicalize_bootstrap_address(address)
+    except (ConnectionError, ValueError):
+        return  # no cluster recorded for auto, or a malformed address: ray.init says so at once
+    host, _, port = (target or "").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "local" starts a cluster in this process; a malformed ray:// address fails in ray.init at once
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT).close()
+    except OSError as error:
+        raise ConnectionError(f"--ray {address}: no Ray cluster at {target} ({error.strerror or error}); "
+                              "start one with `ray start --head`, or give its address") from None
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return  # a plain handshake would fail on a TLS cluster; ray.init makes its own with the certificates
+    channel = grpc.insecure_channel(target)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=PROBE_TIMEOUT)
+    except grpc.FutureTimeoutError:
+        raise ConnectionError(f"--ray {address}: {target} accepts connections but does not answer as a Ray cluster within "
+                              f"{PROBE_TIMEOUT} s; check the address (the head's GCS port, 6379 by default, or ray://HOST:10001)") from None
+    finally:
+        channel.close()
 
 
 def _arrays_digest(arrays: dict[str, np.ndarray]) -> str:

@@ -1,8 +1,10 @@
 """Create or join a study, and the one frozen `Settings` every part of a launch reads.
 
 `launch` creates a study (or resumes it) from its flags and records the settings on it; `worker` joins
-one and takes them from it. Either way the study's record is read and written here, in `open_session`,
-and nowhere else: objective and cost, preset, sampler, pruner and the study's total of trials.
+one and takes them from it. Either way the study's record is read and written here and nowhere else:
+objective and cost, preset, sampler, pruner and the study's total of trials. `settle` says what a launch
+or worker will run without writing anything (study.validate checks it); `open_session` then creates or
+joins the study.
 """
 
 from __future__ import annotations
@@ -86,13 +88,32 @@ class Session:
     storage: optuna.storages.BaseStorage
 
 
-def choose_preset(requested: str | None) -> tuple[str, str]:
-    """The preset and a sentence saying why."""
+def choose_preset(requested: str | None, spec: Spec | None = None) -> tuple[str, str]:
+    """The preset and a sentence saying why and, given the spec, what the preset changes in it."""
     if requested:
-        return requested, "as requested"
-    if torch.cuda.is_available():
-        return "full", f"CUDA device {torch.cuda.get_device_name(0)} found"
-    return "cpu", "no CUDA device, so the spec's CPU budget: data subsets and narrower ranges (use --preset full for the real study)"
+        preset, why = requested, "as requested"
+    elif torch.cuda.is_available():
+        preset, why = "full", f"CUDA device {torch.cuda.get_device_name(0)} found"
+    else:
+        preset, why = "cpu", "no CUDA device"
+    if spec is not None:
+        return preset, f"{why}; {_preset_changes(spec, preset, chosen=not requested)}"
+    if preset == "cpu" and not requested:
+        why += ", so the spec's CPU budget: data subsets and narrower ranges (use --preset full for the real study)"
+    return preset, why
+
+
+def _preset_changes(spec: Spec, preset: str, chosen: bool) -> str:
+    """What the spec's [presets.PRESET] table sets, named; or that it sets nothing, so the spec runs as written."""
+    table = spec.presets.get(preset)
+    changes = [] if table is None else [f"{name}={value}" for name, value in table.fixed.items()] + [
+        f"{name} {dist.describe()}" for name, dist in table.search.items()]
+    if table is not None and table.conditional:
+        changes.append(f"{' and '.join(sorted({name for ranges in table.conditional.values() for name in ranges}))} per architecture")
+    if not changes:
+        return f"{spec.path.name} has no [presets.{preset}] settings, so it runs as written"
+    unless = " (--preset full runs the spec without them)" if chosen and preset == "cpu" else ""
+    return f"{spec.path.name} [presets.{preset}] sets {', '.join(changes)}{unless}"
 
 
 class GridSampler(optuna.samplers.GridSampler):
@@ -144,54 +165,70 @@ def check_preset_matches(study_name: str, recorded: str | None, preset: str) -> 
         raise SpecError(f"study {study_name} was created with preset {recorded}; relaunch with --preset {recorded} or use another --storage")
 
 
-def check_strategies(spec: Spec) -> None:
-    """The spec's [sampler] and [pruner] arguments, built once before anything is written."""
-    try:
-        make_pruner(spec.pruner)
-        for preset in PRESETS:
-            make_sampler(spec.sampler, resolve(spec, preset))
-    except (TypeError, ValueError) as error:
-        raise SpecError(f"{spec.path}: [sampler] or [pruner]: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+def settle(request: Request, spec: Spec) -> Settings:
+    """What a launch or a worker will run, known before anything is written: a launch's settings come from its flags and
+    the spec (a relaunch's record, which must agree with them, is read again when open_session opens the study); a
+    worker's from the study's record, read without writing."""
+    if not request.join:
+        return _settings(request, spec, {})
+    _check_default_storage(request, spec)
+    return _settings(request, spec, _record(request, spec, open_storage(request.storage, request.heartbeat)))
 
 
 def open_session(request: Request, spec: Spec) -> Session:
     """Create or resume the study (`launch`), or join it (`worker`); its settings recorded on it in one place."""
-    check_strategies(spec)
-    if request.join and request.storage is None and not Path(default_storage_url()).exists():
-        raise SpecError(f"no study named {spec.name!r}: {default_storage_url()} does not exist yet; run `python -m study launch {request.name}` first")
+    _check_default_storage(request, spec)
     storage = open_storage(request.storage, request.heartbeat)
     make_home()  # the MLflow store and the reports live there, also when the storage is elsewhere; before the study is written
     with setup_lock(request.storage, storage, spec.name):  # two first launches at once create one study with one identity
         return _create_or_load(request, spec, storage)
 
 
-def _create_or_load(request: Request, spec: Spec, storage: optuna.storages.BaseStorage) -> Session:
-    exists = spec.name in optuna.get_all_study_names(storage)
-    if request.join and not exists:
-        raise SpecError(f"no study named {spec.name!r} in {mask(request.storage or default_storage_url())}; run `python -m study launch {request.name}` first")
-    recorded = optuna.load_study(study_name=spec.name, storage=storage).user_attrs if exists else {}
+def _check_default_storage(request: Request, spec: Spec) -> None:
+    """A worker joins a launched study: the default journal must exist already."""
+    if request.join and request.storage is None and not Path(default_storage_url()).exists():
+        raise SpecError(f"no study named {spec.name!r}: {default_storage_url()} does not exist yet; run `python -m study launch {request.name}` first")
+
+
+def _record(request: Request, spec: Spec, storage: optuna.storages.BaseStorage) -> dict | None:
+    """The study's record (its user attributes); None when there is no such study yet, which only a launch may create."""
+    if spec.name not in optuna.get_all_study_names(storage):
+        if request.join:
+            raise SpecError(f"no study named {spec.name!r} in {mask(request.storage or default_storage_url())}; run `python -m study launch {request.name}` first")
+        return None
+    recorded = dict(optuna.load_study(study_name=spec.name, storage=storage).user_attrs)
     if request.join and "trials" not in recorded:
         raise SpecError(f"study {spec.name} does not record its total; launch it again with `python -m study launch {request.name} --trials N`")
+    return recorded
+
+
+def _settings(request: Request, spec: Spec, recorded: dict) -> Settings:
+    """The settings from the flags, else the study's record (empty for a new study), else the spec and the defaults."""
     if request.join:
         preset, reason = recorded["preset"], "the study's"
         check_preset_matches(spec.name, preset, preset)
     else:
-        preset, reason = choose_preset(request.preset)
+        preset, reason = choose_preset(request.preset, spec)
         check_preset_matches(spec.name, recorded.get("preset"), preset)
     objective = request.objective or recorded.get("objective") or "accuracy"
     if recorded.get("objective", objective) != objective:
         raise SpecError(f"study {spec.name} optimises {recorded['objective']}; it cannot change to {objective} (use another --storage or study name)")
-    plan = resolve(spec, preset)
-    settings = Settings(spec=spec, plan=plan, preset=preset, preset_reason=reason, objective=objective,
-                        sampler=_strategy(spec.sampler, request.sampler or recorded.get("sampler"), "tpe"),
-                        pruner=_strategy(spec.pruner, request.pruner or recorded.get("pruner"), "median"),
-                        total=recorded["trials"] if request.join else request.trials)
-    sampler = make_sampler(settings.sampler, plan)
+    return Settings(spec=spec, plan=resolve(spec, preset), preset=preset, preset_reason=reason, objective=objective,
+                    sampler=_strategy(spec.sampler, request.sampler or recorded.get("sampler"), "tpe"),
+                    pruner=_strategy(spec.pruner, request.pruner or recorded.get("pruner"), "median"),
+                    total=recorded["trials"] if request.join else request.trials)
+
+
+def _create_or_load(request: Request, spec: Spec, storage: optuna.storages.BaseStorage) -> Session:
+    recorded = _record(request, spec, storage)
+    exists = recorded is not None
+    settings = _settings(request, spec, recorded or {})
+    sampler = make_sampler(settings.sampler, settings.plan)
     pruner = make_pruner(settings.pruner, multi_objective=settings.cost is not None)
     directions = ["maximize", "minimize"] if settings.cost else ["maximize"]
     study = optuna.create_study(study_name=spec.name, storage=storage, directions=directions, load_if_exists=True, sampler=sampler, pruner=pruner)
     if not request.join:
-        record = {"preset": preset, "objective": objective, "sampler": settings.sampler["name"], "pruner": settings.pruner["name"], "trials": settings.total}
+        record = {"preset": settings.preset, "objective": settings.objective, "sampler": settings.sampler["name"], "pruner": settings.pruner["name"], "trials": settings.total}
         for key in RECORDED:
             study.set_user_attr(key, record[key])
         # Optuna's plots and optuna-dashboard name the objectives after these, instead of "Objective 0".

@@ -6,7 +6,8 @@ A spec (see study/specs/*.toml) has:
     [search]      name = { low, high, log, step } for numbers, name = { choices = [...] } for categories
     [conditional.ARCH]  numeric ranges searched only when the trial's arch is ARCH (the zoo: resize
                   and ratio depend on the architecture); Optuna cannot vary a categorical's choices
-    [[enqueue]]   settings tried first (the notes' defaults)
+    [[enqueue]]   settings tried first (the notes' defaults): searched settings only, each among its choices or
+                  inside its range (a preset's narrower ranges move them inside theirs)
     [pruner]      name = "median" | "hyperband" | "none", plus that pruner's arguments (default: median)
     [sampler]     name = "tpe" | "gp" | "random" | "grid", plus that sampler's arguments (default: tpe);
                   grid runs every combination of [search] choices and integer ranges
@@ -79,6 +80,17 @@ class Range:
         """An enqueued value moved inside this range."""
         return type(value)(min(max(value, self.low), self.high))
 
+    def contains(self, value) -> bool:
+        """Whether Optuna could draw `value` from this range: a number of the range's kind, between its ends, on its step."""
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            return False
+        if not self.low <= value <= self.high:
+            return False
+        if self.step is None:
+            return True
+        steps = (value - self.low) / self.step
+        return math.isclose(steps, round(steps), abs_tol=1e-9)
+
     def describe(self) -> str:
         step = f" step {self.step}" if self.step is not None else ""
         return f"{self.low}..{self.high}{' log' if self.log else ''}{step}"
@@ -100,10 +112,17 @@ class Choices:
         return list(self.values)
 
     def clip(self, value):
-        """An enqueued value, or the nearest of these choices when it is not one of them."""
-        if value in self.values:
+        """An enqueued value, or the nearest of these choices when it is not one of them; None when nothing is near
+        (an architecture the choices leave out)."""
+        if self.contains(value):
             return value
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (value, *self.values)):
+            return None
         return min(self.values, key=lambda choice: abs(choice - value))
+
+    def contains(self, value) -> bool:
+        """Whether `value` is one of these choices (true is not 1, as TOML tells them apart)."""
+        return any(value == choice and isinstance(value, bool) == isinstance(choice, bool) for choice in self.values)
 
     def describe(self) -> str:
         return f"{{{', '.join(map(str, self.values))}}}"
@@ -188,6 +207,16 @@ class Plan:
     conditional: dict[str, dict[str, Distribution]]  # arch -> ranges searched only for that arch
     enqueue: list[dict]                             # first trials, moved inside the preset's ranges
 
+    @property
+    def where(self) -> str:
+        """Where a setting this plan runs comes from, for error messages: the spec, and its preset's table if it has one."""
+        return f"{self.spec.path} [presets.{self.preset}]" if self.preset in self.spec.presets else str(self.spec.path)
+
+    def archs(self) -> tuple:
+        """Every architecture a trial can draw."""
+        arch_dist = self.search.get("arch")
+        return arch_dist.values if isinstance(arch_dist, Choices) else (self.fixed.get("arch", TrainConfig.arch),)
+
     def space(self, arch: str | None) -> dict[str, Distribution]:
         """Every distribution a trial of `arch` draws from."""
         return {**self.search, **self.conditional.get(arch, {})}
@@ -225,6 +254,12 @@ class Plan:
 
 def available() -> list[str]:
     return sorted(path.stem for path in SPEC_DIR.glob("*.toml"))
+
+
+def study_name(name: str) -> str:
+    """The study a command's NAME argument means: a path to a .toml spec names the study after its file, as
+    load_spec does (so every command takes the path `launch` took); anything else is the study's name."""
+    return Path(name).stem if name.endswith(".toml") else name
 
 
 def load_spec(name: str) -> Spec:
@@ -270,6 +305,7 @@ def _parse(path: Path, raw: dict) -> Spec:
         raise SpecError(f"{where}: no architecture: set `arch` in [fixed] (e.g. arch = \"lenet\") or search it in [search]")
     archs = search["arch"].values if isinstance(search.get("arch"), Choices) else ()
     conditional = _parse_conditional(where, raw.get("conditional", {}), search, archs)
+    _check_enqueue(where, enqueue, fixed, search, conditional)
     presets = {}
     for preset, table in _table(where, raw, "presets").items():
         if preset not in PRESETS:
@@ -284,7 +320,7 @@ def _parse(path: Path, raw: dict) -> Spec:
     spec = Spec(name=path.stem, description=str(raw.get("description", "")), fixed=fixed, search=search, conditional=conditional,
                 enqueue=enqueue, pruner=pruner, sampler=sampler, presets=presets, path=path)
     for preset in PRESETS:
-        _check_values(f"{where} [presets.{preset}]" if preset in presets else where, resolve(spec, preset))
+        edge_configs(resolve(spec, preset))
     return spec
 
 
@@ -320,21 +356,41 @@ def _parse_conditional(where: str, raw, search: dict[str, Distribution], archs: 
     return conditional
 
 
-def _check_values(where: str, plan: Plan) -> None:
-    """Every value a trial can draw must build: check each against every reachable architecture."""
-    arch_dist = plan.search.get("arch")
-    archs = arch_dist.values if isinstance(arch_dist, Choices) else [plan.fixed.get("arch", TrainConfig.arch)]
+def _check_enqueue(where: str, enqueue: list[dict], fixed: dict, search: dict[str, Distribution],
+                   conditional: dict[str, dict[str, Distribution]]) -> None:
+    """Every first trial inside the spec's own search space: Optuna fails on a value that is not among a categorical's
+    choices only once the trial exists, and runs one outside a range as written. (A preset's narrower ranges move
+    the rows inside them instead: `resolve`.)"""
+    for number, row in enumerate(enqueue, 1):
+        arch = row.get("arch", fixed.get("arch"))
+        for_arch = f" for arch {arch}" if "arch" in search and arch else ""
+        space = {**{name: (f"search.{name}", dist) for name, dist in search.items()},
+                 **{name: (f"conditional.{arch}.{name}", dist) for name, dist in conditional.get(arch, {}).items()}}
+        for name in sorted(row, key=lambda name: name != "arch"):  # the architecture first: it decides what else is searched
+            value = row[name]
+            if name not in space:
+                raise SpecError(f"{where}: [[enqueue]] row {number}: {name} is not searched{for_arch}, so Optuna would "
+                                f"ignore it; a first trial sets searched settings only (search {name}, or set it in [fixed])")
+            table, dist = space[name]
+            if not dist.contains(value):
+                kind = "among the choices" if isinstance(dist, Choices) else "inside the range"
+                raise SpecError(f"{where}: [[enqueue]] row {number}: {name} = {value!r} is not {kind} of {table} {dist.describe()}")
+
+
+def edge_configs(plan: Plan) -> list[TrainConfig]:
+    """The TrainConfigs at the edges of what a trial of `plan` can draw, each built (so checked): for every reachable
+    architecture its fixed settings, each choice and both ends of each range; and every first trial. A SpecError
+    names the spec (and preset) when one does not build."""
     candidates = [dict(row) for row in plan.enqueue]
-    for arch in archs:
+    for arch in plan.archs():
         candidates.append({"arch": arch})
         for name, dist in plan.space(arch).items():
             if name != "arch":
                 candidates += [{"arch": arch, name: value} for value in dist.edges()]
-    for candidate in candidates:
-        try:
-            plan.config(candidate)
-        except (ValueError, TypeError) as error:
-            raise SpecError(f"{where}: {error}") from None
+    try:
+        return [plan.config(candidate) for candidate in candidates]
+    except (ValueError, TypeError) as error:
+        raise SpecError(f"{plan.where}: {error}") from None
 
 
 def resolve(spec: Spec, preset: str) -> Plan:
@@ -344,13 +400,15 @@ def resolve(spec: Spec, preset: str) -> Plan:
     chosen = spec.presets.get(preset) or Preset(fixed={}, search={}, conditional=None)
     search = {**spec.search, **chosen.search}
     conditional = spec.conditional if chosen.conditional is None else chosen.conditional
-    # First trials move inside the ranges the preset narrowed; elsewhere they run as written (Optuna accepts
-    # them). Settings the plan no longer searches are dropped: Optuna would ignore them anyway.
+    # First trials, inside the spec's own space (_check_enqueue), move inside the ranges the preset narrowed. Settings
+    # a preset's [conditional] no longer searches are dropped: Optuna would ignore them anyway.
     enqueue = []
     for row in spec.enqueue:
         arch = row.get("arch", spec.fixed.get("arch"))
         space = {**search, **conditional.get(arch, {})}
         narrowed = {**chosen.search, **(chosen.conditional or {}).get(arch, {})}
-        enqueue.append({name: narrowed[name].clip(value) if name in narrowed else value for name, value in row.items() if name in space})
+        moved = {name: narrowed[name].clip(value) if name in narrowed else value for name, value in row.items() if name in space}
+        if None not in moved.values():  # a first trial for a choice the preset leaves out (an architecture) does not run under it
+            enqueue.append(moved)
     return Plan(spec=spec, preset=preset, fixed={**spec.fixed, **chosen.fixed}, search=search, conditional=conditional, enqueue=enqueue)
 

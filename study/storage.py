@@ -29,10 +29,6 @@ class StorageError(RuntimeError):
     """The storage URL is malformed or the storage cannot be reached."""
 
 
-class StudyFull(RuntimeError):
-    """The storage proxy refused a new trial: finished and running trials already make up the study's total."""
-
-
 def home() -> Path:
     return Path(os.environ.get("STUDY_HOME", "studies"))
 
@@ -78,32 +74,28 @@ class RetryStaleTrial:
         record.retry(study, trial)
 
 
-def open_storage(url: str | None, heartbeat: int | None = None) -> optuna.storages.BaseStorage:
+def storage_file(url: str) -> Path | None:
+    """The file a storage URL names (a journal file, an SQLite database); None for a database server or the proxy."""
+    if url.startswith("sqlite:///"):
+        return Path(url.removeprefix("sqlite:///").partition("?")[0])
+    return None if "://" in url else Path(url)
+
+
+def open_storage(url: str | None, heartbeat: int | None = None, read_only: bool = False) -> optuna.storages.BaseStorage:
     """The storage at `url` (default: the study home's journal file).
 
     `heartbeat` (seconds, relational storage only): trials record a heartbeat this often, and a trial
     silent for three intervals belongs to a dead worker; it is failed and queued again once.
+
+    `read_only`: for the commands that only read a study. Nothing is created, locked, repaired or written:
+    a journal file must exist and is only read, SQLite and PostgreSQL are opened so that they refuse every
+    write themselves, and a database without Optuna's tables reads as one without studies.
     """
-    if url is None:
+    if url is None and not read_only:
         make_home()
     url = url or default_storage_url()
     if "://" not in url:
-        # A plain path: Optuna's journal file, which several processes may append to safely.
-        from optuna.storages.journal import JournalFileBackend
-
-        from study.journal import JournalCorrupt, repair
-
-        path = Path(url)
-        if not path.parent.is_dir():
-            raise StorageError(f"journal storage {path}: directory {path.parent} does not exist")
-        try:
-            aside = repair(path)
-        except JournalCorrupt as error:
-            raise StorageError(str(error)) from None
-        if aside is not None:
-            print(f"journal {path}: its last record was torn (a crash or a full disk mid-write); moved it to {aside} "
-                  "and went on from the last whole record", file=sys.stderr)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        return _journal(Path(url), read_only)
     if url.startswith("grpc://"):
         return _proxy(url)
     try:
@@ -114,6 +106,8 @@ def open_storage(url: str | None, heartbeat: int | None = None) -> optuna.storag
             if url.startswith("postgresql"):
                 # libpq waits for ever on a server that accepts the connection and never answers.
                 engine["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}
+            if read_only:
+                return _read_only_database(url, engine)
             beats = {"engine_kwargs": engine}
             if heartbeat is not None:
                 beats |= {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat, "heartbeat_stale_trial_callback": RetryStaleTrial()}
@@ -123,6 +117,55 @@ def open_storage(url: str | None, heartbeat: int | None = None) -> optuna.storag
     except Exception as error:  # noqa: BLE001 -- sqlalchemy raises several types for bad URLs and unreachable servers
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise StorageError(f"cannot open storage {mask(url)}: {first_line}") from None
+
+
+def _journal(path: Path, read_only: bool) -> optuna.storages.BaseStorage:
+    """A plain path: Optuna's journal file, which several processes may append to safely (study/journal.py)."""
+    from optuna.storages.journal import JournalFileBackend
+
+    from study.journal import JournalCorrupt, ReadOnlyJournal, repair, verify
+
+    if path.is_dir():
+        raise StorageError(f"journal storage {path} is a directory; give the path of a journal file")
+    if not path.parent.is_dir():
+        raise StorageError(f"journal storage {path}: directory {path.parent} does not exist")
+    if read_only and not path.is_file():
+        raise StorageError(f"journal storage {path} does not exist")
+    try:
+        if read_only:
+            verify(path)
+            return optuna.storages.JournalStorage(ReadOnlyJournal(path))
+        aside = repair(path)
+    except JournalCorrupt as error:
+        raise StorageError(str(error)) from None
+    if aside is not None:
+        print(f"journal {path}: its last record was torn (a crash or a full disk mid-write); moved it to {aside} "
+              "and went on from the last whole record", file=sys.stderr)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def _read_only_database(url: str, engine: dict) -> optuna.storages.BaseStorage:
+    """An SQLite file or a PostgreSQL database opened so that SQLite or the server refuses every write; Optuna's
+    tables are not created, so a database without them holds no study."""
+    import urllib.parse
+
+    import sqlalchemy
+
+    parsed = sqlalchemy.engine.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        # SQLite's own read-only mode, which also never creates the file.
+        parsed = parsed.set(database=f"file:{urllib.parse.quote(parsed.database or '')}", query={**parsed.query, "mode": "ro", "uri": "true"})
+    elif parsed.get_backend_name() == "postgresql":
+        engine["connect_args"]["options"] = "-c default_transaction_read_only=on"
+    url = parsed.render_as_string(hide_password=False)
+    probe = sqlalchemy.create_engine(url, **engine)
+    try:
+        has_tables = sqlalchemy.inspect(probe).has_table("studies")
+    finally:
+        probe.dispose()
+    if not has_tables:
+        return optuna.storages.InMemoryStorage()
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine, skip_table_creation=True)
 
 
 def _proxy(url: str) -> optuna.storages.BaseStorage:
@@ -190,7 +233,7 @@ def setup_lock(url: str | None, storage: optuna.storages.BaseStorage, study_name
         with _advisory_lock(storage, SETUP_LOCK_SPACE, zlib.crc32(study_name.encode()) - 2**31):
             yield
         return
-    path = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None if "://" in url else Path(url)
+    path = storage_file(url)
     if path is None:
         yield
         return

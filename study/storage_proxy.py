@@ -23,7 +23,7 @@ from optuna.storages._grpc.servicer import OptunaStorageProxyService
 from optuna.trial import TrialState
 
 from dashboards import record
-from study.storage import StudyFull
+from study.errors import StudyFull
 
 FULL = "the study holds its total of trials"
 

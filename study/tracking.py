@@ -11,6 +11,7 @@ and a confusion matrix on the test split.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import getpass
 import hashlib
@@ -22,6 +23,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -48,7 +50,8 @@ PICKLE_NOTE = ("models are logged as pickled PyTorch modules (mlflow.pytorch.loa
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "INTERRUPTED": "KILLED"}
 
 
-HEALTH_TIMEOUT = 5  # seconds for a tracking server to answer /health before anything is written
+PROBE_TIMEOUT = 5  # seconds for a tracking server to answer /health, and again its API, before anything is written
+API_PROBE = "api/2.0/mlflow/experiments/search"  # a cheap call that reads the tracking store, as MLflow's client does
 
 
 class TrackingUnreachable(ConnectionError):
@@ -56,20 +59,45 @@ class TrackingUnreachable(ConnectionError):
 
 
 def check_reachable(uri: str) -> None:
-    """Before a launch writes anything: a tracking server answers, an existing local store opens."""
+    """Before a command uses the tracking store (a launch, before it writes anything): a tracking server answers, an existing local store opens."""
     import urllib.request
 
     from study.storage import mask
 
     if uri.startswith(("http://", "https://")):
         try:
-            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT).close()
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PROBE_TIMEOUT).close()
         except OSError as error:
             why = getattr(error, "reason", None) or error
-            raise TrackingUnreachable(f"MLflow server {mask(uri)} does not answer within {HEALTH_TIMEOUT} s ({why}); "
+            raise TrackingUnreachable(f"MLflow server {mask(uri)} does not answer within {PROBE_TIMEOUT} s ({why}); "
                                       "start it, or unset MLFLOW_TRACKING_URI to use the local store") from None
+        _check_api_answers(uri)
     elif uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///")).exists():
         open_sqlite_store(Path(uri.removeprefix("sqlite:///")))
+
+
+def _check_api_answers(uri: str) -> None:
+    """The server answers its REST API too, within PROBE_TIMEOUT.
+
+    /health is served without the tracking store, so a server whose database hangs (or a proxy in front of a dead
+    one) passes it; then every MLflow call waits out its timeout and retries (20 s each under the CLI's
+    MLFLOW_HTTP_DEFAULTS), minutes in all. Any HTTP answer counts (an auth server's 401 too: MLflow's own client
+    sends the credentials and reports a refusal itself).
+    """
+    import urllib.error
+    import urllib.request
+
+    from study.storage import mask
+
+    request = urllib.request.Request(f"{uri.rstrip('/')}/{API_PROBE}", data=b'{"max_results": 1}', headers={"Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(request, timeout=PROBE_TIMEOUT).close()
+    except urllib.error.HTTPError:
+        pass  # an answer
+    except OSError as error:
+        why = getattr(error, "reason", None) or error
+        raise TrackingUnreachable(f"MLflow server {mask(uri)} answers /health but not its API (POST /{API_PROBE}) within {PROBE_TIMEOUT} s "
+                                  f"({why}); check the server and its database, or unset MLFLOW_TRACKING_URI to use the local store") from None
 
 
 def open_sqlite_store(path: Path) -> None:
@@ -120,6 +148,32 @@ def tracking_uri(home: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(home / 'mlflow.db').resolve()}"
 
 
+def read_only_uri(home: Path) -> str | None:
+    """The tracking store as the commands that only read open it: a server must answer (check_reachable), and the
+    local SQLite store is opened in SQLite's read-only mode, so that nothing MLflow does on opening it (creating
+    the file, its tables, the default experiment) can write. None when that store does not exist yet: there is
+    no MLflow run to read, and nothing is created."""
+    from urllib.parse import quote
+
+    uri = tracking_uri(home)
+    if not uri.startswith("sqlite:///"):
+        check_reachable(uri)
+        return uri
+    path = Path(uri.removeprefix("sqlite:///"))
+    if not path.exists():
+        return None
+    # An SQLite URI filename (quoted for SQLite), quoted once more for SQLAlchemy, which decodes it: MLflow makes the
+    # directories of the path it reads in the URL, and with every "/" escaped it reads none.
+    read_only = f"sqlite:///{quote('file:' + quote(str(path)), safe='')}?mode=ro&uri=true"
+    try:
+        MlflowClient(tracking_uri=read_only).search_experiments(max_results=1)
+    except Exception as error:  # noqa: BLE001 -- sqlalchemy and alembic raise many types for a damaged store
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise TrackingUnreachable(f"MLflow store {path} cannot be read ({first_line[:200]}); if an interrupted first launch left it "
+                                  "half-made, move it away: the next launch writes the runs again") from None
+    return read_only
+
+
 def ui_url(uri: str) -> str:
     """Where run links in reports point: the tracking server itself, or `python -m study ui`'s default."""
     return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
@@ -146,15 +200,29 @@ def first_view() -> str:
                        "compareRunSections": sections, "isAccordionReordered": True})
 
 
+# MLflow 3's UI shows a page in its model-training view or its GenAI view by the `workflowType` of the page's
+# address, else by the choice its sidebar switch stored in the browser (localStorage `mlflow.workflowType_v1`),
+# else GenAI. The server has no setting for it, and the UI ignores the experiment's `mlflow.experimentKind` tag
+# there, so every address we print or write carries the view.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+# For the pages no printed address reaches (the home page first): the one click that stores the choice.
+MODEL_TRAINING_CLICK = ('other MLflow pages (its home page first) open in its GenAI view until you click "Model training"\n'
+                        "at the top of the sidebar on such a page; the browser keeps that choice")
+
+
 def ui_links(client: MlflowClient, base: str) -> list[tuple[str, str]]:
-    """(study, link) for every study's experiment in the MLflow UI at `base`: its first view (VIEW_KEY) in the
-    model-training view of the UI, not the GenAI one."""
+    """(what, link) in the MLflow UI at `base`, each in its model-training view: every study's experiment at its
+    first view (VIEW_KEY), and the latest version of every registered model."""
     links = []
     for experiment in client.search_experiments():
         if experiment.name == "Default":
             continue
         view = f"viewStateShareKey={VIEW_KEY}&" if f"mlflow.sharedViewState.{VIEW_KEY}" in experiment.tags else ""
-        links.append((experiment.name, f"{base}/#/experiments/{experiment.experiment_id}/runs?{view}compareRunsMode=CHART&workflowType=machine_learning"))
+        links.append((experiment.name, f"{base}/#/experiments/{experiment.experiment_id}/runs?{view}compareRunsMode=CHART&{MODEL_TRAINING_VIEW}"))
+    for model in client.search_registered_models():
+        if model.latest_versions:
+            version = max(int(v.version) for v in model.latest_versions)
+            links.append((f"model {model.name} v{version}", f"{base}/#/models/{urllib.parse.quote(model.name)}/versions/{version}?{MODEL_TRAINING_VIEW}"))
     return links
 
 
@@ -201,7 +269,8 @@ class Tracker:
         experiment = self.client.get_experiment_by_name(study_name)
         if experiment is None:
             location = (artifact_root / study_name).resolve().as_uri() if artifact_root and not uri.startswith("http") else None
-            # The experiment kind makes the MLflow UI open on the runs table, not its GenAI overview.
+            # The kind MLflow gives model-training experiments; MLflow 3.17's UI picks its view by
+            # MODEL_TRAINING_VIEW, not by this tag.
             self.experiment_id = self.client.create_experiment(study_name, artifact_location=location,
                                                                tags={"mlflow.experimentKind": "custom_model_development"})
         else:
@@ -333,23 +402,27 @@ class Tracker:
                                                  tags={"optuna.study_name": self.study_name, "optuna.trial_number": str(number)}, model_type="pytorch")
         metadata = {"input": f"float32 images (N, 1, {resize}, {resize}) in [0, 1]: Fashion-MNIST resized bilinearly (objectives.predict.model_inputs)",
                     "output": "logits (N, 10), Fashion-MNIST classes by label", "project_version": project_version()}
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model"
-            mlflow_model = Model(artifact_path=logged.artifact_location, run_id=run_id, model_uuid=logged.model_id, model_id=logged.model_id)
-            # Explicit requirements: MLflow would otherwise infer them by loading the model in a subprocess.
-            # Pickle gives a plain nn.Module back (MLflow 3 defaults to torch.export). MLflow warns about pickle on every
-            # save; the launch says it once instead (PICKLE_NOTE), so the warning stays out of the progress output.
-            pytorch_logger = logging.getLogger("mlflow.pytorch")
-            level = pytorch_logger.level
-            pytorch_logger.setLevel(logging.ERROR)
-            try:
-                mlflow.pytorch.save_model(model, str(path), mlflow_model=mlflow_model, signature=signature, input_example=example.numpy(),
-                                          pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], metadata=metadata,
-                                          serialization_format="pickle")
-            finally:
-                pytorch_logger.setLevel(level)
-            self.client.log_model_artifacts(logged.model_id, str(path))
-        self.client.finalize_logged_model(logged.model_id, "READY")
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "model"
+                mlflow_model = Model(artifact_path=logged.artifact_location, run_id=run_id, model_uuid=logged.model_id, model_id=logged.model_id)
+                # Explicit requirements: MLflow would otherwise infer them by loading the model in a subprocess.
+                # Pickle gives a plain nn.Module back (MLflow 3 defaults to torch.export). MLflow warns about pickle on every
+                # save; the launch says it once instead (PICKLE_NOTE), so the warning stays out of the progress output.
+                pytorch_logger = logging.getLogger("mlflow.pytorch")
+                level = pytorch_logger.level
+                pytorch_logger.setLevel(logging.ERROR)
+                try:
+                    mlflow.pytorch.save_model(model, str(path), mlflow_model=mlflow_model, signature=signature, input_example=example.numpy(),
+                                              pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], metadata=metadata,
+                                              serialization_format="pickle")
+                finally:
+                    pytorch_logger.setLevel(level)
+                self.client.log_model_artifacts(logged.model_id, str(path))
+            self.client.finalize_logged_model(logged.model_id, "READY")
+        except BaseException:
+            self.discard_model(logged.model_id)  # never a model left PENDING with half its files (a full artifact store)
+            raise
         self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=result.epochs_run)])
         model_uri = f"models:/{logged.model_id}"
         self.client.set_tag(run_id, "model_uri", model_uri)
@@ -414,8 +487,26 @@ class Tracker:
         self.client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps([*listed, {"name": name, "version": version.version}])})
         return version
 
+    def discard_model(self, model_id: str) -> None:
+        """A logged model whose writing failed: its artifacts deleted and its status FAILED, as far as MLflow answers;
+        what it does not, the next launch does (study.reconcile.repair_models)."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        # Any error (a store that cannot delete, MLflow down) is left: the FAILED status says the files are not a model,
+        # and a model MLflow could not mark the next launch marks.
+        with contextlib.suppress(Exception):
+            get_artifact_repository(self.client.get_logged_model(model_id).artifact_location).delete_artifacts()
+        with contextlib.suppress(Exception):
+            self.client.finalize_logged_model(model_id, "FAILED")
+
     def close_parent(self, status: str) -> None:
         self.client.set_terminated(self.parent_run_id, status=status)
+
+    def close_parent_on_exit(self, status: str) -> None:
+        """close_parent on the way out of a launch that failed, maybe because MLflow did: a parent MLflow cannot close
+        now stays RUNNING until the next launch, which reopens and closes it."""
+        with contextlib.suppress(Exception):  # MlflowException, connection and database errors alike: the launch's own error is what to say
+            self.close_parent(status)
 
 
 def dataset_input(data: FashionMNIST, config: TrainConfig) -> DatasetInput:

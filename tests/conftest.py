@@ -35,7 +35,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-component-update", "--disable-sync"]
 
 # A study small enough for tests: VGG-11 at its minimum input and ratio 16 on a few hundred images.
-# The second enqueued trial diverges on purpose (the loss overflows), so every run also exercises FAIL.
+# The second enqueued trial diverges on purpose (the loss overflows), so every run also exercises FAIL. Its lr lies in
+# the search space, as every first trial's must: a trial drawn from that space may diverge too.
 TINY_SPEC = """
 description = "tiny VGG study for tests"
 
@@ -48,7 +49,7 @@ n_val = 128
 n_test = 128
 
 [search]
-lr = { low = 0.01, high = 0.1, log = true }
+lr = { low = 0.01, high = 1e12, log = true }
 epochs = { low = 1, high = 2 }
 resize = { choices = [32] }
 ratio = { choices = [16] }
@@ -108,7 +109,8 @@ def tiny_spec(tmp_path):
 
 # The files that take longest go first: with one test file per test process at a time (`make test`), the processes
 # then finish together instead of one waiting on another's last long file.
-LONGEST_FIRST = ("reliability/test_kill.py", "test_scale.py", "test_ray.py", "test_mlflow_server.py", "test_tools.py",
+LONGEST_FIRST = ("reliability/test_kill.py", "reliability/test_matrix_local.py", "reliability/test_matrix_remote.py", "test_scale.py", "test_ray.py",
+                 "test_mlflow_server.py", "test_tools.py",
                  "reliability/test_faults.py", "test_decide.py", "test_report.py", "reliability/test_unresponsive.py")
 
 
@@ -393,6 +395,32 @@ def postgres_database(prefix: str):
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+@contextlib.contextmanager
+def storage_proxy(storage_url: str, log: Path):
+    """`python -m study serve-storage --storage STORAGE_URL` on a free port, logging to `log`; yields its grpc:// URL,
+    then stops it with Ctrl-C, which it must answer with exit 0."""
+    port = free_port()
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "study", "serve-storage", "--storage", storage_url, "--port", str(port)], cwd=ROOT,
+                                   stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 300  # a guard against a hang, not a speed limit
+        while "serving" not in log.read_text():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "serve-storage did not start"
+            time.sleep(0.1)
+        yield f"grpc://127.0.0.1:{port}"
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            code = process.wait(30)
+        finally:
+            if process.poll() is None:
+                process.kill()  # never leave a server behind, whatever the assertion below says
+                process.wait(30)
+    assert code == 0, log.read_text()
 
 
 def journal(home: Path):

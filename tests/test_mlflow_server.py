@@ -36,7 +36,7 @@ n_test = 128
 
 [search]
 arch = { choices = ["lenet_bn", "vgg11"] }
-lr = { low = 0.05, high = 0.2, log = true }
+lr = { low = 1e-6, high = 1e12, log = true }  # holds every first trial's lr; no trial is drawn
 epochs = { low = 1, high = 2 }
 
 [conditional.lenet_bn]

@@ -1,4 +1,5 @@
-"""The HTML report: every section from a real small study, two studies on one page, PNGs, edge cases, in a real Chromium."""
+"""The HTML report: every section from a real small study, two studies on one page, PNGs, edge cases, in a real Chromium.
+And accuracy,cost studies end to end: their learning curves in the report, their export with one column per name."""
 
 from __future__ import annotations
 
@@ -6,18 +7,21 @@ import re
 import shutil
 
 import optuna
+import pandas as pd
+import pyarrow.csv
+import pyarrow.parquet
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from conftest import ARTIFACTS, journal, run_main
+from conftest import ARTIFACTS, LENET, journal, make_spec, run_main
 from dashboards import write_report
 from study.cli import main
 
 # AlexNet against the 28-px variant at their smallest, on a few hundred images. The enqueued trials
 # make the states certain: trial 0 completes, trial 1 diverges (FAIL), trial 2 completes with the other
 # architecture (its 2 epochs stay inside the pruner's warm-up), trial 3 cannot learn at lr 1e-7 and falls
-# below trial 0 at epoch 3 (PRUNED).
+# below trial 0 at epoch 3 of its 4 (PRUNED), trial 4 completes (2 epochs). None is drawn: lr's range only holds the first trials' values.
 PAIR_SPEC = """
 description = "AlexNet and its 28-px variant, tiny, for report tests"
 
@@ -31,8 +35,8 @@ n_test = 128
 
 [search]
 arch = { choices = ["alexnet", "alexnet_28"] }
-lr = { low = 0.01, high = 0.05, log = true }
-epochs = { low = 1, high = 3 }
+lr = { low = 1e-7, high = 1e12, log = true }  # holds every first trial's lr; no trial is drawn
+epochs = { low = 1, high = 4 }
 
 [[enqueue]]
 arch = "alexnet_28"
@@ -52,7 +56,12 @@ epochs = 2
 [[enqueue]]
 arch = "alexnet_28"
 lr = 1e-7
-epochs = 3
+epochs = 4  # pruned after epoch 3: a trial is never pruned after its last epoch
+
+[[enqueue]]
+arch = "alexnet_28"
+lr = 0.03
+epochs = 2
 
 [pruner]
 name = "median"
@@ -116,6 +125,7 @@ def test_report_sections_png_and_browser(home, page):
     assert "Not shown" not in text  # both AlexNets completed, so the comparison is there
     assert re.search(r"the 28-px variant takes [0-9.]+× the seconds per epoch", text)
     assert "alexnet (65 px)" in text and "alexnet_28 (28 px)" in text  # the cpu preset runs AlexNet at its minimum
+    assert "<h2>AlexNet at 65 px against the 28-px variant</h2>" in text and "224 px" not in text  # the sizes that trained
 
     # Every figure also as a PNG.
     expected = {"cost", "cost-model", "alexnet-0", "curves", "history", "importance", "parallel-0", "slice-0", "layers-0"}
@@ -139,7 +149,7 @@ def test_report_sections_png_and_browser(home, page):
     page.click("#trials th:nth-child(2)")
     assert numbers() == [4, 3, 2, 1, 0]
     page.screenshot(path=str(ARTIFACTS / "report-full.png"), full_page=True)
-    # The filter keeps rows that hold every word typed (trial 4 is sampled, so only the enqueued ones are certain).
+    # The filter keeps rows that hold every word typed (every trial is enqueued, so each state is certain).
     page.fill("#trial-filter", "fail diverged")
     assert numbers() == [1]
     assert page.inner_text("#trial-count") == "1 of 5 trials"
@@ -245,3 +255,51 @@ def test_report_mistakes_are_one_line(storage, study_home, tmp_path, capsys, mon
 def test_write_report_rejects_an_unknown_cost_axis(tmp_path):
     with pytest.raises(ValueError, match="cost axis 'seconds'"):
         write_report([], tmp_path / "r.html", cost="seconds")
+
+
+# Two accuracy,cost studies, one per cost; their trials keep their per-epoch accuracy as a user attribute (record.VAL_CURVE),
+# not as Optuna intermediate values, and their cost objective is also a recorded result of the same name.
+COSTS = {"seconds": "train_seconds", "flops": "train_flops"}
+
+
+@pytest.fixture(scope="module")
+def cost_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("cost") / "home"
+    for name, cost in COSTS.items():
+        spec = make_spec(home.parent, name, LENET, fixed={"epochs": 2})
+        result = run_main("launch", str(spec), "--trials", "2", "--objective", "accuracy,cost", "--cost", cost, "--log-model", "none",
+                          env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": None})
+        assert result.returncode == 0, result.stderr
+    return home
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_export_of_accuracy_cost_studies_has_one_column_per_name(cost_home, tmp_path, suffix):
+    for name, cost in COSTS.items():
+        path = tmp_path / f"{name}{suffix}"
+        result = run_main("export", name, "-o", str(path), env={"STUDY_HOME": str(cost_home), "MLFLOW_TRACKING_URI": None})
+        assert result.returncode == 0, result.stderr
+        columns = (pyarrow.csv.read_csv(path) if suffix == ".csv" else pyarrow.parquet.read_table(path)).column_names
+        assert len(columns) == len(set(columns)), sorted(c for c in columns if columns.count(c) > 1)
+        frame = (pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)).sort_values("number")
+        assert list(frame.columns) == columns  # pandas renames a repeated name (train_seconds.1): none here
+        trials = optuna.load_study(study_name=name, storage=journal(cost_home)).get_trials()
+        assert frame["val_accuracy"].tolist() == pytest.approx([t.values[0] for t in trials])
+        assert frame[cost].tolist() == pytest.approx([t.values[1] for t in trials])
+        assert frame["mlflow.status"].tolist() == ["FINISHED"] * len(trials)
+
+
+def test_report_draws_the_curve_of_every_accuracy_cost_trial(cost_home, tmp_path, page):
+    path = tmp_path / "cost.html"
+    result = run_main("report", *COSTS, "-o", str(path), env={"STUDY_HOME": str(cost_home), "MLFLOW_TRACKING_URI": None})
+    assert result.returncode == 0, result.stderr
+    errors = _watch(page)
+    page.goto(path.as_uri())
+    assert "plot-curves" in _plots_drawn(page)
+    # The validation-accuracy panel (x axis "x"): one trace per trial, one point per epoch it ran.
+    drawn = page.evaluate("document.getElementById('plot-curves').data.filter(t => (t.xaxis || 'x') === 'x')"
+                          ".map(t => [t.meta.study, t.meta.trial, t.x.length])")
+    expected = [[name, trial.number, trial.user_attrs["epochs_run"]] for name in COSTS
+                for trial in optuna.load_study(study_name=name, storage=journal(cost_home)).get_trials()]
+    assert sorted(drawn) == sorted(expected) and all(epochs == 2 for _, _, epochs in expected)
+    assert errors == []

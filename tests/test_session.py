@@ -74,3 +74,14 @@ def test_without_a_gpu_the_cpu_preset_is_chosen_and_said_why():
     else:
         assert preset == "cpu" and why.startswith("no CUDA device")
     assert choose_preset("full") == ("full", "as requested")
+
+
+def test_settle_says_what_will_run_without_writing(tmp_path, spec):
+    from study.session import settle
+
+    assert settle(_request(tmp_path), spec).preset == "cpu" and not (tmp_path / "optuna.journal").exists()  # a launch: its flags
+    open_session(_request(tmp_path, objective="accuracy,cost", sampler="random"), spec)
+    before = (tmp_path / "optuna.journal").read_bytes()
+    settings = settle(_request(tmp_path, join=True), spec)  # a worker: the study's record
+    assert (settings.preset, settings.objective, settings.sampler, settings.total) == ("cpu", "accuracy,train_seconds", {"name": "random"}, 3)
+    assert (tmp_path / "optuna.journal").read_bytes() == before

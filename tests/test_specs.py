@@ -151,3 +151,42 @@ def test_optuna_params_are_the_values_that_train(preset):
             config = plan.trial_config(trial)
             assert trial.params and {k: getattr(config, k) for k in trial.params} == trial.params, (name, preset)
             study.tell(trial, 0.5)
+
+
+@pytest.mark.parametrize("row, message", [
+    ("lr = 0.05\nresize = 64", "[[enqueue]] row 2: resize = 64 is not among the choices of search.resize {32, 224}"),
+    ("lr = 0.5", "[[enqueue]] row 2: lr = 0.5 is not inside the range of search.lr 0.01..0.1 log"),
+    ("epochs = 2.0", "[[enqueue]] row 2: epochs = 2.0 is not inside the range of search.epochs 1..10"),
+    ('lr = "0.05"', "[[enqueue]] row 2: lr = '0.05' is not inside the range"),
+    ("momentum = 0.5", "[[enqueue]] row 2: momentum is not searched, so Optuna would ignore it"),
+])
+def test_first_trials_lie_in_the_specs_own_search_space(tmp_path, row, message):
+    """Optuna fails on a first trial's value that is not among a categorical's choices only after the trial exists, and
+    runs one outside a range as written: both are refused when the spec is read, naming the row and the setting."""
+    with pytest.raises(SpecError) as error:
+        load_spec(_spec(tmp_path, BASE.replace("[presets.cpu]", f"[[enqueue]]\n{row}\n\n[presets.cpu]")))
+    assert message in str(error.value) and "custom.toml" in str(error.value)
+
+
+def test_first_trials_are_checked_against_their_architectures_ranges(tmp_path):
+    good = ZOO_LIKE + '\n[[enqueue]]\narch = "vgg11"\nresize = 64\n'
+    assert resolve(load_spec(_spec(tmp_path, good)), "full").enqueue == [{"arch": "vgg11", "resize": 64}]
+    for row, message in [('arch = "vgg11"\nresize = 48', "resize = 48 is not inside the range of conditional.vgg11.resize 32..96 step 32"),
+                         ('arch = "lenet"\nresize = 64', "resize is not searched for arch lenet"),
+                         ('arch = "nin"\nresize = 64', "arch = 'nin' is not among the choices of search.arch {lenet, vgg11}")]:
+        with pytest.raises(SpecError, match=re.escape(message)):
+            load_spec(_spec(tmp_path, ZOO_LIKE + f"\n[[enqueue]]\n{row}\n"))
+
+
+def test_edge_configs_cover_every_choice_and_range_end(tmp_path):
+    from study.specs import edge_configs
+
+    plan = resolve(load_spec(_spec(tmp_path, BASE)), "full")
+    configs = edge_configs(plan)
+    assert {c.resize for c in configs} == {32, 224} and {c.epochs for c in configs} >= {1, 10} and {c.lr for c in configs} >= {0.01, 0.1}
+    assert plan.where.endswith("custom.toml") and resolve(plan.spec, "cpu").where.endswith("custom.toml [presets.cpu]")
+
+
+def test_a_preset_that_leaves_out_a_first_trials_architecture_does_not_run_that_trial(tmp_path):
+    spec = load_spec(_spec(tmp_path, ZOO_LIKE + '\n[[enqueue]]\narch = "vgg11"\nresize = 64\n\n[presets.cpu.search]\narch = { choices = ["lenet"] }\n'))
+    assert resolve(spec, "cpu").enqueue == [] and resolve(spec, "full").enqueue == [{"arch": "vgg11", "resize": 64}]

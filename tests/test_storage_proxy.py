@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import optuna
 import pytest
 from optuna.trial import TrialState
 from reliability.checks import check_consistent, sqlite_uri
 
-from conftest import LENET, ROOT, free_port, make_spec, postgres_database, run_cli
+from conftest import LENET, free_port, make_spec, postgres_database, run_cli, storage_proxy
 
 pytestmark = pytest.mark.slow  # gRPC proxy server processes: `make test` runs them, `make test-fast` does not
 
@@ -23,32 +17,13 @@ pytest.importorskip("grpc", reason="the gRPC proxy is in the optional extra: pip
 @pytest.fixture
 def proxy(tmp_path):
     """`python -m study serve-storage` on a fresh PostgreSQL database; yields (grpc URL, PostgreSQL URL)."""
-    with postgres_database("proxy") as url:
-        port = free_port()
-        log = tmp_path / "serve.log"
-        with open(log, "w") as out:
-            process = subprocess.Popen([sys.executable, "-m", "study", "serve-storage", "--storage", url, "--port", str(port)], cwd=ROOT,
-                                       stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        try:
-            deadline = time.monotonic() + 300  # a guard against a hang, not a speed limit
-            while "serving" not in log.read_text():
-                assert process.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, "serve-storage did not start"
-                time.sleep(0.1)
-            yield f"grpc://127.0.0.1:{port}", url
-        finally:
-            process.send_signal(signal.SIGINT)
-            try:
-                code = process.wait(30)
-            finally:
-                if process.poll() is None:
-                    process.kill()  # never leave a server behind, whatever the assertion below says
-                    process.wait(30)
-            assert code == 0, log.read_text()
+    with postgres_database("proxy") as url, storage_proxy(url, tmp_path / "serve.log") as grpc_url:
+        yield grpc_url, url
 
 
 def test_the_proxy_refuses_trials_beyond_the_total(proxy):
-    from study.storage import StudyFull, open_storage
+    from study.errors import StudyFull
+    from study.storage import open_storage
 
     grpc_url, _ = proxy
     study = optuna.create_study(study_name="full", storage=open_storage(grpc_url))

@@ -11,9 +11,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +33,7 @@ FIGURES_MD = ARTIFACTS / "reliability.md"
 
 # ---- figures: what the README's table shows, written at the end of the session ----
 
-FIGURES: dict = {"faults": {}, "bad_inputs": {"tried": 0, "tracebacks": 0}}
+FIGURES: dict = {"faults": {}, "bad_inputs": {"tried": 0, "tracebacks": 0}, "read_only": {"commands": 0, "files_changed": 0}}
 
 
 def record_fault(kind: str, repetitions: int, counts: Counts) -> None:
@@ -50,19 +52,27 @@ def record_bad_inputs(tried: int, tracebacks: int) -> None:
     FIGURES["bad_inputs"]["tracebacks"] += tracebacks
 
 
+def record_read_only(commands: int, changed: int) -> None:
+    """Read-only commands run against a launched study, and the files they created, changed or removed."""
+    FIGURES["read_only"]["commands"] += commands
+    FIGURES["read_only"]["files_changed"] += changed
+
+
 def figures_markdown(figures: dict) -> str:
     lines = ["| fault injected | repetitions | trials checked | trials lost | duplicates |", "|---|---:|---:|---:|---:|"]
     for kind, row in sorted(figures["faults"].items()):
         lines.append(f"| {kind} | {row['repetitions']} | {row['trials_checked']} | {row['trials_lost']} | {row['duplicates']} |")
     bad = figures["bad_inputs"]
     lines += ["", "| bad inputs tried | tracebacks shown |", "|---:|---:|", f"| {bad['tried']} | {bad['tracebacks']} |"]
+    read_only = figures["read_only"]
+    lines += ["", "| read-only commands run | files changed |", "|---:|---:|", f"| {read_only['commands']} | {read_only['files_changed']} |"]
     return "\n".join(lines) + "\n"
 
 
 @pytest.fixture(scope="session", autouse=True)
 def figures():
     yield FIGURES
-    if not (FIGURES["faults"] or FIGURES["bad_inputs"]["tried"]):
+    if not (FIGURES["faults"] or FIGURES["bad_inputs"]["tried"] or FIGURES["read_only"]["commands"]):
         return
     ARTIFACTS.mkdir(exist_ok=True)
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # under pytest-xdist each worker holds its share of the figures
@@ -72,14 +82,15 @@ def figures():
         if run:
             share = ARTIFACTS / f".reliability-{os.environ['PYTEST_XDIST_WORKER']}.json"
             share.write_text(json.dumps({**FIGURES, "run": run}))
-            merged = {"faults": {}, "bad_inputs": {"tried": 0, "tracebacks": 0}}
+            merged = {"faults": {}, "bad_inputs": {"tried": 0, "tracebacks": 0}, "read_only": {"commands": 0, "files_changed": 0}}
             for path in ARTIFACTS.glob(".reliability-*.json"):
                 part = json.loads(path.read_text())
                 if part["run"] == run:
                     for kind, row in part["faults"].items():
                         _add_fault(merged, kind, row)
-                    for key in merged["bad_inputs"]:
-                        merged["bad_inputs"][key] += part["bad_inputs"][key]
+                    for table in ("bad_inputs", "read_only"):
+                        for key in merged[table]:
+                            merged[table][key] += part[table][key]
         FIGURES_JSON.write_text(json.dumps({**merged, "seed": SEED, "repeats": REPEATS}, indent=2) + "\n")
         FIGURES_MD.write_text(figures_markdown(merged))
 
@@ -204,6 +215,35 @@ def sqlite_uri(home: Path) -> str:
 @pytest.fixture
 def lenet_spec(tmp_path):
     return make_spec(tmp_path, "kill", LENET)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 2 MiB tmpfs, so that a write can really run out of space (see `fill`)."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", f"tmpfs-{uuid.uuid4().hex[:8]}", str(mount)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(mount: Path, leave: int = 0) -> Path:
+    """Fill the file system at `mount` with one file, then give back about `leave` bytes; returns that file, whose
+    removal frees the space again."""
+    filler = mount / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    os.ftruncate(fd, max(os.fstat(fd).st_size - leave, 0))
+    os.close(fd)
+    return filler
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,10 @@ property-based test throws generated arguments and spec files at it: no input ma
 from __future__ import annotations
 
 import gzip
+import itertools
 import math
 import os
+import re
 from pathlib import Path
 
 import optuna
@@ -15,8 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import TINY_SPEC
+from conftest import LENET, TINY_SPEC, run_main, spec_text
 from reliability.checks import record_bad_inputs
+from reliability.test_read_only import changed, fingerprint
 
 # A spec whose one line is replaced: (what replaces `arch = "vgg11"`, what the error must say).
 SPEC_MISTAKES = {
@@ -29,7 +32,9 @@ SPEC_MISTAKES = {
 
 
 def _tiny_without_lr_search(text: str) -> str:
-    return TINY_SPEC.replace('lr = { low = 0.01, high = 0.1, log = true }\n', "").replace('arch = "vgg11"\n', text)
+    """TINY_SPEC with `text` for its architecture line, less its lr range and its first trials (which set lr)."""
+    head, _, rows = TINY_SPEC.partition("[[enqueue]]")
+    return re.sub(r"^lr = .*\n", "", head + rows[rows.index("[pruner]"):], flags=re.MULTILINE).replace('arch = "vgg11"\n', text)
 
 
 def _one_line_error(capsys, argv: list[str], *fragments: str) -> str:
@@ -156,18 +161,90 @@ def _no_traceback(capsys, argv: list[str]) -> None:
         pytest.fail(f"{argv}: {captured.err[-2000:]}")
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-@given(spec=spec_files(), extra=st.lists(WORDS, max_size=3))
-def test_generated_spec_files_never_show_a_traceback(spec, extra, tmp_path_factory, capsys, monkeypatch):
-    home = tmp_path_factory.mktemp("generated")
-    path = home / "generated.toml"
+# Specs near a tiny one that launches in seconds (LeNet, or VGG-11 at ratio 16; one epoch on at most 256 images), with a
+# few settings drawn from values that run and values that cannot run here: each launch reaches a real storage.
+FIXED_VALUES = {"device": ["cpu", "auto", "cuda", "cuda:7", "meta"], "cuda_graph": [False, True], "precision": ["fp32", "bf16", "fp16"],
+                "channels_last": [False, True], "n_train": [128, 0, 70000], "batch_size": [32, 0], "epochs": [1, 0, 1.5],
+                "momentum": [0.0, -1.0], "resize": [28, 32, 4, 20000, "32"], "init": ["kaiming", "zeros"], "eval_batch_size": [256, 0],
+                "compile": [False, "yes"], "arch": ["lenet_bn", "vgg12"]}
+VGG = {"arch": "vgg11", "resize": 32, "ratio": 16}
+SEARCH_VALUES = {"lr": [{"low": 0.01, "high": 0.1, "log": True}, {"low": 0.0, "high": 0.1, "log": True}, {"low": 0.1, "high": 0.01},
+                        {"choices": [0.02, 0.05]}],
+                 "resize": [{"choices": [28, 32]}, {"choices": [28, 20000]}, {"low": 28, "high": 36, "step": 4}, {"choices": [4, 28]}],
+                 "batch_size": [{"choices": [32, 64]}, {"low": 16, "high": 64, "step": 16}], "ratio": [{"choices": [1, 2]}]}
+ROWS = [{"lr": 0.05}, {"lr": 0.02}, {"lr": 5.0}, {"lr": -1.0}, {"lr": 0.05, "resize": 30}, {"lr": 0.05, "momentum": 0.5}, {"resize": 32}]
+SAMPLERS = [{"name": "random", "seed": 1}, {"name": "tpe", "n_startup_trials": "x"}, {"name": "tpe", "seed": "x"}, {"name": "grid"}, {"name": "cmaes"}]
+PRUNERS = [{"name": "median", "n_startup_trials": 1}, {"name": "hyperband"}, {"name": "hyperband", "reduction_factor": 1}, {"name": "median", "warmup": 3}]
+PRESETS = [{"n_train": 128}, {"n_train": -5}, {"batch_size": 0}]
+
+
+@st.composite
+def tiny_spec_files(draw) -> str:
+    tables: dict = {"fixed": {}, "search": {}}
+    for _ in range(draw(st.integers(1, 3))):
+        part = draw(st.sampled_from(["fixed", "search", "enqueue", "sampler", "pruner", "preset", "vgg11"]))
+        if part == "fixed":
+            name = draw(st.sampled_from(sorted(FIXED_VALUES)))
+            tables["fixed"][name] = draw(st.sampled_from(FIXED_VALUES[name]))
+        elif part == "search":
+            name = draw(st.sampled_from(sorted(SEARCH_VALUES)))
+            tables["search"][name] = draw(st.sampled_from(SEARCH_VALUES[name]))
+        elif part == "enqueue":
+            tables["enqueue"] = draw(st.lists(st.sampled_from(ROWS), min_size=1, max_size=2))
+        elif part == "vgg11":
+            tables["fixed"] |= VGG
+        else:
+            table = {"sampler": "sampler", "pruner": "pruner", "preset": "presets.cpu"}[part]
+            tables[table] = draw(st.sampled_from({"sampler": SAMPLERS, "pruner": PRUNERS, "preset": PRESETS}[part]))
+    return spec_text("generated", LENET, **tables)
+
+
+_generated = itertools.count()
+
+
+def _launch_generated(spec: str, storage: str, objective: list[str], root: Path, capsys) -> None:
+    """Launch a generated spec into the study home and storage under `root`, shared by every example: it launches (exit 0),
+    or it fails in one line and `root` (home, SQLite file, specs) is byte for byte as it was."""
+    path = root / f"g{next(_generated)}.toml"
     path.write_text(spec)
-    monkeypatch.setenv("STUDY_HOME", str(home / "studies"))
-    # `show` of a study that was never launched, and a launch that must fail validation before training
-    # (its storage URL cannot be opened), so no example trains.
+    (root / "storage").mkdir(exist_ok=True)
     _no_traceback(capsys, ["show", str(path)])
-    _no_traceback(capsys, ["launch", str(path), *extra, "--storage", "nosuchdb://x/y"])
-    assert not (home / "studies").exists()
+    flags = [] if storage == "journal" else ["--storage", f"sqlite:///{root / 'storage' / 'optuna.db'}"]
+    before = fingerprint(root)
+    result = run_main("launch", str(path), "--trials", "1", "--log-model", "none", *flags, *objective,
+                      env={"STUDY_HOME": str(root / "home"), "MLFLOW_TRACKING_URI": None})
+    output = result.stdout + result.stderr
+    traceback = "Traceback" in output or "(run with --debug" in result.stderr
+    record_bad_inputs(1, int(traceback))
+    assert not traceback, f"{spec}\n{output[-2000:]}"
+    if result.returncode != 0:
+        assert result.returncode == 1 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, f"{spec}\n{result.stderr}"
+        assert not changed(before, fingerprint(root)), f"{spec}\n{result.stderr}\nchanged: {changed(before, fingerprint(root))}"
+
+
+# Twice as many specs near a launch as garbage ones.
+GENERATED = {"spec": st.one_of(tiny_spec_files(), tiny_spec_files(), spec_files()), "storage": st.sampled_from(["journal", "sqlite"]),
+             "objective": st.sampled_from([[], ["--objective", "accuracy,cost"]])}
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(**GENERATED)
+def test_generated_spec_files_launch_or_write_nothing(spec, storage, objective, tmp_path_factory, capsys):
+    _launch_generated(spec, storage, objective, _shared_root(tmp_path_factory, "generated"), capsys)
+
+
+@pytest.mark.slow
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(**GENERATED)
+def test_many_generated_spec_files_launch_or_write_nothing(spec, storage, objective, tmp_path_factory, capsys):
+    _launch_generated(spec, storage, objective, _shared_root(tmp_path_factory, "generated-many"), capsys)
+
+
+def _shared_root(tmp_path_factory, name: str) -> Path:
+    """One directory for every example of a test: launches after the first reuse its MLflow store, as a user's do."""
+    root = tmp_path_factory.getbasetemp() / name
+    root.mkdir(exist_ok=True)
+    return root
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)

@@ -1,6 +1,7 @@
 """The MLflow mirror is keyed by the study's identity in its storage, not by its name: a replaced journal or
 another storage's study of the same name gets a parent run of its own, with no trial run twice under one
-parent. And a store rebuilt from the Optuna storage (the recovery path after losing MLflow) reports."""
+parent. And a store rebuilt from the Optuna storage (the recovery path after losing MLflow) reports and exports
+its live runs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -55,6 +57,14 @@ def test_report_after_the_mlflow_store_is_rebuilt_from_the_optuna_storage(study_
     linked = set(re.findall(rf"#/experiments/{experiment}/runs/([0-9a-f]{{32}})", report.read_text()))
     held = {found[0].info.run_id for found in trial_runs(client, experiment, parent.info.run_id).values()}
     assert linked == held and len(held) == 3
+    # Export links the same live runs, not the ids the trials recorded before the store was lost.
+    exported = study_home / "trials.csv"
+    done = run_cli("export", "kill", "-o", str(exported), env=env)
+    assert done.returncode == 0, done.stderr
+    frame = pd.read_csv(exported)
+    assert set(frame["mlflow_run_id"]) == held and frame["mlflow.status"].tolist() == ["FINISHED"] * 3
+    recorded = {t.user_attrs["mlflow_run_id"] for t in optuna.load_study(study_name="kill", storage=journal(study_home)).trials}
+    assert len(recorded - held) == 2  # trials 0 and 1 recorded runs the lost store held
     record_fault("MLflow store lost, rebuilt from Optuna, then report", 1,
                  check_consistent("kill", journal(study_home), sqlite_uri(study_home), total=3))
 

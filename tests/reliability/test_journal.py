@@ -3,15 +3,10 @@ one damaged in the middle is an error that names the file and the line, and noth
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import uuid
-
 import pytest
 
 from conftest import journal, run_cli
-from reliability.checks import check_consistent, record_fault, sqlite_uri
+from reliability.checks import check_consistent, fill, record_fault, sqlite_uri
 
 TAILS = {
     "truncated": lambda content: content[:-30],
@@ -56,35 +51,13 @@ def test_journal_damaged_in_the_middle_is_an_error_that_writes_nothing(study_hom
     assert not list(study_home.glob("optuna.journal.torn-*"))
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 2 MiB tmpfs, so that an append can really run out of space."""
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", f"tmpfs-{uuid.uuid4().hex[:8]}", str(mount)], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_disk_full_mid_append_loses_nothing(study_home, lenet_spec, small_tmpfs):
     """ENOSPC for real: the journal lives on a tmpfs left with a few hundred bytes free."""
     storage = small_tmpfs / "optuna.journal"
     env = {"STUDY_HOME": str(study_home)}
     argv = ["launch", str(lenet_spec), "--storage", str(storage), "--log-model", "none"]
     assert run_cli(*argv, "--trials", "1", env=env).returncode == 0
-    filler = small_tmpfs / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)  # fill the disk, then give back a little: the next appends tear
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError:
-        pass
-    os.ftruncate(fd, max(os.fstat(fd).st_size - 700, 0))
-    os.close(fd)
+    filler = fill(small_tmpfs, leave=700)  # a little space: the next appends tear
     full = run_cli(*argv, "--trials", "3", env=env)
     assert full.returncode != 0 and "Traceback" not in full.stderr
     assert "No space left on device" in full.stderr or "Errno 28" in full.stderr, full.stderr

@@ -1,9 +1,12 @@
 """Servers that accept a connection and never answer, under the project's default settings: the launch
-ends with one line naming the address, and nothing is written. And a first launch's MLflow store is
+ends with one line naming the address, and nothing is written. The same for an MLflow server that answers
+/health but not its API, and a Ray address with nothing behind it. And a first launch's MLflow store is
 created whole, so an interrupted or concurrent creation cannot leave every later launch failing."""
 
 from __future__ import annotations
 
+import http.server
+import importlib.util
 import socket
 import sqlite3
 import threading
@@ -11,12 +14,15 @@ import time
 
 import pytest
 
-from conftest import journal, run_cli
+from conftest import free_port, journal, run_cli
 from reliability.checks import check_consistent, record_fault, sqlite_uri
 
 # The suite's own outage test shortens MLflow's waits by environment; these tests keep the defaults.
 MLFLOW_WAITS = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
 BOUND = 60  # seconds: far above what the bounded waits need, far below the hangs they replace
+# What each fault in front of MLflow is called in the one line that names its address.
+MLFLOW_FAULTS = {"silent_server": "does not answer within", "health_only_server": "answers /health but not its API"}
+needs_grpc = pytest.mark.skipif(importlib.util.find_spec("grpc") is None, reason="Ray and the gRPC proxy are an optional extra: pip install '.[ray]'")
 
 
 @pytest.fixture
@@ -45,6 +51,37 @@ def silent_server():
     listener.close()
 
 
+@pytest.fixture
+def health_only_server():
+    """An HTTP port that answers /health, as an MLflow server whose tracking store hangs still does, and holds
+    every other request (the API) unanswered until the test ends."""
+    ended = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path != "/health":
+                ended.wait()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass  # no line per request on the test's output
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    ended.set()
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
 def _default_env(**extra) -> dict:
     return {**dict.fromkeys(MLFLOW_WAITS), **extra}  # None: unset
 
@@ -54,21 +91,56 @@ def _run(*args, env):
 
 
 @pytest.mark.slow  # waits out the default timeouts
-def test_mlflow_server_that_never_answers(study_home, lenet_spec, silent_server):
-    address = f"http://127.0.0.1:{silent_server}"
+@pytest.mark.parametrize("fault", MLFLOW_FAULTS)
+def test_mlflow_server_that_never_answers(study_home, lenet_spec, fault, request):
+    address = f"http://127.0.0.1:{request.getfixturevalue(fault)}"
     done = _run("launch", str(lenet_spec), "--trials", "1", env=_default_env(STUDY_HOME=str(study_home), MLFLOW_TRACKING_URI=address))
     assert done.returncode == 1
-    assert done.stderr.count("\n") == 1 and address in done.stderr and "does not answer" in done.stderr, done.stderr
-    assert not (study_home / "optuna.journal").exists()
+    assert done.stderr.count("\n") == 1 and address in done.stderr and MLFLOW_FAULTS[fault] in done.stderr, done.stderr
+    assert not study_home.exists()  # no journal, no study: the tracking server is checked first
 
 
 @pytest.mark.slow  # waits out the default timeouts
 def test_postgresql_server_that_never_answers(study_home, lenet_spec, silent_server):
     address = f"postgresql://postgres@127.0.0.1:{silent_server}/study"
-    done = _run("launch", str(lenet_spec), "--trials", "1", "--storage", address, env=_default_env(STUDY_HOME=str(study_home)))
+    for command in (("launch", str(lenet_spec), "--trials", "1"), ("show", "kill")):  # show: the read-only way in
+        done = _run(*command, "--storage", address, env=_default_env(STUDY_HOME=str(study_home)))
+        assert done.returncode == 1
+        assert done.stderr.count("\n") == 1 and f"127.0.0.1:{silent_server}" in done.stderr, done.stderr
+        assert not study_home.exists()
+
+
+@needs_grpc
+@pytest.mark.slow  # waits out the default timeouts
+def test_storage_proxy_that_never_answers(study_home, lenet_spec, silent_server):
+    address = f"grpc://127.0.0.1:{silent_server}"
+    for command in (("launch", str(lenet_spec), "--trials", "1"), ("show", "kill")):
+        done = _run(*command, "--storage", address, env=_default_env(STUDY_HOME=str(study_home)))
+        assert done.returncode == 1
+        assert done.stderr.count("\n") == 1 and address in done.stderr and "no storage proxy answers" in done.stderr, done.stderr
+        assert not study_home.exists()
+
+
+@needs_grpc
+def test_ray_address_with_nothing_behind_it(study_home, lenet_spec):
+    port = free_port()  # closed again: nothing listens there
+    done = _run("launch", str(lenet_spec), "--trials", "1", "--ray", f"127.0.0.1:{port}", env=_default_env(STUDY_HOME=str(study_home)))
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and f"--ray 127.0.0.1:{port}: no Ray cluster at" in done.stderr, done.stderr
+    assert not study_home.exists()
+
+
+@needs_grpc
+@pytest.mark.slow  # waits out the default timeouts
+def test_ray_address_that_accepts_and_never_answers(study_home, lenet_spec, silent_server):
+    # Ray's loopback-only mode, as tests/test_ray.py's cluster runs: Ray dials 127.0.0.1 as given, where the silent
+    # port listens, rather than this machine's network address. No wait is shortened.
+    env = _default_env(STUDY_HOME=str(study_home), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    done = _run("launch", str(lenet_spec), "--trials", "1", "--ray", f"127.0.0.1:{silent_server}", env=env)
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and f"127.0.0.1:{silent_server}" in done.stderr, done.stderr
-    assert not (study_home / "mlflow.db").exists()
+    assert "accepts connections but does not answer as a Ray cluster" in done.stderr, done.stderr
+    assert not study_home.exists()
 
 
 def test_half_made_mlflow_store_is_named_in_one_line(study_home, lenet_spec):
@@ -105,10 +177,13 @@ def test_first_launch_killed_while_creating_the_store_and_concurrent_first_launc
 
 
 @pytest.mark.slow  # waits out the default timeouts
-def test_report_and_export_with_a_tracking_server_that_never_answers(tiny_study, tmp_path, silent_server):
+@pytest.mark.parametrize("fault", MLFLOW_FAULTS)
+def test_report_and_export_with_a_tracking_server_that_never_answers(tiny_study, tmp_path, fault, request):
     """A study read back while its MLflow server is silent: one line at once, not minutes of retries."""
-    address = f"http://127.0.0.1:{silent_server}"
+    address = f"http://127.0.0.1:{request.getfixturevalue(fault)}"
     env = _default_env(STUDY_HOME=str(tiny_study), MLFLOW_TRACKING_URI=address)
     for command in (("report", "tiny", "-o", str(tmp_path / "r.html")), ("export", "tiny", "-o", str(tmp_path / "t.csv"))):
         done = _run(*command, env=env)
         assert done.returncode == 1 and done.stderr.count("\n") == 1 and address in done.stderr, done.stderr
+        assert MLFLOW_FAULTS[fault] in done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == []  # neither the report nor the export, nor a temporary one

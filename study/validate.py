@@ -1,0 +1,155 @@
+"""One check of everything a launch can run, before the study, a trial or an MLflow run exists.
+
+`launch` and `worker` call `validate_launch` with the settings they will run (study.session.settle) and the
+devices of their trial slots; `confirm` and `finalize` call `validate_trials` with the trials whose
+configurations they will train again. A failure is a SpecError: one line naming the spec or trial and the setting, never an exception
+from inside Optuna or torch. What is checked:
+
+- every TrainConfig at the edges of the plan (study.specs.edge_configs): fixed values, each choice, both ends
+  of each range, every first trial (whose rows were checked against the spec's search space when it was read);
+- this machine: the device of every trial slot and CUDA for the settings that need it
+  (objectives.train.check_machine), and the memory estimate of each architecture's largest trial against all
+  the memory of its device (the trainer checks the free memory again when the trial starts);
+- the sampler and the pruner built with their arguments and driven through a few trials of an in-memory study:
+  several of Optuna's arguments fail only there (TPESampler(n_startup_trials="x") constructs, then fails at
+  the first trial).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import optuna
+
+from dashboards import record
+from objectives.train import TrainConfig, check_machine, memory_shortfall, resolve_device, total_memory_bytes
+from study.costprune import CostBucketPruner
+from study.session import Settings, make_pruner, make_sampler
+from study.specs import Choices, Plan, SpecError, edge_configs
+
+DRY_RUN_TRIALS = 3  # sampled trials after the first ones: enough to reach the sampler's and the pruner's own code
+# The settings that size a training step, and which end of their range is the larger step.
+LARGEST = {"resize": max, "batch_size": max, "ratio": min}
+
+
+def validate_launch(settings: Settings, devices: list[str] | None) -> None:
+    """Everything the launch or worker of `settings` can run, checked before it writes anything.
+
+    `devices`: its trial slots' devices (study.pool.devices; "auto" keeps the config's own device), or None when
+    the slots are elsewhere (Ray's nodes), so that this machine's devices and memory say nothing about them.
+    """
+    plan = settings.plan
+    _check_devices([(plan.where, config) for config in edge_configs(plan)], devices)
+    _check_memory([(plan.where, config) for config in largest_configs(plan)], devices)
+    _dry_run(settings)
+
+
+def validate_trials(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> None:
+    """The configurations of `trials` of `study`, which `confirm` or `finalize` will train again in this process, on
+    this machine: their devices, CUDA settings and memory. (A trial recorded without one cannot be trained again,
+    which those commands say themselves.)"""
+    labelled = [(f"study {study.study_name}, trial {trial.number}", config) for trial in trials if (config := record.train_config(trial)) is not None]
+    _check_devices(labelled, ["auto"])
+    _check_memory(labelled, ["auto"])
+
+
+def largest_configs(plan: Plan) -> list[TrainConfig]:
+    """Per architecture, the trial with the largest training step the plan can draw: the largest input and batch,
+    the smallest channel divisor. A training step's memory grows with each of these, whatever the others are."""
+    configs = []
+    for arch in plan.archs():
+        params = {"arch": arch} if isinstance(plan.search.get("arch"), Choices) else {}
+        for name, pick in LARGEST.items():
+            dist = plan.space(arch).get(name)
+            if dist is not None:
+                params[name] = pick(dist.edges())
+        configs.append(plan.config(params))
+    return configs
+
+
+def _as_run(config: TrainConfig, devices: list[str]) -> list[TrainConfig]:
+    """The config as each trial slot trains it: a slot on a GPU puts it there (study.launch.TrialRunner), "auto" keeps its device."""
+    return [config if device == "auto" else dataclasses.replace(config, device=device) for device in dict.fromkeys(devices)]
+
+
+def _check_devices(labelled: list[tuple[str, TrainConfig]], devices: list[str] | None) -> None:
+    if devices is None:
+        return
+    seen = set()
+    for where, config in labelled:
+        for run in _as_run(config, devices):
+            key = (run.device, run.cuda_graph, run.precision)
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                check_machine(run)
+            except ValueError as error:
+                raise SpecError(f"{where}: {error}") from None
+
+
+def _check_memory(labelled: list[tuple[str, TrainConfig]], devices: list[str] | None) -> None:
+    if devices is None:
+        return
+    seen = set()
+    for where, config in labelled:
+        for run in _as_run(config, devices):
+            device = resolve_device(run.device)
+            key = (run.arch, run.resize, run.ratio, run.batch_size, str(device))
+            if key in seen:
+                continue
+            seen.add(key)
+            shortfall = memory_shortfall(run, total_memory_bytes(device), "in all")
+            if shortfall is not None:
+                raise SpecError(f"{where}: {shortfall}; narrow the range, or lower batch_size")
+
+
+def _dry_run(settings: Settings) -> None:
+    """The sampler, then the pruner, as the launch builds them, driven through the first trials and a few more on an
+    in-memory study: asked, drawn from the plan, reported for two epochs and told. Each is built inside the check,
+    since building may fail too."""
+    plan, multi_objective = settings.plan, settings.cost is not None
+    directions = ["maximize", "minimize"] if multi_objective else ["maximize"]
+    strategies = (("[sampler]", settings.sampler, lambda: (make_sampler(settings.sampler, plan), optuna.pruners.NopPruner())),
+                  ("[pruner]", settings.pruner, lambda: (optuna.samplers.RandomSampler(seed=0), _pruner(settings.pruner, multi_objective))))
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "trial finished" lines for trials that never ran
+    try:
+        for table, arguments, build in strategies:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # Optuna's experimental-feature notes
+                    sampler, pruner = build()
+                    _ask_and_tell(optuna.create_study(directions=directions, sampler=sampler, pruner=pruner), plan)
+            except SpecError:
+                raise  # already one line naming the spec (the grid sampler's)
+            except Exception as error:  # noqa: BLE001 -- a bad argument fails in Optuna's own code, as any exception type
+                shown = ", ".join(f"{key} = {value!r}" for key, value in arguments.items())
+                message = (str(error).strip().splitlines() or [""])[0]
+                raise SpecError(f"{plan.spec.path}: {table} {shown}: these arguments fail in Optuna ({type(error).__name__}: {message})") from None
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _pruner(settings: dict, multi_objective: bool) -> optuna.pruners.BasePruner:
+    """The pruner as the launch builds it; a multi-objective study prunes with study.costprune, built here for its arguments."""
+    if multi_objective:
+        CostBucketPruner.from_settings(settings)
+    return make_pruner(settings, multi_objective=multi_objective)
+
+
+def _ask_and_tell(study: optuna.Study, plan: Plan) -> None:
+    for row in plan.enqueue:
+        study.enqueue_trial(row)
+    for number in range(len(plan.enqueue) + DRY_RUN_TRIALS):
+        trial = study.ask()
+        plan.suggest(trial)
+        accuracy = 0.5 + 0.01 * number
+        if len(study.directions) > 1:
+            study.tell(trial, [accuracy, 1.0 + number])
+            continue
+        for epoch in (1, 2):
+            trial.report(accuracy, epoch)
+            trial.should_prune()
+        study.tell(trial, accuracy)

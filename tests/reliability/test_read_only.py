@@ -1,0 +1,183 @@
+"""Read-only commands never create, lock, repair or change a file.
+
+On each kind of storage (the study home's journal file, SQLite, PostgreSQL, the gRPC proxy in front of a journal)
+a tiny study is launched; then the study home, the storage (its directory, or every row of the database) and the
+working directory are fingerprinted before and after list, show (by name and by the spec's path, as launch took
+it), export to CSV and Parquet, report, inspect and ui, and must be the same. A --storage that is not a journal,
+or does not exist, is refused in one line and left as it was (not emptied, not created)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from conftest import LENET, ROOT, free_port, make_spec, postgres_database, run_cli, run_main, storage_proxy, wait_until_up
+from reliability.checks import record_read_only
+
+STORAGES = ["journal", "sqlite", pytest.param("postgresql", marks=pytest.mark.slow), pytest.param("proxy", marks=pytest.mark.slow)]
+
+
+def fingerprint(*roots: Path, database: str | None = None) -> dict[str, str]:
+    """What a command could change: every file under `roots` (its sha256, by path; directories and links by path
+    too, so one created or removed shows), and every row of every table of the PostgreSQL `database`."""
+    seen = {}
+    for root in roots:
+        for path in [root, *root.rglob("*")]:
+            if path.is_symlink():
+                seen[str(path)] = f"link to {os.readlink(path)}"
+            elif path.is_dir():
+                seen[str(path)] = "directory"
+            else:
+                seen[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    if database is not None:
+        import psycopg
+
+        with psycopg.connect(database) as connection:
+            tables = [name for (name,) in connection.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+            for table in tables:
+                seen[f"{database} {table}"] = repr(sorted(map(repr, connection.execute(f'SELECT * FROM "{table}"'))))
+    return seen
+
+
+def changed(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    return sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
+
+
+def read_only_commands(spec: Path, storage: list[str], out: Path) -> list[list[str]]:
+    """Every read-only command but ui on the study launched from `spec`, named by its name and by the spec's path."""
+    name = spec.stem
+    return [["list"], ["show", name, *storage], ["show", str(spec), *storage],
+            ["export", name, "-o", str(out / "trials.csv"), *storage], ["export", str(spec), "-o", str(out / "trials.parquet"), *storage],
+            ["report", str(spec), "-o", str(out / "report.html"), *storage], ["inspect", "lenet"]]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """A study home holding the study `readonly_journal` in its journal, launched with its model logged; the other
+    storages' studies launch into the same home, so that one MLflow store serves them all."""
+    root = tmp_path_factory.mktemp("readonly")
+    home, specs = root / "home", root / "specs"
+    specs.mkdir()
+    spec = make_spec(specs, "readonly_journal", LENET)
+    result = run_cli("launch", str(spec), "--trials", "1", env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": None})
+    assert result.returncode == 0, result.stderr
+    return home, spec
+
+
+@pytest.mark.parametrize("kind", STORAGES)
+def test_read_only_commands_change_no_file(kind, launched, tmp_path, monkeypatch):
+    home, journal_spec = launched
+    specs = journal_spec.parent
+    store, workdir, out = tmp_path / "store", tmp_path / "workdir", tmp_path / "out"
+    for directory in (store, workdir, out):
+        directory.mkdir()
+    env = {"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": None}
+    with ExitStack() as stack:
+        database = None
+        if kind == "journal":
+            spec, storage = journal_spec, []  # launched by the fixture, into the study home's journal
+        else:
+            spec = make_spec(specs, f"readonly_{kind}", LENET)
+            if kind == "sqlite":
+                storage = ["--storage", f"sqlite:///{store / 'optuna.db'}"]
+            elif kind == "postgresql":
+                database = stack.enter_context(postgres_database("readonly"))
+                storage = ["--storage", database]
+            else:
+                storage = ["--storage", stack.enter_context(storage_proxy(str(store / "optuna.journal"), tmp_path / "proxy.log"))]
+            result = run_cli("launch", str(spec), "--trials", "1", "--log-model", "none", *storage, env=env)
+            assert result.returncode == 0, result.stderr
+
+        before = fingerprint(home, store, workdir, specs, database=database)
+        monkeypatch.chdir(workdir)  # what a command might create in the directory it runs in
+        commands = read_only_commands(spec, storage, out)
+        for command in commands:
+            result = run_main(*command, env=env)
+            assert result.returncode == 0, (command, result.stderr)
+        after = fingerprint(home, store, workdir, specs, database=database)
+    record_read_only(len(commands), len(changed(before, after)))
+    assert changed(before, after) == []
+    assert sorted(path.name for path in out.iterdir()) == ["report.html", "trials.csv", "trials.parquet"]
+
+
+@pytest.mark.slow  # a real MLflow UI server
+def test_ui_changes_no_file(launched, tmp_path):
+    home, _ = launched
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    before = fingerprint(home, workdir)
+    port = free_port()
+    env = {**os.environ, "STUDY_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = tmp_path / "ui.log"
+    with log.open("w") as output:
+        ui = subprocess.Popen([sys.executable, "-m", "study", "ui", "--port", str(port)], cwd=workdir, env=env, stdout=output, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(f"{base}/health", ui, "MLflow UI", log=log.read_text)
+        with urllib.request.urlopen(base) as page:
+            assert b"<html" in page.read()
+        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/search?max_results=10") as answer:
+            assert b'"readonly_journal"' in answer.read()
+    finally:
+        ui.send_signal(signal.SIGTERM)  # `ui` stops its server's whole process group
+        ui.wait(60)
+    after = fingerprint(home, workdir)
+    record_read_only(1, len(changed(before, after)))
+    assert changed(before, after) == []
+
+
+def test_a_torn_journal_is_read_as_it_is_and_no_mlflow_store_is_made(launched, tmp_path, monkeypatch):
+    """A journal whose last record is torn is read around, not repaired, by a read-only command; a study home
+    without an MLflow store gets none: export and report show the Optuna side alone."""
+    home, spec = tmp_path / "home", launched[1]
+    home.mkdir()
+    journal = home / "optuna.journal"
+    journal.write_bytes((launched[0] / "optuna.journal").read_bytes() + b'{"op_code": 5, "worker_id": "x", "tri')
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    before = fingerprint(home, workdir)
+    commands = (["show", spec.stem], ["export", spec.stem, "-o", str(tmp_path / "out.csv")], ["report", str(spec), "-o", str(tmp_path / "out.html")])
+    for command in commands:
+        result = run_main(*command, env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": None})
+        assert result.returncode == 0, (command, result.stderr)
+    after = fingerprint(home, workdir)
+    record_read_only(len(commands), len(changed(before, after)))
+    assert changed(before, after) == []
+
+
+NOT_JOURNALS = {"notes": b"my notes\nline two\n", "binary": bytes(range(256)) * 8, "JSON that is no record": b'{"a": 1}\n[1, 2]\n'}
+
+
+@pytest.mark.parametrize("content", list(NOT_JOURNALS.values()), ids=list(NOT_JOURNALS))
+def test_a_file_that_is_not_a_journal_is_refused_and_left_as_it_is(content, study_home, tmp_path, lenet_spec):
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(content)
+    before = fingerprint(tmp_path)
+    for command in (["show", "kill"], ["export", "kill", "-o", str(tmp_path / "out.csv")], ["report", "kill", "-o", str(tmp_path / "out.html")],
+                    ["launch", str(lenet_spec), "--trials", "1"], ["worker", str(lenet_spec)], ["confirm", str(lenet_spec)], ["finalize", "kill"]):
+        result = run_main(*command, "--storage", str(notes))
+        assert result.returncode == 1, (command, result.stdout)
+        assert result.stderr.startswith(f"error: {notes} is not an Optuna journal file") and result.stderr.count("\n") == 1, (command, result.stderr)
+    assert changed(before, fingerprint(tmp_path)) == []  # not emptied, nothing set aside, no lock left, no study home
+
+
+@pytest.mark.parametrize("storage", ["default", "journal", "sqlite"])
+def test_a_storage_that_does_not_exist_is_not_created(storage, study_home, tmp_path):
+    missing = {"default": study_home / "optuna.journal", "journal": tmp_path / "typo.journal", "sqlite": tmp_path / "typo.db"}[storage]
+    flag = {"default": [], "journal": ["--storage", str(missing)], "sqlite": ["--storage", f"sqlite:///{missing}"]}[storage]
+    before = fingerprint(tmp_path)
+    for command in (["show", "tiny"], ["export", "tiny", "-o", str(tmp_path / "out.csv")], ["report", "tiny", "-o", str(tmp_path / "out.html")]):
+        result = run_main(*command, *flag)
+        assert result.returncode == 1
+        assert result.stderr == f"error: no study named 'tiny': {missing} does not exist yet; run `python -m study launch tiny` first\n"
+    assert changed(before, fingerprint(tmp_path)) == []

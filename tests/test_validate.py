@@ -1,0 +1,44 @@
+"""study.validate: what a launch can run, checked against this machine before anything is written."""
+
+import pytest
+
+from study.session import Request, settle
+from study.specs import SpecError, load_spec, resolve
+from study.validate import largest_configs, validate_launch
+from tests.conftest import LENET, make_spec
+
+ZOO = {"fixed": {"batch_size": 32, "epochs": 1, "n_train": 64, "n_val": 64, "n_test": 64},
+       "search": {"arch": {"choices": ["lenet", "vgg11"]}, "lr": {"low": 0.01, "high": 0.1, "log": True}, "batch_size": {"choices": [16, 64]}},
+       "conditional.vgg11": {"resize": {"low": 32, "high": 96, "step": 32}, "ratio": {"choices": [4, 16]}}}
+
+
+def _settings(path, **flags):
+    values = {"trials": 1, "preset": "cpu", "objective": None, "cost": None, "sampler": None, "pruner": None, "storage": None, "heartbeat": 10} | flags
+    return settle(Request.from_flags(str(path), False, **values), load_spec(str(path)))
+
+
+def test_the_largest_trial_of_each_architecture_takes_the_largest_input_and_batch_and_the_smallest_divisor(tmp_path):
+    zoo = dict(ZOO, **{"conditional.vgg11": {"resize": {"low": 32, "high": 96, "step": 32}, "ratio": {"low": 4, "high": 16}}})
+    plan = resolve(load_spec(str(make_spec(tmp_path, "zoo", zoo))), "full")
+    assert {(c.arch, c.resize, c.ratio, c.batch_size) for c in largest_configs(plan)} == {("lenet", 28, 1, 64), ("vgg11", 96, 4, 64)}
+
+
+def test_the_trial_slots_devices_are_checked_and_ray_slots_are_not(tmp_path):
+    settings = _settings(make_spec(tmp_path, "lenet", LENET))
+    validate_launch(settings, ["auto"])
+    with pytest.raises(SpecError, match="device = 'cuda:99'"):
+        validate_launch(settings, ["cuda:99"])  # what --gpus gives a slot replaces the spec's device
+    far = _settings(make_spec(tmp_path, "far", LENET, fixed={"device": "cuda:99"}))
+    with pytest.raises(SpecError, match=r"far.toml: device = 'cuda:99'"):
+        validate_launch(far, ["auto"])
+    validate_launch(far, None)  # on Ray, the cluster's nodes train: this machine's devices say nothing
+
+
+def test_the_sampler_chosen_by_a_flag_is_the_one_checked(tmp_path):
+    path = make_spec(tmp_path, "lenet", LENET)
+    validate_launch(_settings(path), ["auto"])
+    with pytest.raises(SpecError, match="the grid sampler needs choices or an integer range for lr"):
+        validate_launch(_settings(path, sampler="grid"), ["auto"])
+    cost = make_spec(tmp_path, "cost", LENET, pruner={"name": "median", "n_warmup_steps": "x"})
+    with pytest.raises(SpecError, match=r"\[pruner\] name = 'median', n_warmup_steps = 'x': these arguments fail in Optuna"):
+        validate_launch(_settings(cost, objective="accuracy,cost"), ["auto"])  # also built as study.costprune's, for a multi-objective study
