@@ -12,6 +12,10 @@ Before the first trial on a device finishes, the throughput is a stated prior (P
 Every trial records both predictions before it trains (record.PREDICTED_FLOPS, PREDICTED_SECONDS) beside
 what it measured (train_flops, wall_seconds), so `show` and the report can show the model's error.
 
+A launch (and confirm, finalize) says at its start how long its trials are predicted to take here (`Forecast`: the
+mean predicted FLOPs of the configurations they may train, at the throughput measured on the device, else by
+earlier trials of the same architectures in the storage, else the prior), and at its end what they took.
+
 `--budget 2h`, `30m`, `90s` is device time (the trials' wall seconds); a plain number such as `5e15` is
 training FLOPs (the trials' measured train_flops). What the study's finished trials used counts against
 it, plus the predictions of the trials still running; a trial whose prediction does not fit is not run.
@@ -121,8 +125,8 @@ class Forecast:
     unit: str = "trial"  # what a trial is called: "training" for confirm and finalize
 
     def seconds(self, trials: int | None = None) -> float:
-        """Wall seconds of `trials` trials (default: all still to run)."""
-        return (self.trials if trials is None else trials) * self.flops / self.rate / self.slots
+        """Wall seconds of `trials` trials (default: all still to run), in rounds of `slots` side by side."""
+        return math.ceil((self.trials if trials is None else trials) / self.slots) * self.flops / self.rate
 
     def describe(self, budget: Budget | None, trials: list[optuna.trial.FrozenTrial]) -> str:
         """The launch's first line about time: the prediction, and how much of it `budget` holds."""
@@ -227,7 +231,7 @@ def progress_fields(trials: list[optuna.trial.FrozenTrial], total: int, budget: 
     forecast, before any), at `rate` FLOP/s, `slots` of them side by side."""
     done = record.count_done(trials)
     predicted = [t.user_attrs[record.PREDICTED_FLOPS] for t in trials if record.PREDICTED_FLOPS in t.user_attrs]
-    seconds_left = max(total - done, 0) * (statistics.fmean(predicted) if predicted else flops_per_trial) / rate / slots
+    seconds_left = math.ceil(max(total - done, 0) / slots) * (statistics.fmean(predicted) if predicted else flops_per_trial) / rate
     if budget is None:
         return [time_left_field(seconds_left)]
     used = budget.used(trials)

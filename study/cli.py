@@ -1,4 +1,4 @@
-"""`python -m study COMMAND`: launch, worker, confirm, finalize, list, show, export, report, inspect, ui, serve-storage.
+"""`python -m study COMMAND`: launch, create, worker, confirm, finalize, list, show, export, report, inspect, ui, serve-storage.
 
 Each command is one function taking the parsed arguments and returning an exit code.
 User mistakes become one line on stderr and exit 1; `--debug` shows the traceback.
@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -69,30 +68,11 @@ def cmd_worker(args) -> int:
     return _run_study(args, join=True)
 
 
-def _interrupt_once() -> tuple[dict, threading.Event] | None:
-    """Ctrl-C and SIGTERM (kill, systemd, a batch scheduler) stop a launch once: the first raises
-    KeyboardInterrupt, the running trials are recorded as interrupted, their MLflow runs closed, and a
-    relaunch runs them again. Signals after the first are ignored, so that a second Ctrl-C cannot cut that
-    recording short (it would lose the trial's retry). Returns the handlers to restore afterwards and the
-    event set by the first signal (None off the main thread, where Python handles no signals)."""
-    stopping = threading.Event()
-
-    def interrupt(signum, frame):
-        if stopping.is_set():
-            print("already stopping: recording the running trials as interrupted", file=sys.stderr)
-            return
-        stopping.set()
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}, stopping
-
-
 def _run_study(args, join: bool) -> int:
     """`launch` (create or resume a study) and `worker` (join one that exists): the same session and trial loop."""
+    from study.interrupts import Interrupts
     from study.pool import devices
-    from study.session import Request, settle
+    from study.session import Request, settle, spec_for
     from study.specs import load_spec
     from study.storage import home
     from study.validate import validate_launch
@@ -110,7 +90,7 @@ def _run_study(args, join: bool) -> int:
         raise ValueError(f"--register {args.register!r}: give a model name, and keep --log-model best or all so there is a model to register")
     on_ray = bool(getattr(args, "ray", None))
     slots = [] if on_ray else devices(args.workers, args.gpus, args.trials_per_gpu)
-    spec = load_spec(args.name)
+    spec = spec_for(args.name, args.storage) if join else load_spec(args.name)
     # Everything the launch can run, before the study, a trial or an MLflow run exists (and before a Ray cluster is
     # joined); on Ray the cluster's nodes, not this machine, train the trials.
     validate_launch(settle(request, spec), None if on_ray else slots)
@@ -118,15 +98,8 @@ def _run_study(args, join: bool) -> int:
     from study.launch import report_path
 
     output = None if join else _report_output(args.output, report_path(home(), [spec.name]))
-    handling = _interrupt_once()
-    try:
+    with Interrupts(anywhere=True).installed():
         return _launch(args, request, spec, slots, ray_slots, output)
-    finally:
-        if handling is not None:
-            previous, stopping = handling
-            for signum, handler in previous.items():
-                # Once stopped, the process only exits: later signals of a burst must not kill it half-way out.
-                signal.signal(signum, signal.SIG_IGN if stopping.is_set() else handler)
 
 
 def _ray_slots(args):
@@ -164,19 +137,104 @@ def _ready_to_train(data_dir: str | None) -> str:
     return uri
 
 
+def _open_with_parent(request, spec, uri: str):
+    """Create, resume or join the study, and open its MLflow parent run: what launch, worker and create share.
+    Returns the session and its Tracker."""
+    from dashboards.record import STUDY_UID
+    from study.launch import pruner_name
+    from study.session import open_session
+    from study.storage import default_storage_url, home, mask, setup_lock
+    from study.tracking import Tracker
+
+    session = open_session(request, spec)
+    study = session.study
+    with setup_lock(request.storage, session.storage, spec.name):  # two first launches at once open one parent run
+        tracker = Tracker(spec.name, uri, artifact_root=home() / "mlartifacts", study_uid=study.user_attrs.get(STUDY_UID))
+        if not request.join:
+            tracker.describe_study(spec.path.read_text(), session.settings.preset, mask(request.storage or default_storage_url()),
+                                   type(study.sampler).__name__, pruner_name(session))
+    return session, tracker
+
+
+# What one `worker` process holds of a PostgreSQL server's connections at most (pg_stat_activity during a worker's
+# run): one for its queries and heartbeats, one for the claim's advisory lock (study.storage.claim_lock) beside it.
+WORKER_CONNECTIONS = 2
+
+
+def _connections_note(storage) -> str | None:
+    """A `worker` directly on PostgreSQL: the server's connections in use against its max_connections, and how many more
+    such workers fit, so that whoever starts many of them knows before they are refused. None on any other storage."""
+    import optuna
+    import sqlalchemy
+
+    if not (isinstance(storage, optuna.storages.RDBStorage) and storage.engine.dialect.name == "postgresql"):
+        return None
+    with storage.engine.connect() as connection:
+        limit, used = connection.execute(sqlalchemy.text(
+            "SELECT current_setting('max_connections')::int - current_setting('superuser_reserved_connections')::int, "
+            "(SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')")).one()
+    return (f"PostgreSQL: {used} of its {limit} connections in use; a worker holds up to {WORKER_CONNECTIONS}, so about "
+            f"{max(0, (limit - used) // WORKER_CONNECTIONS)} more workers fit; for more, serve the storage to them with "
+            "`python -m study serve-storage` (docs/several-machines.md)")
+
+
+DEFAULT_TRIALS = 50  # a new study's total when launch or create is not given --trials
+
+
+def cmd_create(args) -> int:
+    """Create the study and its MLflow parent run, validated as launch validates, and train nothing: workers on other
+    machines then join it. Again with the same settings: says so and writes nothing."""
+    import dataclasses
+
+    import optuna
+
+    from study.session import RECORDED, Request, read_record, settle
+    from study.specs import load_spec
+    from study.storage import default_storage_url, home, mask
+    from study.tracking import check_reachable, tracking_uri
+    from study.validate import validate_launch
+
+    request = Request.from_flags(args.name, False, args.trials, args.preset, args.objective, args.cost, args.sampler, args.pruner, args.storage, 10)
+    spec = load_spec(args.name)
+    recorded = read_record(request, spec)
+    # Flags not given keep the study's record, so that the same create run again is the same study.
+    kept = recorded or {}
+    request = dataclasses.replace(request, trials=request.trials or kept.get("trials") or DEFAULT_TRIALS, preset=request.preset or kept.get("preset"))
+    settings = settle(request, spec, recorded)  # a preset or objective other than the record's: launch's error
+    # The trials train on the workers' machines, which check their own devices when they join.
+    validate_launch(settings, None)
+    storage_label = mask(args.storage or default_storage_url())
+    if recorded is not None:
+        wanted = {"preset": settings.preset, "objective": settings.objective, "sampler": settings.sampler["name"],
+                  "pruner": settings.pruner["name"], "trials": settings.total}
+        differing = [key for key in RECORDED if recorded.get(key) != wanted[key]]
+        if differing:
+            raise ValueError(f"study {spec.name} exists in {storage_label} with " + ", ".join(f"{key} {recorded.get(key)}" for key in differing)
+                             + f", not {', '.join(str(wanted[key]) for key in differing)}; `python -m study launch` changes a study's total, sampler and pruner")
+        print(f"study {spec.name} exists in {storage_label} ({settings.total} trials, preset {settings.preset}); nothing changed")
+        return 0
+    uri = tracking_uri(home())
+    check_reachable(uri)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _, tracker = _open_with_parent(request, spec, uri)
+    print(f"created study {spec.name} in {storage_label}: {settings.total} trials, preset {settings.preset}, objective {settings.objective}; "
+          f"MLflow parent run {tracker.parent_run_id} in {mask(uri)}")
+    print(f"workers join it with: python -m study worker {args.name} --storage {storage_label}")
+    return 0
+
+
 def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | None) -> int:
     from rich.markup import escape
 
     from dashboards import write_report
-    from dashboards.record import STUDY_UID, count_done
-    from study.launch import pruner_name, run_launch
+    from dashboards.record import count_done
+    from study.launch import run_launch
     from study.pool import cap_workers
-    from study.session import open_session
-    from study.storage import default_storage_url, home, mask, setup_lock
-    from study.tracking import PICKLE_NOTE, Tracker, ui_url
+    from study.storage import default_storage_url, mask
+    from study.tracking import PICKLE_NOTE, ui_url
 
     uri = _ready_to_train(args.data_dir)
-    session = open_session(request, spec)
+    session, tracker = _open_with_parent(request, spec, uri)
     settings, study = session.settings, session.study
     console = _console()
     console.print(f"preset [bold]{settings.preset}[/bold]: {escape(settings.preset_reason)}")  # it names [presets.*] tables
@@ -184,10 +242,8 @@ def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | Non
     if settings.cost:
         pruning = "no pruning" if settings.pruner["name"] == "none" else "pruned on val_accuracy against trials of similar cost (study/costprune.py)"
         console.print(f"objectives: maximise val_accuracy, minimise {settings.cost} ({pruning})")
-    with setup_lock(request.storage, session.storage, spec.name):  # two first launches at once open one parent run
-        tracker = Tracker(spec.name, uri, artifact_root=home() / "mlartifacts", study_uid=study.user_attrs.get(STUDY_UID))
-        if not request.join:
-            tracker.describe_study(spec.path.read_text(), settings.preset, storage_label, type(study.sampler).__name__, pruner_name(session))
+    if request.join and (note := _connections_note(session.storage)):
+        console.print(note, markup=False)
     if tracker.other_studies:
         console.print(f"MLflow experiment {spec.name} also holds {tracker.other_studies} other studies named {spec.name} (another storage, or a "
                       f"journal that was replaced); this study's trials go under a parent run of their own, {tracker.parent_run_id}")
@@ -253,10 +309,9 @@ def _register_best(tracker, study, name: str, console) -> None:
 
 def _session_of(name: str, storage: str | None):
     """The launched study NAME (a shipped study or a .toml spec, as for launch), joined as a worker would."""
-    from study.session import Request, open_session
-    from study.specs import load_spec
+    from study.session import Request, open_session, spec_for
 
-    return open_session(Request.from_flags(name, True, None, None, None, None, None, None, storage, 10), load_spec(name))
+    return open_session(Request.from_flags(name, True, None, None, None, None, None, None, storage, 10), spec_for(name, storage))
 
 
 def cmd_confirm(args) -> int:
@@ -608,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     launch = commands.add_parser("launch", help="run (or resume) a study")
     launch.add_argument("name", help="a shipped study (see `list`) or a path to a .toml spec")
-    launch.add_argument("--trials", type=int, default=50, help="the study's total number of trials (default: 50); a relaunch runs only what is missing")
+    launch.add_argument("--trials", type=int, default=DEFAULT_TRIALS, help=f"the study's total number of trials (default: {DEFAULT_TRIALS}); a relaunch runs only what is missing")
     launch.add_argument("--preset", choices=["cpu", "full"], help="cpu: the spec's budget for a machine without a GPU (data subsets, narrower ranges); full: the notes' data and ranges (default: full on CUDA, cpu without)")
     launch.add_argument("--storage", help=storage_help)
     launch.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
@@ -629,6 +684,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "ray://host:port or a host:port GCS address; --workers caps how many run at once "
                                                          "(default: the cluster's capacity); needs pip install '.[ray]'")
     launch.set_defaults(run=cmd_launch)
+
+    create = commands.add_parser("create", help="create a study and its MLflow parent run without training, for workers to join")
+    create.add_argument("name", help="a shipped study (see `list`) or a path to a .toml spec")
+    create.add_argument("--trials", type=int, help=f"the study's total number of trials (default: {DEFAULT_TRIALS}, or the existing study's)")
+    create.add_argument("--preset", choices=["cpu", "full"], help="cpu or full, as for launch; the workers' machines need not be this one, "
+                                                                  "so name it (default: this machine's, or the existing study's)")
+    create.add_argument("--storage", help=storage_help + "; postgresql://... or grpc://... for workers on other machines")
+    create.add_argument("--objective", help="accuracy (default), or accuracy,cost, as for launch")
+    create.add_argument("--cost", help="the cost of --objective accuracy,cost: train_seconds (default) or train_flops")
+    create.add_argument("--sampler", help="Optuna sampler: tpe, gp, random or grid (default: the spec's [sampler], else tpe)")
+    create.add_argument("--pruner", help="Optuna pruner: median, hyperband or none (default: the spec's [pruner], else median)")
+    create.set_defaults(run=cmd_create)
 
     worker = commands.add_parser("worker", help="join a launched study (from this or another machine) and run trials until its total is reached")
     worker.add_argument("name", help="the study's spec: a shipped study or a path to its .toml")

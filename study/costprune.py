@@ -5,6 +5,7 @@ epoch (study.budget) rounded down to a power of 4, so a cheap network is never s
 accurate than one 10 times its size, which the cost objective may well prefer. After each epoch, once
 `n_startup_trials` complete trials of its bucket reached that epoch, a trial whose validation accuracy is
 below their median at that epoch is pruned (the median rule of Optuna's MedianPruner, within the bucket).
+Like Optuna's pruners it is not asked after a trial's last epoch (study.launch): a whole trial is COMPLETE.
 Accuracy per epoch is kept on each trial as `record.VAL_CURVE`, since trial.report is single-objective.
 """
 

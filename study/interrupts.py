@@ -1,4 +1,8 @@
-"""Ctrl-C and SIGTERM in `confirm` and `finalize`: a stop that leaves no record half-written.
+"""Ctrl-C and SIGTERM (kill, systemd, a batch scheduler) in `launch`, `worker`, `confirm` and `finalize`: a stop that
+leaves no record half-written.
+
+A launch or worker stops wherever the first signal lands (`anywhere`): its trial runner records the running
+trials as interrupted, closes their MLflow runs, and a relaunch runs them again. In `confirm` and `finalize`:
 
 The first signal stops a network that is training at once (KeyboardInterrupt): the trial runner (study.launch)
 and finalize record that training as interrupted and close its MLflow run KILLED. Anywhere else (an Optuna
@@ -19,7 +23,8 @@ from contextlib import contextmanager
 class Interrupts:
     """The signals one command received; without `installed`, a plain Ctrl-C raises wherever it lands, as usual."""
 
-    def __init__(self):
+    def __init__(self, anywhere: bool = False):
+        self.anywhere = anywhere  # the first signal raises wherever it lands (launch, worker)
         self.stopping = False  # a signal arrived
         self.training = False  # a network is training: a signal stops it at once
 
@@ -28,7 +33,7 @@ class Interrupts:
             print("already stopping: recording what was running as interrupted", file=sys.stderr)
             return
         self.stopping = True
-        if self.training:
+        if self.training or self.anywhere:
             raise KeyboardInterrupt
 
     def check(self) -> None:

@@ -259,7 +259,8 @@ class Scheduler:
                 runner.console.print(f"MLflow: logged the missing models of trials {', '.join(map(str, logged))}")
             trials = self.study.get_trials(deepcopy=False)
             if not trials:
-                for row in runner.session.settings.plan.enqueue:
+                # No more first trials than the study's total: one beyond it would stay WAITING for good.
+                for row in runner.session.settings.plan.enqueue[:total]:
                     self.study.enqueue_trial(row)
             done = record.count_done(trials)
         if done >= total:
@@ -401,7 +402,8 @@ class Scheduler:
 
     def _best(self) -> str:
         if self.runner.session.settings.cost is not None:
-            return f"best: Pareto front of {len(self.study.best_trials)} trials"
+            front = len(self.study.best_trials)
+            return f"best: Pareto front of {front} trial{'' if front == 1 else 's'}" if front else "best: none yet"
         try:
             return f"best val_accuracy {self.study.best_value:.4f} (trial {self.study.best_trial.number})"
         except ValueError:

@@ -97,9 +97,10 @@ def repair_models(study: optuna.Study, tracker: Tracker, plan: Plan, keeps_model
     number_of_run = {run.info.run_id: number for number, run in runs.items()}
     trials = {trial.number: trial for trial in study.get_trials(deepcopy=False)}
     failed_runs = set()
-    for model in tracker.client.search_logged_models([tracker.experiment_id], filter_string="status != 'READY'", max_results=1000):
+    # Filtered here, not by filter_string: a tracking server on PostgreSQL rejects a filter on status.
+    for model in tracker.client.search_logged_models([tracker.experiment_id], max_results=1000):
         trial = trials.get(number_of_run.get(model.source_run_id, -1))
-        if trial is None:
+        if trial is None or model.status == LoggedModelStatus.READY:
             continue
         if model.status == LoggedModelStatus.PENDING:
             if not _writer_gone(trial):

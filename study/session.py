@@ -18,13 +18,14 @@ import optuna
 import torch
 
 from dashboards.record import STUDY_UID
-from study.specs import PRESETS, PRUNER_NAMES, SAMPLER_NAMES, Plan, Spec, SpecError, resolve
-from study.storage import default_storage_url, make_home, mask, open_storage, setup_lock
+from study.specs import PRESETS, PRUNER_NAMES, SAMPLER_NAMES, Plan, Spec, SpecError, load_spec, recorded_spec, resolve
+from study.storage import default_storage_url, make_home, mask, open_storage, setup_lock, storage_file
 
 # Costs a multi-objective study minimises beside validation accuracy: TrainResult fields.
 COSTS = ("train_seconds", "train_flops")
 # What a study records about itself (Optuna study user attributes).
 RECORDED = ("preset", "objective", "sampler", "pruner", "trials")
+SPEC_TEXT = "spec"  # the spec's TOML as launched, so that its name alone finds it again (spec_for)
 
 
 @dataclass(frozen=True)
@@ -165,12 +166,12 @@ def check_preset_matches(study_name: str, recorded: str | None, preset: str) -> 
         raise SpecError(f"study {study_name} was created with preset {recorded}; relaunch with --preset {recorded} or use another --storage")
 
 
-def settle(request: Request, spec: Spec) -> Settings:
+def settle(request: Request, spec: Spec, recorded: dict | None = None) -> Settings:
     """What a launch or a worker will run, known before anything is written: a launch's settings come from its flags and
-    the spec (a relaunch's record, which must agree with them, is read again when open_session opens the study); a
-    worker's from the study's record, read without writing."""
+    the spec (a relaunch's record, which must agree with them, is read again when open_session opens the study; `create`
+    passes it here, from read_record); a worker's from the study's record, read without writing."""
     if not request.join:
-        return _settings(request, spec, {})
+        return _settings(request, spec, recorded or {})
     _check_default_storage(request, spec)
     return _settings(request, spec, _record(request, spec, open_storage(request.storage, request.heartbeat)))
 
@@ -182,6 +183,32 @@ def open_session(request: Request, spec: Spec) -> Session:
     make_home()  # the MLflow store and the reports live there, also when the storage is elsewhere; before the study is written
     with setup_lock(request.storage, storage, spec.name):  # two first launches at once create one study with one identity
         return _create_or_load(request, spec, storage)
+
+
+def read_record(request: Request, spec: Spec) -> dict | None:
+    """The study's record (None: no such study yet), read without creating, locking or writing anything."""
+    file = storage_file(request.storage or default_storage_url())
+    if file is not None and not file.exists():
+        return None
+    return _record(request, spec, open_storage(request.storage, read_only=True))
+
+
+def spec_for(name: str, storage_url: str | None) -> Spec:
+    """The spec a command that joins a study runs: a shipped study or a .toml path (load_spec), else the spec the
+    study NAME recorded at its launch, so that a study launched from a file is found by its name too."""
+    try:
+        return load_spec(name)
+    except SpecError:
+        file = storage_file(storage_url or default_storage_url())
+        if name.endswith(".toml") or (file is not None and not file.exists()):
+            raise
+        storage = open_storage(storage_url, read_only=True)
+        if name not in optuna.get_all_study_names(storage):
+            raise
+        text = optuna.load_study(study_name=name, storage=storage).user_attrs.get(SPEC_TEXT)
+        if text is None:
+            raise SpecError(f"study {name} was launched from a spec file and recorded no copy of it; give the spec's path instead of its name") from None
+        return recorded_spec(name, text)
 
 
 def _check_default_storage(request: Request, spec: Spec) -> None:
@@ -231,6 +258,8 @@ def _create_or_load(request: Request, spec: Spec, storage: optuna.storages.BaseS
         record = {"preset": settings.preset, "objective": settings.objective, "sampler": settings.sampler["name"], "pruner": settings.pruner["name"], "trials": settings.total}
         for key in RECORDED:
             study.set_user_attr(key, record[key])
+        if study.user_attrs.get(SPEC_TEXT) != (text := spec.path.read_text()):
+            study.set_user_attr(SPEC_TEXT, text)
         # Optuna's plots and optuna-dashboard name the objectives after these, instead of "Objective 0".
         metric_names = ["val_accuracy", settings.cost] if settings.cost else ["val_accuracy"]
         if study.metric_names != metric_names:

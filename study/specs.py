@@ -281,6 +281,15 @@ def load_spec(name: str) -> Spec:
     return _parse(path, raw)
 
 
+def recorded_spec(name: str, text: str) -> Spec:
+    """The spec a study recorded when it was launched (study.session.SPEC_TEXT): what `worker NAME` and `confirm NAME`
+    run when NAME is neither a shipped study nor a path, e.g. a study launched from a spec file on another machine."""
+    try:
+        return _parse(Path(f"{name}.toml"), tomllib.loads(text))
+    except tomllib.TOMLDecodeError as error:
+        raise SpecError(f"study {name}: its recorded spec does not parse ({error})") from None
+
+
 def _table(where: str, raw: dict, section: str, default=None) -> dict:
     value = raw.get(section, {} if default is None else default)
     if not isinstance(value, dict):

@@ -42,6 +42,7 @@ def test_launch_records_the_settings_and_a_worker_reads_them_back(tmp_path, spec
     assert created.settings.pruner == {"name": "median", "n_startup_trials": 2}  # the spec's arguments for the spec's pruner
     recorded = dict(created.study.user_attrs)
     assert len(recorded.pop("study_uid")) == 32  # the study's identity, keying its MLflow parent run
+    assert recorded.pop("spec") == spec.path.read_text()  # so that `worker tiny` finds the spec by the study's name
     assert recorded == {"preset": "cpu", "objective": "accuracy,train_flops", "sampler": "random", "pruner": "median", "trials": 3}
     joined = open_session(_request(tmp_path, join=True), spec)
     assert joined.settings == dataclasses.replace(created.settings, preset_reason="the study's")

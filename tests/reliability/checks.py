@@ -9,6 +9,7 @@ processes and servers the faults hit.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -204,6 +205,35 @@ def _run_exists(client, run_id: str) -> bool:
     except MlflowException:
         return False
     return True
+
+
+# ---- what a command changed ----
+
+def fingerprint(*roots: Path, database: str | None = None) -> dict[str, str]:
+    """What a command could change: every file under `roots` (its sha256, by path; directories and links by path
+    too, so one created or removed shows), and every row of every table of the PostgreSQL `database`."""
+    seen = {}
+    for root in roots:
+        for path in [root, *root.rglob("*")]:
+            if path.is_symlink():
+                seen[str(path)] = f"link to {os.readlink(path)}"
+            elif path.is_dir():
+                seen[str(path)] = "directory"
+            else:
+                seen[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    if database is not None:
+        import psycopg
+
+        with psycopg.connect(database) as connection:
+            tables = [name for (name,) in connection.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+            for table in tables:
+                seen[f"{database} {table}"] = repr(sorted(map(repr, connection.execute(f'SELECT * FROM "{table}"'))))
+    return seen
+
+
+def changed(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    return sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
+
 
 
 # ---- processes ----

@@ -18,8 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import LENET, TINY_SPEC, run_main, spec_text
-from reliability.checks import record_bad_inputs
-from reliability.test_read_only import changed, fingerprint
+from reliability.checks import changed, fingerprint, record_bad_inputs
 
 # A spec whose one line is replaced: (what replaces `arch = "vgg11"`, what the error must say).
 SPEC_MISTAKES = {

@@ -105,7 +105,7 @@ def test_a_launched_study_is_left_as_it_was_by_what_cannot_run_here(tmp_path, mo
     """A relaunch and a worker whose spec now asks for a GPU this machine lacks, and a confirm and a finalize of a trial
     that another machine trained on such a GPU: one line each, and the study home is byte for byte as it was."""
     from conftest import run_main
-    from reliability.test_read_only import changed, fingerprint
+    from reliability.checks import changed, fingerprint
 
     home = tmp_path / "home"
     monkeypatch.setenv("STUDY_HOME", str(home))

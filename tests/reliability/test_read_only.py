@@ -8,7 +8,6 @@ or does not exist, is refused in one line and left as it was (not emptied, not c
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -20,35 +19,9 @@ from pathlib import Path
 import pytest
 
 from conftest import LENET, ROOT, free_port, make_spec, postgres_database, run_cli, run_main, storage_proxy, wait_until_up
-from reliability.checks import record_read_only
+from reliability.checks import changed, fingerprint, record_read_only
 
 STORAGES = ["journal", "sqlite", pytest.param("postgresql", marks=pytest.mark.slow), pytest.param("proxy", marks=pytest.mark.slow)]
-
-
-def fingerprint(*roots: Path, database: str | None = None) -> dict[str, str]:
-    """What a command could change: every file under `roots` (its sha256, by path; directories and links by path
-    too, so one created or removed shows), and every row of every table of the PostgreSQL `database`."""
-    seen = {}
-    for root in roots:
-        for path in [root, *root.rglob("*")]:
-            if path.is_symlink():
-                seen[str(path)] = f"link to {os.readlink(path)}"
-            elif path.is_dir():
-                seen[str(path)] = "directory"
-            else:
-                seen[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-    if database is not None:
-        import psycopg
-
-        with psycopg.connect(database) as connection:
-            tables = [name for (name,) in connection.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
-            for table in tables:
-                seen[f"{database} {table}"] = repr(sorted(map(repr, connection.execute(f'SELECT * FROM "{table}"'))))
-    return seen
-
-
-def changed(before: dict[str, str], after: dict[str, str]) -> list[str]:
-    return sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
 
 
 def read_only_commands(spec: Path, storage: list[str], out: Path) -> list[list[str]]:
