@@ -10,7 +10,7 @@ TRIALS  ?= 50
 DEMO_MINUTES ?= 6
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test test-fast setup data browser clean
+.PHONY: demo test test-fast setup data browser slurm clean
 
 demo: setup data
 	$(PY) -m study launch vgg_ratio --trials $(TRIALS) $(if $(filter-out 0,$(DEMO_MINUTES)),--timeout $$(( $(DEMO_MINUTES) * 60 )))
@@ -19,7 +19,7 @@ demo: setup data
 # One pytest process per core (at most 4), a test file per process at a time (module fixtures are not duplicated).
 PYTEST  := $(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
-test: setup data browser
+test: setup data browser slurm
 	$(PYTEST)
 
 test-fast: setup data browser
@@ -49,6 +49,15 @@ browser:
 	    apt-get update -q && apt-get install -y -q chromium; \
 	  else \
 	    echo "chromium not found: install it, or browser tests are skipped"; \
+	  fi; }
+
+# A one-node Slurm for tests/test_slurm.py (slow, so only `make test`): Debian's slurm-wlm and munge.
+slurm:
+	@command -v slurmd >/dev/null && command -v munged >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && apt-get install -y -q slurm-wlm munge; \
+	  else \
+	    echo "slurmd or munged not found: install slurm-wlm and munge, or the Slurm test is skipped"; \
 	  fi; }
 
 clean:

@@ -122,12 +122,17 @@ def instant_train(config, data, on_epoch=None):
 
 
 def timed(target, name: str, samples: dict[str, list[float]]):
-    def wrapper(*args, **kwargs):
+    """Study.ask or Study.tell, its durations on the storage added to samples[name]; not those on an in-memory study
+    (the launch validation's dry run, the budget's forecast draws), which say nothing about the storage."""
+    import optuna
+
+    def wrapper(study, *args, **kwargs):
         start = time.perf_counter()
         try:
-            return target(*args, **kwargs)
+            return target(study, *args, **kwargs)
         finally:
-            samples[name].append(time.perf_counter() - start)
+            if not isinstance(study._storage, optuna.storages.InMemoryStorage):
+                samples[name].append(time.perf_counter() - start)
     return wrapper
 
 
@@ -319,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storages", nargs="+", choices=["direct", "proxy"], default=["direct", "proxy"])
     parser.add_argument("--admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres", help="a PostgreSQL server where databases may be created")
     parser.add_argument("--timeout", type=float, default=300, help="bound of each run in seconds (default: 300)")
+    parser.add_argument("--mlflow-workers", type=int, default=4, help="the MLflow server's worker processes (default: 4)")
     parser.add_argument("-o", "--output", default="benchmarks/load.json", help="the rows with their settings (default: benchmarks/load.json)")
     args = parser.parse_args(argv)
 
@@ -334,11 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     load_before = os.getloadavg()
     rows = []
-    with tempfile.TemporaryDirectory(prefix="load-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="load-") as tmp, database(args.admin_url) as mlflow_store:
         directory = Path(tmp)
         port = free_port()
-        mlflow_server = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}", "--host", "127.0.0.1",
-                         "--port", str(port), "--workers", "1", "--default-artifact-root", (directory / "artifacts").as_uri()]
+        # The tracking server of docs/several-machines.md: its store on PostgreSQL, several server processes, and the
+        # artifacts (the runs' spec.toml and layers.csv) uploaded through it.
+        mlflow_server = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", mlflow_store, "--host", "127.0.0.1",
+                         "--port", str(port), "--workers", str(args.mlflow_workers), "--artifacts-destination", str(directory / "artifacts")]
         tracking_uri = f"http://127.0.0.1:{port}"
         with process(mlflow_server, directory / "mlflow.log", lambda text: "Uvicorn running" in text or "Listening at" in text or "Application startup complete" in text,
                      "mlflow server"):

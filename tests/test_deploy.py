@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shlex
 
+import pytest
 import yaml
 
 from conftest import ROOT
@@ -47,3 +48,34 @@ def test_kubernetes_indexed_job_runs_workers_on_postgresql_and_an_mlflow_server(
     args = _worker_args(words)
     assert args.storage == ENVIRONMENT["STUDY_STORAGE"] and args.name == "vgg_ratio"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_kubernetes_manifests_pass_the_kubernetes_schemas():
+    """Strict validation (an unknown or misspelt field fails) against the schemas kubernetes-validate ships, offline;
+    and every $(NAME) a container expands is one of its environment variables (Kubernetes leaves any other verbatim)."""
+    import kubernetes_validate
+
+    manifests = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
+    assert manifests
+    for manifest in manifests:
+        for document in yaml.safe_load_all(manifest.read_text()):
+            kubernetes_validate.validate(document, kubernetes_validate.latest_version(), strict=True)
+            for container in document.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+                defined = {item["name"] for item in container.get("env", [])}
+                expanded = set(re.findall(r"\$\((\w+)\)", " ".join(container.get("command", []) + container.get("args", []))))
+                assert expanded <= defined, (manifest.name, expanded - defined)
+
+
+def test_kubernetes_job_reads_the_data_where_debian_installs_it():
+    """FASHION_MNIST_DIR names the directory of Debian's dataset-fashion-mnist, which the README's image installs;
+    where the package is installed here, the data there passes the trainer's own check."""
+    from objectives.data import DEBIAN_DIR, verify
+
+    job = list(yaml.safe_load_all((DEPLOY / "kubernetes" / "study-worker.yaml").read_text()))[1]
+    [container] = job["spec"]["template"]["spec"]["containers"]
+    directory = {item["name"]: item.get("value") for item in container["env"]}["FASHION_MNIST_DIR"]
+    assert directory == str(DEBIAN_DIR)
+    assert f"`{DEBIAN_DIR}`" in (DEPLOY / "kubernetes" / "README.md").read_text()
+    if not DEBIAN_DIR.is_dir():
+        pytest.skip(f"Debian's dataset-fashion-mnist is not installed here ({DEBIAN_DIR} does not exist)")
+    verify(directory)
