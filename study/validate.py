@@ -73,36 +73,34 @@ def _as_run(config: TrainConfig, devices: list[str]) -> list[TrainConfig]:
     return [config if device == "auto" else dataclasses.replace(config, device=device) for device in dict.fromkeys(devices)]
 
 
-def _check_devices(labelled: list[tuple[str, TrainConfig]], devices: list[str] | None) -> None:
-    if devices is None:
-        return
+def _distinct_runs(labelled: list[tuple[str, TrainConfig]], devices: list[str], key):
+    """(where, config as its slot trains it) once per distinct `key(config)`: each check runs once per case it can tell apart."""
     seen = set()
     for where, config in labelled:
         for run in _as_run(config, devices):
-            key = (run.device, run.cuda_graph, run.precision)
-            if key in seen:
-                continue
-            seen.add(key)
-            try:
-                check_machine(run)
-            except ValueError as error:
-                raise SpecError(f"{where}: {error}") from None
+            if (case := key(run)) not in seen:
+                seen.add(case)
+                yield where, run
+
+
+def _check_devices(labelled: list[tuple[str, TrainConfig]], devices: list[str] | None) -> None:
+    if devices is None:
+        return
+    for where, run in _distinct_runs(labelled, devices, lambda run: (run.device, run.cuda_graph, run.precision)):
+        try:
+            check_machine(run)
+        except ValueError as error:
+            raise SpecError(f"{where}: {error}") from None
 
 
 def _check_memory(labelled: list[tuple[str, TrainConfig]], devices: list[str] | None) -> None:
     if devices is None:
         return
-    seen = set()
-    for where, config in labelled:
-        for run in _as_run(config, devices):
-            device = resolve_device(run.device)
-            key = (run.arch, run.resize, run.ratio, run.batch_size, str(device))
-            if key in seen:
-                continue
-            seen.add(key)
-            shortfall = memory_shortfall(run, total_memory_bytes(device), "in all")
-            if shortfall is not None:
-                raise SpecError(f"{where}: {shortfall}; narrow the range, or lower batch_size")
+    size = lambda run: (run.arch, run.resize, run.ratio, run.batch_size, str(resolve_device(run.device)))
+    for where, run in _distinct_runs(labelled, devices, size):
+        shortfall = memory_shortfall(run, total_memory_bytes(resolve_device(run.device)), "in all")
+        if shortfall is not None:
+            raise SpecError(f"{where}: {shortfall}; narrow the range, or lower batch_size")
 
 
 def _dry_run(settings: Settings) -> None:
