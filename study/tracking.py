@@ -129,18 +129,45 @@ def open_sqlite_store(path: Path) -> None:
 def _create_whole(path: Path) -> None:
     if path.exists():
         return
-    for left in path.parent.glob(f".{path.name}.building-*"):  # by launches killed while building
-        if not pid_alive(int(left.name.split("-")[1])):
-            left.unlink(missing_ok=True)
-    building = path.with_name(f".{path.name}.building-{os.getpid()}-{time.monotonic_ns()}")
+    building = _building_name(path)
     try:
-        MlflowClient(tracking_uri=f"sqlite:///{building}").search_experiments(max_results=1)
+        _copy_empty_store(building)
         try:
             os.link(building, path)
         except FileExistsError:
             pass  # another launch created it first
     finally:
         building.unlink(missing_ok=True)
+
+
+def _building_name(path: Path) -> Path:
+    """A name of this process's own to build `path` under; what processes killed while building left is removed."""
+    for left in path.parent.glob(f".{path.name}.building-*"):
+        if not pid_alive(int(left.name.split("-")[1])):
+            left.unlink(missing_ok=True)
+    return path.with_name(f".{path.name}.building-{os.getpid()}-{time.monotonic_ns()}")
+
+
+def _copy_empty_store(path: Path) -> None:
+    """An empty MLflow store at `path`, copied from one built once per MLflow version in the user's cache: building
+    one runs MLflow's 200-odd schema migrations, 1-2 s for every new study home. Built in place where the cache
+    cannot be written."""
+    import shutil
+
+    import mlflow
+
+    template = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnn-study" / f"mlflow-{mlflow.__version__}-empty.db"
+    if not template.exists():
+        building = _building_name(template)
+        try:
+            template.parent.mkdir(parents=True, exist_ok=True)
+            MlflowClient(tracking_uri=f"sqlite:///{building}").search_experiments(max_results=1)
+            os.replace(building, template)  # whole or absent: racing launches each build their own, one wins
+        except Exception:  # noqa: BLE001 -- a cache we cannot write (read-only home, full disk): build the store itself
+            building.unlink(missing_ok=True)
+            MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments(max_results=1)
+            return
+    shutil.copyfile(template, path)
 
 
 def tracking_uri(home: Path) -> str:

@@ -6,7 +6,8 @@ with no test hook in the product. The orders are environment variables, read at 
                      epoch), then waits until the test creates `<pid>-<n>.json.release`, or for ever
     HOOKED_HOLD_AT   the phase: `start` (the trainer was called: the trial and its MLflow run exist, no epoch
                      has run), `epoch:E` (epoch E was reported, the trial is still training), `report` (every
-                     trial is done, the report is about to be written)
+                     trial is done, the report is about to be written), `store` (a first launch's MLflow store is
+                     built under its temporary name, not yet in place)
     HOOKED_HOLD_LR   hold only the trials with this learning rate (default: every trial)
     HOOKED_OOM       `LR:EPOCH`: the trial with learning rate LR runs out of device memory in epoch EPOCH
 
@@ -81,6 +82,19 @@ def hooked_write_report(*args, **kwargs):
 
 sys.modules["objectives.train"].train = objectives.train = hooked_train
 dashboards.report.write_report = dashboards.write_report = hooked_write_report
+
+import study.tracking  # after the trainer is wrapped: study modules bind `train` on import
+
+_copy_empty_store = study.tracking._copy_empty_store
+
+
+def hooked_copy_empty_store(path):
+    _copy_empty_store(path)
+    if os.environ.get("HOOKED_HOLD_DIR") and os.environ.get("HOOKED_HOLD_AT") == "store":
+        _hold("store")
+
+
+study.tracking._copy_empty_store = hooked_copy_empty_store
 
 if __name__ == "__main__":
     import signal

@@ -10,11 +10,10 @@ import importlib.util
 import socket
 import sqlite3
 import threading
-import time
 
 import pytest
 
-from conftest import free_port, journal, run_cli
+from conftest import free_port, hold_env, journal, run_cli, wait_for_holds
 from reliability.checks import check_consistent, record_fault, sqlite_uri
 
 # The suite's own outage test shortens MLflow's waits by environment; these tests keep the defaults.
@@ -154,10 +153,9 @@ def test_first_launch_killed_while_creating_the_store_and_concurrent_first_launc
     """Kill a first launch once its MLflow store is being built, then start two first launches at once."""
     env = {"STUDY_HOME": str(study_home)}
     argv = ["launch", str(lenet_spec), "--trials", "2", "--log-model", "none"]
-    first = forks.start(argv, tmp_path, env)
-    while not list(study_home.glob(".mlflow.db.building-*")):  # the store is being built: strike now
-        assert first.alive(), "the launch ended before building its MLflow store"
-        time.sleep(0.005)
+    first = forks.start(argv, tmp_path, env | hold_env(tmp_path / "holds", "store"))
+    wait_for_holds(tmp_path / "holds", 1, first.alive)
+    assert list(study_home.glob(".mlflow.db.building-*"))  # the store is being built: strike now
     first.kill()
     assert first.wait() == -9
     racers = [forks.start(argv, tmp_path, env) for _ in range(2)]
