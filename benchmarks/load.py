@@ -17,7 +17,8 @@ workers that failed and why; trials finished of the total; trials lost (left RUN
 an MLflow run twice) and over the total. Each run is bounded by --timeout; workers still alive then are killed.
 
 PostgreSQL: --admin-url names a server where this may create and drop databases (default: the local one).
-A server's max_connections bounds the direct storage: each worker holds its own connections.
+A server's max_connections bounds the direct storage: each worker holds one connection, and each MLflow server process
+at most --mlflow-pool.
 """
 
 from __future__ import annotations
@@ -87,10 +88,10 @@ def database(admin_url: str):
 
 
 @contextlib.contextmanager
-def process(command: list[str], log: Path, ready, what: str):
+def process(command: list[str], log: Path, ready, what: str, env: dict | None = None):
     """A server subprocess, up once `ready(log text)` holds; stopped afterwards."""
     with open(log, "w") as out:
-        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})})
     try:
         wait_for(lambda: ready(log.read_text()) or child.poll() is not None, 180, what)
         if child.poll() is not None:
@@ -214,6 +215,7 @@ class Row:
     lost: int
     duplicated: int
     over_total: int
+    connections_peak: int  # PostgreSQL's client connections at most during the run, this benchmark's sampler included
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -280,11 +282,13 @@ def run(kind: str, workers: int, per_worker: int, admin_url: str, tracking_uri: 
         go.touch()
         deadline = start + timeout + 60
         pending = {pid for pid, _ in children}
-        while pending and time.monotonic() < deadline:
-            for pid in list(pending):
-                if os.waitpid(pid, os.WNOHANG)[0]:
-                    pending.discard(pid)
-            time.sleep(0.05)
+        peak = [0]
+        with peak_connections(admin_url, peak):  # started after the forks: no thread of this process is forked
+            while pending and time.monotonic() < deadline:
+                for pid in list(pending):
+                    if os.waitpid(pid, os.WNOHANG)[0]:
+                        pending.discard(pid)
+                time.sleep(0.05)
         for pid in pending:  # past the bound: stopped, and counted as failed
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
@@ -296,7 +300,33 @@ def run(kind: str, workers: int, per_worker: int, admin_url: str, tracking_uri: 
     samples = {key: [v for r in results for v in r[key]] for key in ("ask", "tell", "claim")}
     return Row(kind, workers, total, seconds, done, done / seconds, percentile(samples["ask"], 0.5), percentile(samples["ask"], 0.99),
                percentile(samples["claim"], 0.5), percentile(samples["claim"], 0.99), percentile(samples["tell"], 0.5),
-               percentile(samples["tell"], 0.99), len(failed), failure, lost, duplicated, over)
+               percentile(samples["tell"], 0.99), len(failed), failure, lost, duplicated, over, peak[0])
+
+
+@contextlib.contextmanager
+def peak_connections(admin_url: str, peak: list[int]):
+    """The most client connections the PostgreSQL server held (every database: workers, MLflow server, proxy), sampled
+    every 0.2 s while the block runs, into peak[0]."""
+    import threading
+
+    import psycopg
+
+    stop = threading.Event()
+
+    def sample():
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            while not stop.is_set():
+                count = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'").fetchone()[0]
+                peak[0] = max(peak[0], count)
+                stop.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        sampler.join()
 
 
 def _last_error(run_dir: Path) -> str:
@@ -308,12 +338,12 @@ def _last_error(run_dir: Path) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| storage | workers | trials | trials/s | ask p50 / p99 ms | claim p50 / p99 ms | tell p50 / p99 ms | workers failed | lost | duplicated | over total |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| storage | workers | trials | trials/s | ask p50 / p99 ms | claim p50 / p99 ms | tell p50 / p99 ms | workers failed | lost | duplicated | over total | PostgreSQL connections, peak |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         failed = f"{r.workers_failed} ({r.failure})" if r.workers_failed else "0"
         lines.append(f"| {r.storage} | {r.workers} | {r.finished}/{r.total} | {r.trials_per_second:.1f} | {r.ask_p50:.0f} / {r.ask_p99:.0f} | "
-                     f"{r.claim_p50:.0f} / {r.claim_p99:.0f} | {r.tell_p50:.0f} / {r.tell_p99:.0f} | {failed} | {r.lost} | {r.duplicated} | {r.over_total} |")
+                     f"{r.claim_p50:.0f} / {r.claim_p99:.0f} | {r.tell_p50:.0f} / {r.tell_p99:.0f} | {failed} | {r.lost} | {r.duplicated} | {r.over_total} | {r.connections_peak} |")
     return "\n".join(lines)
 
 
@@ -325,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres", help="a PostgreSQL server where databases may be created")
     parser.add_argument("--timeout", type=float, default=300, help="bound of each run in seconds (default: 300)")
     parser.add_argument("--mlflow-workers", type=int, default=4, help="the MLflow server's worker processes (default: 4)")
+    parser.add_argument("--mlflow-pool", type=int, default=6, help="PostgreSQL connections of each MLflow server process (default: 6)")
     parser.add_argument("-o", "--output", default="benchmarks/load.json", help="the rows with their settings (default: benchmarks/load.json)")
     args = parser.parse_args(argv)
 
@@ -348,8 +379,11 @@ def main(argv: list[str] | None = None) -> int:
         mlflow_server = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", mlflow_store, "--host", "127.0.0.1",
                          "--port", str(port), "--workers", str(args.mlflow_workers), "--artifacts-destination", str(directory / "artifacts")]
         tracking_uri = f"http://127.0.0.1:{port}"
+        # Each server process keeps at most --mlflow-pool connections to PostgreSQL (MLflow's default is up to 15), so that
+        # the direct workers (one connection each) and the server fit under the server's max_connections together.
+        pool = {"MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": str(args.mlflow_pool), "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "0"}
         with process(mlflow_server, directory / "mlflow.log", lambda text: "Uvicorn running" in text or "Listening at" in text or "Application startup complete" in text,
-                     "mlflow server"):
+                     "mlflow server", env=pool):
             os.environ.update({"MLFLOW_TRACKING_URI": tracking_uri, "STUDY_HOME": str(directory / "home")})
             for kind in args.storages:
                 for workers in args.workers:

@@ -156,9 +156,9 @@ def _open_with_parent(request, spec, uri: str):
     return session, tracker
 
 
-# What one `worker` process holds of a PostgreSQL server's connections at most (pg_stat_activity during a worker's
-# run): one for its queries and heartbeats, one for the claim's advisory lock (study.storage.claim_lock) beside it.
-WORKER_CONNECTIONS = 2
+# What one `worker` process holds of a PostgreSQL server's connections, whatever its --workers: one, shared by its
+# queries, heartbeats and the claim's advisory lock (study.storage.open_storage; tests/test_scale.py counts them).
+WORKER_CONNECTIONS = 1
 
 
 def _connections_note(storage) -> str | None:
@@ -173,7 +173,7 @@ def _connections_note(storage) -> str | None:
         limit, used = connection.execute(sqlalchemy.text(
             "SELECT current_setting('max_connections')::int - current_setting('superuser_reserved_connections')::int, "
             "(SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')")).one()
-    return (f"PostgreSQL: {used} of its {limit} connections in use; a worker holds up to {WORKER_CONNECTIONS}, so about "
+    return (f"PostgreSQL: {used} of its {limit} connections in use; a worker holds {WORKER_CONNECTIONS}, so "
             f"{max(0, (limit - used) // WORKER_CONNECTIONS)} more workers fit; for more, serve the storage to them with "
             "`python -m study serve-storage` (docs/several-machines.md)")
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+import random
 import re
 import sys
+import time
 import warnings
 import zlib
 from contextlib import contextmanager
@@ -22,6 +24,7 @@ import optuna
 from dashboards import record
 
 CONNECT_TIMEOUT = 10  # seconds to connect to a database server
+APPLICATION_NAME = "cnn-study"  # how our connections show in PostgreSQL's pg_stat_activity
 SETUP_LOCK_SPACE = 0x5354  # PostgreSQL advisory locks taken by setup_lock: (this, the study name's CRC)
 
 
@@ -105,18 +108,35 @@ def open_storage(url: str | None, heartbeat: int | None = None, read_only: bool 
             engine = {"pool_pre_ping": True}
             if url.startswith("postgresql"):
                 # libpq waits for ever on a server that accepts the connection and never answers.
-                engine["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}
+                engine["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT, "application_name": APPLICATION_NAME}
             if read_only:
                 return _read_only_database(url, engine)
             beats = {"engine_kwargs": engine}
             if heartbeat is not None:
                 beats |= {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat, "heartbeat_stale_trial_callback": RetryStaleTrial()}
+            if url.startswith("postgresql"):
+                return _one_connection(url, beats)
             return optuna.storages.RDBStorage(url, **beats)
     except ImportError as error:
         raise StorageError(f"storage {mask(url)} needs a database driver that is not installed ({error})") from None
     except Exception as error:  # noqa: BLE001 -- sqlalchemy raises several types for bad URLs and unreachable servers
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        # Optuna wraps the database's own error in one that says only "An exception is raised during the commit".
+        cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) and error.__cause__ else error
+        first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise StorageError(f"cannot open storage {mask(url)}: {first_line}") from None
+
+
+def _one_connection(url: str, settings: dict) -> optuna.storages.RDBStorage:
+    """A PostgreSQL storage on one connection per process, shared by its threads' queries, heartbeats and advisory locks
+    (_advisory_lock), so that a server's max_connections holds as many workers. A thread waits at most sqlalchemy's
+    pool_timeout (30 s) for it; no query holds it for long. Optuna's schema check opens a second connection inside its
+    first, so the tables are created and checked first on a connection that is closed at once."""
+    import sqlalchemy.pool
+
+    engine = settings["engine_kwargs"]
+    optuna.storages.RDBStorage(url, engine_kwargs={**engine, "poolclass": sqlalchemy.pool.NullPool}).engine.dispose()
+    return optuna.storages.RDBStorage(url, skip_table_creation=True, skip_compatibility_check=True,
+                                      **{**settings, "engine_kwargs": {**engine, "pool_size": 1, "max_overflow": 0}})
 
 
 def _journal(path: Path, read_only: bool) -> optuna.storages.BaseStorage:
@@ -193,16 +213,25 @@ def _on_postgresql(storage: optuna.storages.BaseStorage) -> bool:
 
 @contextmanager
 def _advisory_lock(storage: optuna.storages.RDBStorage, *keys: int):
-    """A PostgreSQL advisory lock on one bigint key or two int keys (a separate key space), held on a connection
-    of its own; the server drops it with the connection, so a killed process never leaves it held."""
+    """A PostgreSQL advisory lock on one bigint key or two int keys (a separate key space), held by the storage's one
+    connection (open_storage): a session lock outlives the checkout, so the queries made under it use that same
+    connection. It is polled rather than waited for, so that waiting holds no connection from this process's other
+    threads. The server drops it with the connection, so a killed process never leaves it held. Not reentrant across
+    threads: callers in one process serialise on a lock of their own first (study.launch)."""
     import sqlalchemy
 
     names, values = ", ".join(f":k{i}" for i in range(len(keys))), {f"k{i}": key for i, key in enumerate(keys)}
-    with storage.engine.connect() as connection:
-        connection.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({names})"), values)
-        try:
-            yield
-        finally:
+    pause = 0.01
+    while True:
+        with storage.engine.connect() as connection:
+            if connection.execute(sqlalchemy.text(f"SELECT pg_try_advisory_lock({names})"), values).scalar():
+                break
+        time.sleep(pause * random.uniform(1, 2))  # spread, so that many waiting workers do not poll in step
+        pause = min(2 * pause, 0.5)
+    try:
+        yield
+    finally:
+        with storage.engine.connect() as connection:
             connection.execute(sqlalchemy.text(f"SELECT pg_advisory_unlock({names})"), values)
 
 

@@ -97,7 +97,7 @@ def test_create_on_postgresql_then_a_worker_runs_it(study_home, tmp_path, pg_url
     worker = run_cli("worker", str(spec), "--storage", pg_url)
     assert worker.returncode == 0, worker.stderr
     # Directly on PostgreSQL, a worker says at its start how many more workers the server's connections hold.
-    assert "connections in use; a worker holds up to" in worker.stdout and "serve-storage" in worker.stdout
+    assert "connections in use; a worker holds 1, so" in worker.stdout and "serve-storage" in worker.stdout
     counts = check_consistent("created", pg_url, sqlite_uri(study_home), total=2)
     assert counts.trials == 2
     assert len(_parent_runs(study_home, study)) == 1  # the worker used the parent create made

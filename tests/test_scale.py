@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import LENET, free_port, hold_env, journal, make_spec, postgres_database, run_cli, run_main, start_hooked, wait_for_holds, wait_until_up
+from conftest import LENET, free_port, hold_env, journal, make_spec, postgres_database, release, run_cli, run_main, start_hooked, wait_for_holds, wait_until_up
 from study.pool import cpu_cores
 
 # One epoch of a tiny VGG: the cheapest trial that still goes through the whole trainer.
@@ -292,3 +292,26 @@ def test_trial_slots_follow_the_machine():
         assert devices(2 * gpus + 1, None, 1)[-1] == "cuda:0"  # round robin
     with pytest.raises(ValueError, match=f"GPU {gpus} is not there"):
         devices(None, ",".join(str(i) for i in range(gpus + 1)), 1)
+
+
+def test_a_launch_holds_one_postgresql_connection_whatever_its_workers(study_home, tmp_path):
+    """A launch of 2 workers on PostgreSQL, both trials held mid-training while the heartbeats and the progress run: the
+    server counts one connection of the launch (its threads share it), so max_connections holds as many launches."""
+    import psycopg
+
+    spec = make_spec(tmp_path, "one", LENET, fixed={"epochs": 2})
+    with postgres_database("one_connection") as url:
+        launch = start_hooked("launch", str(spec), "--trials", "2", "--workers", "2", "--storage", url, "--heartbeat", "1",
+                              env={"STUDY_HOME": str(study_home), **hold_env(tmp_path / "holds", "epoch:1")})
+        holds = wait_for_holds(tmp_path / "holds", 2, lambda: launch.poll() is None)
+        counts = []
+        with psycopg.connect(url, autocommit=True) as observer:
+            for _ in range(30):  # over three heartbeat intervals
+                counts.append(observer.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                               "AND application_name = 'cnn-study'").fetchone()[0])
+                time.sleep(0.1)
+        for hold in holds:
+            release(hold)
+        _, err = launch.communicate(timeout=300)
+        assert launch.returncode == 0, err
+        assert set(counts) == {1}, counts
