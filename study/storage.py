@@ -84,11 +84,14 @@ def storage_file(url: str) -> Path | None:
     return None if "://" in url else Path(url)
 
 
-def open_storage(url: str | None, heartbeat: int | None = None, read_only: bool = False) -> optuna.storages.BaseStorage:
+def open_storage(url: str | None, heartbeat: int | None = None, read_only: bool = False, server: bool = False) -> optuna.storages.BaseStorage:
     """The storage at `url` (default: the study home's journal file).
 
     `heartbeat` (seconds, relational storage only): trials record a heartbeat this often, and a trial
     silent for three intervals belongs to a dead worker; it is failed and queued again once.
+
+    `server`: for `serve-storage`, whose threads answer many workers at once: PostgreSQL through a pool of connections
+    (sqlalchemy's default, up to 15) rather than the one connection of every other process (_one_connection).
 
     `read_only`: for the commands that only read a study. Nothing is created, locked, repaired or written:
     a journal file must exist and is only read, SQLite and PostgreSQL are opened so that they refuse every
@@ -114,7 +117,7 @@ def open_storage(url: str | None, heartbeat: int | None = None, read_only: bool 
             beats = {"engine_kwargs": engine}
             if heartbeat is not None:
                 beats |= {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat, "heartbeat_stale_trial_callback": RetryStaleTrial()}
-            if url.startswith("postgresql"):
+            if url.startswith("postgresql") and not server:
                 return _one_connection(url, beats)
             return optuna.storages.RDBStorage(url, **beats)
     except ImportError as error:
@@ -220,6 +223,7 @@ def _advisory_lock(storage: optuna.storages.RDBStorage, *keys: int):
     threads: callers in one process serialise on a lock of their own first (study.launch)."""
     import sqlalchemy
 
+    assert storage.engine.pool.size() == 1, "an advisory lock needs the storage's one connection (open_storage without server=True)"
     names, values = ", ".join(f":k{i}" for i in range(len(keys))), {f"k{i}": key for i, key in enumerate(keys)}
     pause = 0.01
     while True:
