@@ -16,10 +16,9 @@ demo: setup data
 	$(PY) -m study launch vgg_ratio --trials $(TRIALS) $(if $(filter-out 0,$(DEMO_MINUTES)),--timeout $$(( $(DEMO_MINUTES) * 60 )))
 	$(PY) -m study show vgg_ratio --top 5
 
-# Test processes: twice the cores, 4 to 8 (many tests wait on servers, timeouts and other processes, so one per
-# core leaves cores idle); a test file per process at a time (module fixtures are not duplicated).
-JOBS    ?= $(shell python3 -c 'import os; print(min(8, max(4, 2 * (os.cpu_count() or 1))))')
-PYTEST  := $(PY) -m pytest -q -n $(JOBS) --dist loadfile
+# One pytest process per core (at most 4), a test file per process at a time (module fixtures are not duplicated).
+# More processes than cores measured no faster here: the suite is CPU-bound (benchmarks/RESULTS.md).
+PYTEST  := $(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 test: setup data browser slurm
 	$(PYTEST)

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from conftest import journal, postgres_database, run_cli
 from dashboards.record import parent_runs, trial_runs
 from reliability.checks import check_consistent, record_fault, sqlite_uri
-from study.storage import SETUP_LOCK_SPACE, setup_lock
+from study.storage import SETUP_LOCK_SPACE, open_storage, setup_lock
 
 
 def test_a_study_that_replaced_a_deleted_journal_gets_its_own_parent(study_home, lenet_spec):
@@ -90,7 +90,7 @@ def test_first_launches_let_go_at_once_open_one_study_and_one_parent(forks, stud
     study_home.mkdir(parents=True, exist_ok=True)
     env = {"STUDY_HOME": str(study_home)}
     with postgres_database("identity") if backend == "postgresql" else nullcontext() as url:
-        storage = optuna.storages.RDBStorage(url) if url else journal(study_home)
+        storage = open_storage(url) if url else journal(study_home)  # the launches' own kind: one connection, locks on it
         argv = ["launch", str(lenet_spec), "--trials", "2", "--log-model", "none", *(["--storage", url] if url else [])]
         with setup_lock(url or str(study_home / "optuna.journal"), storage, "kill"):
             racers = [forks.start(argv, tmp_path, env) for _ in range(2)]
