@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+import random
 import re
 import sys
+import time
 import warnings
 import zlib
 from contextlib import contextmanager
@@ -23,8 +25,7 @@ from dashboards import record
 
 CONNECT_TIMEOUT = 10  # seconds to connect to a database server
 APPLICATION_NAME = "cnn-study"  # how our connections show in PostgreSQL's pg_stat_activity
-LOCK_WAIT = "1s"  # the longest an advisory lock's wait holds a process's one connection (_advisory_lock)
-LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's error when lock_timeout ends a wait
+WAITING = ": waiting for a lock"  # added to APPLICATION_NAME while a process waits for an advisory lock
 SETUP_LOCK_SPACE = 0x5354  # PostgreSQL advisory locks taken by setup_lock: (this, the study name's CRC)
 
 
@@ -218,23 +219,27 @@ def _on_postgresql(storage: optuna.storages.BaseStorage) -> bool:
 def _advisory_lock(storage: optuna.storages.RDBStorage, *keys: int):
     """A PostgreSQL advisory lock on one bigint key or two int keys (a separate key space), held by the storage's one
     connection (open_storage): a session lock outlives the checkout and the transaction, so the queries made under it
-    use that same connection. Each wait lasts at most LOCK_WAIT, then gives the connection back to this process's
-    other threads (heartbeats, progress) and waits again. The server drops the lock with the connection, so a killed
-    process never leaves it held. Not reentrant across threads: callers in one process serialise on a lock of their
-    own first (study.launch)."""
+    use that same connection. It is polled rather than waited for, so that waiting holds no connection from this
+    process's other threads (heartbeats, progress); while it waits, the connection's application_name says so in
+    pg_stat_activity. The server drops the lock with the connection, so a killed process never leaves it held. Not
+    reentrant across threads: callers in one process serialise on a lock of their own first (study.launch)."""
     import sqlalchemy
 
     assert storage.engine.pool.size() == 1, "an advisory lock needs the storage's one connection (open_storage without server=True)"
     names, values = ", ".join(f":k{i}" for i in range(len(keys))), {f"k{i}": key for i, key in enumerate(keys)}
+    pause, waiting = 0.01, False
     while True:
         with storage.engine.connect() as connection:
-            connection.execute(sqlalchemy.text(f"SET LOCAL lock_timeout = '{LOCK_WAIT}'"))
-            try:
-                connection.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({names})"), values)
+            taken = connection.execute(sqlalchemy.text(f"SELECT pg_try_advisory_lock({names})"), values).scalar()
+            if taken == waiting:  # the first miss, or the lock after misses
+                connection.execute(sqlalchemy.text("SELECT set_config('application_name', :name, false)"),
+                                   {"name": APPLICATION_NAME + ("" if taken else WAITING)})
+                connection.commit()
+                waiting = not taken
+            if taken:
                 break
-            except sqlalchemy.exc.OperationalError as error:
-                if getattr(error.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
-                    raise
+        time.sleep(pause * random.uniform(1, 2))  # spread, so that many waiting workers do not poll in step
+        pause = min(2 * pause, 0.5)
     try:
         yield
     finally:

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from conftest import journal, postgres_database, run_cli
 from dashboards.record import parent_runs, trial_runs
 from reliability.checks import check_consistent, record_fault, sqlite_uri
-from study.storage import SETUP_LOCK_SPACE, open_storage, setup_lock
+from study.storage import APPLICATION_NAME, WAITING, open_storage, setup_lock
 
 
 def test_a_study_that_replaced_a_deleted_journal_gets_its_own_parent(study_home, lenet_spec):
@@ -71,7 +71,7 @@ def test_report_after_the_mlflow_store_is_rebuilt_from_the_optuna_storage(study_
 
 def _lock_waiters(directory: Path, database: str | None) -> int:
     """Processes blocked on the set-up lock: flock requests on `directory` that /proc/locks lists as blocked
-    ('->'), or PostgreSQL advisory locks not yet granted in `database`."""
+    ('->'), or connections to `database` whose application name says they wait for an advisory lock."""
     if database is None:
         inode = str(directory.stat().st_ino)
         lines = Path("/proc/locks").read_text().splitlines()
@@ -79,8 +79,8 @@ def _lock_waiters(directory: Path, database: str | None) -> int:
     import psycopg
 
     with psycopg.connect(host="127.0.0.1", user="postgres", dbname=database, autocommit=True) as connection:
-        return connection.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND classid = %s "
-                                  "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())", (SETUP_LOCK_SPACE,)).fetchone()[0]
+        return connection.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = %s",
+                                  (APPLICATION_NAME + WAITING,)).fetchone()[0]
 
 
 @pytest.mark.parametrize("backend", ["journal", "postgresql"])
