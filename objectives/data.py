@@ -83,9 +83,13 @@ class FashionMNIST:
         )
 
 
+def cache_root() -> Path:
+    """The project's folder in the user's cache: the downloaded data, and what else is built once per machine."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnn-study"
+
+
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "cnn-study" / "fashion-mnist"
+    return cache_root() / "fashion-mnist"
 
 
 def _debian_dir() -> Path | None:

@@ -31,7 +31,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput, 
 from mlflow.tracking import MlflowClient
 
 from dashboards import record
-from objectives.data import FashionMNIST
+from objectives.data import FashionMNIST, cache_root
 from objectives.models import get_architecture
 from objectives.train import EpochMetrics, TrainConfig, TrainResult, resolve_device
 from study.storage import pid_alive
@@ -156,7 +156,7 @@ def _copy_empty_store(path: Path) -> None:
 
     import mlflow
 
-    template = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnn-study" / f"mlflow-{mlflow.__version__}-empty.db"
+    template = cache_root() / f"mlflow-{mlflow.__version__}-empty.db"
     if not template.exists():
         building = _building_name(template)
         try:
