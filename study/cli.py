@@ -124,13 +124,21 @@ def _ready_to_train(data_dir: str | None) -> str:
     """What a command that trains checks before it writes anything, each a one-line error: the data files are whole
     and the tracking store answers (a silent server, one that answers /health but not its API, a half-made store).
     Returns the tracking URI."""
-    import optuna
 
     from objectives.data import verify
+
+    verify(data_dir)
+    return _tracking_ready()
+
+
+def _tracking_ready() -> str:
+    """The tracking URI, once its store answers (a silent server, one that answers /health but not its API, a half-made
+    store: each a one-line error); what every command that writes a study checks before it writes."""
+    import optuna
+
     from study.storage import home
     from study.tracking import check_reachable, tracking_uri
 
-    verify(data_dir)
     uri = tracking_uri(home())
     check_reachable(uri)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -164,10 +172,11 @@ WORKER_CONNECTIONS = 1
 def _connections_note(storage) -> str | None:
     """A `worker` directly on PostgreSQL: the server's connections in use against its max_connections, and how many more
     such workers fit, so that whoever starts many of them knows before they are refused. None on any other storage."""
-    import optuna
     import sqlalchemy
 
-    if not (isinstance(storage, optuna.storages.RDBStorage) and storage.engine.dialect.name == "postgresql"):
+    from study.storage import on_postgresql
+
+    if not on_postgresql(storage):
         return None
     with storage.engine.connect() as connection:
         limit, used = connection.execute(sqlalchemy.text(
@@ -186,12 +195,9 @@ def cmd_create(args) -> int:
     machines then join it. Again with the same settings: says so and writes nothing."""
     import dataclasses
 
-    import optuna
-
     from study.session import RECORDED, Request, read_record, settle
     from study.specs import load_spec
-    from study.storage import default_storage_url, home, mask
-    from study.tracking import check_reachable, tracking_uri
+    from study.storage import default_storage_url, mask
     from study.validate import validate_launch
 
     request = Request.from_flags(args.name, False, args.trials, args.preset, args.objective, args.cost, args.sampler, args.pruner, args.storage, 10)
@@ -213,9 +219,7 @@ def cmd_create(args) -> int:
                              + f", not {', '.join(str(wanted[key]) for key in differing)}; `python -m study launch` changes a study's total, sampler and pruner")
         print(f"study {spec.name} exists in {storage_label} ({settings.total} trials, preset {settings.preset}); nothing changed")
         return 0
-    uri = tracking_uri(home())
-    check_reachable(uri)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    uri = _tracking_ready()
     _, tracker = _open_with_parent(request, spec, uri)
     print(f"created study {spec.name} in {storage_label}: {settings.total} trials, preset {settings.preset}, objective {settings.objective}; "
           f"MLflow parent run {tracker.parent_run_id} in {mask(uri)}")

@@ -211,7 +211,7 @@ def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:
     return isinstance(storage, optuna.storages.RDBStorage) and storage.get_heartbeat_interval() is not None
 
 
-def _on_postgresql(storage: optuna.storages.BaseStorage) -> bool:
+def on_postgresql(storage: optuna.storages.BaseStorage) -> bool:
     return isinstance(storage, optuna.storages.RDBStorage) and storage.engine.dialect.name == "postgresql"
 
 
@@ -252,7 +252,7 @@ def claim_lock(storage: optuna.storages.BaseStorage, study_name: str):
     """Held while a worker counts a study's trials and asks for a new one, so that workers on several
     machines never start more trials than the study's total. PostgreSQL only (an advisory lock);
     elsewhere the one launcher process already does this under its own lock."""
-    if not _on_postgresql(storage):
+    if not on_postgresql(storage):
         yield
         return
     with _advisory_lock(storage, storage.get_study_id_from_name(study_name)):
@@ -270,7 +270,7 @@ def setup_lock(url: str | None, storage: optuna.storages.BaseStorage, study_name
     never leaves it held. The gRPC proxy: none; start a proxied study's first launch alone.
     """
     url = url or default_storage_url()
-    if _on_postgresql(storage):
+    if on_postgresql(storage):
         with _advisory_lock(storage, SETUP_LOCK_SPACE, zlib.crc32(study_name.encode()) - 2**31):
             yield
         return
