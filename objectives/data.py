@@ -12,6 +12,7 @@ mirrors wrap the same data in different gzip headers.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
@@ -134,11 +135,9 @@ def locate(data_dir: str | os.PathLike | None = None) -> Path:
 
 
 def verify(data_dir: str | os.PathLike | None = None) -> Path:
-    """The data directory, with every file present and genuine (a DataError naming the first that is not)."""
-    directory = locate(data_dir)
-    for name in FILES:
-        _read_verified(directory, name)
-    return directory
+    """The data directory, with every file present and genuine (a DataError naming the first that is not). The data
+    read stays loaded for this process's load_fashion_mnist: a launch verifies before it writes, then trains on it."""
+    return Path(load_fashion_mnist(data_dir).source)
 
 
 def _read_verified(directory: Path, name: str) -> bytes:
@@ -166,8 +165,21 @@ def _parse_idx(content: bytes, dims: int) -> torch.Tensor:
 
 
 def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> FashionMNIST:
-    """All 70,000 images, verified, with the training set split once into train and validation."""
+    """All 70,000 images, verified, with the training set split once into train and validation. Read once per process
+    while the files stay as they are: a file replaced or rewritten since is read and verified again. The tensors are
+    shared between callers, which only read them."""
     directory = locate(data_dir)
+    return _load(directory, _on_disk(directory))
+
+
+def _on_disk(directory: Path) -> tuple:
+    """What tells the files as they are now from any earlier version: path, inode, size and modification time."""
+    paths = [_file_in(directory, name) or name for name in FILES]  # a missing file: its name, which _load reports
+    return tuple((path, (s := path.stat()).st_ino, s.st_size, s.st_mtime_ns) if isinstance(path, Path) else (path,) for path in paths)
+
+
+@functools.lru_cache(maxsize=1)
+def _load(directory: Path, on_disk: tuple) -> FashionMNIST:
     contents = {name: _read_verified(directory, name) for name in FILES}
     images = _parse_idx(contents["train-images-idx3-ubyte"], 3)
     labels = _parse_idx(contents["train-labels-idx1-ubyte"], 1).long()

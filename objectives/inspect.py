@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -47,11 +48,18 @@ def layer_costs(arch: str, resize: int | None = None, ratio: int = 1) -> list[La
     return rows
 
 
-@torch.no_grad()
 def training_bytes(arch: str, resize: int, ratio: int, batch_size: int) -> int:
     """A lower bound on the memory one training step needs in fp32: the weights, their gradients and
     momentum, and every layer's output, which autograd keeps for the backward pass. On the meta device,
     so that even an impossible size costs nothing to estimate."""
+    params, outputs = _parameters_and_outputs(arch, resize, ratio)
+    return (3 * params + batch_size * outputs) * FP32_BYTES
+
+
+@functools.lru_cache(maxsize=256)  # a launch checks each shape before it writes, then each trial before it trains
+@torch.no_grad()
+def _parameters_and_outputs(arch: str, resize: int, ratio: int) -> tuple[int, int]:
+    """The network's parameters, and the elements of every layer's output for one example."""
     outputs = 0
 
     def count(module, inputs, output) -> None:
@@ -64,4 +72,4 @@ def training_bytes(arch: str, resize: int, ratio: int, batch_size: int) -> int:
             if not list(module.children()):
                 module.register_forward_hook(count)
         net(torch.zeros(1, 1, resize, resize))
-    return (3 * parameter_count(net) + batch_size * outputs) * FP32_BYTES
+    return parameter_count(net), outputs

@@ -42,6 +42,7 @@ class DeviceOutOfMemoryError(RuntimeError):
 
 
 SPLIT_SIZES = {"n_train": TRAIN_SIZE, "n_val": VAL_SIZE, "n_test": TEST_SIZE}
+TIMING_STEPS = 16  # training steps cpu_bf16_pays takes to time a shape: 8 in each precision
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,7 @@ def cpu_bf16_pays(arch: str, resize: int, ratio: int, batch_size: int, channels_
             model = model.to(memory_format=torch.channels_last) if channels_last else model
             optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
             step_seconds = []
-            for _ in range(8):
+            for _ in range(TIMING_STEPS // 2):
                 start = time.perf_counter()
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     loss = F.cross_entropy(model(inputs), labels)
@@ -260,14 +261,18 @@ def cpu_bf16_pays(arch: str, resize: int, ratio: int, batch_size: int, channels_
 
 def bf16_autocast(config: TrainConfig) -> bool:
     """Whether `train(config)` runs under bf16 autocast: as asked, or for "auto" on CUDA and, on a CPU with
-    bf16 arithmetic, where this shape trains faster in it (cpu_bf16_pays, timed on the first call)."""
+    bf16 arithmetic, where this shape trains faster in it (cpu_bf16_pays, timed on the first call). A run of
+    no more training steps than that timing takes stays in fp32: timing it would cost more than bf16 could save."""
     device = resolve_device(config.device)
     if config.precision != "auto":
         return config.precision == "bf16"
     if not native_bf16(device):
         return False
+    if device.type == "cuda":
+        return True
+    steps = config.epochs * math.ceil((config.n_train or TRAIN_SIZE) / config.batch_size)
     resize = config.resize or get_architecture(config.arch).default_resize
-    return device.type == "cuda" or cpu_bf16_pays(config.arch, resize, config.ratio, config.batch_size, config.channels_last is not False)
+    return steps > TIMING_STEPS and cpu_bf16_pays(config.arch, resize, config.ratio, config.batch_size, config.channels_last is not False)
 
 
 def _prepare(images: torch.Tensor, resize: int, channels_last: bool) -> torch.Tensor:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from dashboards import record
@@ -358,7 +359,13 @@ class Tracker:
         self.client.log_batch(run_id, params=params)
         self.client.log_text(run_id, layer_table_csv(config), "layers.csv")
         if data is not None:
-            self.client.log_inputs(run_id, datasets=[dataset_input(data, config)])
+            dataset = dataset_input(data, config)
+            try:
+                self.client.log_inputs(run_id, datasets=[dataset])
+            except MlflowException:
+                # MLflow looks for the dataset, then inserts it: of two first trials at once (two launches, or
+                # workers on other machines) one is refused by the unique key, and links the other's dataset now.
+                self.client.log_inputs(run_id, datasets=[dataset])
         return run_id
 
     def log_epoch(self, run_id: str, metrics: EpochMetrics) -> None:

@@ -1,11 +1,12 @@
 """Start `python -m study` commands fast: one interpreter imports torch, Optuna, MLflow, the project and what
-a command loads on first use (MLflow's model flavour and store, matplotlib, Optuna's importance) once, then forks
+a command loads on first use (MLflow's model flavour and store, matplotlib, Optuna's importance, plotly's
+validators, the data) once, then forks
 a process per command (one JSON request per stdin line, its pid on stdout).
 
 Each child is a real process running `study.cli.main(argv)` with its own environment, standard output and
 error files and exit status, so kill -9 and signals hit it as they hit a user's launch; only the 4-8 s of
-imports are skipped. This process never computes with torch (the one warm-up runs on the meta device), so the
-forked children start with fresh thread pools. Its commands run with the trainer wrapped by
+imports and first uses are skipped. This process computes with torch only on the meta device and on one thread
+(the data's split), so the forked children start with fresh thread pools. Its commands run with the trainer wrapped by
 tests/hooked_study.py (imported before any `study` module), so a test can hold one at a phase. It reaps its
 children at once (a zombie would still look alive to the launcher's dead-process check) and writes each exit
 code to `<stdout>.rc`.
@@ -26,9 +27,12 @@ import mlflow.pytorch
 import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 import optuna
 import optuna.importance  # noqa: F401
-import torch  # noqa: F401
+import plotly.graph_objects
+import torch
+from mlflow.utils.requirements_utils import _init_packages_to_modules_map
 
 import dashboards  # noqa: F401 -- imported once here, for every forked command
+import objectives.data
 import study.cli
 import study.launch
 import study.reconcile
@@ -39,6 +43,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot
 
 layer_costs("lenet")  # torch's meta kernels register on first use: once here, not in every command
+plotly.graph_objects.Figure(layout={"template": "plotly_white"})  # plotly reads its validators on a first figure
+_init_packages_to_modules_map()  # MLflow maps modules to installed packages on a first model saved (0.7 s)
+# The data, read and verified once: objectives.data keeps it while the files are as they are. One torch thread,
+# so that no thread pool exists to be forked.
+threads = torch.get_num_threads()
+torch.set_num_threads(1)
+objectives.data.verify()
+torch.set_num_threads(threads)
 
 logs: dict[int, str] = {}
 
@@ -69,9 +81,9 @@ def run(request: dict) -> None:
     os.dup2(stdout if request["stderr"] == request["stdout"] else os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
     os.environ.clear()
     os.environ.update(request["env"])
-    # A worker process this command spawns imports the main module again: the hooked trainer, as under
-    # tests/hooked_study.py, rather than this server's imports.
-    sys.modules["__main__"] = sys.modules["hooked_study"]
+    # A worker process this command spawns imports the main module again: the hooked trainer alone
+    # (tests/hooked_trainer.py), rather than this server's imports.
+    sys.modules["__main__"] = sys.modules["hooked_trainer"]
     try:
         code = study.cli.main(request["argv"])
     except SystemExit as exit:

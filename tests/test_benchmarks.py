@@ -41,10 +41,14 @@ def test_reference_trains_the_same_network_to_a_similar_accuracy(fashion):
 
 
 def test_cpu_precision_and_layout_are_resolved_and_reported(fashion):
-    result = train(TrainConfig(arch="lenet", lr=0.9, epochs=1, n_train=256, n_val=64, n_test=64), fashion)
-    # bf16 only where the CPU multiplies bf16 and, timed for this shape, it trains faster than fp32.
-    assert result.precision == ("bf16" if native_bf16(torch.device("cpu")) and cpu_bf16_pays("lenet", 28, 1, 128, True) else "fp32")
+    # 17 steps of 16 images: bf16 only where the CPU multiplies bf16 and, timed for this shape, it trains faster than fp32.
+    result = train(TrainConfig(arch="lenet", lr=0.9, epochs=1, batch_size=16, n_train=272, n_val=64, n_test=64), fashion)
+    assert result.precision == ("bf16" if native_bf16(torch.device("cpu")) and cpu_bf16_pays("lenet", 28, 1, 16, True) else "fp32")
     assert result.channels_last
+    # 16 steps, what timing the shape takes: fp32, untimed.
+    timed = cpu_bf16_pays.cache_info().misses
+    result = train(TrainConfig(arch="lenet", lr=0.9, epochs=2, batch_size=32, n_train=256, n_val=64, n_test=64), fashion)
+    assert result.precision == "fp32" and cpu_bf16_pays.cache_info().misses == timed
     result = train(TrainConfig(arch="lenet_bn", lr=0.9, epochs=1, n_train=256, n_val=64, n_test=64, precision="fp32", channels_last=False), fashion)
     assert result.precision == "fp32" and not result.channels_last
 

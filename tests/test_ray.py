@@ -1,6 +1,6 @@
 """`launch --ray` on a real Ray cluster on loopback: a head and one more node, one CPU each, tiny LeNet trials.
 
-The trials' actors import tests/hooked_study.py (tests/ray_hook/sitecustomize.py on the nodes' PYTHONPATH), so a
+The trials' actors import tests/hooked_trainer.py (tests/ray_hook/sitecustomize.py on the nodes' PYTHONPATH), so a
 test holds trials inside their actors and acts while they are provably mid-trial: a node stopped, Ctrl-C.
 Every process started here is stopped by the fixtures (the cluster's shutdown, the launch's kill).
 """

@@ -49,7 +49,7 @@ def test_inspect_totals_match_rows_and_the_trainer(fashion, arch, resize, ratio)
     result = run_main("inspect", arch, "--resize", str(resize), "--ratio", str(ratio), "--format", "json")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
-    trained = train(TrainConfig(arch=arch, resize=resize, ratio=ratio, lr=0.01, epochs=1, batch_size=32, n_train=32, n_val=32, n_test=32), fashion)
+    trained = train(TrainConfig(arch=arch, resize=resize, ratio=ratio, lr=0.01, epochs=1, batch_size=8, n_train=8, n_val=1, n_test=1), fashion)
     assert sum(row["flops"] for row in rows) == trained.flops_per_example
     assert sum(row["params"] for row in rows) == trained.params
     table = run_main("inspect", arch, "--resize", str(resize), "--ratio", str(ratio))

@@ -1,8 +1,8 @@
 """On the test Ray cluster's nodes (this directory is on their PYTHONPATH): Ray's worker processes import
-tests/hooked_study.py, so that a test can hold a trial inside its actor (HOOKED_HOLD_DIR, HOOKED_HOLD_AT)."""
+tests/hooked_trainer.py, so that a test can hold a trial inside its actor (HOOKED_HOLD_DIR, HOOKED_HOLD_AT)."""
 
 import os
 import sys
 
 if os.environ.get("HOOKED_HOLD_DIR") and sys.argv and sys.argv[0].endswith("default_worker.py"):
-    import hooked_study  # noqa: F401 -- wraps objectives.train at import
+    import hooked_trainer  # noqa: F401 -- wraps objectives.train at import

@@ -1,0 +1,65 @@
+"""The trainer of tests/hooked_study.py, wrapped so that a test can hold a trial at a phase or make it run out of device
+memory (the orders are described there). Only torch and `objectives` are imported: trial workers import this and
+nothing more (a worker spawned by a forked command, whose main module it is, and Ray's workers through
+tests/ray_hook/sitecustomize.py), so that they start as fast as they would without the hook.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import objectives
+import objectives.train
+
+_train = sys.modules["objectives.train"].train
+_holds = 0  # holds of this process, for unique file names
+
+
+def _lr_matches(config) -> bool:
+    wanted = os.environ.get("HOOKED_HOLD_LR")
+    return wanted is None or float(wanted) == config.lr
+
+
+def hold(phase: str, config=None, epoch: int | None = None) -> None:
+    """Tell the test where this process is, then wait for its release (a signal may end the wait)."""
+    global _holds
+    _holds += 1
+    ready = Path(os.environ["HOOKED_HOLD_DIR"]) / f"{os.getpid()}-{_holds}.json"
+    info = {"pid": os.getpid(), "phase": phase, "epoch": epoch, "arch": getattr(config, "arch", None), "lr": getattr(config, "lr", None),
+            "seed": getattr(config, "seed", None)}
+    ready.with_suffix(".tmp").write_text(json.dumps(info))
+    ready.with_suffix(".tmp").replace(ready)  # whole or absent
+    release = Path(f"{ready}.release")
+    while not release.exists():
+        time.sleep(0.02)
+
+
+def holding_at(phase: str) -> bool:
+    return bool(os.environ.get("HOOKED_HOLD_DIR")) and os.environ.get("HOOKED_HOLD_AT") == phase
+
+
+def hooked_train(config, data, on_epoch=None):
+    hold_at = os.environ.get("HOOKED_HOLD_AT") if os.environ.get("HOOKED_HOLD_DIR") else None
+    oom_lr, _, oom_epoch = os.environ.get("HOOKED_OOM", "").partition(":")
+    if hold_at == "start" and _lr_matches(config):
+        hold("start", config)
+
+    def watched(metrics):
+        if oom_lr and float(oom_lr) == config.lr and metrics.epoch == int(oom_epoch):
+            # Raised inside the trainer's epoch loop, as a real CUDA out-of-memory error is.
+            raise torch.OutOfMemoryError(f"HOOKED_OOM={oom_lr}:{oom_epoch}: out of memory injected in epoch {metrics.epoch}")
+        stop = on_epoch(metrics) if on_epoch is not None else None
+        if hold_at == f"epoch:{metrics.epoch}" and _lr_matches(config):
+            hold(hold_at, config, metrics.epoch)
+        return stop
+
+    return _train(config, data, watched)
+
+
+sys.modules["objectives.train"].train = objectives.train = hooked_train
