@@ -32,6 +32,7 @@ ratio = 8
 n_train = 512
 n_val = 128
 n_test = 128
+precision = "fp32"
 
 [search]
 arch = { choices = ["alexnet", "alexnet_28"] }
