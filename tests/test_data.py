@@ -88,3 +88,15 @@ def test_missing_file_and_missing_directory(tmp_path, fashion):
         load_fashion_mnist(directory)
     with pytest.raises(DataError, match="does not exist"):
         load_fashion_mnist(tmp_path / "nowhere")
+
+
+def test_data_is_read_once_until_a_file_changes(tmp_path, fashion):
+    directory = _copy_data(tmp_path, fashion)
+    first = load_fashion_mnist(directory)
+    assert load_fashion_mnist(directory) is first  # a launch verifies the data, then trains on what it read
+    path = next(directory.glob("train-labels-idx1-ubyte*"))
+    content = bytearray(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes())
+    content[100] = (content[100] + 1) % 10
+    path.write_bytes(gzip.compress(bytes(content)) if path.suffix == ".gz" else bytes(content))  # rewritten in place
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte.* is not the genuine Fashion-MNIST file"):
+        load_fashion_mnist(directory)
