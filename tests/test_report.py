@@ -112,6 +112,7 @@ def _plots_drawn(page) -> list[str]:
     return ids
 
 
+@pytest.mark.slow  # the `home` fixture trains two AlexNet studies (half a minute); the fast tier's report tests use small ones
 def test_report_sections_png_and_browser(home, page):
     out = home.parent / "pngs"
     result = run_main("report", "pair", "-o", str(home.parent / "pair.html"), "--png", str(out), "--cost", "train_flops",
@@ -159,6 +160,7 @@ def test_report_sections_png_and_browser(home, page):
     assert errors == []
 
 
+@pytest.mark.slow  # the `home` fixture, as above
 def test_two_studies_on_the_same_axes(home, page):
     result = run_main("report", "pair", "tiny", "-o", str(home.parent / "both.html"), env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": None})
     assert result.returncode == 0, result.stderr
