@@ -124,7 +124,6 @@ def _ready_to_train(data_dir: str | None) -> str:
     """What a command that trains checks before it writes anything, each a one-line error: the data files are whole
     and the tracking store answers (a silent server, one that answers /health but not its API, a half-made store).
     Returns the tracking URI."""
-
     from objectives.data import verify
 
     verify(data_dir)

@@ -362,9 +362,12 @@ class Tracker:
             dataset = dataset_input(data, config)
             try:
                 self.client.log_inputs(run_id, datasets=[dataset])
-            except MlflowException:
+            except MlflowException as error:
                 # MLflow looks for the dataset, then inserts it: of two first trials at once (two launches, or
-                # workers on other machines) one is refused by the unique key, and links the other's dataset now.
+                # workers on other machines) one is refused by the unique key (a bad request), and links the other's
+                # dataset now. A store that does not answer is not asked twice.
+                if error.error_code != "BAD_REQUEST":
+                    raise
                 self.client.log_inputs(run_id, datasets=[dataset])
         return run_id
 

@@ -176,10 +176,16 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, fresh: bo
     if fresh:
         return subprocess.run([sys.executable, "-m", "study", *args], capture_output=True, text=True, cwd=ROOT,
                               env=command_env(env), timeout=timeout, check=False)
+    return run_cli_together([args], env=env, timeout=timeout)[0]
+
+
+def run_cli_together(commands: list, env: dict | None = None, timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """Independent commands (argument lists) forked at once, so that their waits overlap; each as run_cli returns it."""
     with tempfile.TemporaryDirectory() as directory:
-        command = fork_server().start(list(args), Path(directory), env, stderr_apart=True)
-        code = command.wait(timeout)
-        return subprocess.CompletedProcess(list(args), code, command.output(), command.errors())
+        started = [fork_server().start(list(args), Path(directory), env, stderr_apart=True) for args in commands]
+        codes = [command.wait(timeout) for command in started]
+        return [subprocess.CompletedProcess(list(args), code, command.output(), command.errors())
+                for args, code, command in zip(commands, codes, started)]
 
 
 def command_env(env: dict | None) -> dict:

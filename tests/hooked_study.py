@@ -30,7 +30,7 @@ if __name__ != "__mp_main__":  # a spawned trial worker only trains
     _write_report = dashboards.report.write_report
 
     def hooked_write_report(*args, **kwargs):
-        if hooked_trainer.holding_at("report"):
+        if hooked_trainer.held_phase() == "report":
             hooked_trainer.hold("report")
         return _write_report(*args, **kwargs)
 
@@ -42,7 +42,7 @@ if __name__ != "__mp_main__":  # a spawned trial worker only trains
 
     def hooked_copy_empty_store(path):
         _copy_empty_store(path)
-        if hooked_trainer.holding_at("store"):
+        if hooked_trainer.held_phase() == "store":
             hooked_trainer.hold("store")
 
     study.tracking._copy_empty_store = hooked_copy_empty_store

@@ -40,12 +40,13 @@ def hold(phase: str, config=None, epoch: int | None = None) -> None:
         time.sleep(0.02)
 
 
-def holding_at(phase: str) -> bool:
-    return bool(os.environ.get("HOOKED_HOLD_DIR")) and os.environ.get("HOOKED_HOLD_AT") == phase
+def held_phase() -> str | None:
+    """The phase the test orders this process held at (HOOKED_HOLD_AT), if it gives a place to tell it (HOOKED_HOLD_DIR)."""
+    return os.environ.get("HOOKED_HOLD_AT") if os.environ.get("HOOKED_HOLD_DIR") else None
 
 
 def hooked_train(config, data, on_epoch=None):
-    hold_at = os.environ.get("HOOKED_HOLD_AT") if os.environ.get("HOOKED_HOLD_DIR") else None
+    hold_at = held_phase()
     oom_lr, _, oom_epoch = os.environ.get("HOOKED_OOM", "").partition(":")
     if hold_at == "start" and _lr_matches(config):
         hold("start", config)

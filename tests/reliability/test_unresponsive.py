@@ -9,14 +9,11 @@ import http.server
 import importlib.util
 import socket
 import sqlite3
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import pytest
 
-from conftest import fork_server, free_port, hold_env, journal, run_cli, wait_for_holds
+from conftest import free_port, hold_env, journal, run_cli, run_cli_together, wait_for_holds
 from reliability.checks import check_consistent, record_fault, sqlite_uri
 
 # The suite's own outage test shortens MLflow's waits by environment; these tests keep the defaults.
@@ -92,14 +89,6 @@ def _run(*args, env):
     return run_cli(*args, env=env, timeout=BOUND)
 
 
-def _run_together(commands, env) -> list[subprocess.CompletedProcess]:
-    """Independent commands started at once, so that their waits overlap; each as run_cli returns it."""
-    directory = Path(tempfile.mkdtemp(prefix="study-commands-"))
-    started = [fork_server().start(list(command), directory, env, stderr_apart=True) for command in commands]
-    return [subprocess.CompletedProcess(list(command), process.wait(BOUND), process.output(), process.errors())
-            for command, process in zip(commands, started)]
-
-
 @pytest.mark.slow  # waits out the default timeouts
 @pytest.mark.parametrize("fault", MLFLOW_FAULTS)
 def test_mlflow_server_that_never_answers(study_home, lenet_spec, fault, request):
@@ -116,7 +105,7 @@ def test_storage_server_that_never_answers(study_home, lenet_spec, silent_server
     """PostgreSQL, and the gRPC storage proxy: launch, and show (the read-only way in), each end with one line naming the address."""
     address = f"postgresql://postgres@127.0.0.1:{silent_server}/study" if scheme == "postgresql" else f"grpc://127.0.0.1:{silent_server}"
     commands = [("launch", str(lenet_spec), "--trials", "1", "--storage", address), ("show", "kill", "--storage", address)]
-    for done in _run_together(commands, _default_env(STUDY_HOME=str(study_home))):
+    for done in run_cli_together(commands, env=_default_env(STUDY_HOME=str(study_home)), timeout=BOUND):
         assert done.returncode == 1
         assert done.stderr.count("\n") == 1 and f"127.0.0.1:{silent_server}" in done.stderr, done.stderr
         if scheme == "grpc":
@@ -184,7 +173,7 @@ def test_report_and_export_with_a_tracking_server_that_never_answers(tiny_study,
     """A study read back while its MLflow server is silent: one line at once, not minutes of retries."""
     address = f"http://127.0.0.1:{request.getfixturevalue(fault)}"
     env = _default_env(STUDY_HOME=str(tiny_study), MLFLOW_TRACKING_URI=address)
-    for done in _run_together([("report", "tiny", "-o", str(tmp_path / "r.html")), ("export", "tiny", "-o", str(tmp_path / "t.csv"))], env):
+    for done in run_cli_together([("report", "tiny", "-o", str(tmp_path / "r.html")), ("export", "tiny", "-o", str(tmp_path / "t.csv"))], env=env, timeout=BOUND):
         assert done.returncode == 1 and done.stderr.count("\n") == 1 and address in done.stderr, done.stderr
         assert MLFLOW_FAULTS[fault] in done.stderr, done.stderr
     assert list(tmp_path.iterdir()) == []  # neither the report nor the export, nor a temporary one
