@@ -1,47 +1,62 @@
 """The MLflow UI as a user first sees it, in a browser profile that has never opened it (a new context per test):
 every address `study ui` prints and the report writes opens MLflow's model-training view, and the home page, which
 no address of ours reaches, takes the one click the README names. MLflow 3 picks the view by the address's
-`workflowType`, else by the choice its sidebar stored in the browser, else GenAI (study/tracking.py)."""
+`workflowType`, else by the choice its sidebar stored in the browser, else GenAI (study/tracking.py).
+
+One `study ui` serves every test here, in the order written; the last stops it with SIGTERM and checks that its
+server went with it, that it printed no third-party warning and that it changed no file."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
+from reliability.checks import changed, fingerprint, record_read_only
 
-from conftest import ARTIFACTS, LENET, ROOT, free_port, make_spec, run_cli, wait_until_up
+from conftest import ARTIFACTS, LENET, ROOT, free_port, listening_addresses, make_spec, run_cli, wait_until_up
 
 pytestmark = pytest.mark.slow  # a real MLflow UI server behind `study ui`
 
 STUDY, MODEL = "lenet_ui", "lenet-ui-best"
+TRIALS = ["trial-0", "trial-1", "trial-2"]
 WAIT_MS = 90_000  # the UI's first page load compiles its bundle; generous, never a measure of speed
 
 
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory):
-    """A LeNet study launched with its best model registered, and `study ui` serving it: (base address, the
-    lines `study ui` printed, the study home)."""
-    home = tmp_path_factory.mktemp("mlflow_ui") / "home"
-    spec = make_spec(home.parent, STUDY, LENET)
-    launched = run_cli("launch", str(spec), "--trials", "2", "--register", MODEL, env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": ""})
+    """A LeNet study of three trials launched with its best model registered, and `study ui` serving it from a
+    fresh interpreter, as a user starts it: a dict of its base address, port, process, the lines it printed, its
+    standard error, the study home and the fingerprint of the home and working directory before it started."""
+    root = tmp_path_factory.mktemp("mlflow_ui")
+    home, workdir = root / "home", root / "workdir"
+    workdir.mkdir()
+    spec = make_spec(root, STUDY, LENET)
+    launched = run_cli("launch", str(spec), "--trials", "3", "--register", MODEL, env={"STUDY_HOME": str(home), "MLFLOW_TRACKING_URI": ""})
     assert launched.returncode == 0, launched.stderr
+    before = fingerprint(home, workdir)
     port = free_port()
-    env = {**os.environ, "STUDY_HOME": str(home)}
+    env = {**os.environ, "STUDY_HOME": str(home), "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    log = home.parent / "ui.log"
-    with log.open("w") as output:
-        server = subprocess.Popen([sys.executable, "-m", "study", "ui", "--port", str(port)], cwd=ROOT, env=env, stdout=output,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+    out, err = root / "ui.out", root / "ui.err"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        server = subprocess.Popen([sys.executable, "-m", "study", "ui", "--port", str(port)], cwd=workdir, env=env, stdout=stdout, stderr=stderr)
+    base = f"http://127.0.0.1:{port}"
     try:
-        wait_until_up(f"http://127.0.0.1:{port}/health", server, "MLflow UI", log=log.read_text)
-        yield f"http://127.0.0.1:{port}", log.read_text().splitlines(), home
+        wait_until_up(f"{base}/health", server, "MLflow UI", log=lambda: out.read_text() + err.read_text())
+        yield {"base": base, "port": port, "process": server, "lines": out.read_text().splitlines(), "stderr": err.read_text,
+               "home": home, "workdir": workdir, "before": before}
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)  # `ui` stops its server's whole process group
+            server.wait(timeout=60)
 
 
 def printed_links(lines: list[str]) -> dict[str, str]:
@@ -66,7 +81,7 @@ def assert_genai_view(page) -> None:
 
 
 def test_ui_prints_every_address_in_the_model_training_view(ui):
-    base, lines, _ = ui
+    base, lines = ui["base"], ui["lines"]
     links = printed_links(lines)
     assert set(links) == {STUDY, f"model {MODEL} v1"}, lines
     assert all(link.startswith(f"{base}/#/") and "workflowType=machine_learning" in link for link in links.values()), links
@@ -76,7 +91,7 @@ def test_ui_prints_every_address_in_the_model_training_view(ui):
 def test_home_page_takes_one_click_then_the_browser_keeps_model_training(ui, page):
     """The bare address `study ui` prints opens MLflow's home page in its GenAI view (MLflow has no server-side
     default); one click on "Model training" stores the choice, and the study clicked from there opens its runs."""
-    base, _, _ = ui
+    base = ui["base"]
     page.goto(base)
     assert_genai_view(page)
     page.screenshot(path=str(ARTIFACTS / "mlflow-ui-home-genai.png"))
@@ -92,19 +107,54 @@ def test_home_page_takes_one_click_then_the_browser_keeps_model_training(ui, pag
     assert_model_training_view(again)
 
 
-def test_study_link_opens_its_runs_in_model_training(ui, page):
-    _, lines, _ = ui
-    page.goto(printed_links(lines)[STUDY])
-    page.get_by_role("link", name="trial-0", exact=True).first.wait_for(timeout=WAIT_MS)
+def test_study_link_opens_its_trials_and_curves_in_model_training(ui, page):
+    """The study's link: its runs in the model-training view, trials listed flat, per-epoch curves first."""
+    page.goto(printed_links(ui["lines"])[STUDY])
+    for name in TRIALS:  # flat, not folded under the parent run
+        page.get_by_role("link", name=name, exact=True).first.wait_for(timeout=WAIT_MS)
     assert re.search(r"/#/experiments/\d+/runs\?", page.url), page.url  # the runs, not the GenAI overview
     assert_model_training_view(page)
-    page.screenshot(path=str(ARTIFACTS / "mlflow-ui-study-link.png"))
+    page.get_by_text("Per-epoch curves").first.wait_for(timeout=WAIT_MS)
+    # The first chart section holds the per-epoch curves; the other metrics follow in "Model metrics".
+    sections = page.evaluate("""Array.from(document.querySelectorAll('*')).filter(e => e.children.length === 0)
+                                .map(e => e.textContent.trim()).filter(t => /^(Per-epoch curves|Model metrics)/.test(t))""")
+    assert sections and sections[0].startswith("Per-epoch curves"), sections
+    close = page.get_by_role("button", name="Close")  # MLflow's assistant panel, which opens itself on a first visit
+    if close.count():
+        close.first.click()
+    page.wait_for_timeout(2000)  # the charts draw after their data arrives
+    page.screenshot(path=str(ARTIFACTS / "mlflow-ui-first-view.png"), full_page=True)
+
+
+def test_ui_listens_on_this_machine_only_and_nests_the_trials(ui, page):
+    """By default the UI is reachable from this machine only; its runs table shows the parent run (named after the
+    study), whose expander reveals the trials."""
+    base = ui["base"]
+    assert listening_addresses(ui["port"]) == {"127.0.0.1"}
+    with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name={STUDY}") as response:
+        experiment_id = json.load(response)["experiment"]["experiment_id"]
+    request = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", data=json.dumps({"experiment_ids": [experiment_id]}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request) as response:
+        runs = json.load(response)["runs"]
+    tags = [{t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in runs]
+    parent = [run["info"]["run_id"] for run, t in zip(runs, tags) if t.get("study.role") == "parent"]
+    assert len(parent) == 1
+    assert sorted(t["mlflow.runName"] for t in tags if t.get("mlflow.parentRunId") == parent[0]) == TRIALS
+
+    page.goto(f"{base}/#/experiments/{experiment_id}/runs")
+    parent_cell = page.locator("[role=gridcell]", has_text=STUDY).first
+    parent_cell.wait_for(timeout=WAIT_MS)
+    parent_cell.locator("button").first.click()
+    for name in TRIALS:
+        page.locator("[role=gridcell]", has_text=name).first.wait_for(timeout=WAIT_MS)
+    page.screenshot(path=str(ARTIFACTS / "mlflow-ui.png"), full_page=True)
 
 
 def test_report_run_link_opens_the_trial_in_model_training(ui, page):
     """The report's link to a trial's run (written for the UI at `study ui`'s default address) opens the run page
     with the model-training sidebar."""
-    base, _, home = ui
+    base, home = ui["base"], ui["home"]
     report = (home / "reports" / f"{STUDY}.html").read_text()
     links = re.findall(r'href="http://127\.0\.0\.1:5000(/#/experiments/\d+/runs/[0-9a-f]{32}\?workflowType=machine_learning)"', report)
     assert links, "the report links no run in the model-training view"
@@ -115,9 +165,55 @@ def test_report_run_link_opens_the_trial_in_model_training(ui, page):
 
 
 def test_model_version_link_opens_in_model_training(ui, page):
-    _, lines, _ = ui
-    page.goto(printed_links(lines)[f"model {MODEL} v1"])
+    page.goto(printed_links(ui["lines"])[f"model {MODEL} v1"])
     page.get_by_text("Version 1").first.wait_for(timeout=WAIT_MS)
     page.get_by_text(f"Optuna study {STUDY}").first.wait_for(timeout=WAIT_MS)  # the version's description
     assert_model_training_view(page)
     page.screenshot(path=str(ARTIFACTS / "mlflow-ui-model-version.png"))
+
+
+# --- last: stopping it ---------------------------------------------------------------------------------------
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_sigterm_stops_the_server_and_nothing_was_written_or_warned(ui):
+    """SIGTERM to `study ui` stops its server and the server's workers, and frees the port; after all the browsing
+    above, no file of the study home or the working directory changed, and `ui` printed no third-party warning."""
+    process = ui["process"]
+    servers = _descendants(process.pid)
+    assert len(servers) >= 2, servers  # mlflow ui and its uvicorn server at least
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    deadline = time.monotonic() + 30  # the group got SIGTERM before `ui` exited; reaping by init may lag a moment
+    while any(_alive(pid) for pid in servers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [pid for pid in servers if _alive(pid)] == []
+    assert listening_addresses(ui["port"]) == set()
+    after = fingerprint(ui["home"], ui["workdir"])
+    record_read_only(1, len(changed(ui["before"], after)))
+    assert changed(ui["before"], after) == []
+    assert [line for line in ui["stderr"]().splitlines() if "Warning" in line] == []

@@ -5,16 +5,13 @@ the section that exists, and no command prints a third-party warning."""
 from __future__ import annotations
 
 import re
-import signal
-import subprocess
-import sys
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from reliability.checks import check_consistent
 
-from conftest import LENET, ROOT, command_env, free_port, journal, make_spec, run_cli, run_main, wait_until_up
+from conftest import LENET, ROOT, journal, make_spec, run_cli, run_main
 from dashboards import record
 
 # Two trials of one epoch each: the first (lr 0.2) reaches 0.125 validation accuracy, the second (lr 1e-9) learns
@@ -86,7 +83,8 @@ def test_the_budget_help_points_at_its_section():
 
 @pytest.mark.slow
 def test_no_command_prints_a_third_party_warning(tmp_path):
-    """Each command in a whole new interpreter, as a user starts it (warnings are printed once per process)."""
+    """Each command in a whole new interpreter, as a user starts it (warnings are printed once per process); `ui`'s
+    standard error is checked in test_mlflow_ui.py, where its server runs."""
     env = {"STUDY_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": None}
     # Two architectures, one with a parameter of its own: Optuna's parameter importance (the report) warns about such.
     spec = make_spec(tmp_path, "quiet", LENET, fixed={"arch": None}, search={"arch": {"choices": ["lenet", "lenet_bn"]}},
@@ -101,21 +99,5 @@ def test_no_command_prints_a_third_party_warning(tmp_path):
         result = run_cli(*argv, env=env, fresh=True)
         assert result.returncode == 0, result.stderr
         errors[" ".join(argv)] = result.stderr
-    errors["ui"] = _ui_errors(env)
     warnings = {name: [line for line in text.splitlines() if "Warning" in line] for name, text in errors.items()}
     assert not any(warnings.values()), warnings
-
-
-def _ui_errors(env: dict) -> str:
-    """`study ui` until its server answers, then Ctrl-C: what it wrote to standard error."""
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "study", "ui", "--port", str(port)], cwd=ROOT, env=command_env(env),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_until_up(f"http://127.0.0.1:{port}/health", process, "study ui")
-    finally:
-        process.send_signal(signal.SIGINT)
-        errors = process.communicate(timeout=60)[1]
-    assert process.returncode == 0, errors
-    return errors
-

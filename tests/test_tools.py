@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import ARTIFACTS, ROOT, free_port, journal, make_spec, run_cli, wait_until_up
+from conftest import ARTIFACTS, ROOT, journal, make_spec, run_cli
 
 # A LeNet study that trains in seconds; its first trial runs a single epoch ("after 1 epoch").
 LENET_SMALL = {
@@ -200,65 +199,7 @@ def test_launch_records_what_peak_memory_measured(launched):
     assert "peak resident memory added per trial, CPU" in report
 
 
-# --- `study ui` and its server -------------------------------------------------------------------------------
-
-def _descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def _answers(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
-
-
-@pytest.mark.slow  # a real `mlflow server` behind `study ui`
-def test_sigterm_stops_the_ui_server_and_its_workers(launched):
-    home, _ = launched
-    port = free_port()
-    env = {**os.environ, "STUDY_HOME": str(home)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    ui = subprocess.Popen([sys.executable, "-m", "study", "ui", "--port", str(port)], cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_until_up(f"http://127.0.0.1:{port}/health", ui, "MLflow UI", log=ui.stdout.read)
-        servers = _descendants(ui.pid)
-        assert len(servers) >= 2, servers  # mlflow ui and its uvicorn server at least
-        ui.send_signal(signal.SIGTERM)
-        assert ui.wait(timeout=60) == 0
-        output = ui.stdout.read()
-        assert "lenet_small: http://127.0.0.1:" in output and "viewStateShareKey=trials" in output
-        deadline = time.monotonic() + 30  # the group got SIGTERM before `ui` exited; reaping by init may lag a moment
-        while any(_alive(pid) for pid in servers) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert [pid for pid in servers if _alive(pid)] == []
-        assert not _answers(port)
-    finally:
-        if ui.poll() is None:
-            ui.kill()
-            ui.wait()
-
+# --- `study ui` (its server: test_mlflow_ui.py) ---------------------------------------------------------------
 
 def test_ui_on_a_busy_port_is_one_line_and_exit_1(launched):
     home, _ = launched
@@ -271,39 +212,6 @@ def test_ui_on_a_busy_port_is_one_line_and_exit_1(launched):
     assert result.stdout == ""  # no links to a server that is not ours
     (line,) = result.stderr.splitlines()
     assert line.startswith(f"error: --port {port}: 127.0.0.1:{port} is already in use") and "--port " in line.split(";")[1]
-
-
-@pytest.mark.slow  # a real `mlflow server` behind `study ui`
-def test_ui_first_view_shows_trials_and_curves(launched, page, tmp_path):
-    """The link `study ui` prints, opened in Chromium: model-training view, trials listed flat, per-epoch curves first."""
-    home, _ = launched
-    port = free_port()
-    env = {**os.environ, "STUDY_HOME": str(home)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = tmp_path / "ui.log"
-    with log.open("w") as output:
-        ui = subprocess.Popen([sys.executable, "-m", "study", "ui", "--port", str(port)], cwd=ROOT, env=env, stdout=output,
-                              stderr=subprocess.STDOUT)
-    try:
-        wait_until_up(f"http://127.0.0.1:{port}/health", ui, "MLflow UI", log=log.read_text)
-        link = next(line.split(": ", 1)[1] for line in log.read_text().splitlines() if line.strip().startswith("lenet_small:"))
-        page.goto(link)
-        for name in ("trial-0", "trial-1", "trial-2"):  # flat, not folded under the parent run
-            page.get_by_role("link", name=name, exact=True).first.wait_for(timeout=90_000)
-        page.get_by_text("Per-epoch curves").first.wait_for(timeout=60_000)
-        assert "workflowType=machine_learning" in page.url  # the model-training view, not the GenAI one
-        # The first chart section holds the per-epoch curves; the other metrics follow in "Model metrics".
-        sections = page.evaluate("""Array.from(document.querySelectorAll('*')).filter(e => e.children.length === 0)
-                                    .map(e => e.textContent.trim()).filter(t => /^(Per-epoch curves|Model metrics)/.test(t))""")
-        assert sections and sections[0].startswith("Per-epoch curves"), sections
-        close = page.get_by_role("button", name="Close")  # MLflow's assistant panel, which opens itself on a first visit
-        if close.count():
-            close.first.click()
-        page.wait_for_timeout(2000)  # the charts draw after their data arrives
-        page.screenshot(path=str(ARTIFACTS / "mlflow-ui-first-view.png"), full_page=True)
-    finally:
-        ui.send_signal(signal.SIGTERM)
-        ui.wait(timeout=60)
 
 
 # --- the report ----------------------------------------------------------------------------------------------

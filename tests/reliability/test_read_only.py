@@ -3,22 +3,18 @@
 On each kind of storage (the study home's journal file, SQLite, PostgreSQL, the gRPC proxy in front of a journal)
 a tiny study is launched; then the study home, the storage (its directory, or every row of the database) and the
 working directory are fingerprinted before and after list, show (by name and by the spec's path, as launch took
-it), export to CSV and Parquet, report, inspect and ui, and must be the same. A --storage that is not a journal,
-or does not exist, is refused in one line and left as it was (not emptied, not created)."""
+it), export to CSV and Parquet, report and inspect, and must be the same (ui: in test_mlflow_ui.py, after a browser
+has used it). A --storage that is not a journal, or does not exist, is refused in one line and left as it was (not
+emptied, not created)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
-from conftest import LENET, ROOT, free_port, make_spec, postgres_database, run_cli, run_main, storage_proxy, wait_until_up
+from conftest import LENET, make_spec, postgres_database, run_cli, run_main, storage_proxy
 from reliability.checks import changed, fingerprint, record_read_only
 
 STORAGES = ["journal", "sqlite", pytest.param("postgresql", marks=pytest.mark.slow), pytest.param("proxy", marks=pytest.mark.slow)]
@@ -79,33 +75,6 @@ def test_read_only_commands_change_no_file(kind, launched, tmp_path, monkeypatch
     record_read_only(len(commands), len(changed(before, after)))
     assert changed(before, after) == []
     assert sorted(path.name for path in out.iterdir()) == ["report.html", "trials.csv", "trials.parquet"]
-
-
-@pytest.mark.slow  # a real MLflow UI server
-def test_ui_changes_no_file(launched, tmp_path):
-    home, _ = launched
-    workdir = tmp_path / "workdir"
-    workdir.mkdir()
-    before = fingerprint(home, workdir)
-    port = free_port()
-    env = {**os.environ, "STUDY_HOME": str(home), "PYTHONPATH": str(ROOT)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = tmp_path / "ui.log"
-    with log.open("w") as output:
-        ui = subprocess.Popen([sys.executable, "-m", "study", "ui", "--port", str(port)], cwd=workdir, env=env, stdout=output, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(f"{base}/health", ui, "MLflow UI", log=log.read_text)
-        with urllib.request.urlopen(base) as page:
-            assert b"<html" in page.read()
-        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/search?max_results=10") as answer:
-            assert b'"readonly_journal"' in answer.read()
-    finally:
-        ui.send_signal(signal.SIGTERM)  # `ui` stops its server's whole process group
-        ui.wait(60)
-    after = fingerprint(home, workdir)
-    record_read_only(1, len(changed(before, after)))
-    assert changed(before, after) == []
 
 
 def test_a_torn_journal_is_read_as_it_is_and_no_mlflow_store_is_made(launched, tmp_path, monkeypatch):
