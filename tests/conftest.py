@@ -110,9 +110,9 @@ def tiny_spec(tmp_path):
 
 # The files that take longest go first: with one test file per test process at a time (`make test`), the processes
 # then finish together instead of one waiting on another's last long file.
-LONGEST_FIRST = ("reliability/test_kill.py", "reliability/test_matrix_local.py", "reliability/test_matrix_remote.py", "test_scale.py", "test_ray.py",
-                 "test_mlflow_server.py", "test_tools.py",
-                 "reliability/test_faults.py", "test_decide.py", "test_report.py", "reliability/test_unresponsive.py")
+LONGEST_FIRST = ("test_scale.py", "reliability/test_matrix_local.py", "reliability/test_matrix_remote.py", "test_ray.py", "reliability/test_kill.py",
+                 "reliability/test_unresponsive.py", "test_records.py", "test_mlflow_ui.py", "test_report.py", "test_mlflow_server.py",
+                 "test_slurm.py", "reliability/test_faults.py", "test_tools.py", "test_decide.py")
 
 
 def pytest_collection_modifyitems(items):
