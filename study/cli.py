@@ -297,7 +297,6 @@ def _register_best(tracker, study, name: str, console) -> None:
     """--register NAME: the study's best trial's logged model as a version of registered model NAME."""
     from optuna.trial import TrialState
 
-
     if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
         console.print(f"--register {name}: no completed trial, so no model to register")
         return

@@ -34,7 +34,7 @@ from study.storage import pid_alive
 from study.tracking import FINAL_METRICS, RUN_STATUS, Tracker
 
 RECONCILED_TAG = "optuna.reconciled"  # on a run written or closed after its trial, from the Optuna storage
-RETRAINED_TAG = "optuna.retrained"    # on a model trained again after its first logging failed
+RETRAINED_TAG = "optuna.retrained"    # on a model trained again: its logging failed, or its run was written again
 
 
 def child_runs(tracker: Tracker) -> dict[int, list]:
@@ -112,14 +112,15 @@ def repair_models(study: optuna.Study, tracker: Tracker, plan: Plan, keeps_model
             and (runs[trial.number].info.run_id in failed_runs or RECONCILED_TAG in runs[trial.number].data.tags)]
     data = objectives.load_fashion_mnist(data_dir) if lost else None
     for trial in lost:
-        console.print(f"trial {trial.number}: its network was never logged to MLflow (the write failed); training it again from its "
-                      "recorded configuration and seed to log it")
+        why = "its logging failed" if runs[trial.number].info.run_id in failed_runs else "its run was written again from the Optuna storage"
+        console.print(f"trial {trial.number}: MLflow holds no network of it ({why}); training it again from its recorded "
+                      "configuration and seed to log it")
         config = record.train_config(trial) or plan.config(trial.params)
         # The device it trained on may be another machine's (a Ray node's GPU): this machine's, unless it was the CPU.
         result = objectives.train(dataclasses.replace(config, device=config.device if config.device in ("auto", "cpu") else "auto"), data)
         model_uri = tracker.log_model(runs[trial.number].info.run_id, trial.number, result, data)
         tracker.client.set_logged_model_tags(model_uri.removeprefix("models:/"), {RETRAINED_TAG: (
-            f"trained again from the trial's recorded configuration and seed after its first logging failed: val_accuracy "
+            f"trained again from the trial's recorded configuration and seed ({why}): val_accuracy "
             f"{result.val_accuracy:.4f}, the trial's {trial.values[0]:.4f}")})
     return [trial.number for trial in lost]
 

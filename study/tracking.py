@@ -400,9 +400,17 @@ class Tracker:
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self.client.set_terminated(run_id, status=RUN_STATUS[state])
 
+    def trial_run_id(self, number: int, recorded: str | None) -> str | None:
+        """Trial `number`'s run under this study's parent as MLflow holds it now, else the id the trial `recorded`: a
+        rebuilt store holds a run written again, whose id the finished trial cannot record."""
+        runs = self.client.search_runs([self.experiment_id], max_results=1, filter_string=(
+            f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and tags.`{record.TRIAL_NUMBER_TAG}` = '{number}'"))
+        return runs[0].info.run_id if runs else recorded
+
     def update_parent(self, best_number: int | None, best_value: float | None, counts: dict[str, int],
                       best_metrics: dict[str, float] | None = None, best_run_id: str | None = None) -> None:
-        """The study so far; step = finished trials, so the parent's charts show the best value as the study goes."""
+        """The study so far; step = finished trials, so the parent's charts show the best value as the study goes.
+        `best_run_id`: the run id the best trial recorded."""
         step, now = sum(counts.values()), _now_ms()
         metrics = [Metric(f"trials_{state.lower()}", float(n), now, step) for state, n in counts.items()]
         tags = []
@@ -410,8 +418,8 @@ class Tracker:
             metrics.append(Metric("best_val_accuracy", float(best_value), now, step))
             metrics += [Metric(f"best_{key}", float(value), now, step) for key, value in (best_metrics or {}).items()]
             tags.append(RunTag("best_trial", str(best_number)))
-            if best_run_id:
-                tags.append(RunTag("best_trial_run_id", best_run_id))
+            if run_id := self.trial_run_id(best_number, best_run_id):
+                tags.append(RunTag("best_trial_run_id", run_id))
         self.client.log_batch(self.parent_run_id, metrics=metrics, tags=tags)
 
     def log_model(self, run_id: str, number: int, result: TrainResult, data: FashionMNIST, name: str | None = None) -> str:
@@ -482,7 +490,10 @@ class Tracker:
         config = record.config(trial)
         test_accuracy = trial.user_attrs.get("test_accuracy")
         scores = {"val_accuracy": trial.values[0], **({"test_accuracy": test_accuracy} if test_accuracy is not None else {})}
-        return self.register_run_model(name, trial.user_attrs[record.MLFLOW_RUN_ID], f"Optuna study {self.study_name}, trial {trial.number}",
+        run_id = self.trial_run_id(trial.number, trial.user_attrs.get(record.MLFLOW_RUN_ID))
+        if run_id is None:
+            return None
+        return self.register_run_model(name, run_id, f"Optuna study {self.study_name}, trial {trial.number}",
                                        trial.number, scores, config)
 
     def register_run_model(self, name: str, run_id: str, what: str, number: int, scores: dict[str, float], config: dict):

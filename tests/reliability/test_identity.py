@@ -1,7 +1,7 @@
 """The MLflow mirror is keyed by the study's identity in its storage, not by its name: a replaced journal or
 another storage's study of the same name gets a parent run of its own, with no trial run twice under one
-parent. And a store rebuilt from the Optuna storage (the recovery path after losing MLflow) reports and exports
-its live runs."""
+parent. And a store rebuilt from the Optuna storage (the recovery path after losing MLflow) reports, exports and
+registers its live runs."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import journal, postgres_database, run_cli
+from conftest import LENET, journal, make_spec, postgres_database, run_cli
 from dashboards.record import parent_runs, trial_runs
 from reliability.checks import check_consistent, record_fault, sqlite_uri
 from study.storage import APPLICATION_NAME, WAITING, open_storage, setup_lock
@@ -67,6 +67,37 @@ def test_report_after_the_mlflow_store_is_rebuilt_from_the_optuna_storage(study_
     assert len(recorded - held) == 2  # trials 0 and 1 recorded runs the lost store held
     record_fault("MLflow store lost, rebuilt from Optuna, then report", 1,
                  check_consistent("kill", journal(study_home), sqlite_uri(study_home), total=3))
+
+
+# The first two trials learn (LeNet-BN); the third, lr 1e-9, does not: the best trial is one the lost store held.
+REBUILT = {**LENET, "fixed": {**LENET["fixed"], "arch": "lenet_bn"}, "search": {"lr": {"low": 1e-9, "high": 0.2, "log": True}},
+           "enqueue": [{"lr": 0.2}, {"lr": 0.1}, {"lr": 1e-9}]}
+
+
+def test_register_after_the_mlflow_store_is_rebuilt_takes_the_live_run(study_home, tmp_path):
+    """--register and the parent's best-trial link after a rebuilt store: the best trial's run as MLflow holds it now
+    (written again, its model trained again), not the run id the trial recorded, which the lost store held."""
+    spec = make_spec(tmp_path, "rebuilt", REBUILT)
+    env = {"STUDY_HOME": str(study_home)}
+    assert run_cli("launch", str(spec), "--trials", "2", env=env).returncode == 0
+    (study_home / "mlflow.db").unlink()
+    shutil.rmtree(study_home / "mlartifacts")
+    again = run_cli("launch", str(spec), "--trials", "3", "--register", "rebuilt-best", env=env)
+    assert again.returncode == 0, again.stderr
+    assert "its run was written again from the Optuna storage" in again.stdout and "registered model: rebuilt-best version 1" in again.stdout
+    study = optuna.load_study(study_name="rebuilt", storage=journal(study_home))
+    best = max(study.best_trials, key=lambda t: t.values[0])
+    assert best.number in (0, 1), [t.values for t in study.trials]  # the premise: the best trial ran before the store was lost
+    client = MlflowClient(tracking_uri=sqlite_uri(study_home))
+    experiment = client.get_experiment_by_name("rebuilt").experiment_id
+    (parent,) = client.search_runs([experiment], filter_string="tags.`study.role` = 'parent'")
+    live = {number: found[0].info.run_id for number, found in trial_runs(client, experiment, parent.info.run_id).items()}
+    assert live[best.number] != best.user_attrs["mlflow_run_id"]
+    (version,) = client.search_model_versions("name = 'rebuilt-best'")
+    assert version.run_id == live[best.number] and client.get_run(version.run_id).data.tags["model_uri"] == version.source
+    assert parent.data.tags["best_trial"] == str(best.number) and parent.data.tags["best_trial_run_id"] == live[best.number]
+    record_fault("MLflow store lost, rebuilt from Optuna, then --register", 1,
+                 check_consistent("rebuilt", journal(study_home), sqlite_uri(study_home), total=3))
 
 
 def _lock_waiters(directory: Path, database: str | None) -> int:
