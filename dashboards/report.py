@@ -107,6 +107,7 @@ class Mlflow:
         self.client = MlflowClient(tracking_uri=tracking_uri) if tracking_uri else None
         self.ui_url = ui_url
         self.experiment_ids = {}
+        self.stopped: str | None = None  # why MLflow was asked no more, once it failed a request part-way
         self.trial_run_ids: dict[tuple[str, int], str] = {}  # (study, trial number) -> run id, as MLflow holds them
         for study in studies if self.client else []:
             experiment = self.client.get_experiment_by_name(study.study_name)
@@ -127,12 +128,18 @@ class Mlflow:
         return f"{self.ui_url}/#/experiments/{self.experiment_ids[row['study']]}/runs/{row['mlflow_run_id']}?workflowType=machine_learning"
 
     def losses(self, run_ids) -> dict[str, list[tuple[int, float]]]:
+        """Each run's (epoch, train_loss) points. A run the store does not hold is skipped; once MLflow fails a request
+        otherwise (it stopped answering after the report began), it is asked nothing more: each request waits its
+        bounded time, which a hundred drawn trials would multiply. `self.stopped` then says why."""
         found = {}
         for run_id in run_ids if self.client else []:
             try:
                 history = self.client.get_metric_history(run_id, "train_loss")
-            except MlflowException:
-                continue
+            except MlflowException as error:
+                if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+                    continue
+                self.stopped = error.message.splitlines()[0][:300]
+                break
             found[run_id] = sorted((m.step, m.value) for m in history)
         return found
 
@@ -252,8 +259,12 @@ def curves_section(frame: pd.DataFrame, mlflow: Mlflow) -> Section:
     wanted = []
     for _, group in frame.groupby("study", sort=False):
         wanted += [run_id for drawn in figures.curve_trials(group) for run_id in drawn["mlflow_run_id"]]
-    losses = mlflow.losses(run_id for run_id in wanted if run_id)
-    if not losses:
+    wanted = [run_id for run_id in wanted if run_id]
+    losses = mlflow.losses(wanted)
+    if mlflow.stopped:
+        section.note(f"MLflow stopped answering while the report read the training losses, so {len(losses)} of {len(wanted)} "
+                     f"drawn trials have theirs: {mlflow.stopped}")
+    elif not losses:
         section.note("The training losses come from MLflow, which holds no runs for these trials; only validation accuracy is drawn.")
     section.parts.append(("plot-curves", figures.learning_curves_figure(frame, losses)))
     return section

@@ -10,10 +10,11 @@ import importlib.util
 import socket
 import sqlite3
 import threading
+import urllib.parse
 
 import pytest
 
-from conftest import free_port, hold_env, journal, run_cli, run_cli_together, wait_for_holds
+from conftest import free_port, hold_env, journal, run_cli, run_cli_together, run_main, wait_for_holds
 from reliability.checks import check_consistent, record_fault, sqlite_uri
 
 # The suite's own outage test shortens MLflow's waits by environment; these tests keep the defaults.
@@ -177,3 +178,40 @@ def test_report_and_export_with_a_tracking_server_that_never_answers(tiny_study,
         assert done.returncode == 1 and done.stderr.count("\n") == 1 and address in done.stderr, done.stderr
         assert MLFLOW_FAULTS[fault] in done.stderr, done.stderr
     assert list(tmp_path.iterdir()) == []  # neither the report nor the export, nor a temporary one
+
+
+def test_report_asks_a_tracking_server_that_fails_part_way_nothing_more(study_home, lenet_spec, monkeypatch):
+    """MLflow failing once the report is under way (here every training-loss history answers 503, under the MLflow
+    waits `study` sets): the report asks for one run's history, not each drawn trial's, and says why the losses are
+    missing."""
+    import optuna
+
+    from dashboards import report
+    from study.cli import MLFLOW_HTTP_DEFAULTS
+
+    assert run_main("launch", str(lenet_spec), "--trials", "3", "--log-model", "none").returncode == 0
+    asked = []
+
+    class Failing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query).get("run_id", [""])[0])
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    for name, value in MLFLOW_HTTP_DEFAULTS.items():
+        monkeypatch.setenv(name, value)
+    try:
+        frame = report.trials_frame([optuna.load_study(study_name="kill", storage=journal(study_home))])
+        section = report.curves_section(frame, report.Mlflow(f"http://127.0.0.1:{server.server_address[1]}", "http://127.0.0.1:5000", []))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(set(asked)) == 1 and asked[0] in set(frame["mlflow_run_id"]), asked
+    (note,) = [part for part in section.parts if isinstance(part, str) and "stopped answering" in part]
+    assert "0 of 3 drawn trials have theirs" in note
