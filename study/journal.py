@@ -22,6 +22,8 @@ from pathlib import Path
 
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
+from dashboards.files import write_whole
+
 
 class JournalCorrupt(ValueError):
     """A record in the middle of the journal file is not valid JSON, or the file holds no record at all."""
@@ -91,7 +93,8 @@ def repair(path: Path) -> Path | None:
         if start is None:
             return None
         aside = path.with_name(f"{path.name}.torn-{time.strftime('%Y%m%dT%H%M%S')}-{start}")
-        aside.write_bytes(content[start:])
+        # Whole and on the disk before the journal lets go of the tail: a full disk or a crash loses no byte of it.
+        write_whole(aside, lambda out: out.write(content[start:]))
         with path.open("r+b") as journal:
             journal.truncate(start)
         return aside

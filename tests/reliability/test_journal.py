@@ -72,3 +72,27 @@ def journal_at(path):
     import optuna
 
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+
+def test_a_torn_tail_that_does_not_fit_on_the_disk_stays_in_the_journal(study_home, lenet_spec, small_tmpfs):
+    """The torn tail is set aside whole or not at all: on a disk without room for it the launch stops with one line
+    naming the file it could not write, the journal keeps every byte, and no part of a side file is left."""
+    storage = small_tmpfs / "optuna.journal"
+    env = {"STUDY_HOME": str(study_home)}
+    argv = ["launch", str(lenet_spec), "--storage", str(storage), "--log-model", "none", "--trials", "2"]
+    assert run_cli(*argv[:-1], "1", env=env).returncode == 0
+    storage.write_bytes(TAILS["partial garbage"](storage.read_bytes()) + b"x" * 65536)
+    before = storage.read_bytes()
+    filler = fill(small_tmpfs, leave=8192)  # room for a part of the 64 KiB tail, not for all of it
+    full = run_cli(*argv, env=env)
+    assert full.returncode == 1 and full.stderr.count("\n") == 1, full.stderr
+    assert f"cannot write {storage}.torn-" in full.stderr and "No space left on device" in full.stderr, full.stderr
+    assert storage.read_bytes() == before
+    assert sorted(path.name for path in small_tmpfs.iterdir()) == ["filler", "optuna.journal"]
+    filler.unlink()
+
+    again = run_cli(*argv, env=env)
+    assert again.returncode == 0, again.stderr
+    (aside,) = small_tmpfs.glob("optuna.journal.torn-*")
+    assert before.endswith(aside.read_bytes()) and aside.stat().st_size > 65536
+    record_fault("journal tail set aside on a full disk", 1, check_consistent("kill", journal_at(storage), sqlite_uri(study_home), total=2))
