@@ -252,11 +252,18 @@ def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | Non
                       f"journal that was replaced); this study's trials go under a parent run of their own, {tracker.parent_run_id}")
     if args.log_model != "none":
         console.print(PICKLE_NOTE)
+    to_run = settings.total - count_done(study.get_trials(deepcopy=False))
     if ray_slots:
-        console.print(f"Ray cluster {args.ray}: trials run as Ray actors, {args.workers or 'as many as the cluster holds'} at once")
+        if args.workers is None:
+            at_once = "as many as the cluster holds" + (f", at most {to_run}" if to_run > 0 else "")
+        elif args.workers > to_run > 0:
+            at_once = f"{to_run} (not {args.workers}: {to_run} trial{'' if to_run == 1 else 's'} still to run)"
+        else:
+            at_once = str(args.workers)
+        console.print(f"Ray cluster {args.ray}: trials run as Ray actors, {at_once} at once")
     else:
         asked = len(slots)
-        slots, why = cap_workers(slots, settings.total - count_done(study.get_trials(deepcopy=False)))
+        slots, why = cap_workers(slots, to_run)
         if asked > 1:
             shown = f"{len(slots)} worker{'' if len(slots) == 1 else 's'}: {', '.join('cpu' if d == 'auto' else d for d in slots)}"
             console.print(f"{shown} (not {asked}: {why})" if why else shown)

@@ -268,7 +268,8 @@ class Scheduler:
             return 0
         # Loaded here also with worker processes: MLflow's dataset input and the logged models' test predictions need it.
         runner.data = load_fashion_mnist(self.data_dir)
-        slots = self.make_slots(runner.data)
+        # No more slots than trials still to run: a Ray actor is placed for each slot, and one beyond would hold a CPU idle.
+        slots = self.make_slots(runner.data)[:total - done]
         self.forecast = self._forecast(total - done, len(slots))
         runner.console.print(self.forecast.describe(runner.budget, self.study.get_trials(deepcopy=False)))
         stop = threading.Event()

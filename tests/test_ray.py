@@ -127,8 +127,10 @@ def _study(home: Path) -> optuna.Study:
 def test_a_study_spreads_over_both_nodes(cluster, launch, study_home):
     instance, holds = cluster
     holds.auto.set()
-    code, output = _finish(launch(instance.address, 4))
+    code, output = _finish(launch(instance.address, 4, "--workers", "9"))
     assert code == 0, output
+    # No more actors than trials to run: 4 slots, not 9 (two of them wait for a CPU of the two nodes).
+    assert "trials run as Ray actors, 4 (not 9: 4 trials still to run) at once" in output and "4 at a time" in output, output
     trials = _study(study_home).get_trials()
     nodes = {t.user_attrs["node"] for t in trials}
     assert len(nodes) == 2, nodes  # hostname/Ray node id: the two nodes share this host's name
