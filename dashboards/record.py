@@ -154,13 +154,14 @@ def parent_runs(client, experiment_id: str, study_uid: str | None) -> list:
     return [run for run in parents if run.data.tags.get(UID_TAG) == study_uid]
 
 
-def trial_runs(client, experiment_id: str, parent_run_id: str) -> dict[int, list]:
-    """The study's trial runs by trial number (a list, so that a duplicate would show).
+def trial_runs(client, experiment_id: str, parent_run_id: str, number: int | None = None) -> dict[int, list]:
+    """The study's trial runs by trial number (a list, so that a duplicate would show); trial `number`'s alone when given.
 
     This, not the trial's `mlflow_run_id` attribute, is how a run rebuilt after the trial finished is found:
     Optuna cannot change a finished trial's attributes."""
+    where = f"tags.`mlflow.parentRunId` = '{parent_run_id}'" + ("" if number is None else f" and tags.`{TRIAL_NUMBER_TAG}` = '{number}'")
     runs: dict[int, list] = {}
-    for run in client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=50000):
+    for run in client.search_runs([experiment_id], filter_string=where, max_results=50000):
         runs.setdefault(int(run.data.tags[TRIAL_NUMBER_TAG]), []).append(run)
     return runs
 

@@ -403,8 +403,7 @@ class Tracker:
     def trial_run_id(self, number: int, recorded: str | None) -> str | None:
         """Trial `number`'s run under this study's parent as MLflow holds it now, else the id the trial `recorded`: a
         rebuilt store holds a run written again, whose id the finished trial cannot record."""
-        runs = self.client.search_runs([self.experiment_id], max_results=1, filter_string=(
-            f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and tags.`{record.TRIAL_NUMBER_TAG}` = '{number}'"))
+        runs = record.trial_runs(self.client, self.experiment_id, self.parent_run_id, number).get(number)
         return runs[0].info.run_id if runs else recorded
 
     def update_parent(self, best_number: int | None, best_value: float | None, counts: dict[str, int],
