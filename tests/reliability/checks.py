@@ -34,18 +34,28 @@ FIGURES_MD = ARTIFACTS / "reliability.md"
 
 # ---- figures: what the README's table shows, written at the end of the session ----
 
-FIGURES: dict = {"faults": {}, "bad_inputs": {"tried": 0, "tracebacks": 0}, "read_only": {"commands": 0, "files_changed": 0}}
+def _empty_figures() -> dict:
+    return {"faults": {}, "hostile": {}, "bad_inputs": {"tried": 0, "tracebacks": 0}, "read_only": {"commands": 0, "files_changed": 0}}
+
+
+FIGURES: dict = _empty_figures()
 
 
 def record_fault(kind: str, repetitions: int, counts: Counts) -> None:
-    _add_fault(FIGURES, kind, {"repetitions": repetitions, "trials_checked": counts.trials, "trials_lost": counts.lost,
-                               "duplicates": counts.duplicates})
+    _add_row(FIGURES["faults"], kind, {"repetitions": repetitions, "trials_checked": counts.trials, "trials_lost": counts.lost,
+                                       "duplicates": counts.duplicates})
 
 
-def _add_fault(figures: dict, kind: str, row: dict) -> None:
-    total = figures["faults"].setdefault(kind, dict.fromkeys(row, 0))
+def _add_row(table: dict, kind: str, row: dict) -> None:
+    total = table.setdefault(kind, dict.fromkeys(row, 0))
     for key, value in row.items():
         total[key] += value
+
+
+def record_hostile(kind: str, tried: int, files_outside: int = 0, secrets_shown: int = 0, duplicates: int = 0) -> None:
+    """Hostile input (odd names, planted secrets, commands raced against each other) and what escaped: files written
+    outside the study home and the output path, secrets shown anywhere, things done twice that must happen once."""
+    _add_row(FIGURES["hostile"], kind, {"tried": tried, "files_outside": files_outside, "secrets_shown": secrets_shown, "duplicates": duplicates})
 
 
 def record_bad_inputs(tried: int, tracebacks: int) -> None:
@@ -63,6 +73,10 @@ def figures_markdown(figures: dict) -> str:
     lines = ["| fault injected | repetitions | trials checked | trials lost | duplicates |", "|---|---:|---:|---:|---:|"]
     for kind, row in sorted(figures["faults"].items()):
         lines.append(f"| {kind} | {row['repetitions']} | {row['trials_checked']} | {row['trials_lost']} | {row['duplicates']} |")
+    if figures.get("hostile"):
+        lines += ["", "| hostile input | tried | files outside | secrets shown | duplicates |", "|---|---:|---:|---:|---:|"]
+        for kind, row in sorted(figures["hostile"].items()):
+            lines.append(f"| {kind} | {row['tried']} | {row['files_outside']} | {row['secrets_shown']} | {row['duplicates']} |")
     bad = figures["bad_inputs"]
     lines += ["", "| bad inputs tried | tracebacks shown |", "|---:|---:|", f"| {bad['tried']} | {bad['tracebacks']} |"]
     read_only = figures["read_only"]
@@ -73,7 +87,7 @@ def figures_markdown(figures: dict) -> str:
 @pytest.fixture(scope="session", autouse=True)
 def figures():
     yield FIGURES
-    if not (FIGURES["faults"] or FIGURES["bad_inputs"]["tried"] or FIGURES["read_only"]["commands"]):
+    if not (FIGURES["faults"] or FIGURES["hostile"] or FIGURES["bad_inputs"]["tried"] or FIGURES["read_only"]["commands"]):
         return
     ARTIFACTS.mkdir(exist_ok=True)
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # under pytest-xdist each worker holds its share of the figures
@@ -83,12 +97,13 @@ def figures():
         if run:
             share = ARTIFACTS / f".reliability-{os.environ['PYTEST_XDIST_WORKER']}.json"
             share.write_text(json.dumps({**FIGURES, "run": run}))
-            merged = {"faults": {}, "bad_inputs": {"tried": 0, "tracebacks": 0}, "read_only": {"commands": 0, "files_changed": 0}}
+            merged = _empty_figures()
             for path in ARTIFACTS.glob(".reliability-*.json"):
                 part = json.loads(path.read_text())
                 if part["run"] == run:
-                    for kind, row in part["faults"].items():
-                        _add_fault(merged, kind, row)
+                    for table in ("faults", "hostile"):
+                        for kind, row in part[table].items():
+                            _add_row(merged[table], kind, row)
                     for table in ("bad_inputs", "read_only"):
                         for key in merged[table]:
                             merged[table][key] += part[table][key]
