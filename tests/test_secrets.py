@@ -9,10 +9,10 @@ from pathlib import Path
 
 import optuna
 import pytest
+from reliability.checks import MlflowServer
 
 from conftest import LENET, free_port, make_spec, postgres_database, run_cli
 from dashboards.masking import mask
-from reliability.checks import MlflowServer
 
 
 def _leaks(secret: str, outputs: list[str], *directories: Path) -> list[str]:
