@@ -35,7 +35,7 @@ from dashboards import record
 from objectives.data import FashionMNIST, cache_root
 from objectives.models import get_architecture
 from objectives.train import EpochMetrics, TrainConfig, TrainResult, resolve_device
-from study.storage import pid_alive
+from study.storage import mask, pid_alive
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 EPOCH_METRICS = tuple(f.name for f in dataclasses.fields(EpochMetrics) if f.name != "epoch")
@@ -61,8 +61,6 @@ class TrackingUnreachable(ConnectionError):
 
 def check_reachable(uri: str) -> None:
     """Before a command uses the tracking store (a launch, before it writes anything): a tracking server answers, an existing local store opens."""
-    from study.storage import mask
-
     if uri.startswith(("http://", "https://")):
         try:
             ask_server(f"{uri.rstrip('/')}/health")
@@ -84,8 +82,6 @@ def _check_api_answers(uri: str) -> None:
     sends the credentials and reports a refusal itself).
     """
     import urllib.error
-
-    from study.storage import mask
 
     try:
         ask_server(f"{uri.rstrip('/')}/{API_PROBE}", body=b'{"max_results": 1}')
@@ -240,8 +236,6 @@ def read_only_uri(home: Path) -> str | None:
 def ui_url(uri: str) -> str:
     """Where run links in reports point: the tracking server itself, or `python -m study ui`'s default. Without the
     URI's credentials (the browser asks for them), and masked like every URL the platform shows."""
-    from study.storage import mask
-
     if not uri.startswith(("http://", "https://")):
         return "http://127.0.0.1:5000"
     parts = urllib.parse.urlsplit(uri)
@@ -378,7 +372,7 @@ class Tracker:
         params = [p for p in params if p.key not in existing]  # params are write-once in MLflow
         note = (f"Optuna study **{self.study_name}** (preset {preset}, {sampler}, {pruner}); one nested run per trial. "
                 "The spec is the artifact spec.toml; best_trial and the best_* metrics follow the study as it runs.")
-        tags = [RunTag("optuna.storage", storage), RunTag("mlflow.note.content", note),
+        tags = [RunTag("optuna.storage", mask(storage)), RunTag("mlflow.note.content", note),  # MLflow keeps no secret
                 *(RunTag(key, value) for key, value in self.common_tags.items() if key != "host")]
         self.client.log_batch(self.parent_run_id, params=params, tags=tags)
         self.client.log_text(self.parent_run_id, spec_text, "spec.toml")
