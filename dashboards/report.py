@@ -32,6 +32,7 @@ from dashboards import figures, record
 from dashboards.decisions import confirmed_section, cost_model_section
 from dashboards.figures import COST_AXES, format_value
 from dashboards.files import WriteError, write_whole
+from dashboards.masking import mask
 from dashboards.section import Section
 
 CONFIG_SHOWN = ("arch", "resize", "ratio", "lr", "epochs", "batch_size", "momentum")  # a best trial's configuration, in this order
@@ -138,7 +139,7 @@ class Mlflow:
             except MlflowException as error:
                 if error.error_code == "RESOURCE_DOES_NOT_EXIST":
                     continue
-                self.stopped = error.message.splitlines()[0][:300]
+                self.stopped = mask(error.message.splitlines()[0])[:300]  # it names the tracking URI
                 break
             found[run_id] = sorted((m.step, m.value) for m in history)
         return found

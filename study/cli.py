@@ -535,7 +535,7 @@ def cmd_report(args) -> int:
 def cmd_ui(args) -> int:
     from mlflow.tracking import MlflowClient
 
-    from study.storage import home
+    from study.storage import home, mask
     from study.tracking import MODEL_TRAINING_CLICK, read_only_uri, tracking_uri, ui_links
 
     uri = tracking_uri(home())
@@ -548,7 +548,7 @@ def cmd_ui(args) -> int:
     if read_only is None:  # the UI server would create an empty store
         raise ValueError(f"no MLflow store at {uri.removeprefix('sqlite:///')} yet; launch a study first (`python -m study launch NAME`)")
     base = f"http://{args.host}:{args.port}"
-    print(f"MLflow UI on {uri}: {base}  (Ctrl-C stops it)")
+    print(f"MLflow UI on {mask(uri)}: {base}  (Ctrl-C stops it)")
     for name, link in ui_links(MlflowClient(tracking_uri=read_only), base):
         print(f"  {name}: {link}")
     print(MODEL_TRAINING_CLICK)
@@ -618,7 +618,7 @@ def cmd_serve_storage(args) -> int:
     from study.storage import mask, open_storage
 
     if args.storage.startswith("grpc://"):
-        raise ValueError(f"--storage {args.storage}: give the storage the proxy serves (postgresql://..., a journal file), not another proxy")
+        raise ValueError(f"--storage {mask(args.storage)}: give the storage the proxy serves (postgresql://..., a journal file), not another proxy")
     try:
         from study.storage_proxy import serve
     except ImportError:
@@ -644,18 +644,17 @@ def _add_worker_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _remote_ui(uri: str) -> int:
     """MLFLOW_TRACKING_URI names an `mlflow server`: it already serves the UI, so say where instead of starting one."""
-    import urllib.request
-
     from mlflow.tracking import MlflowClient
 
     from study.storage import mask
-    from study.tracking import MODEL_TRAINING_CLICK, ui_links
+    from study.tracking import MODEL_TRAINING_CLICK, PROBE_TIMEOUT, ask_server, ui_links, ui_url
 
-    shown = mask(uri).rstrip("/")
+    shown = ui_url(uri)  # without its credentials: the browser asks for them
     try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10)
+        ask_server(f"{uri.rstrip('/')}/health")
     except OSError as error:
-        raise ValueError(f"MLFLOW_TRACKING_URI={shown} does not answer ({getattr(error, 'reason', error)}); start that `mlflow server` or unset the variable") from None
+        raise ValueError(f"MLFLOW_TRACKING_URI={mask(uri).rstrip('/')} does not answer within {PROBE_TIMEOUT} s ({mask(str(getattr(error, 'reason', error)))}); "
+                         "start that `mlflow server` or unset the variable") from None
     print(f"MLFLOW_TRACKING_URI points to the MLflow server {shown}, which serves the UI itself; no local UI started. Open {shown}")
     for name, link in ui_links(MlflowClient(tracking_uri=uri), shown):
         print(f"  {name}: {link}")
@@ -778,8 +777,14 @@ def build_parser() -> argparse.ArgumentParser:
 # MLflow's HTTP client waits 120 s per request and retries 7 times with backoff: many minutes of silence when
 # a tracking server is down or does not answer. These bound every request to two tries of 10 s (urllib3 waits no
 # backoff before a first retry); a server silent from the start is refused sooner, by study.tracking.check_reachable.
-# A user's own settings win.
-MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+# A user's own settings win. The 10 s bound each read, not the request: MLflow (mlflow.utils.rest_utils.http_request)
+# hands requests a (connect, read) timeout and offers no hook for a total deadline (its request_auth plugins see the
+# request, not the wait), so a server that answers a byte at a time during a launch can still hold a write; only the
+# probes before anything is written (study.tracking.ask_server) have a total deadline.
+# MLflow also prints "View run ... at URL" with the tracking URI as given, credentials included: the platform prints
+# its own, masked, links.
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -798,11 +803,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from objectives.data import DataError
         from study.specs import SpecError
-        from study.storage import StorageError
+        from study.storage import StorageError, mask
 
         # OSError: a file that cannot be written or read, named in the message.
         known = isinstance(error, (DataError, SpecError, StorageError, ValueError, OSError))
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        # Masked again: an error from a library (MLflow's client, a database driver) may echo the URL it was given.
+        message = mask(str(error).strip().splitlines()[0]) if str(error).strip() else type(error).__name__
         print(f"error: {message}" if known else f"error: {type(error).__name__}: {message} (run with --debug for the traceback)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

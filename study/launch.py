@@ -82,7 +82,7 @@ class TrialRunner:
         try:
             return method(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 -- MlflowException, connection and database errors alike
-            self.tracking_error = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            self.tracking_error = mask((str(error).strip().splitlines() or [type(error).__name__])[0])  # MLflow's errors name the URI
             self.stopping.set()
             self.console.print(f"MLflow write failed ({self.tracking_error}); finishing the running trials into the Optuna storage only")
             return None

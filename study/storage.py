@@ -11,7 +11,6 @@ from __future__ import annotations
 import fcntl
 import os
 import random
-import re
 import sys
 import time
 import warnings
@@ -22,6 +21,7 @@ from pathlib import Path
 import optuna
 
 from dashboards import record
+from dashboards.masking import mask
 
 CONNECT_TIMEOUT = 10  # seconds to connect to a database server
 APPLICATION_NAME = "cnn-study"  # how our connections show in PostgreSQL's pg_stat_activity
@@ -54,11 +54,6 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def mask(url: str) -> str:
-    """A storage URL fit for logs and reports: the password replaced by ***."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
 def default_storage_url() -> str:
@@ -122,12 +117,12 @@ def open_storage(url: str | None, heartbeat: int | None = None, read_only: bool 
                 return _one_connection(url, beats)
             return optuna.storages.RDBStorage(url, **beats)
     except ImportError as error:
-        raise StorageError(f"storage {mask(url)} needs a database driver that is not installed ({error})") from None
+        raise StorageError(f"storage {mask(url)} needs a database driver that is not installed ({mask(str(error))})") from None
     except Exception as error:  # noqa: BLE001 -- sqlalchemy raises several types for bad URLs and unreachable servers
         # Optuna wraps the database's own error in one that says only "An exception is raised during the commit".
         cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) and error.__cause__ else error
         first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise StorageError(f"cannot open storage {mask(url)}: {first_line}") from None
+        raise StorageError(f"cannot open storage {mask(url)}: {mask(first_line)}") from None  # the driver's error may echo the URL
 
 
 def _one_connection(url: str, settings: dict) -> optuna.storages.RDBStorage:
@@ -196,15 +191,15 @@ def _proxy(url: str) -> optuna.storages.BaseStorage:
     """grpc://host:port: a client of the storage proxy that `python -m study serve-storage` runs."""
     host, _, port = url.removeprefix("grpc://").rstrip("/").rpartition(":")
     if not host or not port.isdigit():
-        raise StorageError(f"storage {url}: give grpc://HOST:PORT, e.g. grpc://127.0.0.1:13000")
+        raise StorageError(f"storage {mask(url)}: give grpc://HOST:PORT, e.g. grpc://127.0.0.1:13000")
     try:
         from study.storage_proxy import connect
     except ImportError:
-        raise StorageError(f"storage {url}: the gRPC client is not installed; install it with pip install '.[ray]'") from None
+        raise StorageError(f"storage {mask(url)}: the gRPC client is not installed; install it with pip install '.[ray]'") from None
     try:
         return connect(host, int(port))
     except ConnectionError:
-        raise StorageError(f"storage {url}: no storage proxy answers there; start one with `python -m study serve-storage --storage URL --port {port}`") from None
+        raise StorageError(f"storage {mask(url)}: no storage proxy answers there; start one with `python -m study serve-storage --storage URL --port {port}`") from None
 
 
 def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:

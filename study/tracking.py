@@ -35,7 +35,7 @@ from dashboards import record
 from objectives.data import FashionMNIST, cache_root
 from objectives.models import get_architecture
 from objectives.train import EpochMetrics, TrainConfig, TrainResult, resolve_device
-from study.storage import pid_alive
+from study.storage import mask, pid_alive
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 EPOCH_METRICS = tuple(f.name for f in dataclasses.fields(EpochMetrics) if f.name != "epoch")
@@ -51,7 +51,7 @@ PICKLE_NOTE = ("models are logged as pickled PyTorch modules (mlflow.pytorch.loa
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "INTERRUPTED": "KILLED"}
 
 
-PROBE_TIMEOUT = 5  # seconds for a tracking server to answer /health, and again its API, before anything is written
+PROBE_TIMEOUT = 5  # seconds for a tracking server to answer /health, and again its API, whole, before anything is written
 API_PROBE = "api/2.0/mlflow/experiments/search"  # a cheap call that reads the tracking store, as MLflow's client does
 
 
@@ -61,16 +61,12 @@ class TrackingUnreachable(ConnectionError):
 
 def check_reachable(uri: str) -> None:
     """Before a command uses the tracking store (a launch, before it writes anything): a tracking server answers, an existing local store opens."""
-    import urllib.request
-
-    from study.storage import mask
-
     if uri.startswith(("http://", "https://")):
         try:
-            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PROBE_TIMEOUT).close()
+            ask_server(f"{uri.rstrip('/')}/health")
         except OSError as error:
             why = getattr(error, "reason", None) or error
-            raise TrackingUnreachable(f"MLflow server {mask(uri)} does not answer within {PROBE_TIMEOUT} s ({why}); "
+            raise TrackingUnreachable(f"MLflow server {mask(uri)} does not answer within {PROBE_TIMEOUT} s ({mask(str(why))}); "
                                       "start it, or unset MLFLOW_TRACKING_URI to use the local store") from None
         _check_api_answers(uri)
     elif uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///")).exists():
@@ -86,19 +82,54 @@ def _check_api_answers(uri: str) -> None:
     sends the credentials and reports a refusal itself).
     """
     import urllib.error
-    import urllib.request
 
-    from study.storage import mask
-
-    request = urllib.request.Request(f"{uri.rstrip('/')}/{API_PROBE}", data=b'{"max_results": 1}', headers={"Content-Type": "application/json"})
     try:
-        urllib.request.urlopen(request, timeout=PROBE_TIMEOUT).close()
+        ask_server(f"{uri.rstrip('/')}/{API_PROBE}", body=b'{"max_results": 1}')
     except urllib.error.HTTPError:
         pass  # an answer
     except OSError as error:
         why = getattr(error, "reason", None) or error
         raise TrackingUnreachable(f"MLflow server {mask(uri)} answers /health but not its API (POST /{API_PROBE}) within {PROBE_TIMEOUT} s "
-                                  f"({why}); check the server and its database, or unset MLFLOW_TRACKING_URI to use the local store") from None
+                                  f"({mask(str(why))}); check the server and its database, or unset MLFLOW_TRACKING_URI to use the local store") from None
+
+
+def ask_server(url: str, body: bytes | None = None) -> None:
+    """One request to an HTTP server (a JSON POST when `body` is given), answered whole (status, headers, body) within
+    PROBE_TIMEOUT of its start; urllib.error.HTTPError for an error status, TimeoutError past the deadline.
+
+    A socket timeout bounds each read, not the request: a server sending a byte every few seconds would hold it for
+    ever. So the request runs in a thread of its own, waited for until the deadline; a thread still waiting then is
+    left behind (a daemon: it never holds the process) and ends when the server closes the connection. Credentials in
+    the URL (user:password@) go as HTTP basic auth, as MLflow's own client sends them.
+    """
+    import base64
+    import threading
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(url)
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    if parts.username is not None or parts.password is not None:
+        pair = f"{urllib.parse.unquote(parts.username or '')}:{urllib.parse.unquote(parts.password or '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+        parts = parts._replace(netloc=parts.netloc.rpartition("@")[2])
+    request = urllib.request.Request(urllib.parse.urlunsplit(parts), data=body, headers=headers)
+    outcome: list[BaseException | None] = []
+
+    def ask() -> None:
+        try:
+            with urllib.request.urlopen(request, timeout=PROBE_TIMEOUT) as response:
+                response.read()
+            outcome.append(None)
+        except BaseException as error:  # noqa: BLE001 -- raised again in the caller's thread
+            outcome.append(error)
+
+    asking = threading.Thread(target=ask, name=f"ask {parts.netloc}", daemon=True)
+    asking.start()
+    asking.join(PROBE_TIMEOUT)
+    if not outcome:
+        raise TimeoutError("timed out")
+    if outcome[0] is not None:
+        raise outcome[0]
 
 
 def open_sqlite_store(path: Path) -> None:
@@ -203,8 +234,12 @@ def read_only_uri(home: Path) -> str | None:
 
 
 def ui_url(uri: str) -> str:
-    """Where run links in reports point: the tracking server itself, or `python -m study ui`'s default."""
-    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    """Where run links in reports point: the tracking server itself, or `python -m study ui`'s default. Without the
+    URI's credentials (the browser asks for them), and masked like every URL the platform shows."""
+    if not uri.startswith(("http://", "https://")):
+        return "http://127.0.0.1:5000"
+    parts = urllib.parse.urlsplit(uri)
+    return mask(urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))).rstrip("/")
 
 
 # The MLflow UI's first view of a study, kept on its experiment as a shared view state (what the UI's "share"
@@ -337,7 +372,7 @@ class Tracker:
         params = [p for p in params if p.key not in existing]  # params are write-once in MLflow
         note = (f"Optuna study **{self.study_name}** (preset {preset}, {sampler}, {pruner}); one nested run per trial. "
                 "The spec is the artifact spec.toml; best_trial and the best_* metrics follow the study as it runs.")
-        tags = [RunTag("optuna.storage", storage), RunTag("mlflow.note.content", note),
+        tags = [RunTag("optuna.storage", mask(storage)), RunTag("mlflow.note.content", note),  # MLflow keeps no secret
                 *(RunTag(key, value) for key, value in self.common_tags.items() if key != "host")]
         self.client.log_batch(self.parent_run_id, params=params, tags=tags)
         self.client.log_text(self.parent_run_id, spec_text, "spec.toml")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.server
 import importlib.util
+import itertools
 import socket
 import sqlite3
 import threading
@@ -21,7 +22,8 @@ from reliability.checks import check_consistent, record_fault, sqlite_uri
 MLFLOW_WAITS = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
 BOUND = 60  # seconds: far above what the bounded waits need, far below the hangs they replace
 # What each fault in front of MLflow is called in the one line that names its address.
-MLFLOW_FAULTS = {"silent_server": "does not answer within", "health_only_server": "answers /health but not its API"}
+MLFLOW_FAULTS = {"silent_server": "does not answer within", "health_only_server": "answers /health but not its API",
+                 "dripping_server": "does not answer within", "dripping_api_server": "answers /health but not its API"}
 needs_grpc = pytest.mark.skipif(importlib.util.find_spec("grpc") is None, reason="Ray and the gRPC proxy are an optional extra: pip install '.[ray]'")
 
 
@@ -82,6 +84,54 @@ def health_only_server():
     thread.join()
 
 
+def _dripping(answer_health: bool):
+    """An HTTP port that answers each request one byte a second for ever (a status line, then a header that never
+    ends), so that no socket timeout ever expires; with `answer_health`, /health answers at once, as MLflow's does."""
+    ended = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if answer_health and self.path == "/health":
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"OK")
+                return
+            for byte in itertools.chain(b"HTTP/1.1 200 OK\r\nX-Drip: ", itertools.repeat(ord("a"))):
+                if ended.wait(1):
+                    return
+                try:
+                    self.wfile.write(bytes([byte]))
+                except OSError:
+                    return  # the client gave up
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    ended.set()
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.fixture
+def dripping_server():
+    yield from _dripping(answer_health=False)
+
+
+@pytest.fixture
+def dripping_api_server():
+    """/health answers; the API (a tracking store that answers a byte at a time) drips."""
+    yield from _dripping(answer_health=True)
+
+
 def _default_env(**extra) -> dict:
     return {**dict.fromkeys(MLFLOW_WAITS), **extra}  # None: unset
 
@@ -93,10 +143,19 @@ def _run(*args, env):
 @pytest.mark.slow  # waits out the default timeouts
 @pytest.mark.parametrize("fault", MLFLOW_FAULTS)
 def test_mlflow_server_that_never_answers(study_home, lenet_spec, fault, request):
+    """Silent, or answering a byte at a time (a wait bounded per read would never end): launch and create end within
+    the probe's deadline, named in their one line; `ui` too where /health does not answer."""
+    from study.tracking import PROBE_TIMEOUT
+
     address = f"http://127.0.0.1:{request.getfixturevalue(fault)}"
-    done = _run("launch", str(lenet_spec), "--trials", "1", env=_default_env(STUDY_HOME=str(study_home), MLFLOW_TRACKING_URI=address))
-    assert done.returncode == 1
-    assert done.stderr.count("\n") == 1 and address in done.stderr and MLFLOW_FAULTS[fault] in done.stderr, done.stderr
+    commands = [("launch", str(lenet_spec), "--trials", "1"), ("create", str(lenet_spec), "--trials", "1")]
+    if MLFLOW_FAULTS[fault] == "does not answer within":
+        commands.append(("ui",))
+    env = _default_env(STUDY_HOME=str(study_home), MLFLOW_TRACKING_URI=address)
+    for command, done in zip(commands, run_cli_together(commands, env=env, timeout=BOUND)):
+        assert done.returncode == 1, (command, done.stderr)
+        assert done.stderr.count("\n") == 1 and address in done.stderr and f"within {PROBE_TIMEOUT} s" in done.stderr, done.stderr
+        assert command == ("ui",) or MLFLOW_FAULTS[fault] in done.stderr, done.stderr
     assert not study_home.exists()  # no journal, no study: the tracking server is checked first
 
 
