@@ -194,7 +194,8 @@ def _journal(path: Path, read_only: bool) -> optuna.storages.BaseStorage:
 
 def _read_only_database(url: str, engine: dict) -> optuna.storages.BaseStorage:
     """An SQLite file or a PostgreSQL database opened so that SQLite or the server refuses every write; Optuna's
-    tables are not created, so a database without them holds no study."""
+    tables are not created, so a database without them holds no study. alembic_version is the table Optuna makes
+    last (_create_tables): a database whose tables another process is making now holds no study yet either."""
     import urllib.parse
 
     import sqlalchemy
@@ -208,7 +209,7 @@ def _read_only_database(url: str, engine: dict) -> optuna.storages.BaseStorage:
     url = parsed.render_as_string(hide_password=False)
     probe = sqlalchemy.create_engine(url, **engine)
     try:
-        has_tables = sqlalchemy.inspect(probe).has_table("studies")
+        has_tables = sqlalchemy.inspect(probe).has_table("alembic_version")
     finally:
         probe.dispose()
     if not has_tables:
