@@ -73,9 +73,9 @@ class Claim:
     def take(self) -> None:
         with self._locked() as current:
             if current and alive(current):
-                raise ClaimTaken(f"{self.command} of study {self.study_name} is already running ({holder(current)}, its heartbeat "
-                                 f"{time.time() - current['beat']:.0f} s ago); it trains and registers once: wait for it to end, "
-                                 f"then `python -m study {self.command} {self.study_name}` shows what it made")
+                raise ClaimTaken(f"{self.command} of study {self.study_name} is already running ({holder(current)}, heartbeat "
+                                 f"{time.time() - current['beat']:.0f} s ago); this one did nothing: once that one has ended, "
+                                 f"`python -m study {self.command} {self.study_name}` again shows its run")
             self.dead = current or None
             self._write({**self.mine, "beat": time.time()})
 

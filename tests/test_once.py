@@ -80,9 +80,11 @@ def test_a_second_finalize_while_one_trains_trains_nothing(study_home, tmp_path,
     assert f"already, in run {version.run_id}; not trained again" in again.stdout and "version 1" in again.stdout
 
 
-def test_finalizes_started_together_train_and_register_once(study_home, tmp_path):
-    _launched(tmp_path, [])
-    results = run_cli_together([["finalize", "once"], ["finalize", "once"]])
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_finalizes_started_together_train_and_register_once(study_home, tmp_path, kind):
+    storage = ["--storage", f"sqlite:///{tmp_path / 'once.db'}"] if kind == "sqlite" else []
+    _launched(tmp_path, storage)
+    results = run_cli_together([["finalize", "once", *storage]] * 2)
     assert min(r.returncode for r in results) == 0, [r.stderr for r in results]
     for result in results:  # the other one: refused while the first ran, or found its run once it ended
         assert result.returncode == 0 or "is already running" in result.stderr, result.stderr
