@@ -27,7 +27,9 @@ FAIL without training, its fail_reason starting with "not run:".
 
 The study itself carries `study_uid`, its identity in its storage: MLflow's parent run of the study is
 tagged with it (`optuna.study_uid`), so that a study of the same name in another storage, or one that
-replaced a deleted journal, never shares a parent run (and its trial numbers) with this one.
+replaced a deleted journal, never shares a parent run (and its trial numbers) with this one. While a `finalize`
+runs, the study also carries `finalize_claim`: its host, pid, a token and its last heartbeat's time (study.once);
+None once it ended.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ CONFIRM_SEED = "confirm_seed"
 CONFIRM_SUFFIX = ".confirm"  # the companion study of confirm runs: "<study>.confirm", in the same storage
 
 STUDY_UID = "study_uid"
+FINALIZE_CLAIM = "finalize_claim"
 UID_TAG = "optuna.study_uid"
 TRIAL_NUMBER_TAG = "optuna.trial_number"
 PARENT_FILTER = "tags.`study.role` = 'parent'"

@@ -365,7 +365,7 @@ def cmd_finalize(args) -> int:
         console = _console()
         try:
             final = run_finalize(study, uri, home() / "mlartifacts", console, args.trial, args.register or f"{study.study_name}-final",
-                                 args.data_dir, interrupts)
+                                 args.storage, args.data_dir, interrupts)
         except KeyboardInterrupt:
             console.print("interrupted: the final run is closed KILLED unless it had finished; finalize again to finish")
             return 130

@@ -17,12 +17,19 @@ The run is FINISHED once its model is logged, and only then registered. Finalize
 configuration registers that finished run (if it is not yet) and trains nothing; Ctrl-C or SIGTERM
 (study.interrupts) stops the training at once and closes the run KILLED, so the next finalize trains it
 whole and the registered model has one version.
+
+Once means once: finalize holds the study's finalize claim (study.once) from before it looks for a finished run
+until it has registered, so two at once train and register once; the second exits 1 naming the host and pid of
+the first, and run again later it finds the first one's run. A finalize killed outright (kill -9, a lost machine)
+leaves its run RUNNING and its claim behind: the next finalize takes the claim over, closes that run KILLED and
+trains once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import optuna
@@ -35,6 +42,7 @@ from dashboards import record
 from dashboards.confirmed import confirmed, load_companion, search_ranking
 from study import budget as costs
 from study.interrupts import Interrupts
+from study.once import claimed, holder
 from study.progress import LiveProgress
 from study.tracking import Tracker, _now_ms, device_name, layer_table_csv
 
@@ -68,18 +76,35 @@ def choose(study: optuna.Study, number: int | None) -> tuple[optuna.trial.Frozen
     return ranking[0], "best trial"
 
 
+def _final_runs(tracker: Tracker, status: str, number: int | None = None, max_results: int = 1000) -> list:
+    """This study's final runs in MLflow status `status`; with `number`, only those of trial `number`'s configuration."""
+    source = "" if number is None else f" and tags.`final.source_trial` = '{number}'"
+    return tracker.client.search_runs([tracker.experiment_id], filter_string=(
+        f"tags.`study.role` = 'final' and tags.`study.parent_run_id` = '{tracker.parent_run_id}'{source} and attributes.status = '{status}'"),
+        max_results=max_results)
+
+
 def finished_final(tracker: Tracker, number: int):
     """The FINISHED final run of trial `number`'s configuration that an earlier finalize of this study left; None if none."""
-    runs = tracker.client.search_runs([tracker.experiment_id], filter_string=(
-        f"tags.`study.role` = 'final' and tags.`study.parent_run_id` = '{tracker.parent_run_id}' and tags.`final.source_trial` = '{number}' "
-        "and attributes.status = 'FINISHED'"), max_results=1)
+    runs = _final_runs(tracker, "FINISHED", number, max_results=1)
     return runs[0] if runs else None
 
 
-def run_finalize(study: optuna.Study, uri: str, artifact_root, console: Console, number: int | None, register: str,
+def close_dead_finals(tracker: Tracker, console: Console, study_name: str, dead: dict | None) -> None:
+    """Final runs left RUNNING by a finalize that died, closed KILLED. Only the holder of the study's finalize claim calls
+    this, so no live finalize is training them. `dead`: the dead holder's claim, which this process took over."""
+    who = f" ({holder(dead)})" if dead else ""
+    for run in _final_runs(tracker, "RUNNING"):
+        tracker.client.set_tag(run.info.run_id, "final.fail_reason", f"its finalize process died{who}")
+        tracker.client.set_terminated(run.info.run_id, status="KILLED")
+        console.print(f"finalize {study_name}: run {run.info.run_id} of a finalize that died{who} is closed KILLED")
+
+
+def run_finalize(study: optuna.Study, uri: str, artifact_root, console: Console, number: int | None, register: str, storage_url: str | None,
                  data_dir: str | None = None, interrupts: Interrupts | None = None) -> Final:
     """Train, test, log and register the final model, or register the one an earlier finalize of the same configuration
-    finished. `interrupts`: the command's signals, which stop it only where nothing is half-written (study.interrupts)."""
+    finished, holding the study's finalize claim in `storage_url` meanwhile. `interrupts`: the command's signals, which
+    stop it only where nothing is half-written (study.interrupts)."""
     interrupts = interrupts or Interrupts()
     interrupts.check()  # a signal while the command opened the study: stop before writing anything
     source, chosen_by = choose(study, number)
@@ -88,19 +113,21 @@ def run_finalize(study: optuna.Study, uri: str, artifact_root, console: Console,
         raise ValueError(f"trial {source.number} of {study.study_name} does not record its configuration; choose another with --trial")
     final_config = dataclasses.replace(config, n_train=None, n_val=None)  # the merged split is exactly what to train on
     tracker = Tracker(study.study_name, uri, artifact_root=artifact_root, study_uid=study.user_attrs.get(record.STUDY_UID), reopen=False)
-    done = finished_final(tracker, source.number)
-    if done is None:
-        final = _train_final(study, tracker, console, source, chosen_by, config, final_config, data_dir, interrupts)
-    else:
-        console.print(f"finalize {study.study_name}: trial {source.number}'s configuration ({chosen_by}) was trained on train + validation "
-                      f"already, in run {done.info.run_id}; not trained again")
-        final = Final(source.number, chosen_by, done.info.run_id, done.data.metrics["test_accuracy"], int(done.data.params["n_train_final"]),
-                      done.data.tags["model_uri"], "")
-    # Registering a model already registered under this name gives its existing version (Tracker.register_run_model).
-    version = tracker.register_run_model(register, final.run_id, f"final model of study {study.study_name}, trial {source.number}'s configuration "
-                                         "trained on train + validation", source.number, {"test_accuracy": final.test_accuracy},
-                                         dataclasses.asdict(final_config))
-    tracker.client.set_tag(tracker.parent_run_id, "final_run_id", final.run_id)
+    with claimed(storage_url, study.study_name, record.FINALIZE_CLAIM, "finalize") as claim:
+        close_dead_finals(tracker, console, study.study_name, claim.dead)
+        done = finished_final(tracker, source.number)
+        if done is None:
+            final = _train_final(study, tracker, console, source, chosen_by, config, final_config, data_dir, interrupts, claim.check)
+        else:
+            console.print(f"finalize {study.study_name}: trial {source.number}'s configuration ({chosen_by}) was trained on train + validation "
+                          f"already, in run {done.info.run_id}; not trained again")
+            final = Final(source.number, chosen_by, done.info.run_id, done.data.metrics["test_accuracy"], int(done.data.params["n_train_final"]),
+                          done.data.tags["model_uri"], "")
+        # Registering a model already registered under this name gives its existing version (Tracker.register_run_model).
+        version = tracker.register_run_model(register, final.run_id, f"final model of study {study.study_name}, trial {source.number}'s "
+                                             "configuration trained on train + validation", source.number, {"test_accuracy": final.test_accuracy},
+                                             dataclasses.asdict(final_config))
+        tracker.client.set_tag(tracker.parent_run_id, "final_run_id", final.run_id)
     interrupts.check()  # a signal during the registration: it finished, the command still stops as asked
     return dataclasses.replace(final, registered=f"{register} version {version.version}")
 
@@ -112,8 +139,10 @@ def _forecast(study: optuna.Study, config: objectives.TrainConfig, images: int) 
 
 
 def _train_final(study: optuna.Study, tracker: Tracker, console: Console, source: optuna.trial.FrozenTrial, chosen_by: str,
-                 config: objectives.TrainConfig, final_config: objectives.TrainConfig, data_dir: str | None, interrupts: Interrupts) -> Final:
-    """The final run: the configuration trained on train + validation, tested, its model logged; FINISHED, not yet registered."""
+                 config: objectives.TrainConfig, final_config: objectives.TrainConfig, data_dir: str | None, interrupts: Interrupts,
+                 still_claimed: Callable[[], None]) -> Final:
+    """The final run: the configuration trained on train + validation, tested, its model logged; FINISHED, not yet registered.
+    `still_claimed` raises if another finalize took the study's claim over while this one trained (Claim.check)."""
     data = objectives.load_fashion_mnist(data_dir).with_validation_in_train(config.n_train, config.n_val)
     console.print(f"finalize {study.study_name}: trial {source.number} ({chosen_by}) on {len(data.train_labels):,} training images "
                   f"(train + validation), tested once on {len(data.test_labels[:config.n_test]):,}")
@@ -146,6 +175,7 @@ def _train_final(study: optuna.Study, tracker: Tracker, console: Console, source
         with interrupts.while_training(), progress:
             result = objectives.train(final_config, data, on_epoch)
         interrupts.check()  # stopped as the training ended: its results are not kept, the next finalize trains again
+        still_claimed()  # taken over meanwhile: the taker trains, this run is closed FAILED and nothing of it is kept
         console.print(forecast.compare(1, time.monotonic() - started))
         final = {"test_accuracy": result.test_accuracy, "train_seconds": result.train_seconds, "wall_seconds": result.wall_seconds,
                  "train_flops": result.train_flops, "flops_per_example": result.flops_per_example, "params": result.params,

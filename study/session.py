@@ -186,11 +186,14 @@ def open_session(request: Request, spec: Spec) -> Session:
 
 
 def read_record(request: Request, spec: Spec) -> dict | None:
-    """The study's record (None: no such study yet), read without creating, locking or writing anything."""
+    """The study's record, read without creating, locking or writing anything. None: no such study yet, or one whose
+    record misses a setting, which a launch or create started at the same moment is writing now (open_session, whose
+    setup_lock waits for it, then finds it whole)."""
     file = storage_file(request.storage or default_storage_url())
     if file is not None and not file.exists():
         return None
-    return _record(request, spec, open_storage(request.storage, read_only=True))
+    recorded = _record(request, spec, open_storage(request.storage, read_only=True))
+    return recorded if recorded is not None and all(key in recorded for key in RECORDED) else None
 
 
 def spec_for(name: str, storage_url: str | None) -> Spec:

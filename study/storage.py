@@ -27,6 +27,8 @@ CONNECT_TIMEOUT = 10  # seconds to connect to a database server
 APPLICATION_NAME = "cnn-study"  # how our connections show in PostgreSQL's pg_stat_activity
 WAITING = ": waiting for a lock"  # added to APPLICATION_NAME while a process waits for an advisory lock
 SETUP_LOCK_SPACE = 0x5354  # PostgreSQL advisory locks taken by setup_lock: (this, the study name's CRC)
+TABLES_LOCK_SPACE = 0x5441  # the advisory lock (this, 0) held while a fresh database gets Optuna's tables (_create_tables)
+TABLES_TIMEOUT = 60  # seconds to wait for another process creating them
 
 
 class StorageError(RuntimeError):
@@ -129,13 +131,35 @@ def _one_connection(url: str, settings: dict) -> optuna.storages.RDBStorage:
     """A PostgreSQL storage on one connection per process, shared by its threads' queries, heartbeats and advisory locks
     (_advisory_lock), so that a server's max_connections holds as many workers. A thread waits at most sqlalchemy's
     pool_timeout (30 s) for it; no query holds it for long. Optuna's schema check opens a second connection inside its
-    first, so the tables are created and checked first on a connection that is closed at once."""
-    import sqlalchemy.pool
-
+    first, so the tables are created and checked first (_create_tables)."""
     engine = settings["engine_kwargs"]
-    optuna.storages.RDBStorage(url, engine_kwargs={**engine, "poolclass": sqlalchemy.pool.NullPool}).engine.dispose()
+    _create_tables(url, engine)
     return optuna.storages.RDBStorage(url, skip_table_creation=True, skip_compatibility_check=True,
                                       **{**settings, "engine_kwargs": {**engine, "pool_size": 1, "max_overflow": 0}})
+
+
+def _create_tables(url: str, engine: dict) -> None:
+    """Optuna's tables in a PostgreSQL database, created and checked on a connection closed at once. On a fresh database,
+    one process at a time creates them (an advisory lock, waited for at most TABLES_TIMEOUT): processes that create
+    them at once collide in the server's catalog (UniqueViolation on pg_type) or in Optuna's version row. Once
+    alembic_version exists (Optuna stamps it last, in one transaction), every table does, and nobody waits."""
+    import sqlalchemy
+    import sqlalchemy.pool
+
+    probe = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, **engine)
+    try:
+        with probe.connect() as connection:
+            fresh = not connection.execute(sqlalchemy.text("SELECT to_regclass('alembic_version') IS NOT NULL")).scalar()
+            if fresh:
+                connection.execute(sqlalchemy.text(f"SET lock_timeout = '{TABLES_TIMEOUT}s'"))
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:space, 0)"), {"space": TABLES_LOCK_SPACE})
+            try:
+                optuna.storages.RDBStorage(url, engine_kwargs={**engine, "poolclass": sqlalchemy.pool.NullPool}).engine.dispose()
+            finally:
+                if fresh:
+                    connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:space, 0)"), {"space": TABLES_LOCK_SPACE})
+    finally:
+        probe.dispose()
 
 
 def _journal(path: Path, read_only: bool) -> optuna.storages.BaseStorage:
@@ -165,7 +189,8 @@ def _journal(path: Path, read_only: bool) -> optuna.storages.BaseStorage:
 
 def _read_only_database(url: str, engine: dict) -> optuna.storages.BaseStorage:
     """An SQLite file or a PostgreSQL database opened so that SQLite or the server refuses every write; Optuna's
-    tables are not created, so a database without them holds no study."""
+    tables are not created, so a database without them holds no study. alembic_version is the table Optuna makes
+    last (_create_tables): a database whose tables another process is making now holds no study yet either."""
     import urllib.parse
 
     import sqlalchemy
@@ -179,7 +204,7 @@ def _read_only_database(url: str, engine: dict) -> optuna.storages.BaseStorage:
     url = parsed.render_as_string(hide_password=False)
     probe = sqlalchemy.create_engine(url, **engine)
     try:
-        has_tables = sqlalchemy.inspect(probe).has_table("studies")
+        has_tables = sqlalchemy.inspect(probe).has_table("alembic_version")
     finally:
         probe.dispose()
     if not has_tables:
