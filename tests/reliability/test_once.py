@@ -9,9 +9,9 @@ import time
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
-from reliability.checks import sqlite_uri
 
 from conftest import LENET, hold_env, journal, make_spec, postgres_database, release, run_cli, run_cli_together, run_main, start_hooked, wait_for_holds
+from reliability.checks import record_hostile, sqlite_uri
 
 
 @pytest.fixture(params=["journal", "postgresql"])
@@ -89,6 +89,8 @@ def test_finalizes_started_together_train_and_register_once(study_home, tmp_path
     for result in results:  # the other one: refused while the first ran, or found its run once it ended
         assert result.returncode == 0 or "is already running" in result.stderr, result.stderr
     finals = _finals(study_home)
+    record_hostile(f"2 finalize --register at once ({kind})", tried=1,
+                   duplicates=len(finals.get("FINISHED", [])) - 1 + len(finals.get("versions", [])) - 1)
     assert len(finals["FINISHED"]) == 1 and set(finals) == {"FINISHED", "versions"}
     assert len(finals["versions"]) == 1
 
@@ -151,5 +153,7 @@ def test_creates_started_together_make_one_study(tmp_path, kind):
             study = optuna.load_study(study_name="once", storage=opened)
             client = MlflowClient(tracking_uri=sqlite_uri(home))
             experiment = client.get_experiment_by_name("once")
+            runs = client.search_runs([experiment.experiment_id])
+            record_hostile(f"3 create at once ({kind})", tried=1, duplicates=len(runs) - 1)
             assert len(parent_runs(client, experiment.experiment_id, study.user_attrs[STUDY_UID])) == 1
-            assert len(client.search_runs([experiment.experiment_id])) == 1  # nothing else: no second parent under another identity
+            assert len(runs) == 1  # nothing else: no second parent under another identity
