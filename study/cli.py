@@ -35,11 +35,15 @@ def _open_study(name: str, storage_url: str | None):
     return optuna.load_study(study_name=study, storage=storage)
 
 
-def _report_output(output: str | None, default: Path) -> Path:
-    """The report path, checked before any work so a typo does not surface after a long study."""
+def _report_output(output: str | None, default: Path, storage_url: str | None) -> Path:
+    """The report path, checked before any work so a typo does not surface after a long study, and never a file the
+    study uses (study.names.check_output)."""
+    from study.names import check_output
+
     path = Path(output) if output else default
     if path.suffix != ".html":
         raise ValueError(f"-o {path}: the report is an HTML file; give a name ending in .html")
+    check_output("-o", path, storage_url)
     if output and not path.parent.is_dir():
         raise ValueError(f"-o {path}: directory {path.parent} does not exist")
     if path.parent.is_dir():
@@ -88,6 +92,10 @@ def _run_study(args, join: bool) -> int:
         args.budget = Budget.parse(args.budget)
     if args.register is not None and (args.log_model == "none" or not args.register.strip()):
         raise ValueError(f"--register {args.register!r}: give a model name, and keep --log-model best or all so there is a model to register")
+    if args.register is not None:
+        from study.names import check_model_name
+
+        check_model_name("--register", args.register)
     on_ray = bool(getattr(args, "ray", None))
     slots = [] if on_ray else devices(args.workers, args.gpus, args.trials_per_gpu)
     spec = spec_for(args.name, args.storage) if join else load_spec(args.name)
@@ -97,7 +105,7 @@ def _run_study(args, join: bool) -> int:
     ray_slots = _ray_slots(args) if on_ray else None
     from study.launch import report_path
 
-    output = None if join else _report_output(args.output, report_path(home(), [spec.name]))
+    output = None if join else _report_output(args.output, report_path(home(), [spec.name]), args.storage)
     with Interrupts(anywhere=True).installed():
         return _launch(args, request, spec, slots, ray_slots, output)
 
@@ -357,6 +365,12 @@ def cmd_finalize(args) -> int:
 
     if args.register is not None and not args.register.strip():
         raise ValueError("--register: give a model name")
+    from study.names import check_model_name
+    from study.specs import study_name
+
+    # Before anything is written; the default is the study's name with -final, which MLflow may not take as a model's.
+    check_model_name("--register" if args.register else "--register (default: <study>-final)",
+                     args.register or f"{study_name(args.name)}-final")
     with Interrupts().installed() as interrupts:  # Ctrl-C and SIGTERM stop it only where nothing is half-written
         uri = _ready_to_train(args.data_dir)
         study = _open_study(args.name, args.storage)
@@ -455,12 +469,14 @@ def _show_pareto(study, console) -> int:
 
 def cmd_export(args) -> int:
     from study.export import trials_table, write_table
+    from study.names import check_output
     from study.storage import home
     from study.tracking import read_only_uri
 
     path = Path(args.output)
     if path.suffix not in (".csv", ".parquet"):
         raise ValueError(f"-o {path}: give a name ending in .csv or .parquet")
+    check_output("-o", path, args.storage)
     if not path.parent.is_dir():
         raise ValueError(f"-o {path}: directory {path.parent} does not exist")
     if path.suffix == ".parquet":
@@ -516,10 +532,13 @@ def cmd_report(args) -> int:
     from study.storage import home
     from study.tracking import read_only_uri, tracking_uri, ui_url
 
-    output = _report_output(args.output, report_path(home(), [study_name(name) for name in args.names]))
+    output = _report_output(args.output, report_path(home(), [study_name(name) for name in args.names]), args.storage)
     png_dir = Path(args.png) if args.png else None
     if png_dir is not None:
         from dashboards.report import find_browser
+        from study.names import check_output
+
+        check_output("--png", png_dir, args.storage)
 
         if png_dir.exists() and not png_dir.is_dir():
             raise ValueError(f"--png {png_dir}: not a directory")

@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from dashboards import record
+from dashboards.files import named_file
 from objectives import DeviceOutOfMemoryError, DivergedError, FashionMNIST, TrainConfig, TrainResult, load_fashion_mnist
 from study import budget as costs
 from study.costprune import CostBucketPruner, bucket
@@ -458,4 +459,5 @@ def _epochs(n) -> str:
 
 
 def report_path(home: Path, names: list[str]) -> Path:
-    return home / "reports" / f"{'+'.join(names)}.html"
+    """The default report of the studies `names`: a file in the home's reports/, named after them (dashboards.files.slug)."""
+    return named_file(home / "reports", "+".join(names), ".html")

@@ -268,6 +268,9 @@ def load_spec(name: str) -> Spec:
     if name.endswith(".toml"):
         if not path.is_file():
             raise SpecError(f"spec file {path} does not exist")
+        from study.names import check_study_name
+
+        check_study_name(path.stem, f"spec file {path}")  # the study's name, before anything of it is written
     else:
         path = SPEC_DIR / f"{name}.toml"
         if not path.is_file():

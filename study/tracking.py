@@ -32,6 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from dashboards import record
+from dashboards.files import slug
 from objectives.data import FashionMNIST, cache_root
 from objectives.models import get_architecture
 from objectives.train import EpochMetrics, TrainConfig, TrainResult, resolve_device
@@ -285,7 +286,7 @@ def ui_links(client: MlflowClient, base: str) -> list[tuple[str, str]]:
     for model in client.search_registered_models():
         if model.latest_versions:
             version = max(int(v.version) for v in model.latest_versions)
-            links.append((f"model {model.name} v{version}", f"{base}/#/models/{urllib.parse.quote(model.name)}/versions/{version}?{MODEL_TRAINING_VIEW}"))
+            links.append((f"model {model.name} v{version}", f"{base}/#/models/{urllib.parse.quote(model.name, safe='')}/versions/{version}?{MODEL_TRAINING_VIEW}"))
     return links
 
 
@@ -331,7 +332,7 @@ class Tracker:
         self.other_studies = 0  # parent runs of other studies of this name (other storages) in the experiment
         experiment = self.client.get_experiment_by_name(study_name)
         if experiment is None:
-            location = (artifact_root / study_name).resolve().as_uri() if artifact_root and not uri.startswith("http") else None
+            location = (artifact_root / slug(study_name)).resolve().as_uri() if artifact_root and not uri.startswith("http") else None
             # The kind MLflow gives model-training experiments; MLflow 3.17's UI picks its view by
             # MODEL_TRAINING_VIEW, not by this tag.
             self.experiment_id = self.client.create_experiment(study_name, artifact_location=location,
