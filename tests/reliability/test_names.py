@@ -19,10 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
-from reliability.checks import changed, fingerprint
 
 from conftest import LENET, journal, make_spec, run_main
 from dashboards.files import SLUG_BYTES, slug
+from reliability.checks import changed, fingerprint, record_hostile
 from study.names import check_output
 
 # Names as anyone may give them: path-like pieces, dots, Unicode, control characters, up to 300 characters.
@@ -116,9 +116,11 @@ def test_report_of_any_study_name_writes_one_whole_file_in_reports(named_home, n
     result = run_main("report", "--", name, env={"STUDY_HOME": str(named_home), **ENV})
     assert result.returncode == 0, result.stderr
     written = Path(result.stdout.strip().splitlines()[-1])
+    others = set(changed(before, fingerprint(sandbox))) - {str(written)}
+    record_hostile("odd study names (hypothesis) through report", tried=1, files_outside=len(others))
     assert written == named_home / "reports" / f"{slug(name)}.html"
     assert written.resolve().parent == (named_home / "reports").resolve()
-    assert set(changed(before, fingerprint(sandbox))) <= {str(written)}  # nothing else: no other file, no temporary left
+    assert not others  # nothing else: no other file, no temporary left
     assert written.read_text().rstrip().endswith("</html>")
 
 
@@ -131,7 +133,9 @@ def test_export_of_any_study_name_writes_only_its_output(named_home, tmp_path_fa
     before = fingerprint(sandbox, out)
     result = run_main("export", "-o", str(out / "trials.csv"), "--", name, env={"STUDY_HOME": str(named_home), **ENV})
     assert result.returncode == 0, result.stderr
-    assert changed(before, fingerprint(sandbox, out)) == [str(out / "trials.csv")]
+    written = changed(before, fingerprint(sandbox, out))
+    record_hostile("odd study names (hypothesis) through export -o", tried=1, files_outside=len(set(written) - {str(out / "trials.csv")}))
+    assert written == [str(out / "trials.csv")]
     assert len(pd.read_csv(out / "trials.csv")) == len(optuna.load_study(study_name=name, storage=journal(named_home)).trials)
 
 
@@ -209,7 +213,9 @@ def test_an_output_that_is_a_file_of_the_study_is_refused_before_any_work(plain_
     args, flag = _refusals(plain_home)[case]
     before = fingerprint(plain_home.parent)
     _one_line_error(run_main(*args), f"error: {flag} ", "write the output elsewhere")
-    assert changed(before, fingerprint(plain_home.parent)) == []
+    touched = changed(before, fingerprint(plain_home.parent))
+    record_hostile("outputs aimed at the study's own files (-o, --png; symlinks, hard links)", tried=1, files_outside=len(touched))
+    assert touched == []
 
 
 def test_the_store_of_mlflow_tracking_uri_is_refused_as_an_output(plain_home):
