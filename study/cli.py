@@ -707,14 +707,19 @@ def port(text: str) -> int:
     return value
 
 
+class UsageError(Exception):
+    """A command line argparse cannot read: main prints it as one `error:` line and returns 1, as for every user error."""
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse's usage errors as every other user error: one `error:` line on stderr naming the flag, and exit 1."""
+    """argparse's usage errors as every other user error: one line naming the flag and the command's help, not
+    argparse's usage text and exit 2."""
 
     def error(self, message: str):
         flag, rule = re.fullmatch(r"(?:argument (\S+): )?(.*)", message, re.DOTALL).groups()
         if flag:
             message = f"{flag} {rule}" if rule.startswith("must ") else f"{flag}: {rule}"
-        self.exit(1, f"error: {' '.join(message.split())}; see {self.prog} --help\n")
+        raise UsageError(f"{' '.join(message.split())}; see {self.prog} --help")
 
     def parse_args(self, args=None, namespace=None):
         """As argparse's, but an argument no parser knows is refused with the help of its command, not the top one's."""
@@ -845,7 +850,11 @@ MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUES
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     for name, value in MLFLOW_HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)  # MLflow reads them at every request
     try:

@@ -73,9 +73,13 @@ def test_a_bad_flag_is_one_line_naming_it_and_writes_nothing(argv, fragments, sp
     assert not study_home.exists()
 
 
-def test_a_usage_error_is_one_line_and_exit_1_in_a_real_process_and_help_still_exits_0(spec):
+def test_a_usage_error_is_one_line_and_exit_1_in_a_real_process_and_help_still_exits_0(spec, capsys):
+    from study.cli import main
+
     result = run_cli("launch", spec, "--trials", "abc", fresh=True)
     _one_line_error(result, "--trials must be an integer >= 1; got 'abc'")
+    assert main(["launch", spec, "--no-such-flag"]) == 1  # main returns it, as every user error, rather than exit
+    assert capsys.readouterr().err == "error: unrecognized arguments: --no-such-flag; see python -m study launch --help\n"
     shown = run_main("launch", "--help")
     assert shown.returncode == 0 and shown.stdout.startswith("usage: python -m study launch") and shown.stderr == ""
 
