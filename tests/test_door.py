@@ -193,3 +193,12 @@ def test_a_journal_line_that_is_no_record_is_one_line_naming_the_file_and_line(p
         line = _one_line_error(run_main(*command, "--storage", str(path), env=env), f"journal {path}: line {at} ")
         assert "not an Optuna journal record" in line or "not a valid record" in line, line
     assert changed(before, fingerprint(tmp_path)) == []  # not repaired, nothing set aside, no study home
+
+
+def test_the_journal_check_knows_every_operation_optuna_replays():
+    """study.journal checks each record against its table of Optuna's operations: the table names them as Optuna does."""
+    from optuna.storages.journal._storage import JournalOperation
+
+    from study.journal import _OPERATIONS
+
+    assert {number: name for number, (name, _) in _OPERATIONS.items()} == {operation.value: operation.name for operation in JournalOperation}
