@@ -337,6 +337,9 @@ def layers_section(frame: pd.DataFrame) -> Section:
         if best is None:
             continue
         config = _config(best)
+        if "arch" not in config:  # a study written by plain Optuna: params of its own, no network to measure
+            section.note(f"{study}: best trial {best['trial']} records no architecture, so no per-layer cost.")
+            continue
         arch, resize, ratio = config["arch"], config.get("resize"), config.get("ratio", 1)
         if (arch, resize, ratio) in seen:
             continue

@@ -8,7 +8,9 @@ Heavy imports (torch, optuna, mlflow) happen inside the commands, so `--help` is
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -654,10 +656,10 @@ def cmd_serve_storage(args) -> int:
 
 
 def _add_worker_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workers", type=int, help="trials run at once, one worker process each (default: one per GPU slot, 1 on a CPU)")
+    parser.add_argument("--workers", type=positive_int, help="trials run at once, one worker process each (default: one per GPU slot, 1 on a CPU)")
     parser.add_argument("--gpus", help="GPU indices to use, e.g. 0,1 (default: every visible GPU)")
-    parser.add_argument("--trials-per-gpu", type=int, default=1, help="trials sharing one GPU, for small models (default: 1)")
-    parser.add_argument("--heartbeat", type=int, default=10,
+    parser.add_argument("--trials-per-gpu", type=positive_int, default=1, help="trials sharing one GPU, for small models (default: 1)")
+    parser.add_argument("--heartbeat", type=positive_int, default=10,
                         help="relational storage: seconds between a trial's heartbeats; a trial silent for 3 of them is failed and run again (default: 10)")
 
 
@@ -681,8 +683,73 @@ def _remote_ui(uri: str) -> int:
     return 0
 
 
+# Every number a flag takes is checked where argparse reads it: each type function states its rule, and
+# Parser.error puts the flag's name before it ("--trials must be >= 1; got 0").
+def _integer(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {low}; got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}; got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _integer(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _integer(text, 0)
+
+
+def positive_seconds(text: str) -> float:
+    """A finite number of seconds above 0: nan and inf would mean no limit at all."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0; got {text!r}")
+    return value
+
+
+def port(text: str) -> int:
+    """A TCP port to serve on; not 0, whose port the system picks, so that the address printed is one to use."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535; got {text!r}")
+    return value
+
+
+class UsageError(Exception):
+    """A command line argparse cannot read: main prints it as one `error:` line and returns 1, as for every user error."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's usage errors as every other user error: one line naming the flag and the command's help, not
+    argparse's usage text and exit 2."""
+
+    def error(self, message: str):
+        flag, rule = re.fullmatch(r"(?:argument (\S+): )?(.*)", message, re.DOTALL).groups()
+        if flag:
+            message = f"{flag} {rule}" if rule.startswith("must ") else f"{flag}: {rule}"
+        raise UsageError(f"{' '.join(message.split())}; see {self.prog} --help")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an argument no parser knows is refused with the help of its command, not the top one's."""
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = getattr(parsed, "command", None)
+            Parser(prog=f"{self.prog} {command}" if command else self.prog).error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m study", description="Optuna studies of classic CNNs on Fashion-MNIST, tracked in MLflow.")
+    parser = Parser(prog="python -m study", description="Optuna studies of classic CNNs on Fashion-MNIST, tracked in MLflow.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     storage_help = ("Optuna storage: a journal file path, an SQLAlchemy URL such as postgresql://host/db, or grpc://host:port of a "
@@ -690,10 +757,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     launch = commands.add_parser("launch", help="run (or resume) a study")
     launch.add_argument("name", help="a shipped study (see `list`) or a path to a .toml spec")
-    launch.add_argument("--trials", type=int, default=DEFAULT_TRIALS, help=f"the study's total number of trials (default: {DEFAULT_TRIALS}); a relaunch runs only what is missing")
+    launch.add_argument("--trials", type=positive_int, default=DEFAULT_TRIALS, help=f"the study's total number of trials (default: {DEFAULT_TRIALS}); a relaunch runs only what is missing")
     launch.add_argument("--preset", choices=["cpu", "full"], help="cpu: the spec's budget for a machine without a GPU (data subsets, narrower ranges); full: the notes' data and ranges (default: full on CUDA, cpu without)")
     launch.add_argument("--storage", help=storage_help)
-    launch.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    launch.add_argument("--timeout", type=positive_seconds, help="stop starting new trials after this many seconds")
     launch.add_argument("--budget", help="the study's budget: device time such as 2h, 30m or 90s, or training FLOPs such as 5e15; "
                                          "no trial starts whose predicted cost does not fit (see docs/after-the-search.md#budgets)")
     launch.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files (default: $FASHION_MNIST_DIR, the cache, Debian's package)")
@@ -714,7 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     create = commands.add_parser("create", help="create a study and its MLflow parent run without training, for workers to join")
     create.add_argument("name", help="a shipped study (see `list`) or a path to a .toml spec")
-    create.add_argument("--trials", type=int, help=f"the study's total number of trials (default: {DEFAULT_TRIALS}, or the existing study's)")
+    create.add_argument("--trials", type=positive_int, help=f"the study's total number of trials (default: {DEFAULT_TRIALS}, or the existing study's)")
     create.add_argument("--preset", choices=["cpu", "full"], help="cpu or full, as for launch; the workers' machines need not be this one, "
                                                                   "so name it (default: this machine's, or the existing study's)")
     create.add_argument("--storage", help=storage_help + "; postgresql://... or grpc://... for workers on other machines")
@@ -727,22 +794,22 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="join a launched study (from this or another machine) and run trials until its total is reached")
     worker.add_argument("name", help="the study's spec: a shipped study or a path to its .toml")
     worker.add_argument("--storage", help=storage_help + "; postgresql://... to share a study between machines")
-    worker.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    worker.add_argument("--timeout", type=positive_seconds, help="stop starting new trials after this many seconds")
     worker.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files")
     worker.set_defaults(objective=None, cost=None, sampler=None, pruner=None, log_model="best", register=None, budget=None, run=cmd_worker)
     _add_worker_arguments(worker)
 
     confirm = commands.add_parser("confirm", help="train the study's best configurations again with other seeds, and rank them by the mean")
     confirm.add_argument("name", help="the study's spec, as for launch: a shipped study or a path to its .toml")
-    confirm.add_argument("--top", type=int, default=5, help="how many of the best configurations (default: 5)")
-    confirm.add_argument("--seeds", type=int, default=3, help="further seeds per configuration, beside the one it ran with (default: 3)")
+    confirm.add_argument("--top", type=positive_int, default=5, help="how many of the best configurations (default: 5)")
+    confirm.add_argument("--seeds", type=positive_int, default=3, help="further seeds per configuration, beside the one it ran with (default: 3)")
     confirm.add_argument("--storage", help=storage_help)
     confirm.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files")
     confirm.set_defaults(run=cmd_confirm)
 
     finalize = commands.add_parser("finalize", help="train the chosen configuration on train + validation, test it once, register the model")
     finalize.add_argument("name", help="the study's name")
-    finalize.add_argument("--trial", type=int, help="the trial whose configuration to train (default: the confirmed best, else the best trial)")
+    finalize.add_argument("--trial", type=non_negative_int, help="the trial whose configuration to train (default: the confirmed best, else the best trial)")
     finalize.add_argument("--register", metavar="NAME", help="registered model name (default: <study>-final)")
     finalize.add_argument("--storage", help=storage_help)
     finalize.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files")
@@ -755,7 +822,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("show", help="print a study's best trials")
     show.add_argument("name")
     show.add_argument("--storage", help=storage_help)
-    show.add_argument("--top", type=int, default=10, help="how many trials to show (default: 10)")
+    show.add_argument("--top", type=positive_int, default=10, help="how many trials to show (default: 10)")
     show.set_defaults(run=cmd_show)
 
     export = commands.add_parser("export", help="write one row per trial (params, state, MLflow metrics) to CSV or Parquet")
@@ -775,19 +842,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser("inspect", help="per-layer output shape, parameters, FLOPs and activation memory of a network")
     inspect.add_argument("arch", help="lenet, lenet_bn, alexnet, alexnet_28, vgg11, nin, googlenet, resnet18, densenet")
-    inspect.add_argument("--resize", type=int, help="input side in pixels (default: the architecture's, e.g. 224 for alexnet)")
-    inspect.add_argument("--ratio", type=int, default=1, help="channel divisor (default: 1)")
+    inspect.add_argument("--resize", type=positive_int, help="input side in pixels (default: the architecture's, e.g. 224 for alexnet)")
+    inspect.add_argument("--ratio", type=positive_int, default=1, help="channel divisor (default: 1)")
     inspect.add_argument("--format", choices=["table", "csv", "json"], default="table")
     inspect.set_defaults(run=cmd_inspect)
 
     serve = commands.add_parser("serve-storage", help="serve a storage to many workers through Optuna's gRPC proxy (workers: --storage grpc://HOST:PORT)")
     serve.add_argument("--storage", required=True, help="the storage it serves: postgresql://host/db, or a journal file path")
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only; 0.0.0.0 for every machine)")
-    serve.add_argument("--port", type=int, default=13000, help="default: 13000")
+    serve.add_argument("--port", type=port, default=13000, help="default: 13000")
     serve.set_defaults(run=cmd_serve_storage)
 
     ui = commands.add_parser("ui", help="serve the MLflow UI on the studies' tracking store")
-    ui.add_argument("--port", type=int, default=5000, help="default: 5000")
+    ui.add_argument("--port", type=port, default=5000, help="default: 5000")
     ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
     ui.set_defaults(run=cmd_ui)
     return parser
@@ -807,7 +874,11 @@ MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUES
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     for name, value in MLFLOW_HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)  # MLflow reads them at every request
     try:

@@ -28,7 +28,8 @@ def trials_table(study: optuna.Study, uri: str | None) -> pd.DataFrame:
     # Name the objective columns after what they hold.
     cost = study.user_attrs.get("objective", "accuracy").partition(",")[2]
     # Optuna names them value_<metric name> when the study has metric names, else value or values_<i>.
-    frame = frame.rename(columns={"value": "val_accuracy", "values_0": "val_accuracy", "values_1": cost,
+    # A study written by plain Optuna records no cost: its second objective keeps Optuna's name.
+    frame = frame.rename(columns={"value": "val_accuracy", "values_0": "val_accuracy", "values_1": cost or "values_1",
                                   **{f"{prefix}_{name}": name for prefix in ("value", "values") for name in study.metric_names or []}})
     frame.columns = [name.removeprefix("user_attrs_") for name in frame.columns]
     frame = _one_column_per_name(frame)

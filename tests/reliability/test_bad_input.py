@@ -152,7 +152,7 @@ def _no_traceback(capsys, argv: list[str]) -> None:
     try:
         main(argv)
     except SystemExit:
-        pass  # argparse: usage and exit 2, as every CLI does for an unknown flag
+        pass  # argparse: --help, or a usage error (one line and exit 1)
     captured = capsys.readouterr()
     traceback = "Traceback" in captured.out + captured.err or "(run with --debug" in captured.err
     record_bad_inputs(1, int(traceback))  # each generated input counts in the figures as it is tried
