@@ -86,8 +86,6 @@ def _run_study(args, join: bool) -> int:
     # Every flag checked once, before anything is read or written.
     request = Request.from_flags(args.name, join, None if join else args.trials, getattr(args, "preset", None), args.objective, args.cost,
                                  args.sampler, args.pruner, args.storage, args.heartbeat)
-    if args.timeout is not None and args.timeout <= 0:
-        raise ValueError(f"--timeout must be > 0 seconds; got {args.timeout}")
     if args.budget is not None:
         from study.budget import Budget
 
@@ -116,10 +114,6 @@ def _ray_slots(args):
     """--ray ADDRESS: the trial slots as actors on that Ray cluster, which places them; checked and connected up front."""
     if args.gpus is not None:
         raise ValueError(f"--gpus {args.gpus} picks GPUs of this machine; with --ray, Ray places the trials (use --trials-per-gpu and --workers)")
-    if args.workers is not None and args.workers < 1:
-        raise ValueError(f"--workers must be >= 1; got {args.workers}")
-    if args.trials_per_gpu < 1:
-        raise ValueError(f"--trials-per-gpu must be >= 1; got {args.trials_per_gpu}")
     try:
         import ray  # noqa: F401 -- before the slower imports of study.ray_slots
     except ImportError:
@@ -341,8 +335,6 @@ def cmd_confirm(args) -> int:
     from study.validate import validate_trials
     from study.views import print_confirmed
 
-    if args.top < 1 or args.seeds < 1:
-        raise ValueError(f"--top and --seeds must be >= 1; got --top {args.top}, --seeds {args.seeds}")
     study = _open_study(args.name, args.storage)
     validate_trials(study, search_ranking(study)[:args.top])  # the configurations run_confirm trains again, before it writes
     with Interrupts().installed() as interrupts:  # Ctrl-C and SIGTERM stop it only where nothing is half-written
@@ -404,6 +396,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_show(args) -> int:
+    import optuna
     from optuna.trial import TrialState
 
     study = _open_study(args.name, args.storage)
@@ -419,7 +412,9 @@ def cmd_show(args) -> int:
     print_costs(console, study, args.top)
     if len(study.directions) > 1:
         return _show_pareto(study, console)
-    done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value, reverse=True)
+    # A study plain Optuna wrote may minimise its own value: best first whatever the direction.
+    maximise = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value, reverse=maximise)
     if not done:
         console.print("no completed trials yet")
         return 0
@@ -429,8 +424,9 @@ def cmd_show(args) -> int:
         params = [f"{t.params[n]:.4g}" if isinstance(t.params.get(n), float) else str(t.params.get(n, "")) for n in param_names]
         rows.append([str(t.number), *params, f"{t.value:.4f}", f"{t.user_attrs.get('test_accuracy', float('nan')):.4f}",
                      str(t.user_attrs.get("epochs_run", "")), f"{t.user_attrs.get('train_seconds', float('nan')):.1f}"])
-    console.print(_table(console, f"best {min(args.top, len(done))} trials by validation accuracy",
-                         ["trial", *param_names, "val_accuracy", "test_accuracy", "epochs_run", "train_seconds"], rows))
+    ours = "preset" in study.user_attrs  # launched here: the value is the validation accuracy
+    console.print(_table(console, f"best {min(args.top, len(done))} trials by {'validation accuracy' if ours else 'value'}",
+                         ["trial", *param_names, "val_accuracy" if ours else "value", "test_accuracy", "epochs_run", "train_seconds"], rows))
     return 0
 
 
@@ -562,8 +558,6 @@ def cmd_ui(args) -> int:
     uri = tracking_uri(home())
     if uri.startswith(("http://", "https://")):
         return _remote_ui(uri)
-    if not 1 <= args.port <= 65535:
-        raise ValueError(f"--port {args.port}: give a port between 1 and 65535")
     _check_port_free(args.host, args.port)
     read_only = read_only_uri(home())
     if read_only is None:  # the UI server would create an empty store

@@ -146,6 +146,18 @@ def test_a_study_plain_optuna_wrote_is_read_and_nothing_else_is_written(plain_st
             assert f"<td>{value[0]:.4g}</td>" in page
 
 
+def test_show_ranks_a_plain_study_that_minimises_best_first(tmp_path):
+    url = f"sqlite:///{tmp_path / 'min.db'}"
+    study = optuna.create_study(study_name="plain", storage=url, direction="minimize")
+    for value in (0.5, 0.25, 0.75):
+        study.add_trial(create_trial(params={"x": value}, distributions={"x": FloatDistribution(0.0, 1.0)}, value=value))
+    result = run_main("show", "plain", "--storage", url, env={"STUDY_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": None})
+    assert result.returncode == 0, result.stderr
+    assert "trials by value" in result.stdout and "val_accuracy" not in result.stdout
+    shown = [result.stdout.index(f"{value:.4f}") for value in (0.25, 0.5, 0.75)]
+    assert shown == sorted(shown), result.stdout  # the smallest first
+
+
 # ---- a journal line that is JSON but no record ----
 
 NOT_RECORDS = {
