@@ -69,6 +69,8 @@ def test_a_second_finalize_while_one_trains_trains_nothing(study_home, tmp_path,
     release(hold)
     assert first.wait() == 0, first.errors()
     finals = _finals(study_home)
+    record_hostile(f"a second finalize while one trains ({storage[1].split(':')[0] if storage else 'journal'})", tried=1,
+                   duplicates=len(finals.get("FINISHED", [])) - 1 + len(finals.get("versions", [])) - 1)
     assert [len(finals.get(status, [])) for status in ("FINISHED", "RUNNING", "KILLED", "FAILED")] == [1, 0, 0, 0]
     (version,) = finals["versions"]
     assert version.run_id == finals["FINISHED"][0].info.run_id
@@ -106,6 +108,8 @@ def test_a_killed_finalize_is_closed_killed_and_the_next_trains_once(study_home,
     assert again.returncode == 0, again.stderr
     assert f"run {running.info.run_id} of a finalize that died (host " in again.stdout and f"pid {killed.pid})" in again.stdout
     finals = _finals(study_home)
+    record_hostile(f"finalize killed in training, then finalize again ({storage[1].split(':')[0] if storage else 'journal'})", tried=1,
+                   duplicates=len(finals.get("FINISHED", [])) - 1 + len(finals.get("versions", [])) - 1 + len(finals.get("RUNNING", [])))
     assert [run.info.run_id for run in finals["KILLED"]] == [running.info.run_id]
     assert len(finals["FINISHED"]) == 1 and "RUNNING" not in finals
     (version,) = finals["versions"]

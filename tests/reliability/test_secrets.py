@@ -76,7 +76,7 @@ def test_a_planted_secret_appears_nowhere(study_home, tmp_path):
     assert (out / "tracked.html").is_file() and (study_home / "mlflow.db").is_file() and (server_dir / "mlflow.db").is_file()
     leaks = _leaks(secret, outputs, study_home, tmp_path / "tracked", out, server_dir)
     record_hostile("secret planted in each URL form (userinfo, ?password=, ?sslpassword=, tracking server), every output and file grepped",
-                   tried=len(outputs), secrets_shown=len(leaks))
+                   tried=len(outputs) // 2, secrets_shown=len(leaks))  # a stdout and a stderr per command
     assert leaks == []
 
 
