@@ -300,3 +300,32 @@ def test_ui_links_quote_model_names(tmp_path):
     quoted, _, rest = route.partition("/")
     assert rest.startswith("versions/1?") and urllib.parse.unquote(quoted) == name
     assert not set(quoted) & set(" #?&%/é") - {"%"} and "#" not in link.removeprefix("http://127.0.0.1:5000/#")
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path_factory.mktemp('registry') / 'mlflow.db'}")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(NAMES)
+def test_a_register_name_is_refused_in_one_line_or_registered_found_and_linked(registry, name):
+    """Every name `--register` may be given: refused before anything is written, in one line, or one MLflow registers,
+    finds again by its quoted name (as the launch does) and `ui` links to by that name."""
+    from study.names import check_model_name
+    from study.tracking import ui_links
+
+    try:
+        check_model_name("--register", name)
+    except ValueError as error:
+        record_hostile("odd --register names (hypothesis): refused in one line or registered", tried=1)
+        assert str(error).startswith("--register ") and "\n" not in str(error)
+        return
+    record_hostile("odd --register names (hypothesis): refused in one line or registered", tried=1)
+    if not registry.search_registered_models(f"name = '{name}'"):
+        registry.create_registered_model(name)
+        registry.create_model_version(name, "file:///nowhere/model")
+    assert [model.name for model in registry.search_registered_models(f"name = '{name}'")] == [name]
+    (link,) = [link for label, link in ui_links(registry, "http://127.0.0.1:5000") if label == f"model {name} v1"]
+    route = link.removeprefix("http://127.0.0.1:5000/#/models/")
+    assert urllib.parse.unquote(route.partition("/")[0]) == name and route.partition("/")[2].startswith("versions/1?")
