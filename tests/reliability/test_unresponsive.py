@@ -53,6 +53,20 @@ def silent_server():
     listener.close()
 
 
+def _serving(handler, ended: threading.Event):
+    """Serve `handler` on a free port of 127.0.0.1 and yield the port; at the end set `ended`, which lets go of the
+    requests it holds, and stop."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    ended.set()
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
 @pytest.fixture
 def health_only_server():
     """An HTTP port that answers /health, as an MLflow server whose tracking store hangs still does, and holds
@@ -74,14 +88,7 @@ def health_only_server():
         def log_message(self, *args):
             pass  # no line per request on the test's output
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    ended.set()
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    yield from _serving(Handler, ended)
 
 
 def _dripping(answer_health: bool):
@@ -110,15 +117,7 @@ def _dripping(answer_health: bool):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    ended.set()
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    yield from _serving(Handler, ended)
 
 
 @pytest.fixture
