@@ -58,7 +58,8 @@ def read_checkpoint(path: Path, config) -> Checkpoint:
     """The checkpoint at `path`, checked against the TrainConfig `config` that is to resume from it; CheckpointError
     with the reason when it is missing, torn or made by another configuration. Tensors load on the CPU."""
     try:
-        content = torch.load(Path(path), map_location="cpu", weights_only=True)
+        # mmap: the tensors are read as they are used, so a caller that wants only the history reads little of the file.
+        content = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint at {path}") from None
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:

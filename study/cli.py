@@ -278,7 +278,8 @@ def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | Non
             shown = f"{len(slots)} worker{'' if len(slots) == 1 else 's'}: {', '.join('cpu' if d == 'auto' else d for d in slots)}"
             console.print(f"{shown} (not {asked}: {why})" if why else shown)
     try:
-        run_launch(session, tracker, console, slots, args.timeout, args.data_dir, args.log_model, budget=args.budget, make_slots=ray_slots)
+        run_launch(session, tracker, console, slots, args.timeout, args.data_dir, args.log_model, budget=args.budget, make_slots=ray_slots,
+                   checkpoint_dir=args.checkpoint_dir)
     except KeyboardInterrupt:
         if not request.join:
             tracker.close_parent_on_exit("KILLED")
@@ -659,6 +660,9 @@ def _add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=positive_int, help="trials run at once, one worker process each (default: one per GPU slot, 1 on a CPU)")
     parser.add_argument("--gpus", help="GPU indices to use, e.g. 0,1 (default: every visible GPU)")
     parser.add_argument("--trials-per-gpu", type=positive_int, default=1, help="trials sharing one GPU, for small models (default: 1)")
+    parser.add_argument("--checkpoint-dir", type=Path, help="where running trials keep their checkpoints, one folder per study, so that an "
+                        "interrupted trial's retry resumes where it stopped; with workers on several machines or Ray, a path every one of "
+                        "them reaches (a shared file system) (default: the study home's checkpoints/)")
     parser.add_argument("--heartbeat", type=positive_int, default=10,
                         help="relational storage: seconds between a trial's heartbeats; a trial silent for 3 of them is failed and run again (default: 10)")
 
