@@ -99,6 +99,7 @@ def _run_study(args, join: bool) -> int:
 
         check_model_name("--register", args.register)
     on_ray = bool(getattr(args, "ray", None))
+    _check_checkpoint_dir(args, join, on_ray)
     slots = [] if on_ray else devices(args.workers, args.gpus, args.trials_per_gpu)
     spec = spec_for(args.name, args.storage) if join else load_spec(args.name)
     # Everything the launch can run, before the study, a trial or an MLflow run exists (and before a Ray cluster is
@@ -110,6 +111,24 @@ def _run_study(args, join: bool) -> int:
     output = None if join else _report_output(args.output, report_path(home(), [spec.name]), args.storage)
     with Interrupts(anywhere=True).installed():
         return _launch(args, request, spec, slots, ray_slots, output)
+
+
+def _check_checkpoint_dir(args, join: bool, on_ray: bool) -> None:
+    """Refuse a set-up whose interrupted trials would be retried where their checkpoints are not: trials on Ray's nodes, or
+    a worker on a storage other machines share, with the checkpoints in this machine's study home. One machine (a launch,
+    its --workers) is fine: every retry runs here."""
+    from study.storage import home, mask, shared_by_machines
+
+    if args.checkpoint_dir is not None:
+        return
+    if on_ray:
+        where = f"--ray {args.ray}: trials run on the cluster's nodes"
+    elif join and shared_by_machines(args.storage):
+        where = f"worker on {mask(args.storage)}: another machine's worker may take an interrupted trial's retry"
+    else:
+        return
+    raise ValueError(f"{where}, which cannot read the checkpoints in this machine's {home() / 'checkpoints'}; give --checkpoint-dir "
+                     "a folder every machine reaches (a shared file system)")
 
 
 def _ray_slots(args):
