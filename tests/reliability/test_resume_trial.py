@@ -110,3 +110,28 @@ def test_a_corrupt_checkpoint_is_set_aside_and_the_retry_starts_from_epoch_1(stu
     assert RESUMED_FROM_EPOCH not in retry.user_attrs and retry.user_attrs["epochs_run"] == EPOCHS
     (aside,) = folder.iterdir()
     assert aside.name.startswith("1.pt.set-aside-") and aside.stat().st_size == 1000  # kept for whoever wants to look
+
+
+def test_a_killed_workers_trial_resumes_in_another_worker_through_the_shared_checkpoint_dir(study_home, tmp_path, postgres_db):
+    url, _, _ = postgres_db
+    spec = make_spec(tmp_path, "shared", LENET, fixed={"epochs": EPOCHS})
+    created = start_hooked("create", str(spec), "--trials", "1", "--preset", "cpu", "--storage", url, env={"STUDY_HOME": str(study_home)})
+    assert created.wait(600) == 0, created.errors()
+    shared, log, holds = tmp_path / "shared-checkpoints", tmp_path / "epochs.jsonl", tmp_path / "holds"
+    argv = ["worker", str(spec), "--storage", url, "--heartbeat", "1", "--checkpoint-dir", str(shared)]
+    # Each worker with a study home of its own, as on machines of their own; the MLflow store is the one both reach.
+    env = {"MLFLOW_TRACKING_URI": sqlite_uri(study_home), "HOOKED_EPOCH_LOG": str(log)}
+    first = start_hooked(*argv, env={**env, "STUDY_HOME": str(tmp_path / "first"), **hold_env(holds, "inside:3")})
+    wait_for_holds(holds, 1, alive=lambda: first.poll() is None)
+    first.kill()
+    assert first.wait(600) == -9
+    assert [path.name for path in (shared / "shared").iterdir()] == ["0.pt"]
+    second = start_hooked(*argv, env={**env, "STUDY_HOME": str(tmp_path / "second")})
+    out, err = second.communicate(timeout=600)
+    assert second.returncode == 0, err[-3000:]
+    assert "trial 1 (retry of trial 0): resumed from epoch 2" in out
+    assert _epochs_trained(log) == [(1, False), (2, False), (3, True)]
+    record_resume("kill -9 of a worker on PostgreSQL inside epoch 3, resumed by another", 1, _begun_again(log, 3))
+    assert optuna.load_study(study_name="shared", storage=url).trials[1].user_attrs[RESUMED_FROM_EPOCH] == 2
+    assert not list((shared / "shared").iterdir()) and not (tmp_path / "second" / "checkpoints").exists()
+    record_fault("kill -9 of a worker on PostgreSQL inside an epoch, then resumed", 1, check_consistent("shared", url, sqlite_uri(study_home), total=1))
