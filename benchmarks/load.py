@@ -274,7 +274,7 @@ def run(kind: str, workers: int, per_worker: int, admin_url: str, tracking_uri: 
         del session
         Tracker(name, tracking_uri)  # the study's MLflow experiment and parent run, as `launch` makes them before any worker
         go = run_dir / "go"
-        argv = ["worker", str(spec), "--storage", storage_url, "--timeout", str(timeout)]
+        argv = ["worker", str(spec), "--storage", storage_url, "--timeout", str(timeout), "--checkpoint-dir", str(run_dir / "checkpoints")]
         children = fork_workers(workers, argv, go, run_dir)
         wait_for(lambda: sum(1 for _ in run_dir.glob("ready-*")) + sum(out.exists() for _, out in children) >= workers, 300,
                  f"{workers} workers at the barrier")

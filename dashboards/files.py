@@ -1,9 +1,7 @@
 """Files the project writes itself (exports, reports, figures): whole or not at all, and named safely.
 
-A file is written under a unique temporary name in its own directory (two writers of one path never share a
-temporary, and the rename stays on one file system), flushed to the disk, then renamed over the target in one
-step: a reader sees the previous file or the new one, never a part of it. On any failure the temporary is
-removed, the previous file stays as it was, and the error names the file.
+Files are written whole or not at all (objectives.files.write_whole: temporary name, fsync, rename), the one
+way the project writes a file, which the trainer's checkpoints use too.
 
 A file named after a study or a model (`named_file`) takes a slug of that name: the name is data (a study in a
 shared storage may be named anything, `../x` or `/etc/x` included), never a path.
@@ -12,43 +10,12 @@ shared storage may be named anything, `../x` or `/etc/x` included), never a path
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import secrets
-from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
+from objectives.files import WriteError, write_whole
 
-class WriteError(OSError):
-    """A file could not be written (its one line names it); the previous file, if any, is unchanged."""
-
-
-def write_whole(path: Path, write: Callable[[BinaryIO], object]) -> Path:
-    """Write `path` through `write(out)`, which writes the content to the binary file `out`; returns `path`."""
-    path = Path(path)
-    # O_EXCL: a name no one else holds. Not mkstemp: its files are private (0600), an export or report is not.
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as error:
-        raise _named(path, error) from None
-    try:
-        with os.fdopen(descriptor, "wb") as out:
-            write(out)
-            out.flush()
-            os.fsync(out.fileno())  # on the disk before it takes the name: a crash leaves the old file or the new one
-        os.replace(temporary, path)
-    except BaseException as error:
-        temporary.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise _named(path, error) from None
-        raise
-    return path
-
-
-def _named(path: Path, error: OSError) -> WriteError:
-    return WriteError(f"cannot write {path}: {error.strerror or str(error).strip() or type(error).__name__}")
+__all__ = ["SLUG_BYTES", "WriteError", "named_file", "slug", "write_whole"]
 
 
 SLUG_BYTES = 100  # a slug's bound in UTF-8 bytes: room for a suffix and the temporary's affixes under a file system's 255

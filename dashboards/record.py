@@ -13,6 +13,9 @@ A trial of a launched study carries, as user attributes:
                     `peak_memory_source` what its peak memory measured
     fail_reason     why it failed; `interrupted` when its process was stopped or died (MLflow: KILLED)
     retry_of        on a trial queued again: the number of the trial it repeats
+    resumed_from_epoch
+                    on a retry that resumed from its interrupted trial's checkpoint: the epochs it loaded
+                    (also an MLflow tag); absent when it trained from epoch 1
     predicted_flops, predicted_seconds
                     its training cost as predicted before it ran (study.budget): FLOPs from the network's
                     forward FLOPs, seconds from the throughput the study had measured by then
@@ -51,6 +54,7 @@ PEAK_MEMORY_SOURCE = "peak_memory_source"  # what peak_memory_bytes measured (ob
 FAIL_REASON = "fail_reason"
 INTERRUPTED = "interrupted"
 RETRY_OF = "retry_of"
+RESUMED_FROM_EPOCH = "resumed_from_epoch"
 PREDICTED_FLOPS = "predicted_flops"
 PREDICTED_SECONDS = "predicted_seconds"
 OVER_BUDGET = "over_budget"

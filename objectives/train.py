@@ -1,4 +1,4 @@
-"""One training function: `train(config, data, on_epoch=None) -> TrainResult`.
+"""One training function: `train(config, data, on_epoch=None, checkpoint=None, resume=None) -> TrainResult`.
 
 The whole split lives on the device as uint8; each batch is picked by a
 device-side permutation, converted to float and resized on the device. No
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from objectives.checkpoint import Checkpoint, write_checkpoint
 from objectives.data import TEST_SIZE, TRAIN_SIZE, VAL_SIZE, FashionMNIST
 from objectives.inspect import training_bytes
 from objectives.memory import PeakMemory
@@ -346,12 +347,17 @@ def _graphed(train_step: Callable[[torch.Tensor], None], batch_size: int, device
     return step
 
 
-def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetrics], bool | None] | None = None) -> TrainResult:
+def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetrics], bool | None] | None = None,
+          checkpoint: Path | None = None, resume: Checkpoint | None = None) -> TrainResult:
     """Train `config.arch` on `data` and return its accuracy and cost.
 
     `on_epoch` is called after every epoch with that epoch's metrics; returning True stops training
-    (pruning). Raises DivergedError when the loss is NaN or infinite, DeviceOutOfMemoryError when the
-    device runs out of memory, InputTooSmallError (a ValueError) for a resize below the minimum.
+    (pruning). With `checkpoint`, the training state is written there after every epoch but the last, before
+    on_epoch sees it (objectives.checkpoint). With `resume` (objectives.checkpoint.read_checkpoint, which checked it
+    against `config`), training continues after its epochs: only the remaining ones run, and on_epoch sees only
+    those; the result's history, cost and accuracy are those of the whole run. Raises DivergedError when the loss
+    is NaN or infinite, DeviceOutOfMemoryError when the device runs out of memory, InputTooSmallError (a
+    ValueError) for a resize below the minimum.
     """
     wall_start = time.perf_counter()
     arch = get_architecture(config.arch)
@@ -366,7 +372,8 @@ def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetr
     shortfall = memory_shortfall(config, free_memory_bytes(device), "free")
     if shortfall is not None:
         raise DeviceOutOfMemoryError(shortfall)
-    use_bf16 = bf16_autocast(config)
+    # A resumed run keeps the precision its first part chose ("auto" may time both on a CPU, and timings vary).
+    use_bf16 = bf16_autocast(config) if resume is None else resume.precision == "bf16"
     graphed = on_cuda and not config.compile if config.cuda_graph is None else config.cuda_graph
 
     def autocast():
@@ -415,9 +422,18 @@ def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetr
 
         step = _graphed(train_step, config.batch_size, device) if graphed else train_step
         history: list[EpochMetrics] = []
-        train_seconds = 0.0
+        if resume is not None:
+            # ---- resume: the state the first part of the run left after its last whole epoch ----
+            model.load_state_dict(resume.model)
+            optimizer.load_state_dict(resume.optimizer)
+            generator.set_state(resume.generator)
+            torch.set_rng_state(resume.cpu_rng)  # dropout's draws continue where they stopped
+            if on_cuda and resume.cuda_rng is not None:
+                torch.cuda.set_rng_state(resume.cuda_rng, device)
+            history = [EpochMetrics(**metrics) for metrics in resume.history]
+        train_seconds = sum(metrics.epoch_seconds for metrics in history)
         stopped_early = False
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(len(history) + 1, config.epochs + 1):
             model.train()
             epoch_start = time.perf_counter()
             loss_sum.zero_()
@@ -441,6 +457,12 @@ def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetr
                 examples_per_second=n_train / epoch_seconds,
             )
             history.append(metrics)
+            if checkpoint is not None and epoch < config.epochs:  # after the last epoch the run is whole: nothing to resume
+                write_checkpoint(checkpoint, Checkpoint(
+                    config=dataclasses.asdict(config), epoch=epoch, history=[dataclasses.asdict(m) for m in history],
+                    precision="bf16" if use_bf16 else "fp32", model=model.state_dict(), optimizer=optimizer.state_dict(),
+                    generator=generator.get_state(), cpu_rng=torch.get_rng_state(),
+                    cuda_rng=torch.cuda.get_rng_state(device) if on_cuda else None))
             if on_epoch is not None and on_epoch(metrics):
                 stopped_early = True
                 break

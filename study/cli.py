@@ -97,6 +97,7 @@ def _run_study(args, join: bool) -> int:
 
         check_model_name("--register", args.register)
     on_ray = bool(getattr(args, "ray", None))
+    _check_checkpoint_dir(args, join, on_ray)
     slots = [] if on_ray else devices(args.workers, args.gpus, args.trials_per_gpu)
     spec = spec_for(args.name, args.storage) if join else load_spec(args.name)
     # Everything the launch can run, before the study, a trial or an MLflow run exists (and before a Ray cluster is
@@ -108,6 +109,24 @@ def _run_study(args, join: bool) -> int:
     output = None if join else _report_output(args.output, report_path(home(), [spec.name]), args.storage)
     with Interrupts(anywhere=True).installed():
         return _launch(args, request, spec, slots, ray_slots, output)
+
+
+def _check_checkpoint_dir(args, join: bool, on_ray: bool) -> None:
+    """Refuse a set-up whose interrupted trials would be retried where their checkpoints are not: trials on Ray's nodes, or
+    a worker on a storage other machines share, with the checkpoints in this machine's study home. One machine (a launch,
+    its --workers) is fine: every retry runs here."""
+    from study.storage import home, mask, shared_by_machines
+
+    if args.checkpoint_dir is not None:
+        return
+    if on_ray:
+        where = f"--ray {args.ray}: trials run on the cluster's nodes"
+    elif join and shared_by_machines(args.storage):
+        where = f"worker on {mask(args.storage)}: another machine's worker may take an interrupted trial's retry"
+    else:
+        return
+    raise ValueError(f"{where}, which cannot read the checkpoints in this machine's {home() / 'checkpoints'}; give --checkpoint-dir "
+                     "a folder every machine reaches (a shared file system)")
 
 
 def _ray_slots(args):
@@ -272,7 +291,8 @@ def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | Non
             shown = f"{len(slots)} worker{'' if len(slots) == 1 else 's'}: {', '.join('cpu' if d == 'auto' else d for d in slots)}"
             console.print(f"{shown} (not {asked}: {why})" if why else shown)
     try:
-        run_launch(session, tracker, console, slots, args.timeout, args.data_dir, args.log_model, budget=args.budget, make_slots=ray_slots)
+        run_launch(session, tracker, console, slots, args.timeout, args.data_dir, args.log_model, budget=args.budget, make_slots=ray_slots,
+                   checkpoint_dir=args.checkpoint_dir)
     except KeyboardInterrupt:
         if not request.join:
             tracker.close_parent_on_exit("KILLED")
@@ -653,6 +673,9 @@ def _add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=positive_int, help="trials run at once, one worker process each (default: one per GPU slot, 1 on a CPU)")
     parser.add_argument("--gpus", help="GPU indices to use, e.g. 0,1 (default: every visible GPU)")
     parser.add_argument("--trials-per-gpu", type=positive_int, default=1, help="trials sharing one GPU, for small models (default: 1)")
+    parser.add_argument("--checkpoint-dir", type=Path, help="where running trials keep their checkpoints, one folder per study, so that an "
+                        "interrupted trial's retry resumes where it stopped; with workers on several machines or Ray, a path every one of "
+                        "them reaches (a shared file system) (default: the study home's checkpoints/)")
     parser.add_argument("--heartbeat", type=positive_int, default=10,
                         help="relational storage: seconds between a trial's heartbeats; a trial silent for 3 of them is failed and run again (default: 10)")
 

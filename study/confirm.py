@@ -84,9 +84,9 @@ class _Slot(InProcess):
         super().__init__("auto", data)
         self.interrupts = interrupts
 
-    def train(self, config, on_epoch):
+    def train(self, config, on_epoch, checkpoint=None, resume=False):
         with self.interrupts.while_training():
-            return super().train(config, on_epoch)
+            return super().train(config, on_epoch, checkpoint, resume)
 
 
 def _settle_queue(study: optuna.Study, companion: optuna.Study, storage, wanted: list[tuple[int, int]], asked: str, console: Console) -> int:

@@ -27,7 +27,8 @@ from rich.console import Console
 
 from dashboards import record
 from dashboards.files import named_file
-from objectives import DeviceOutOfMemoryError, DivergedError, FashionMNIST, TrainConfig, TrainResult, load_fashion_mnist
+from objectives import DeviceOutOfMemoryError, DivergedError, EpochMetrics, FashionMNIST, TrainConfig, TrainResult, load_fashion_mnist
+from objectives.checkpoint import Checkpoint, CheckpointError, read_checkpoint
 from study import budget as costs
 from study.costprune import CostBucketPruner, bucket
 from study.errors import StudyFull
@@ -36,7 +37,7 @@ from study.progress import LiveProgress
 from study.reconcile import reconcile, repair_models
 from study.recovery import HeartbeatRecovery, JournalRecovery, recovery_for
 from study.session import Session
-from study.storage import claim_lock, heartbeat_enabled, mask
+from study.storage import claim_lock, heartbeat_enabled, home, mask
 from study.tracking import Tracker, device_name
 
 # Optuna warns at every ask() on a storage with heartbeats that they are meant for study.optimize: this launcher records
@@ -70,6 +71,7 @@ class TrialRunner:
     run_tags: Callable[[optuna.Trial], dict] | None = None
     running_cost: dict[int, float] = field(default_factory=dict)  # trial id -> predicted cost counted against the budget
     cost_history: optuna.Study | None = None  # confirm: the original study, whose trials measured this device's throughput too
+    checkpoints: Path | None = None  # the study's checkpoint folder (checkpoint_folder): one file per running trial; None: none kept
 
     @property
     def study(self) -> optuna.Study:
@@ -120,6 +122,7 @@ class TrialRunner:
             if run_id is not None:
                 trial.set_user_attr(record.MLFLOW_RUN_ID, run_id)
                 self.track(self.tracker.client.set_tag, run_id, record.NODE, slot.node)
+            self._adopt_checkpoint(trial)  # before a refusal, so that the refused trial's own retry finds it
             if refusal:
                 # Not run; queued again, so a launch with a larger budget runs this configuration first.
                 trial.set_user_attr(record.FAIL_REASON, refusal)
@@ -133,38 +136,52 @@ class TrialRunner:
                 return None
             if self.budget:
                 self.running_cost[trial._trial_id] = self.budget.cost(prediction)
+            resume = self._resume_point(trial, config, run_id)
         try:
-            return self._train_and_tell(trial, config, run_id, slot.train)
+            return self._train_and_tell(trial, config, run_id, slot.train, resume)
         finally:
             self.in_flight.discard(trial._trial_id)
             self.running_cost.pop(trial._trial_id, None)
 
-    def _train_and_tell(self, trial: optuna.Trial, config, run_id: str | None, train_fn: Callable) -> optuna.trial.FrozenTrial:
+    def _train_and_tell(self, trial: optuna.Trial, config, run_id: str | None, train_fn: Callable,
+                        resume: Checkpoint | None = None) -> optuna.trial.FrozenTrial:
         cost = self.session.settings.cost
         curve: list[float] = []
         own_bucket = bucket(trial.user_attrs[record.PREDICTED_FLOPS], config.epochs) if cost is not None else None
 
-        def on_epoch(metrics) -> bool:
+        def record_epoch(metrics: EpochMetrics) -> None:
+            if run_id is not None:
+                self.track(self.tracker.log_epoch, run_id, metrics)
+            if cost is not None:
+                curve.append(metrics.val_accuracy)
+                trial.set_user_attr(record.VAL_CURVE, curve)
+            else:
+                trial.report(metrics.val_accuracy, metrics.epoch)
+
+        def on_epoch(metrics: EpochMetrics) -> bool:
             # After its last epoch a trial is whole, its cost spent: no pruner is asked, so it is COMPLETE and may be the best.
             last = metrics.epoch >= config.epochs
             with self.lock:
-                if run_id is not None:
-                    self.track(self.tracker.log_epoch, run_id, metrics)
+                record_epoch(metrics)
                 if cost is not None:
-                    curve.append(metrics.val_accuracy)
-                    trial.set_user_attr(record.VAL_CURVE, curve)
                     return not last and self.cost_pruner is not None and self.cost_pruner.should_prune(self.study, own_bucket, metrics.epoch,
                                                                                                         metrics.val_accuracy)
-                trial.report(metrics.val_accuracy, metrics.epoch)
                 return not last and trial.should_prune()
 
+        if resume is not None:
+            # The epochs the checkpoint holds, recorded again on this trial: the pruner and the MLflow run see the whole curve.
+            with self.lock:
+                for metrics in resume.history:
+                    record_epoch(EpochMetrics(**metrics))
+        checkpoint = self._checkpoint_path(trial.number)
         try:
-            result: TrainResult = train_fn(config, on_epoch)
+            result: TrainResult = train_fn(config, on_epoch, checkpoint, resume is not None)
         except (DivergedError, DeviceOutOfMemoryError) as error:
             reason = f"{'diverged' if isinstance(error, DivergedError) else 'out of memory'}: {error}"
             with self.lock:
                 trial.set_user_attr(record.FAIL_REASON, reason)
                 self._finish(run_id, "FAIL", reason=reason)
+                self._drop_checkpoint(trial.number)
                 return self.study.tell(trial, state=TrialState.FAIL)
         except WorkerDied as error:  # its process, Ray actor or node is gone: the trial runs again once, elsewhere
             return self._interrupted(trial, run_id, str(error))
@@ -177,6 +194,7 @@ class TrialRunner:
                 trial.set_user_attr(record.FAIL_REASON, reason)
                 self.study.tell(trial, state=TrialState.FAIL)
                 self._finish(run_id, "FAIL", reason=reason)
+                self._drop_checkpoint(trial.number)
             raise
         with self.lock:
             for key, value in record.results(result).items():
@@ -189,9 +207,54 @@ class TrialRunner:
                 frozen = self.study.tell(trial, [result.val_accuracy, float(getattr(result, cost))])
             else:
                 frozen = self.study.tell(trial, result.val_accuracy)
+            self._drop_checkpoint(trial.number)
             if run_id is not None and self._keeps_model(frozen):
                 self.track(self.tracker.log_model, run_id, frozen.number, result, self.data)
             return frozen
+
+    def _checkpoint_path(self, number: int) -> Path | None:
+        """Where trial `number` keeps its checkpoint; None when the study keeps none."""
+        return None if self.checkpoints is None else self.checkpoints / f"{number}.pt"
+
+    def _adopt_checkpoint(self, trial: optuna.Trial) -> None:
+        """A retry takes over the checkpoint of the trial it repeats, under its own number: interrupted in turn, before
+        its first epoch, it leaves the checkpoint to its own retry; finished, it removes it (study/launch._drop_checkpoint)."""
+        source = trial.user_attrs.get(record.RETRY_OF)
+        if self.checkpoints is None or source is None:
+            return
+        for stale in self.checkpoints.glob(f".{source}.pt.*.tmp"):
+            stale.unlink(missing_ok=True)  # a write the interrupted trial did not finish (objectives.files.write_whole)
+        try:
+            os.replace(self._checkpoint_path(source), self._checkpoint_path(trial.number))
+        except FileNotFoundError:
+            pass  # interrupted in its first epoch, or its checkpoint was set aside: read_checkpoint says so
+
+    def _resume_point(self, trial: optuna.Trial, config: TrainConfig, run_id: str | None) -> Checkpoint | None:
+        """The checkpoint a retry resumes from (recorded as `resumed_from_epoch` on it and its MLflow run), None when it
+        trains from epoch 1. One it cannot trust is set aside, under a name of its own, with one line."""
+        if self.checkpoints is None or record.RETRY_OF not in trial.user_attrs:
+            return None
+        path = self._checkpoint_path(trial.number)
+        try:
+            checkpoint = read_checkpoint(path, config)
+        except CheckpointError as error:
+            note = ""
+            if path.exists():
+                aside = path.with_name(f"{path.name}.set-aside-{int(time.time())}")
+                path.replace(aside)
+                note = f"; set aside as {aside}"
+            self.console.print(f"trial {trial.number} (retry of trial {trial.user_attrs[record.RETRY_OF]}): {error}{note}; training from epoch 1", markup=False)
+            return None
+        trial.set_user_attr(record.RESUMED_FROM_EPOCH, checkpoint.epoch)
+        if run_id is not None:
+            self.track(self.tracker.client.set_tag, run_id, record.RESUMED_FROM_EPOCH, str(checkpoint.epoch))
+        self.console.print(f"trial {trial.number} (retry of trial {trial.user_attrs[record.RETRY_OF]}): resumed from epoch {checkpoint.epoch}")
+        return checkpoint
+
+    def _drop_checkpoint(self, number: int) -> None:
+        """A trial that finished (not interrupted) needs its checkpoint no more."""
+        if self.checkpoints is not None:
+            self._checkpoint_path(number).unlink(missing_ok=True)
 
     def _interrupted(self, trial: optuna.Trial, run_id: str | None, reason: str) -> optuna.trial.FrozenTrial:
         """A trial that could not run to its end: FAIL with the reason, MLflow KILLED, queued once more."""
@@ -421,16 +484,24 @@ class Scheduler:
             value = trial.values[0] if trial.values else trial.user_attrs[record.VAL_CURVE][-1]
             shown = f" {cost}={trial.values[1]:.4g}" if cost and trial.state == TrialState.COMPLETE else ""
             outcome = f"{trial.state.name} val_accuracy={value:.4f}{shown} after {_epochs(trial.user_attrs.get('epochs_run'))}, {trial.user_attrs.get('train_seconds', 0):.1f} s"
+        if record.RESUMED_FROM_EPOCH in trial.user_attrs:
+            outcome += f", resumed from epoch {trial.user_attrs[record.RESUMED_FROM_EPOCH]}"
         self.progress.console.print(f"trial {trial.number}: {params} -> {outcome}")
 
 
 def run_launch(session: Session, tracker: Tracker, console: Console, devices: list[str], timeout: float | None = None,
                data_dir: str | None = None, log_model: str = "best", budget: costs.Budget | None = None,
-               make_slots: Callable[[FashionMNIST], list] | None = None) -> int:
+               make_slots: Callable[[FashionMNIST], list] | None = None, checkpoint_dir: Path | None = None) -> int:
     """Run the session's study until it holds its total, its budget is spent (or `timeout` seconds pass); returns the trials run.
 
-    The trials run on `devices` of this machine, or on the slots `make_slots` gives (study.ray_slots)."""
-    runner = TrialRunner(session, tracker, console, log_model=log_model, budget=budget)
+    The trials run on `devices` of this machine, or on the slots `make_slots` gives (study.ray_slots). Each keeps its
+    checkpoint in the study's folder of `checkpoint_dir` (default: the study home's checkpoints/)."""
+    checkpoints = checkpoint_folder(checkpoint_dir or home() / "checkpoints", session.study.study_name)
+    try:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"cannot create the checkpoint folder {checkpoints} ({error.strerror}); give --checkpoint-dir a writable directory") from None
+    runner = TrialRunner(session, tracker, console, log_model=log_model, budget=budget, checkpoints=checkpoints)
     if session.settings.cost is not None:
         runner.cost_pruner = CostBucketPruner.from_settings(session.settings.pruner)
     recovery = recovery_for(session.study, session.storage, tracker, console, session.settings.plan, runner.track)
@@ -456,6 +527,11 @@ def pruner_name(session: Session) -> str:
 
 def _epochs(n) -> str:
     return f"{n} epoch{'' if n == 1 else 's'}"
+
+
+def checkpoint_folder(base: Path, study_name: str) -> Path:
+    """The folder of a study's checkpoints in `base`, named after the study (dashboards.files.slug)."""
+    return named_file(base, study_name, "")
 
 
 def report_path(home: Path, names: list[str]) -> Path:

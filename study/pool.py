@@ -2,14 +2,15 @@
 per-epoch metrics back to the launcher, which reports, prunes and logs.
 
 A trial slot is any object with `device` (None or "cuda:N"), `node` (where it trains), `ready(timeout)` (True
-once it can train), `train(config, on_epoch) -> TrainResult` and `stop()`. Two kinds live here: `InProcess`
+once it can train), `train(config, on_epoch, checkpoint, resume) -> TrainResult` and `stop()`: `checkpoint`, a path
+where the slot's trainer keeps the trial's checkpoint (None: none), from which it resumes when `resume`. Two kinds live here: `InProcess`
 (one slot, in the launcher's process) and `Worker` (a process of its own); study.ray_slots adds Ray actors.
 
 So locally the launcher stays the only writer of the Optuna storage and the MLflow store, and the
 trainer stays free of Optuna and MLflow. A worker is a spawned process (CUDA cannot be forked);
 the launcher talks to it over a pipe:
 
-    launcher -> worker   TrainConfig                 train this
+    launcher -> worker   (TrainConfig, checkpoint, resume)   train this (objectives.train's checkpoint and resume)
     worker -> launcher   ("epoch", EpochMetrics)     after every epoch; the launcher answers True to stop (pruning)
     worker -> launcher   ("result", TrainResult)     or ("error", kind, message)
 """
@@ -22,6 +23,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import objectives
 from objectives import DeviceOutOfMemoryError, DivergedError, EpochMetrics, FashionMNIST, TrainConfig, TrainResult
@@ -37,7 +39,7 @@ def _serve(conn, data_dir: str | None, threads: int) -> None:
     """The worker process: load the data once, then train whatever the launcher sends until it hangs up."""
     import torch
 
-    from objectives import load_fashion_mnist, train
+    from objectives import load_fashion_mnist, read_checkpoint, train
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle; it stops us
     torch.set_num_threads(threads)
@@ -45,7 +47,7 @@ def _serve(conn, data_dir: str | None, threads: int) -> None:
     conn.send(("ready",))
     while True:
         try:
-            config = conn.recv()
+            config, checkpoint, resume = conn.recv()
         except (EOFError, OSError):
             return  # the launcher is gone
 
@@ -54,7 +56,7 @@ def _serve(conn, data_dir: str | None, threads: int) -> None:
             return conn.recv()
 
         try:
-            result = train(config, data, on_epoch)
+            result = train(config, data, on_epoch, checkpoint, read_checkpoint(checkpoint, config) if resume else None)
         except (DivergedError, DeviceOutOfMemoryError) as error:
             kind = "diverged" if isinstance(error, DivergedError) else "out of memory"
             conn.send(("error", kind, str(error)))
@@ -80,8 +82,9 @@ class InProcess:
     def ready(self, timeout: float) -> bool:
         return True
 
-    def train(self, config: TrainConfig, on_epoch: Callable[[EpochMetrics], bool]) -> TrainResult:
-        return objectives.train(config, self.data, on_epoch)  # looked up at each call, so a wrapped trainer is the one that runs
+    def train(self, config: TrainConfig, on_epoch: Callable[[EpochMetrics], bool], checkpoint: Path | None = None, resume: bool = False) -> TrainResult:
+        resumed = objectives.read_checkpoint(checkpoint, config) if resume else None
+        return objectives.train(config, self.data, on_epoch, checkpoint, resumed)  # looked up at each call, so a wrapped trainer is the one that runs
 
     def stop(self) -> None:
         pass  # Ctrl-C reaches the training in this process directly
@@ -126,12 +129,12 @@ class Worker:
             self.start()  # returns once the process holds the data
         return not self.stopping
 
-    def train(self, config: TrainConfig, on_epoch: Callable[[EpochMetrics], bool]) -> TrainResult:
+    def train(self, config: TrainConfig, on_epoch: Callable[[EpochMetrics], bool], checkpoint: Path | None = None, resume: bool = False) -> TrainResult:
         if self.stopping:
             raise KeyboardInterrupt
         if self.process is None:
             self.start()
-        self.conn.send(config)
+        self.conn.send((config, checkpoint, resume))
         while True:
             message = self._recv()
             if message[0] == "epoch":

@@ -25,6 +25,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -117,8 +118,8 @@ class TrialActor:
             self.arrays = None
         return f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()}"
 
-    def start(self, config: TrainConfig) -> None:
-        threading.Thread(target=self._train, args=(config,), daemon=True).start()
+    def start(self, config: TrainConfig, checkpoint: Path | None, resume: bool) -> None:
+        threading.Thread(target=self._train, args=(config, checkpoint, resume), daemon=True).start()
 
     def next(self):
         return self.outbox.get()
@@ -126,13 +127,14 @@ class TrialActor:
     def answer(self, stop: bool) -> None:
         self.inbox.put(stop)
 
-    def _train(self, config: TrainConfig) -> None:
+    def _train(self, config: TrainConfig, checkpoint: Path | None, resume: bool) -> None:
         def on_epoch(metrics: EpochMetrics) -> bool:
             self.outbox.put(("epoch", metrics))
             return self.inbox.get()
 
         try:
-            result = objectives.train(config, self.data, on_epoch)  # looked up at each call, so a wrapped trainer runs
+            resumed = objectives.read_checkpoint(checkpoint, config) if resume else None  # on this node: --checkpoint-dir is shared
+            result = objectives.train(config, self.data, on_epoch, checkpoint, resumed)  # looked up at each call, so a wrapped trainer runs
         except (DivergedError, DeviceOutOfMemoryError) as error:
             self.outbox.put(("error", "diverged" if isinstance(error, DivergedError) else "out of memory", str(error)))
             return
@@ -173,11 +175,11 @@ class RaySlot:
                 return False
         return True
 
-    def train(self, config: TrainConfig, on_epoch: Callable[[EpochMetrics], bool]) -> TrainResult:
+    def train(self, config: TrainConfig, on_epoch: Callable[[EpochMetrics], bool], checkpoint: Path | None = None, resume: bool = False) -> TrainResult:
         while not self.ready(1.0):
             if self.stopping:
                 raise KeyboardInterrupt
-        self._call(self.actor.start.remote(config))
+        self._call(self.actor.start.remote(config, checkpoint, resume))
         while True:
             message = self._call(self.actor.next.remote())
             if message[0] == "epoch":

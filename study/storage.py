@@ -227,6 +227,12 @@ def _proxy(url: str) -> optuna.storages.BaseStorage:
         raise StorageError(f"storage {mask(url)}: no storage proxy answers there; start one with `python -m study serve-storage --storage URL --port {port}`") from None
 
 
+def shared_by_machines(url: str | None) -> bool:
+    """Whether `url` names a storage that workers on other machines may share: a database server or the gRPC proxy,
+    not a journal file or SQLite (whose file, on a network file system, Optuna and SQLite do not support sharing)."""
+    return url is not None and "://" in url and not url.startswith("sqlite")
+
+
 def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:
     return isinstance(storage, optuna.storages.RDBStorage) and storage.get_heartbeat_interval() is not None
 

@@ -5,11 +5,14 @@ with no test hook in the product. The orders are environment variables, read at 
     HOOKED_HOLD_DIR  a process that reaches the phase writes `<pid>-<n>.json` here (pid, phase, arch, lr, seed,
                      epoch), then waits until the test creates `<pid>-<n>.json.release`, or for ever
     HOOKED_HOLD_AT   the phase: `start` (the trainer was called: the trial and its MLflow run exist, no epoch
-                     has run), `epoch:E` (epoch E was reported, the trial is still training), `report` (every
+                     has run), `epoch:E` (epoch E was reported, the trial is still training), `inside:E` (the
+                     first batch of epoch E is being prepared), `checkpoint:N` (the N-th checkpoint the process
+                     writes is in its temporary file, not yet under its name), `report` (every
                      trial is done, the report is about to be written), `store` (a first launch's MLflow store is
                      built under its temporary name, not yet in place)
     HOOKED_HOLD_LR   hold only the trials with this learning rate (default: every trial)
     HOOKED_OOM       `LR:EPOCH`: the trial with learning rate LR runs out of device memory in epoch EPOCH
+    HOOKED_EPOCH_LOG a file to which every epoch trained is appended as a JSON line (lr, epoch, resumed)
 
 The wrapping happens at import, not under `__main__`, and before any `study` module is imported, since those bind
 `train` then. The trainer's wrapping lives in tests/hooked_trainer.py, which trial workers import alone; a worker

@@ -94,7 +94,7 @@ def test_create_on_postgresql_then_a_worker_runs_it(study_home, tmp_path, pg_url
     assert changed(before, fingerprint(study_home, database=pg_url)) == []
 
     # A worker, as on another machine: its own process, joining with the storage alone.
-    worker = run_cli("worker", str(spec), "--storage", pg_url)
+    worker = run_cli("worker", str(spec), "--storage", pg_url, "--checkpoint-dir", str(tmp_path / "checkpoints"))
     assert worker.returncode == 0, worker.stderr
     # Directly on PostgreSQL, a worker says at its start how many more workers the server's connections hold.
     assert "connections in use; a worker holds 1, so" in worker.stdout and "serve-storage" in worker.stdout

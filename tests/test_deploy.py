@@ -13,7 +13,7 @@ from conftest import ROOT
 from study.cli import build_parser, cmd_worker
 
 DEPLOY = ROOT / "deploy"
-ENVIRONMENT = {"STUDY": "vgg_ratio", "STUDY_STORAGE": "postgresql://study:secret@db-host:5432/studies"}
+ENVIRONMENT = {"STUDY": "vgg_ratio", "STUDY_STORAGE": "postgresql://study:secret@db-host:5432/studies", "STUDY_CHECKPOINTS": "/shared/checkpoints"}
 
 
 def _worker_args(words: list[str]):
@@ -31,6 +31,7 @@ def test_slurm_array_runs_one_worker_per_task():
     words = shlex.split(re.sub(r'"?\$\{?(\w+)\}?"?', lambda m: shlex.quote(ENVIRONMENT[m.group(1)]), line))[1:]
     args = _worker_args(words)
     assert args.name == "vgg_ratio" and args.storage == ENVIRONMENT["STUDY_STORAGE"]
+    assert str(args.checkpoint_dir) == ENVIRONMENT["STUDY_CHECKPOINTS"]  # a worker on PostgreSQL is refused without one
     assert "MLFLOW_TRACKING_URI" in script  # the worker mirrors into an MLflow server
 
 
@@ -47,6 +48,8 @@ def test_kubernetes_indexed_job_runs_workers_on_postgresql_and_an_mlflow_server(
     words = [re.sub(r"\$\((\w+)\)", lambda m: ENVIRONMENT[m.group(1)], word) for word in container["command"]]
     args = _worker_args(words)
     assert args.storage == ENVIRONMENT["STUDY_STORAGE"] and args.name == "vgg_ratio"
+    [mount] = container["volumeMounts"]
+    assert str(args.checkpoint_dir) == mount["mountPath"] and job["spec"]["template"]["spec"]["volumes"][0]["name"] == mount["name"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 

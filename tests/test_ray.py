@@ -101,7 +101,8 @@ def launch(study_home, tmp_path):
     def start(address: str, trials: int, *extra: str) -> subprocess.Popen:
         log = open(tmp_path / f"launch-{len(started)}.log", "w")  # noqa: SIM115 -- kept by the process
         process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "hooked_study.py"), "launch", str(spec), "--trials", str(trials),
-                                    "--preset", "cpu", "--log-model", "none", "--ray", address, *extra],
+                                    "--preset", "cpu", "--log-model", "none", "--ray", address,
+                                    "--checkpoint-dir", str(tmp_path / "checkpoints"), *extra],
                                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "STUDY_HOME": str(study_home), "COLUMNS": "200"})
         process.log = tmp_path / f"launch-{len(started)}.log"
         started.append(process)
@@ -201,7 +202,8 @@ sys.exit(study.cli.main(sys.argv[1:]))
 
 
 def test_ray_flag_without_ray_installed_is_one_line(study_home, tiny_spec):
-    result = subprocess.run([sys.executable, "-c", BLOCK_RAY, "launch", str(tiny_spec), "--trials", "1", "--ray", "auto"], check=False, cwd=ROOT,
+    result = subprocess.run([sys.executable, "-c", BLOCK_RAY, "launch", str(tiny_spec), "--trials", "1", "--ray", "auto", "--checkpoint-dir", str(study_home.parent / "checkpoints")],
+                            check=False, cwd=ROOT,
                             capture_output=True, text=True, env={**os.environ, "STUDY_HOME": str(study_home), "PYTHONPATH": str(ROOT)}, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and "pip install '.[ray]'" in result.stderr, result.stderr
@@ -209,7 +211,7 @@ def test_ray_flag_without_ray_installed_is_one_line(study_home, tiny_spec):
 
 
 def test_ray_flag_with_gpus_is_one_line(study_home, tiny_spec):
-    result = run_cli("launch", str(tiny_spec), "--trials", "1", "--ray", "auto", "--gpus", "0")
+    result = run_cli("launch", str(tiny_spec), "--trials", "1", "--ray", "auto", "--gpus", "0", "--checkpoint-dir", str(study_home.parent / "checkpoints"))
     assert result.returncode == 1
     assert result.stderr.strip() == "error: --gpus 0 picks GPUs of this machine; with --ray, Ray places the trials (use --trials-per-gpu and --workers)"
     assert not study_home.exists()

@@ -109,7 +109,7 @@ def test_four_workers_from_two_machines_on_postgresql(study_home, tmp_path, post
         assert launch.poll() is None and time.monotonic() < deadline, launch.communicate()
         time.sleep(0.5)
     # The second "machine": a study home of its own, the same storage URL and tracking server.
-    worker = run_cli("worker", str(spec), "--storage", url, "--workers", "2", "--heartbeat", "2",
+    worker = run_cli("worker", str(spec), "--storage", url, "--workers", "2", "--heartbeat", "2", "--checkpoint-dir", str(study_home / "checkpoints"),
                      env={**env, "STUDY_HOME": str(tmp_path / "other")}, timeout=300)
     out, err = launch.communicate(timeout=300)
     assert launch.returncode == 0, err
@@ -140,7 +140,7 @@ def test_killed_worker_is_failed_by_heartbeat_and_retried(study_home, tmp_path, 
     assert held.state == TrialState.RUNNING and list(held.intermediate_values) == [1]  # killed mid-training
     killed = held.number
 
-    resumed = run_main("worker", str(spec), "--storage", url, "--heartbeat", "2", env={"MLFLOW_TRACKING_URI": mlflow_server})
+    resumed = run_main("worker", str(spec), "--storage", url, "--heartbeat", "2", "--checkpoint-dir", str(study_home / "checkpoints"), env={"MLFLOW_TRACKING_URI": mlflow_server})
     assert resumed.returncode == 0, resumed.stderr
     assert re.search(rf"trial {killed}: worker stopped sending heartbeats .*; marked FAIL and queued again", resumed.stdout)
     trials = optuna.load_study(study_name="slow", storage=url).get_trials()
@@ -210,7 +210,9 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(study_home, tiny_spec,
     spec = str(tiny_spec)
     _one_line_error(capsys, ["launch", spec, "--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot open storage")
     _one_line_error(capsys, ["launch", spec, "--storage", "nosuchdb://x/y"], "cannot open storage")
-    _one_line_error(capsys, ["worker", spec, "--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot open storage")
+    _one_line_error(capsys, ["worker", spec, "--storage", "postgresql://nobody@127.0.0.1:1/none"], "--checkpoint-dir a folder every machine reaches")
+    _one_line_error(capsys, ["worker", spec, "--storage", "postgresql://nobody@127.0.0.1:1/none", "--checkpoint-dir", str(study_home.parent / "shared")],
+                    "cannot open storage")
     _one_line_error(capsys, ["launch", spec, "--workers", "0"], "--workers must be >= 1")
     missing = torch.cuda.device_count()  # 0 on a machine without a GPU
     _one_line_error(capsys, ["launch", spec, "--gpus", str(missing)], f"GPU {missing} is not there")

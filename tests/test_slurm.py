@@ -122,7 +122,7 @@ def test_sbatch_template_runs_an_array_of_workers_on_a_created_study(slurm, tmp_
     assert created.returncode == 0, created.stderr
 
     # As the README submits it; sbatch passes this environment on to the tasks. The job's `python` is this one.
-    job_env = {**slurm, **env, "STUDY": str(spec), "STUDY_STORAGE": pg_url, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    job_env = {**slurm, **env, "STUDY": str(spec), "STUDY_STORAGE": pg_url, "STUDY_CHECKPOINTS": str(tmp_path / "checkpoints"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
                "PYTHONPATH": str(ROOT)}
     submitted = subprocess.run(["sbatch", "--wait", "--array=0-1", "--parsable", str(ROOT / "deploy" / "slurm" / "study-worker.sbatch")],
                                cwd=submit, env=job_env, capture_output=True, text=True, timeout=600, check=False)

@@ -35,7 +35,7 @@ FIGURES_MD = ARTIFACTS / "reliability.md"
 # ---- figures: what the README's table shows, written at the end of the session ----
 
 def _empty_figures() -> dict:
-    return {"faults": {}, "hostile": {}, "bad_inputs": {"tried": 0, "tracebacks": 0}, "read_only": {"commands": 0, "files_changed": 0}}
+    return {"faults": {}, "hostile": {}, "resumes": {}, "bad_inputs": {"tried": 0, "tracebacks": 0}, "read_only": {"commands": 0, "files_changed": 0}}
 
 
 FIGURES: dict = _empty_figures()
@@ -50,6 +50,11 @@ def _add_row(table: dict, kind: str, row: dict) -> None:
     total = table.setdefault(kind, dict.fromkeys(row, 0))
     for key, value in row.items():
         total[key] += value
+
+
+def record_resume(kind: str, interrupted: int, trained_again: int) -> None:
+    """Trials interrupted during an epoch and resumed, and the epochs their retries trained that they had trained already."""
+    _add_row(FIGURES["resumes"], kind, {"interrupted": interrupted, "trained_again": trained_again})
 
 
 def record_hostile(kind: str, tried: int, files_outside: int = 0, secrets_shown: int = 0, duplicates: int = 0) -> None:
@@ -77,6 +82,10 @@ def figures_markdown(figures: dict) -> str:
         lines += ["", "| hostile input | tried | files outside | secrets shown | duplicates |", "|---|---:|---:|---:|---:|"]
         for kind, row in sorted(figures["hostile"].items()):
             lines.append(f"| {kind} | {row['tried']} | {row['files_outside']} | {row['secrets_shown']} | {row['duplicates']} |")
+    if figures.get("resumes"):
+        lines += ["", "| interruption, then resume | trials interrupted | epochs trained again |", "|---|---:|---:|"]
+        for kind, row in sorted(figures["resumes"].items()):
+            lines.append(f"| {kind} | {row['interrupted']} | {row['trained_again']} |")
     bad = figures["bad_inputs"]
     lines += ["", "| bad inputs tried | tracebacks shown |", "|---:|---:|", f"| {bad['tried']} | {bad['tracebacks']} |"]
     read_only = figures["read_only"]
@@ -87,7 +96,7 @@ def figures_markdown(figures: dict) -> str:
 @pytest.fixture(scope="session", autouse=True)
 def figures():
     yield FIGURES
-    if not (FIGURES["faults"] or FIGURES["hostile"] or FIGURES["bad_inputs"]["tried"] or FIGURES["read_only"]["commands"]):
+    if not (FIGURES["faults"] or FIGURES["hostile"] or FIGURES["resumes"] or FIGURES["bad_inputs"]["tried"] or FIGURES["read_only"]["commands"]):
         return
     ARTIFACTS.mkdir(exist_ok=True)
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # under pytest-xdist each worker holds its share of the figures
@@ -101,8 +110,8 @@ def figures():
             for path in ARTIFACTS.glob(".reliability-*.json"):
                 part = json.loads(path.read_text())
                 if part["run"] == run:
-                    for table in ("faults", "hostile"):
-                        for kind, row in part[table].items():
+                    for table in ("faults", "hostile", "resumes"):
+                        for kind, row in part.get(table, {}).items():
                             _add_row(merged[table], kind, row)
                     for table in ("bad_inputs", "read_only"):
                         for key in merged[table]:

@@ -178,6 +178,7 @@ class CellRun:
         self.env = {"STUDY_HOME": str(place.home), "MLFLOW_TRACKING_URI": None, "HOOKED_HOLD_DIR": None, "HOOKED_HOLD_AT": None}
         url = place.url(cell.storage)
         self.storage_flag = ["--storage", url] if url else []
+        self.checkpoint_flag = ["--checkpoint-dir", str(place.home / "checkpoints")]  # where a launch keeps them: shared, as on several machines
         self.naming_problems: dict[str, None] = {}  # a set that keeps its order
         self.counts = Counts()
         self.companion = False
@@ -200,11 +201,11 @@ class CellRun:
 
     def launch_argv(self) -> list[str]:
         objective = ["--objective", "accuracy,cost", "--cost", self.cell.objective.split(",")[1]] if "," in self.cell.objective else ["--objective", "accuracy"]
-        ray = ["--ray", self.place.ray_address, "--workers", "1"] if self.cell.storage == "ray" else []
+        ray = ["--ray", self.place.ray_address, "--workers", "1", *self.checkpoint_flag] if self.cell.storage == "ray" else []
         return ["launch", str(self.spec), "--trials", str(TRIALS), "--preset", "cpu", "--log-model", "none", *objective, *ray, *self.storage_flag]
 
     def command_argv(self, command: str, form: str) -> list[str]:
-        extra = {"confirm": ["--top", "1", "--seeds", "1"], "worker": [], "finalize": []}[command]
+        extra = {"confirm": ["--top", "1", "--seeds", "1"], "worker": self.checkpoint_flag, "finalize": []}[command]
         return [command, self.ref(form), *extra, *self.storage_flag]
 
     def run(self, argv: list[str]) -> subprocess.CompletedProcess:

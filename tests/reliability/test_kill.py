@@ -105,7 +105,7 @@ def test_kill_9_of_a_worker_on_postgresql(forks, lenet_spec, study_home, tmp_pat
         total += 1
         # The study's total grows by one; then a worker takes that trial and is killed at the drawn point.
         optuna.load_study(study_name="kill", storage=storage).set_user_attr("trials", total)
-        argv = ["worker", str(lenet_spec), "--storage", url, "--heartbeat", "1"]
+        argv = ["worker", str(lenet_spec), "--storage", url, "--heartbeat", "1", "--checkpoint-dir", str(tmp_path / "checkpoints")]
         _strike(forks, argv, env, phase, tmp_path / f"holds-{repeat}", storage, uri, "kill", total)
         hits += 1
         _relaunch(forks, argv, tmp_path, env)  # waits out the dead worker's heartbeat, fails and retries its trial

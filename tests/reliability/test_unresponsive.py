@@ -175,7 +175,7 @@ def test_storage_server_that_never_answers(study_home, lenet_spec, silent_server
 @needs_grpc
 def test_ray_address_with_nothing_behind_it(study_home, lenet_spec):
     port = free_port()  # closed again: nothing listens there
-    done = _run("launch", str(lenet_spec), "--trials", "1", "--ray", f"127.0.0.1:{port}", env=_default_env(STUDY_HOME=str(study_home)))
+    done = _run("launch", str(lenet_spec), "--trials", "1", "--ray", f"127.0.0.1:{port}", "--checkpoint-dir", str(study_home.parent / "checkpoints"), env=_default_env(STUDY_HOME=str(study_home)))
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and f"--ray 127.0.0.1:{port}: no Ray cluster at" in done.stderr, done.stderr
     assert not study_home.exists()
@@ -187,7 +187,7 @@ def test_ray_address_that_accepts_and_never_answers(study_home, lenet_spec, sile
     # Ray's loopback-only mode, as tests/test_ray.py's cluster runs: Ray dials 127.0.0.1 as given, where the silent
     # port listens, rather than this machine's network address. No wait is shortened.
     env = _default_env(STUDY_HOME=str(study_home), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    done = _run("launch", str(lenet_spec), "--trials", "1", "--ray", f"127.0.0.1:{silent_server}", env=env)
+    done = _run("launch", str(lenet_spec), "--trials", "1", "--ray", f"127.0.0.1:{silent_server}", "--checkpoint-dir", str(study_home.parent / "checkpoints"), env=env)
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and f"127.0.0.1:{silent_server}" in done.stderr, done.stderr
     assert "accepts connections but does not answer as a Ray cluster" in done.stderr, done.stderr
