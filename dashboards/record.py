@@ -38,6 +38,8 @@ None once it ended.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 
 import optuna
 from optuna.trial import TrialState
@@ -70,9 +72,26 @@ TRIAL_NUMBER_TAG = "optuna.trial_number"
 PARENT_FILTER = "tags.`study.role` = 'parent'"
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def number_fields(cls: type) -> tuple[str, ...]:
+    """The fields of dataclass `cls` that hold a number: annotated int or float, or either or None (a number not
+    measured), however the annotation is spelled. A field mixing a number with another type is refused: the
+    record could not say what it holds."""
+    hints, numbers = typing.get_type_hints(cls), []
+    for field in dataclasses.fields(cls):
+        hint = hints[field.name]
+        kinds = set(typing.get_args(hint)) - {type(None)} if typing.get_origin(hint) in (typing.Union, types.UnionType) else {hint}
+        if kinds <= {int, float}:
+            numbers.append(field.name)
+        elif kinds & {int, float}:
+            raise TypeError(f"{cls.__name__}.{field.name} is annotated {hint}: a number or None, or no number at all, so the trial record knows what it holds")
+    return tuple(numbers)
+
+
 # Every number a TrainResult holds, less val_accuracy (the trial's value): kept on the trial too, so
 # reports and `show` need no MLflow round trip.
-RESULT_FIELDS = tuple(f.name for f in dataclasses.fields(TrainResult) if f.type in ("int", "float") and f.name != "val_accuracy")
+RESULT_FIELDS = tuple(name for name in number_fields(TrainResult) if name != "val_accuracy")
 
 
 def config(trial: optuna.trial.FrozenTrial) -> dict:

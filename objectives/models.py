@@ -1,7 +1,8 @@
 """The networks of the notes, each a small table of layers plus one builder.
 
 A table row is a tuple naming a layer kind and its numbers:
-    ("conv", out_channels, kernel, stride, padding)   conv [+ batch norm] + activation
+    ("conv", out_channels, kernel, stride, padding[, groups])
+                                                      conv [+ batch norm] + activation; groups (default 1) is never divided by ratio
     ("max" | "avg", kernel, stride[, padding])        pooling
     ("nin", out_channels, kernel, stride, padding)    NiN block: that conv, then two 1x1 convs, each + ReLU
     ("inception", c1, (c2a, c2b), (c3a, c3b), c4)     GoogLeNet's four parallel paths, concatenated
@@ -230,53 +231,89 @@ def _width(channels, ratio: int) -> int:
     return channels // ratio
 
 
+# One builder per row kind: (input channels, ratio, architecture, the row's numbers) -> (layers, output channels).
+def _conv(in_channels: int, ratio: int, arch: Architecture, channels, kernel: int, stride: int, padding: int, groups: int = 1):
+    out = _width(channels, ratio)
+    batch_norm = [nn.BatchNorm2d(out)] if arch.batch_norm else []
+    return [nn.Conv2d(in_channels, out, kernel, stride, padding, groups=groups), *batch_norm, arch.activation()], out
+
+
+def _pool(pool: type[nn.Module]):
+    def build(in_channels: int, ratio: int, arch: Architecture, *numbers: int):
+        return [pool(*numbers)], in_channels
+    return build
+
+
+def _nin(in_channels: int, ratio: int, arch: Architecture, channels, kernel: int, stride: int, padding: int):
+    out = _width(channels, ratio)
+    return [nn.Sequential(nn.Conv2d(in_channels, out, kernel, stride, padding), nn.ReLU(),
+                          nn.Conv2d(out, out, 1), nn.ReLU(), nn.Conv2d(out, out, 1), nn.ReLU())], out
+
+
+def _inception(in_channels: int, ratio: int, arch: Architecture, c1, c2: tuple, c3: tuple, c4):
+    widths = (_width(c1, ratio), tuple(_width(c, ratio) for c in c2), tuple(_width(c, ratio) for c in c3), _width(c4, ratio))
+    return [Inception(in_channels, *widths)], widths[0] + widths[1][1] + widths[2][1] + widths[3]
+
+
+def _residual(in_channels: int, ratio: int, arch: Architecture, channels, stride: int):
+    out = _width(channels, ratio)
+    return [Residual(in_channels, out, stride)], out
+
+
+def _dense(in_channels: int, ratio: int, arch: Architecture, num_convs: int, growth):
+    growth = _width(growth, ratio)
+    return [DenseBlock(in_channels, num_convs, growth)], in_channels + num_convs * growth
+
+
+def _transition(in_channels: int, ratio: int, arch: Architecture):
+    out = in_channels // 2
+    return [nn.Sequential(nn.BatchNorm2d(in_channels), nn.ReLU(), nn.Conv2d(in_channels, out, 1), nn.AvgPool2d(2, 2))], out
+
+
+def _bn_relu(in_channels: int, ratio: int, arch: Architecture):
+    return [nn.BatchNorm2d(in_channels), nn.ReLU()], in_channels
+
+
+def _gap(in_channels: int, ratio: int, arch: Architecture):
+    return [nn.AdaptiveAvgPool2d((1, 1))], in_channels
+
+
+def _dropout(in_channels: int, ratio: int, arch: Architecture, p: float):
+    return [nn.Dropout(p)], in_channels
+
+
+# The row kinds an architecture table may use (the module docstring gives each one's numbers).
+LAYER_KINDS = {
+    "conv": _conv, "max": _pool(nn.MaxPool2d), "avg": _pool(nn.AvgPool2d), "nin": _nin, "inception": _inception,
+    "residual": _residual, "dense": _dense, "transition": _transition, "bn_relu": _bn_relu, "gap": _gap, "dropout": _dropout,
+}
+
+
 def _make_layers(rows: tuple | list, in_channels: int, ratio: int, arch: Architecture) -> tuple[list[nn.Module], int]:
     layers: list[nn.Module] = []
     for row in rows:
-        kind = row[0] if isinstance(row, tuple) else "block"
-        if kind == "block":
+        if isinstance(row, list):  # a block: its rows become one nn.Sequential
             block, in_channels = _make_layers(row, in_channels, ratio, arch)
             layers.append(nn.Sequential(*block))
-        elif kind == "conv":
-            _, channels, kernel, stride, padding = row
-            out = _width(channels, ratio)
-            layers += [nn.Conv2d(in_channels, out, kernel, stride, padding), *([nn.BatchNorm2d(out)] if arch.batch_norm else []), arch.activation()]
-            in_channels = out
-        elif kind in ("max", "avg"):
-            pool = nn.MaxPool2d if kind == "max" else nn.AvgPool2d
-            layers.append(pool(*row[1:]))
-        elif kind == "nin":
-            _, channels, kernel, stride, padding = row
-            out = _width(channels, ratio)
-            layers.append(nn.Sequential(nn.Conv2d(in_channels, out, kernel, stride, padding), nn.ReLU(),
-                                        nn.Conv2d(out, out, 1), nn.ReLU(), nn.Conv2d(out, out, 1), nn.ReLU()))
-            in_channels = out
-        elif kind == "inception":
-            _, c1, c2, c3, c4 = row
-            widths = (_width(c1, ratio), tuple(_width(c, ratio) for c in c2), tuple(_width(c, ratio) for c in c3), _width(c4, ratio))
-            layers.append(Inception(in_channels, *widths))
-            in_channels = widths[0] + widths[1][1] + widths[2][1] + widths[3]
-        elif kind == "residual":
-            out = _width(row[1], ratio)
-            layers.append(Residual(in_channels, out, row[2]))
-            in_channels = out
-        elif kind == "dense":
-            growth = _width(row[2], ratio)
-            layers.append(DenseBlock(in_channels, row[1], growth))
-            in_channels += row[1] * growth
-        elif kind == "transition":
-            out = in_channels // 2
-            layers.append(nn.Sequential(nn.BatchNorm2d(in_channels), nn.ReLU(), nn.Conv2d(in_channels, out, 1), nn.AvgPool2d(2, 2)))
-            in_channels = out
-        elif kind == "bn_relu":
-            layers += [nn.BatchNorm2d(in_channels), nn.ReLU()]
-        elif kind == "gap":
-            layers.append(nn.AdaptiveAvgPool2d((1, 1)))
-        elif kind == "dropout":
-            layers.append(nn.Dropout(row[1]))
-        else:
-            raise ValueError(f"unknown layer kind {kind!r} in an architecture table")
+            continue
+        kind, *numbers = row
+        if kind not in LAYER_KINDS:
+            raise ValueError(f"unknown layer kind {kind!r} in an architecture table; choose one of {', '.join(LAYER_KINDS)}")
+        built, in_channels = LAYER_KINDS[kind](in_channels, ratio, arch, *numbers)
+        layers += built
     return layers, in_channels
+
+
+def _gain_name(activation: type[nn.Module]) -> str:
+    """The activation's name as nn.init.calculate_gain knows it (nn.ReLU: "relu"); an error for one it does not know,
+    since He init with another activation's gain would mis-scale every layer without a word."""
+    name = activation.__name__.lower()
+    try:
+        nn.init.calculate_gain(name)
+    except ValueError:
+        raise ValueError(f"init kaiming needs the gain of {activation.__name__}, which torch.nn.init.calculate_gain does not know; "
+                         "use init xavier, or an activation it knows (ReLU, Sigmoid, Tanh, SELU)") from None
+    return name
 
 
 def build_model(arch: str, resize: int | None = None, ratio: int = 1, init: str = "xavier") -> nn.Sequential:
@@ -292,6 +329,7 @@ def build_model(arch: str, resize: int | None = None, ratio: int = 1, init: str 
     spec = get_architecture(arch)
     resize = spec.default_resize if resize is None else resize
     check_resize(arch, resize)
+    nonlinearity = _gain_name(spec.activation) if init == "kaiming" else None
     if ratio < 1:
         raise ValueError(f"ratio must be a positive integer channel divisor; got {ratio}")
     features, _ = _make_layers(spec.features, 1, ratio, spec)
@@ -308,7 +346,6 @@ def build_model(arch: str, resize: int | None = None, ratio: int = 1, init: str 
     if spec.head:
         classifier.append(nn.Linear(flat, NUM_CLASSES))
     net = nn.Sequential(*features, *classifier)
-    nonlinearity = "relu" if spec.activation is nn.ReLU else "sigmoid"
     for module in net.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             if init == "xavier":

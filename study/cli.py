@@ -771,6 +771,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     storage_help = ("Optuna storage: a journal file path, an SQLAlchemy URL such as postgresql://host/db, or grpc://host:port of a "
                     "`serve-storage` proxy (default: $STUDY_HOME/optuna.journal)")
+    from study.strategies import PRUNERS, SAMPLERS
+
+    sampler_help = f"Optuna sampler: {', '.join(SAMPLERS)} (default: the spec's [sampler], else tpe)"
+    pruner_help = f"Optuna pruner: {', '.join(PRUNERS)} (default: the spec's [pruner], else median)"
 
     launch = commands.add_parser("launch", help="run (or resume) a study")
     launch.add_argument("name", help="a shipped study (see `list`) or a path to a .toml spec")
@@ -784,8 +788,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("-o", "--output", help="report file (default: $STUDY_HOME/reports/NAME.html)")
     launch.add_argument("--objective", help="accuracy (default), or accuracy,cost: maximise val_accuracy and minimise --cost (Pareto front, no pruning)")
     launch.add_argument("--cost", help="the cost of --objective accuracy,cost: train_seconds (default) or train_flops")
-    launch.add_argument("--sampler", help="Optuna sampler: tpe, gp, random or grid (default: the spec's [sampler], else tpe)")
-    launch.add_argument("--pruner", help="Optuna pruner: median, hyperband or none (default: the spec's [pruner], else median)")
+    launch.add_argument("--sampler", help=sampler_help)
+    launch.add_argument("--pruner", help=pruner_help)
     _add_worker_arguments(launch)
     launch.add_argument("--log-model", choices=["best", "all", "none"], default="best",
                         help="trained networks logged to MLflow as PyTorch models, with a test-set confusion matrix: "
@@ -804,8 +808,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--storage", help=storage_help + "; postgresql://... or grpc://... for workers on other machines")
     create.add_argument("--objective", help="accuracy (default), or accuracy,cost, as for launch")
     create.add_argument("--cost", help="the cost of --objective accuracy,cost: train_seconds (default) or train_flops")
-    create.add_argument("--sampler", help="Optuna sampler: tpe, gp, random or grid (default: the spec's [sampler], else tpe)")
-    create.add_argument("--pruner", help="Optuna pruner: median, hyperband or none (default: the spec's [pruner], else median)")
+    create.add_argument("--sampler", help=sampler_help)
+    create.add_argument("--pruner", help=pruner_help)
     create.set_defaults(run=cmd_create)
 
     worker = commands.add_parser("worker", help="join a launched study (from this or another machine) and run trials until its total is reached")
@@ -858,7 +862,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(run=cmd_report)
 
     inspect = commands.add_parser("inspect", help="per-layer output shape, parameters, FLOPs and activation memory of a network")
-    inspect.add_argument("arch", help="lenet, lenet_bn, alexnet, alexnet_28, vgg11, nin, googlenet, resnet18, densenet")
+    # The names live in objectives/models.py's ARCHITECTURES, which imports torch: `--help` stays instant without them.
+    inspect.add_argument("arch", help="an architecture of objectives/models.py (a name it does not know lists them all)")
     inspect.add_argument("--resize", type=positive_int, help="input side in pixels (default: the architecture's, e.g. 224 for alexnet)")
     inspect.add_argument("--ratio", type=positive_int, default=1, help="channel divisor (default: 1)")
     inspect.add_argument("--format", choices=["table", "csv", "json"], default="table")

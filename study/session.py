@@ -18,8 +18,9 @@ import optuna
 import torch
 
 from dashboards.record import STUDY_UID
-from study.specs import PRESETS, PRUNER_NAMES, SAMPLER_NAMES, Plan, Spec, SpecError, load_spec, recorded_spec, resolve
+from study.specs import PRESETS, Plan, Spec, SpecError, load_spec, recorded_spec, resolve
 from study.storage import default_storage_url, make_home, mask, open_storage, setup_lock, storage_file
+from study.strategies import PRUNERS, SAMPLERS, strategy_class
 
 # Costs a multi-objective study minimises beside validation accuracy: TrainResult fields.
 COSTS = ("train_seconds", "train_flops")
@@ -56,7 +57,7 @@ class Request:
             raise ValueError(f"--cost {cost} needs --objective accuracy,cost")
         if cost is not None and cost not in COSTS:
             raise ValueError(f"--cost {cost}: use {' or '.join(COSTS)}")
-        for flag, value, names in (("--sampler", sampler, SAMPLER_NAMES), ("--pruner", pruner, PRUNER_NAMES)):
+        for flag, value, names in (("--sampler", sampler, SAMPLERS), ("--pruner", pruner, PRUNERS)):
             if value is not None and value not in names:
                 raise ValueError(f"{flag} {value}: choose one of {', '.join(names)}")
         wanted = None if objective is None else "accuracy" if objective == "accuracy" else f"accuracy,{cost or COSTS[0]}"
@@ -125,10 +126,7 @@ class GridSampler(optuna.samplers.GridSampler):
         pass
 
 
-# Each name maps to the Optuna class; [pruner] / [sampler] settings other than `name` are its arguments.
-PRUNERS = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner, "none": optuna.pruners.NopPruner}
-SAMPLERS = {"tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler, "random": optuna.samplers.RandomSampler,
-            "grid": GridSampler}
+# [pruner] / [sampler] settings other than `name` are the arguments of the class study.strategies names.
 
 
 def make_pruner(settings: dict, multi_objective: bool = False) -> optuna.pruners.BasePruner:
@@ -136,7 +134,7 @@ def make_pruner(settings: dict, multi_objective: bool = False) -> optuna.pruners
     name = settings.pop("name", "median")
     if multi_objective or name == "none":
         return optuna.pruners.NopPruner()  # Optuna cannot prune multi-objective studies (trial.report is single-objective)
-    return PRUNERS[name](**settings)
+    return strategy_class(PRUNERS, name)(**settings)
 
 
 def make_sampler(settings: dict, plan: Plan) -> optuna.samplers.BaseSampler:
@@ -148,7 +146,7 @@ def make_sampler(settings: dict, plan: Plan) -> optuna.samplers.BaseSampler:
         return GridSampler(plan.grid(), **settings)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return SAMPLERS[name](**settings)
+        return strategy_class(SAMPLERS, name)(**settings)
 
 
 def _strategy(spec_settings: dict, name: str | None, default: str) -> dict:

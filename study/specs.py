@@ -8,8 +8,8 @@ A spec (see study/specs/*.toml) has:
                   and ratio depend on the architecture); Optuna cannot vary a categorical's choices
     [[enqueue]]   settings tried first (the notes' defaults): searched settings only, each among its choices or
                   inside its range (a preset's narrower ranges move them inside theirs)
-    [pruner]      name = "median" | "hyperband" | "none", plus that pruner's arguments (default: median)
-    [sampler]     name = "tpe" | "gp" | "random" | "grid", plus that sampler's arguments (default: tpe);
+    [pruner]      name = one of study.strategies.PRUNERS, plus that pruner's arguments (default: median)
+    [sampler]     name = one of study.strategies.SAMPLERS, plus that sampler's arguments (default: tpe);
                   grid runs every combination of [search] choices and integer ranges
     [presets.P]   P is `cpu` or `full`: TrainConfig settings that replace [fixed] ones (data subsets,
                   batch size...), [presets.P.search] ranges that replace [search] ones of the same name,
@@ -31,14 +31,13 @@ from typing import TYPE_CHECKING
 
 from objectives.models import get_architecture
 from objectives.train import TrainConfig
+from study.strategies import PRUNERS, SAMPLERS
 
 if TYPE_CHECKING:
     import optuna
 
 SPEC_DIR = Path(__file__).parent / "specs"
 TOP_LEVEL_KEYS = {"description", "fixed", "search", "conditional", "enqueue", "pruner", "sampler", "presets"}
-PRUNER_NAMES = ("median", "hyperband", "none")
-SAMPLER_NAMES = ("tpe", "gp", "random", "grid")
 PRESETS = ("cpu", "full")
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
@@ -325,10 +324,10 @@ def _parse(path: Path, raw: dict) -> Spec:
             raise SpecError(f"{where}: unknown preset {preset!r}{hint}; presets are {', '.join(PRESETS)}")
         presets[preset] = _parse_preset(f"{where} [presets.{preset}]", table, search, archs)
     pruner, sampler = _table(where, raw, "pruner", {"name": "median"}), _table(where, raw, "sampler", {"name": "tpe"})
-    if pruner.get("name", "median") not in PRUNER_NAMES:
-        raise SpecError(f"{where}: pruner {pruner.get('name')!r} is not supported; use {', '.join(PRUNER_NAMES)}")
-    if sampler.get("name", "tpe") not in SAMPLER_NAMES:
-        raise SpecError(f"{where}: sampler {sampler.get('name')!r} is not supported; use {', '.join(SAMPLER_NAMES)}")
+    if pruner.get("name", "median") not in PRUNERS:
+        raise SpecError(f"{where}: pruner {pruner.get('name')!r} is not supported; use {', '.join(PRUNERS)}")
+    if sampler.get("name", "tpe") not in SAMPLERS:
+        raise SpecError(f"{where}: sampler {sampler.get('name')!r} is not supported; use {', '.join(SAMPLERS)}")
     spec = Spec(name=path.stem, description=str(raw.get("description", "")), fixed=fixed, search=search, conditional=conditional,
                 enqueue=enqueue, pruner=pruner, sampler=sampler, presets=presets, path=path)
     for preset in PRESETS:

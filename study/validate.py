@@ -12,7 +12,8 @@ from inside Optuna or torch. What is checked:
   the memory of its device (the trainer checks the free memory again when the trial starts);
 - the sampler and the pruner built with their arguments and driven through a few trials of an in-memory study:
   several of Optuna's arguments fail only there (TPESampler(n_startup_trials="x") constructs, then fails at
-  the first trial).
+  the first trial); a sampler that models the space jointly is refused when it would sample a parameter
+  independently, outside its model (Optuna's GP sampler, for a range that changes with the architecture).
 """
 
 from __future__ import annotations
@@ -115,17 +116,24 @@ def _dry_run(settings: Settings) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "trial finished" lines for trials that never ran
     try:
         for table, arguments, build in strategies:
+            shown = ", ".join(f"{key} = {value!r}" for key, value in arguments.items())
             try:
                 with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # Optuna's experimental-feature notes
+                    # Optuna's experimental-feature notes only: any other warning is the user's to see.
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     sampler, pruner = build()
-                    _ask_and_tell(optuna.create_study(directions=directions, sampler=sampler, pruner=pruner), plan)
+                    study = optuna.create_study(directions=directions, sampler=sampler, pruner=pruner)
+                    _ask_and_tell(study, plan)
+                ignored = _sampled_outside_the_model(study, sampler)
             except SpecError:
                 raise  # already one line naming the spec (the grid sampler's)
             except Exception as error:  # noqa: BLE001 -- a bad argument fails in Optuna's own code, as any exception type
-                shown = ", ".join(f"{key} = {value!r}" for key, value in arguments.items())
                 message = (str(error).strip().splitlines() or [""])[0]
                 raise SpecError(f"{plan.spec.path}: {table} {shown}: these arguments fail in Optuna ({type(error).__name__}: {message})") from None
+            if ignored:
+                raise SpecError(f"{plan.spec.path}: {table} {shown}: {type(sampler).__name__} would sample {', '.join(ignored)} at random, "
+                                "outside its model, as the search space changes with the architecture; use tpe or random, "
+                                "or the same ranges for every architecture")
     finally:
         optuna.logging.set_verbosity(verbosity)
 
@@ -137,10 +145,25 @@ def _pruner(settings: dict, multi_objective: bool) -> optuna.pruners.BasePruner:
     return make_pruner(settings, multi_objective=multi_objective)
 
 
+def _sampled_outside_the_model(study: optuna.Study, sampler: optuna.samplers.BaseSampler) -> list[str]:
+    """The parameters of the dry run's trials that a sampler modelling the space jointly (GP) would hand to another
+    sampler (GP: random), because their range is not the same in every trial. Optuna says so only in a log line once
+    its startup trials are done, far into a study. A sampler that draws every parameter independently has no joint
+    space and ignores nothing; TPE (multivariate by default since Optuna 5) draws such a parameter with its own
+    univariate model, so nothing is left out of a model either."""
+    joint = sampler.infer_relative_search_space(study, study.trials[-1])
+    if not joint or isinstance(sampler, optuna.samplers.TPESampler):
+        return []
+    return sorted({name for trial in study.trials for name, dist in trial.distributions.items()
+                   if not dist.single() and joint.get(name) != dist})
+
+
 def _ask_and_tell(study: optuna.Study, plan: Plan) -> None:
-    for row in plan.enqueue:
+    # The first trials, then one per architecture, so that every architecture's ranges are drawn at least once.
+    rows = [*plan.enqueue, *({"arch": arch} for arch in plan.archs() if isinstance(plan.search.get("arch"), Choices))]
+    for row in rows:
         study.enqueue_trial(row)
-    for number in range(len(plan.enqueue) + DRY_RUN_TRIALS):
+    for number in range(len(rows) + DRY_RUN_TRIALS):
         trial = study.ask()
         plan.suggest(trial)
         accuracy = 0.5 + 0.01 * number

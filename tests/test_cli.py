@@ -9,6 +9,7 @@ import optuna
 from mlflow.tracking import MlflowClient
 
 from conftest import LENET, ROOT, journal, make_spec, postgres_database, run_main
+from objectives import ARCHITECTURES
 
 
 def _mlflow_runs(home, experiment):
@@ -126,7 +127,7 @@ def test_list_shows_every_spec():
     result = run_main("list", "--preset", "full")  # the notes' ranges; a plain `list` shows the preset this machine runs
     assert result.returncode == 0
     assert re.search(r"^vgg_ratio +arch vgg11, lr 0.005..0.2 log, epochs 2..12, resize \{32, 64, 96, 128, 224\}, ratio \{1, 2, 4, 8, 16\}$", result.stdout, re.MULTILINE)
-    for arch in ("lenet", "lenet_bn", "alexnet", "alexnet_28", "vgg11", "nin", "googlenet", "resnet18", "densenet"):
+    for arch in ARCHITECTURES:
         assert re.search(rf"^{arch}_lr_epochs +arch {arch}, lr ", result.stdout, re.MULTILINE)
     assert re.search(r"^zoo +arch \{lenet, .*\[vgg11: resize 32..224 step 32, ratio 1..8\]", result.stdout, re.MULTILINE)
     assert re.search(r"^alexnet_resize +arch \{alexnet, alexnet_28\}", result.stdout, re.MULTILINE)

@@ -1,5 +1,7 @@
 """Layer output shapes against those printed in the notes (../shared/seeds), minimum inputs, parameter counts."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -167,3 +169,70 @@ def test_he_init_keeps_the_signal_through_relu_layers_where_xavier_shrinks_it():
     assert all(not m.bias.any() for m in he.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     with pytest.raises(ValueError, match="init must be xavier or kaiming; got 'he'"):
         build_model("lenet", init="he")
+
+
+def _d2l_init(net, init, nonlinearity):
+    # d2l's init_weights (Xavier-uniform weights), or He-uniform weights and zero biases, layer by layer in module order.
+    for module in net.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            if init == "xavier":
+                nn.init.xavier_uniform_(module.weight)
+            else:
+                nn.init.kaiming_uniform_(module.weight, nonlinearity=nonlinearity)
+                nn.init.zeros_(module.bias)
+    return net
+
+
+def _d2l_lenet():  # d2l 6.6
+    return nn.Sequential(
+        nn.Conv2d(1, 6, kernel_size=5, padding=2), nn.Sigmoid(), nn.AvgPool2d(kernel_size=2, stride=2),
+        nn.Conv2d(6, 16, kernel_size=5), nn.Sigmoid(), nn.AvgPool2d(kernel_size=2, stride=2),
+        nn.Flatten(), nn.Linear(16 * 5 * 5, 120), nn.Sigmoid(), nn.Linear(120, 84), nn.Sigmoid(), nn.Linear(84, 10))
+
+
+def _d2l_vgg11_32px(ratio):  # d2l 7.2 with its exercise's channel ratio, at 32 px (five halvings leave 1x1)
+    blocks, in_channels = [], 1
+    for num_convs, out_channels in ((1, 64), (1, 128), (2, 256), (2, 512), (2, 512)):
+        layers = []
+        for _ in range(num_convs):
+            layers += [nn.Conv2d(in_channels, out_channels // ratio, kernel_size=3, padding=1), nn.ReLU()]
+            in_channels = out_channels // ratio
+        blocks.append(nn.Sequential(*layers, nn.MaxPool2d(kernel_size=2, stride=2)))
+    return nn.Sequential(*blocks, nn.Flatten(), nn.Linear(in_channels, 4096), nn.ReLU(), nn.Dropout(0.5),
+                         nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(0.5), nn.Linear(4096, 10))
+
+
+@pytest.mark.parametrize("init", ["xavier", "kaiming"])
+def test_the_builder_makes_the_notes_networks_weight_for_weight(init):
+    """The layer tables build, for one seed, the networks the notes write out by hand: same layers, same initial weights."""
+    for arch, resize, ratio, by_hand, nonlinearity in (("lenet", 28, 1, _d2l_lenet, "sigmoid"),
+                                                       ("vgg11", 32, 8, lambda: _d2l_vgg11_32px(8), "relu")):
+        torch.manual_seed(0)
+        built = build_model(arch, resize, ratio, init)
+        torch.manual_seed(0)
+        expected = _d2l_init(by_hand(), init, nonlinearity)
+        assert str(built) == str(expected), arch
+        assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), expected.state_dict().values(), strict=True)), arch
+
+
+def test_he_init_takes_the_gain_of_the_activation(monkeypatch):
+    lenet = ARCHITECTURES["lenet"]
+    monkeypatch.setitem(ARCHITECTURES, "lenet_tanh", dataclasses.replace(lenet, name="lenet_tanh", activation=nn.Tanh))
+    conv = build_model("lenet_tanh", init="kaiming")[0]
+    bound = nn.init.calculate_gain("tanh") * (3 / 25) ** 0.5  # He-uniform: gain * sqrt(3 / fan_in), fan_in 1 x 5 x 5
+    assert conv.weight.abs().max() <= bound and conv.weight.abs().max() > 0.8 * bound
+    # An activation torch has no gain for is refused, never initialised with another's gain.
+    monkeypatch.setitem(ARCHITECTURES, "lenet_relu6", dataclasses.replace(lenet, name="lenet_relu6", activation=nn.ReLU6))
+    with pytest.raises(ValueError, match="init kaiming needs the gain of ReLU6"):
+        build_model("lenet_relu6", init="kaiming")
+    assert isinstance(build_model("lenet_relu6", init="xavier")[1], nn.ReLU6)  # Xavier needs no gain
+
+
+def test_conv_rows_take_groups(monkeypatch):
+    # A depthwise 3x3 conv (groups = channels) after a full one: one 3x3 filter per channel.
+    features = (("conv", 8, 3, 1, 1), ("conv", 8, 3, 1, 1, 8), ("avg", 2, 2))
+    monkeypatch.setitem(ARCHITECTURES, "depthwise", dataclasses.replace(ARCHITECTURES["lenet"], name="depthwise", features=features))
+    net = build_model("depthwise", 28)
+    assert (net[2].groups, net[2].weight.shape) == (8, (8, 1, 3, 3))
+    assert parameter_count(net[2]) == 8 * 9 + 8
+    assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)

@@ -1,8 +1,10 @@
 """The trial record: what a trial carries, derived once, and one way to retry a trial."""
 
 import dataclasses
+import typing
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from dashboards import record
@@ -13,6 +15,27 @@ def test_result_fields_are_the_numbers_a_train_result_holds():
     numbers = {f.name for f in dataclasses.fields(TrainResult) if f.type in ("int", "float")}
     assert set(record.RESULT_FIELDS) == numbers - {"val_accuracy"}  # val_accuracy is the trial's value
     assert {"test_accuracy", "train_seconds", "train_flops", "params", "epochs_run"} <= set(record.RESULT_FIELDS)
+
+
+def test_every_number_field_is_kept_however_its_annotation_is_spelled():
+    @dataclasses.dataclass
+    class Result:
+        accuracy: float
+        loss: float | None           # a number not always measured is still a number
+        steps: typing.Optional[int]  # noqa: UP045 -- the older spelling of the same annotation
+        seconds: "float"
+        stopped: bool
+        device: str
+        history: list[float]
+
+    assert record.number_fields(Result) == ("accuracy", "loss", "steps", "seconds")
+
+    @dataclasses.dataclass
+    class Mixed:
+        flops: int | str
+
+    with pytest.raises(TypeError, match=r"Mixed.flops is annotated int \| str"):
+        record.number_fields(Mixed)
 
 
 def test_a_retry_is_queued_once_with_the_same_params_and_does_not_count_twice():

@@ -7,7 +7,8 @@ import pytest
 
 from study.session import Request, choose_preset, open_session
 from study.specs import SpecError, load_spec
-from tests.conftest import TINY_SPEC
+from study.strategies import SAMPLERS
+from tests.conftest import ROOT, TINY_SPEC, make_spec, run_main
 
 
 def _request(tmp_path, join=False, **flags) -> Request:
@@ -28,7 +29,7 @@ def spec(tmp_path):
     ({"objective": "cost"}, "--objective cost: use accuracy or accuracy,cost"),
     ({"cost": "train_flops"}, "--cost train_flops needs --objective accuracy,cost"),
     ({"objective": "accuracy,cost", "cost": "memory"}, "--cost memory: use train_seconds or train_flops"),
-    ({"sampler": "cmaes"}, "--sampler cmaes: choose one of tpe, gp, random, grid"),
+    ({"sampler": "cmaes"}, f"--sampler cmaes: choose one of {', '.join(SAMPLERS)}"),
 ])
 def test_flags_are_checked_before_anything_is_written(tmp_path, flags, message):
     with pytest.raises(ValueError, match=message):
@@ -86,3 +87,18 @@ def test_settle_says_what_will_run_without_writing(tmp_path, spec):
     settings = settle(_request(tmp_path, join=True), spec)  # a worker: the study's record
     assert (settings.preset, settings.objective, settings.sampler, settings.total) == ("cpu", "accuracy,train_seconds", {"name": "random"}, 3)
     assert (tmp_path / "optuna.journal").read_bytes() == before
+
+
+def test_samplers_and_pruners_are_named_from_one_table(tmp_path):
+    """study.strategies is the one list: the flags' help, the command reference and the spec check name exactly its
+    entries, and each entry is an Optuna sampler or pruner class."""
+    from study.strategies import PRUNERS, SAMPLERS, strategy_class
+
+    for table, kind in ((SAMPLERS, optuna.samplers.BaseSampler), (PRUNERS, optuna.pruners.BasePruner)):
+        assert all(issubclass(strategy_class(table, name), kind) for name in table)
+    for command in ("launch", "create"):
+        shown = " ".join(run_main(command, "--help").stdout.split())
+        assert f"Optuna sampler: {', '.join(SAMPLERS)} (" in shown and f"Optuna pruner: {', '.join(PRUNERS)} (" in shown, command
+    assert f"[--sampler {'|'.join(SAMPLERS)}] [--pruner {'|'.join(PRUNERS)}]" in (ROOT / "docs" / "commands.md").read_text()
+    with pytest.raises(SpecError, match=f"sampler 'cmaes' is not supported; use {', '.join(SAMPLERS)}$"):
+        load_spec(str(make_spec(tmp_path, "cmaes", {"fixed": {"arch": "lenet"}}, sampler={"name": "cmaes"})))

@@ -5,7 +5,7 @@ import pytest
 from study.session import Request, settle
 from study.specs import SpecError, load_spec, resolve
 from study.validate import largest_configs, validate_launch
-from tests.conftest import LENET, make_spec
+from tests.conftest import LENET, make_spec, run_main
 
 ZOO = {"fixed": {"batch_size": 32, "epochs": 1, "n_train": 64, "n_val": 64, "n_test": 64},
        "search": {"arch": {"choices": ["lenet", "vgg11"]}, "lr": {"low": 0.01, "high": 0.1, "log": True}, "batch_size": {"choices": [16, 64]}},
@@ -42,3 +42,18 @@ def test_the_sampler_chosen_by_a_flag_is_the_one_checked(tmp_path):
     cost = make_spec(tmp_path, "cost", LENET, pruner={"name": "median", "n_warmup_steps": "x"})
     with pytest.raises(SpecError, match=r"\[pruner\] name = 'median', n_warmup_steps = 'x': these arguments fail in Optuna"):
         validate_launch(_settings(cost, objective="accuracy,cost"), ["auto"])  # also built as study.costprune's, for a multi-objective study
+
+
+def test_a_sampler_that_would_leave_part_of_the_space_out_of_its_model_is_refused_before_anything_is_written(tmp_path, study_home):
+    # The zoo's resize and ratio exist for vgg11 only: GP models only the parameters every trial shares and would draw
+    # those two at random for the whole study (Optuna says so only in a log line after its startup trials).
+    table = dict(ZOO, **{"conditional.vgg11": {"resize": {"low": 32, "high": 96, "step": 32}, "ratio": {"low": 4, "high": 16}}})
+    zoo = make_spec(tmp_path, "zoo", table)
+    with pytest.raises(SpecError, match=r"zoo_gp.toml: \[sampler\] name = 'gp', seed = 1: GPSampler would sample ratio, resize at random, outside its model"):
+        validate_launch(_settings(make_spec(tmp_path, "zoo_gp", table, sampler={"name": "gp", "seed": 1})), ["auto"])
+    for fine in (_settings(zoo), _settings(zoo, sampler="random"), _settings(make_spec(tmp_path, "lenet", LENET), sampler="gp"),
+                 _settings(make_spec(tmp_path, "grouped", table, sampler={"name": "tpe", "multivariate": True, "group": True}))):
+        validate_launch(fine, ["auto"])  # TPE models them one by one; random models nothing; one architecture's space
+    result = run_main("launch", str(zoo), "--sampler", "gp")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "GPSampler would sample ratio, resize at random" in result.stderr
+    assert not study_home.exists()
