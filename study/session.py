@@ -261,8 +261,8 @@ def _create_or_load(request: Request, spec: Spec, storage: optuna.storages.BaseS
         record = {"preset": settings.preset, "objective": settings.objective, "sampler": settings.sampler["name"], "pruner": settings.pruner["name"], "trials": settings.total}
         for key in RECORDED:
             study.set_user_attr(key, record[key])
-        if study.user_attrs.get(SPEC_TEXT) != (text := spec.path.read_text()):
-            study.set_user_attr(SPEC_TEXT, text)
+        if study.user_attrs.get(SPEC_TEXT) != spec.text:
+            study.set_user_attr(SPEC_TEXT, spec.text)
         # Optuna's plots and optuna-dashboard name the objectives after these, instead of "Objective 0".
         metric_names = ["val_accuracy", settings.cost] if settings.cost else ["val_accuracy"]
         if study.metric_names != metric_names:
