@@ -19,7 +19,7 @@ import torch
 
 from dashboards.record import STUDY_UID
 from study.specs import PRESETS, PRUNER_NAMES, SAMPLER_NAMES, Plan, Spec, SpecError, load_spec, recorded_spec, resolve
-from study.storage import default_storage_url, make_home, mask, open_storage, setup_lock, storage_file
+from study.storage import default_storage_url, home_holds_tracking, make_home, mask, open_storage, setup_lock, storage_file
 
 # Costs a multi-objective study minimises beside validation accuracy: TrainResult fields.
 COSTS = ("train_seconds", "train_flops")
@@ -180,7 +180,10 @@ def open_session(request: Request, spec: Spec) -> Session:
     """Create or resume the study (`launch`), or join it (`worker`); its settings recorded on it in one place."""
     _check_default_storage(request, spec)
     storage = open_storage(request.storage, request.heartbeat)
-    make_home()  # the MLflow store and the reports live there, also when the storage is elsewhere; before the study is written
+    # Before the study is written: the home holds a launch's report, and the MLflow store unless MLFLOW_TRACKING_URI names
+    # one; a worker on a remote storage and tracking store writes nothing in it, nor creates it.
+    if not request.join or home_holds_tracking():
+        make_home()
     with setup_lock(request.storage, storage, spec.name):  # two first launches at once create one study with one identity
         return _create_or_load(request, spec, storage)
 

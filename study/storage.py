@@ -39,6 +39,11 @@ def home() -> Path:
     return Path(os.environ.get("STUDY_HOME", "studies"))
 
 
+def home_holds_tracking() -> bool:
+    """Whether the MLflow store is the study home's own SQLite file (study.tracking.tracking_uri): MLFLOW_TRACKING_URI unset."""
+    return not os.environ.get("MLFLOW_TRACKING_URI")
+
+
 def make_home() -> None:
     """Create the study home; only a launch does, once its arguments and storage have been checked."""
     try:

@@ -9,7 +9,7 @@ import shlex
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import LENET, ROOT, make_spec, postgres_database, run_main
 from study.cli import build_parser, cmd_worker
 
 DEPLOY = ROOT / "deploy"
@@ -79,3 +79,28 @@ def test_kubernetes_job_reads_the_data_where_debian_installs_it():
     if not DEBIAN_DIR.is_dir():
         pytest.skip(f"Debian's dataset-fashion-mnist is not installed here ({DEBIAN_DIR} does not exist)")
     verify(directory)
+
+
+@pytest.mark.slow
+def test_a_worker_on_remote_storage_and_tracking_writes_nothing_where_it_runs(tmp_path, monkeypatch):
+    """As the templates run it: PostgreSQL, an `mlflow server`, STUDY_HOME unset; its working directory stays empty."""
+    from reliability.checks import MlflowServer
+
+    (tmp_path / "server").mkdir()
+    server = MlflowServer(tmp_path / "server")
+    server.start()
+    try:
+        with postgres_database("deploy") as url:
+            spec = make_spec(tmp_path, "remote", LENET)
+            remote = {"STUDY_HOME": str(tmp_path / "login"), "MLFLOW_TRACKING_URI": server.url}
+            result = run_main("create", str(spec), "--trials", "1", "--preset", "cpu", "--storage", url, env=remote)
+            assert result.returncode == 0, result.stderr
+            empty = tmp_path / "node"
+            empty.mkdir()
+            monkeypatch.chdir(empty)
+            result = run_main("worker", "remote", "--storage", url, env={**remote, "STUDY_HOME": None})
+            assert result.returncode == 0, result.stderr
+            assert "1 of 1 trials" in result.stdout
+            assert list(empty.iterdir()) == []
+    finally:
+        server.stop()
