@@ -655,7 +655,7 @@ def cmd_serve_storage(args) -> int:
     try:
         from study.storage_proxy import serve
     except ImportError:
-        raise ValueError("serve-storage: the gRPC server is not installed; install it with pip install '.[ray]'") from None
+        raise ValueError("serve-storage: the gRPC server is not installed; install it with pip install '.[cluster]'") from None
     server = serve(open_storage(args.storage, server=True), args.host, args.port)
     # A server started in the background of a script inherits SIGINT as ignored; Ctrl-C (or kill -INT) must still stop it.
     signal.signal(signal.SIGINT, signal.default_int_handler)

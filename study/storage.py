@@ -225,7 +225,7 @@ def _proxy(url: str) -> optuna.storages.BaseStorage:
     try:
         from study.storage_proxy import connect
     except ImportError:
-        raise StorageError(f"storage {mask(url)}: the gRPC client is not installed; install it with pip install '.[ray]'") from None
+        raise StorageError(f"storage {mask(url)}: the gRPC client is not installed; install it with pip install '.[cluster]'") from None
     try:
         return connect(host, int(port))
     except ConnectionError:

@@ -26,7 +26,9 @@ def _worker_args(words: list[str]):
 
 def test_slurm_array_runs_one_worker_per_task():
     script = (DEPLOY / "slurm" / "study-worker.sbatch").read_text()
-    assert re.search(r"^#SBATCH --array=\d+-\d+$", script, re.MULTILINE) and "#SBATCH --gres=gpu:1" in script
+    assert re.search(r"^#SBATCH --array=\d+-\d+$", script, re.MULTILINE)
+    # CPUs only, so it runs on any partition; the GPU is sbatch's option, documented beside it.
+    assert "#SBATCH --gres" not in script and "--gres=gpu:1" in script and "--gres=gpu:1" in (DEPLOY / "slurm" / "README.md").read_text()
     [line] = [line for line in script.splitlines() if line.startswith("srun ")]
     words = shlex.split(re.sub(r'"?\$\{?(\w+)\}?"?', lambda m: shlex.quote(ENVIRONMENT[m.group(1)]), line))[1:]
     args = _worker_args(words)
@@ -47,7 +49,23 @@ def test_kubernetes_indexed_job_runs_workers_on_postgresql_and_an_mlflow_server(
     words = [re.sub(r"\$\((\w+)\)", lambda m: ENVIRONMENT[m.group(1)], word) for word in container["command"]]
     args = _worker_args(words)
     assert args.storage == ENVIRONMENT["STUDY_STORAGE"] and args.name == "vgg_ratio"
+    # CPUs only, so it schedules on any node; a pod works in its emptyDir, with STUDY_HOME there.
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    [volume] = job["spec"]["template"]["spec"]["volumes"]
+    assert volume["emptyDir"] == {} and container["volumeMounts"] == [{"name": volume["name"], "mountPath": container["workingDir"]}]
+    assert env["STUDY_HOME"]["value"].startswith(container["workingDir"] + "/")
+
+
+def test_kubernetes_job_with_its_gpu_line_uncommented_asks_one_gpu_a_worker():
+    import kubernetes_validate
+
+    text = (DEPLOY / "kubernetes" / "study-worker.yaml").read_text()
+    [line] = [line for line in text.splitlines() if "# nvidia.com/gpu: 1" in line]
+    job = list(yaml.safe_load_all(text.replace(line, line.replace("# nvidia.com/gpu", "nvidia.com/gpu"))))[1]
+    kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)
+    [container] = job["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "nvidia.com/gpu: 1" in (DEPLOY / "kubernetes" / "README.md").read_text()
 
 
 def test_kubernetes_manifests_pass_the_kubernetes_schemas():
