@@ -14,7 +14,13 @@ everything, so that 64 of them fit in memory and start together (a barrier befor
 Reported per run: trials per second (finished trials over the time from the first trial's start to the last
 one's end, as the storage records them), p50/p99 of `Study.ask`, of the whole claim (advisory lock, count, ask) and of `Study.tell`, in ms;
 workers that failed and why; trials finished of the total; trials lost (left RUNNING or WAITING), duplicated (a trial number or
-an MLflow run twice) and over the total. Each run is bounded by --timeout; workers still alive then are killed.
+an MLflow run twice) and over the total.
+
+Every wait follows --timeout: each server's start, the workers' start (the barrier), and each run, whose workers stop
+starting trials after --timeout and are killed at twice --timeout (counted failed). Each row is written to --output as
+soon as it is measured; a run that fails (a server that does not start, workers not at the barrier in time) is a row
+with the reason, and the next runs go on. Every process the benchmark starts or forks is gone when it ends, also on
+Ctrl-C or SIGTERM. Exit 1 when a row failed.
 
 PostgreSQL: --admin-url names a server where this may create and drop databases (default: the local one).
 A server's max_connections bounds the direct storage: each worker holds one connection, and each MLflow server process
@@ -67,8 +73,8 @@ def wait_for(condition, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not up after {timeout:g} s")
-        time.sleep(0.2)
+            raise TimeoutError(f"{what} not up after {timeout:g} s (--timeout)")
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager
@@ -88,23 +94,25 @@ def database(admin_url: str):
 
 
 @contextlib.contextmanager
-def process(command: list[str], log: Path, ready, what: str, env: dict | None = None):
-    """A server subprocess, up once `ready(log text)` holds; stopped afterwards."""
+def process(command: list[str], log: Path, ready, what: str, timeout: float, env: dict | None = None):
+    """A server subprocess in its own process group, up once `ready(log text)` holds within `timeout`; the whole group
+    (a server's own workers too) stopped afterwards: SIGTERM, then SIGKILL after `timeout`."""
     with open(log, "w") as out:
         child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})})
     try:
-        wait_for(lambda: ready(log.read_text()) or child.poll() is not None, 180, what)
+        wait_for(lambda: ready(log.read_text()) or child.poll() is not None, timeout, what)
         if child.poll() is not None:
-            raise RuntimeError(f"{what} ended: {log.read_text()[-2000:]}")
+            raise RuntimeError(f"{what} ended: {log.read_text().strip().splitlines()[-1:]}")
         yield child
     finally:
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGTERM)
-            try:
-                child.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
-                child.wait(30)
+        os.killpg(child.pid, signal.SIGTERM)
+        try:
+            child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)  # what is left of the group: a server's workers outlive their parent
+        child.wait()
 
 
 # ---- inside each forked worker ----
@@ -217,6 +225,12 @@ class Row:
     over_total: int
     connections_peak: int  # PostgreSQL's client connections at most during the run, this benchmark's sampler included
 
+    @classmethod
+    def failed(cls, storage: str, workers: int, total: int, reason: str) -> Row:
+        """A run that measured nothing: every worker counted failed, with the reason."""
+        nan = float("nan")
+        return cls(storage, workers, total, nan, 0, nan, nan, nan, nan, nan, nan, nan, workers, reason, 0, 0, 0, 0)
+
 
 def percentile(values: list[float], q: float) -> float:
     if not values:
@@ -249,6 +263,18 @@ def count(study_name: str, storage_url: str, tracking_uri: str, total: int) -> t
     return done, lost, duplicated, max(0, done - total), span
 
 
+def measure(kind: str, workers: int, per_worker: int, admin_url: str, tracking_uri: str, directory: Path, timeout: float) -> Row:
+    """One run's row; a run that fails is a row with the reason."""
+    try:
+        return run(kind, workers, per_worker, admin_url, tracking_uri, directory, timeout)
+    except Exception as error:  # noqa: BLE001 -- any failure of one run is its row's reason; the next runs go on
+        return Row.failed(kind, workers, workers * per_worker, reason(error))
+
+
+def reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}".rstrip(": ")
+
+
 def run(kind: str, workers: int, per_worker: int, admin_url: str, tracking_uri: str, directory: Path, timeout: float) -> Row:
     from study.session import Request, open_session
     from study.specs import load_spec
@@ -265,7 +291,7 @@ def run(kind: str, workers: int, per_worker: int, admin_url: str, tracking_uri: 
         if kind == "proxy":
             port = free_port()
             stack.enter_context(process([sys.executable, "-m", "study", "serve-storage", "--storage", url, "--port", str(port)],
-                                        run_dir / "serve.log", lambda text: "serving" in text, "serve-storage"))
+                                        run_dir / "serve.log", lambda text: "serving" in text, "serve-storage", timeout))
             storage_url = f"grpc://127.0.0.1:{port}"
         # The study, created as `launch` creates it (its total recorded), directly in PostgreSQL: no gRPC channel in this
         # process, which forks the workers. The workers join it.
@@ -276,12 +302,13 @@ def run(kind: str, workers: int, per_worker: int, admin_url: str, tracking_uri: 
         go = run_dir / "go"
         argv = ["worker", str(spec), "--storage", storage_url, "--timeout", str(timeout), "--checkpoint-dir", str(run_dir / "checkpoints")]
         children = fork_workers(workers, argv, go, run_dir)
-        wait_for(lambda: sum(1 for _ in run_dir.glob("ready-*")) + sum(out.exists() for _, out in children) >= workers, 300,
+        pending = {pid for pid, _ in children}
+        stack.callback(kill, pending)  # whatever ends the run, no worker outlives it
+        wait_for(lambda: sum(1 for _ in run_dir.glob("ready-*")) + sum(out.exists() for _, out in children) >= workers, timeout,
                  f"{workers} workers at the barrier")
         start = time.monotonic()
         go.touch()
-        deadline = start + timeout + 60
-        pending = {pid for pid, _ in children}
+        deadline = start + 2 * timeout  # the workers stop starting trials at --timeout; one still busy at twice that is killed
         peak = [0]
         with peak_connections(admin_url, peak):  # started after the forks: no thread of this process is forked
             while pending and time.monotonic() < deadline:
@@ -289,9 +316,7 @@ def run(kind: str, workers: int, per_worker: int, admin_url: str, tracking_uri: 
                     if os.waitpid(pid, os.WNOHANG)[0]:
                         pending.discard(pid)
                 time.sleep(0.05)
-        for pid in pending:  # past the bound: stopped, and counted as failed
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+        kill(pending)  # past the bound: stopped, and counted as failed
         results = [json.loads(out.read_text()) if out.exists() else {"code": -9, "error": "killed at the time bound", "ask": [], "tell": [], "claim": []}
                    for _, out in children]
         failed = [r for r in results if r["code"] != 0]
@@ -301,6 +326,16 @@ def run(kind: str, workers: int, per_worker: int, admin_url: str, tracking_uri: 
     return Row(kind, workers, total, seconds, done, done / seconds, percentile(samples["ask"], 0.5), percentile(samples["ask"], 0.99),
                percentile(samples["claim"], 0.5), percentile(samples["claim"], 0.99), percentile(samples["tell"], 0.5),
                percentile(samples["tell"], 0.99), len(failed), failure, lost, duplicated, over, peak[0])
+
+
+def kill(pids: set[int]) -> None:
+    """SIGKILL the forked workers still running, and reap them."""
+    for pid in list(pids):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        pids.discard(pid)
 
 
 @contextlib.contextmanager
@@ -341,7 +376,7 @@ def table(rows: list[Row]) -> str:
     lines = ["| storage | workers | trials | trials/s | ask p50 / p99 ms | claim p50 / p99 ms | tell p50 / p99 ms | workers failed | lost | duplicated | over total | PostgreSQL connections, peak |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        failed = f"{r.workers_failed} ({r.failure})" if r.workers_failed else "0"
+        failed = f"{r.workers_failed} ({r.failure})" if r.workers_failed or r.failure else "0"
         lines.append(f"| {r.storage} | {r.workers} | {r.finished}/{r.total} | {r.trials_per_second:.1f} | {r.ask_p50:.0f} / {r.ask_p99:.0f} | "
                      f"{r.claim_p50:.0f} / {r.claim_p99:.0f} | {r.tell_p50:.0f} / {r.tell_p99:.0f} | {failed} | {r.lost} | {r.duplicated} | {r.over_total} | {r.connections_peak} |")
     return "\n".join(lines)
@@ -353,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials-per-worker", type=int, default=2, help="the study's total is workers x this (default: 2)")
     parser.add_argument("--storages", nargs="+", choices=["direct", "proxy"], default=["direct", "proxy"])
     parser.add_argument("--admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres", help="a PostgreSQL server where databases may be created")
-    parser.add_argument("--timeout", type=float, default=300, help="bound of each run in seconds (default: 300)")
+    parser.add_argument("--timeout", type=float, default=300, help="the bound of every wait in seconds: a server's start, the workers' start, "
+                                                                   "each run's trials (its workers are killed at twice this) (default: 300)")
     parser.add_argument("--mlflow-workers", type=int, default=4, help="the MLflow server's worker processes (default: 4)")
     parser.add_argument("--mlflow-pool", type=int, default=6, help="PostgreSQL connections of each MLflow server process (default: 6)")
     parser.add_argument("-o", "--output", default="benchmarks/load.json", help="the rows with their settings (default: benchmarks/load.json)")
@@ -368,35 +404,48 @@ def main(argv: list[str] | None = None) -> int:
     import study.session
     import study.tracking  # noqa: F401
 
+    if args.timeout <= 0:
+        parser.error(f"--timeout must be > 0 seconds; got {args.timeout}")
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    load_before = os.getloadavg()
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="load-") as tmp, database(args.admin_url) as mlflow_store:
-        directory = Path(tmp)
-        port = free_port()
-        # The tracking server of docs/several-machines.md: its store on PostgreSQL, several server processes, and the
-        # artifacts (the runs' spec.toml and layers.csv) uploaded through it.
-        mlflow_server = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", mlflow_store, "--host", "127.0.0.1",
-                         "--port", str(port), "--workers", str(args.mlflow_workers), "--artifacts-destination", str(directory / "artifacts")]
-        tracking_uri = f"http://127.0.0.1:{port}"
-        # Each server process keeps at most --mlflow-pool connections to PostgreSQL (MLflow's default is up to 15), so that
-        # the direct workers (one connection each) and the server fit under the server's max_connections together.
-        pool = {"MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": str(args.mlflow_pool), "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "0"}
-        with process(mlflow_server, directory / "mlflow.log", lambda text: "Uvicorn running" in text or "Listening at" in text or "Application startup complete" in text,
-                     "mlflow server", env=pool):
-            os.environ.update({"MLFLOW_TRACKING_URI": tracking_uri, "STUDY_HOME": str(directory / "home")})
-            for kind in args.storages:
-                for workers in args.workers:
-                    row = run(kind, workers, args.trials_per_worker, args.admin_url, tracking_uri, directory, args.timeout)
-                    rows.append(row)
-                    print(f"{kind} {workers}: {row.finished}/{row.total} trials, {row.trials_per_second:.1f}/s, failed workers {row.workers_failed}, "
-                          f"lost {row.lost}, duplicated {row.duplicated}, over {row.over_total}", flush=True)
     settings = {"date": started, "machine": f"{platform.node()}, {os.cpu_count()} cores, {platform.platform()}",
-                "load_average_before": load_before, "load_average_after": os.getloadavg(), "command": "python -m benchmarks.load " + " ".join(argv or sys.argv[1:])}
-    Path(args.output).write_text(json.dumps({**settings, "rows": [r.__dict__ for r in rows]}, indent=2) + "\n")
+                "load_average_before": os.getloadavg(), "command": "python -m benchmarks.load " + " ".join(argv or sys.argv[1:])}
+    runs = [(kind, workers) for kind in args.storages for workers in args.workers]
+    rows: list[Row] = []
+
+    def record(row: Row) -> None:
+        """The row, on --output with those before it at once, so that a run cut short keeps what it measured."""
+        rows.append(row)
+        Path(args.output).write_text(json.dumps({**settings, "load_average_after": os.getloadavg(), "rows": [r.__dict__ for r in rows]}, indent=2) + "\n")
+        print(f"{row.storage} {row.workers}: {row.finished}/{row.total} trials, {row.trials_per_second:.1f}/s, failed workers {row.workers_failed}"
+              f"{f' ({row.failure})' if row.failure else ''}, lost {row.lost}, duplicated {row.duplicated}, over {row.over_total}", flush=True)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt  # so that every `finally` below stops what it started
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        with tempfile.TemporaryDirectory(prefix="load-") as tmp, database(args.admin_url) as mlflow_store:
+            directory = Path(tmp)
+            port = free_port()
+            # The tracking server of docs/several-machines.md: its store on PostgreSQL, several server processes, and the
+            # artifacts (the runs' spec.toml and layers.csv) uploaded through it.
+            mlflow_server = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", mlflow_store, "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", str(args.mlflow_workers), "--artifacts-destination", str(directory / "artifacts")]
+            tracking_uri = f"http://127.0.0.1:{port}"
+            # Each server process keeps at most --mlflow-pool connections to PostgreSQL (MLflow's default is up to 15), so that
+            # the direct workers (one connection each) and the server fit under the server's max_connections together.
+            pool = {"MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": str(args.mlflow_pool), "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "0"}
+            with process(mlflow_server, directory / "mlflow.log", lambda text: "Uvicorn running" in text or "Listening at" in text or "Application startup complete" in text,
+                         "mlflow server", args.timeout, env=pool):
+                os.environ.update({"MLFLOW_TRACKING_URI": tracking_uri, "STUDY_HOME": str(directory / "home")})
+                for kind, workers in runs:
+                    record(measure(kind, workers, args.trials_per_worker, args.admin_url, tracking_uri, directory, args.timeout))
+    except Exception as error:  # noqa: BLE001 -- the tracking server or its database: the runs not measured are rows with the reason
+        for kind, workers in runs[len(rows):]:
+            record(Row.failed(kind, workers, workers * args.trials_per_worker, reason(error)))
     print(json.dumps(settings))
     print(table(rows))
-    return 0
+    return 1 if any(row.failure or row.workers_failed for row in rows) else 0
 
 
 if __name__ == "__main__":

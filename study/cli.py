@@ -1,4 +1,4 @@
-"""`python -m study COMMAND`: launch, create, worker, confirm, finalize, list, show, export, report, inspect, ui, serve-storage.
+"""`python -m study COMMAND`: launch, create, worker, confirm, finalize, list, show, export, report, copy, inspect, ui, serve-storage.
 
 Each command is one function taking the parsed arguments and returning an exit code.
 User mistakes become one line on stderr and exit 1; `--debug` shows the traceback.
@@ -79,7 +79,6 @@ def _run_study(args, join: bool) -> int:
     from study.interrupts import Interrupts
     from study.pool import devices
     from study.session import Request, settle, spec_for
-    from study.specs import load_spec
     from study.storage import home
     from study.validate import validate_launch
 
@@ -99,7 +98,8 @@ def _run_study(args, join: bool) -> int:
     on_ray = bool(getattr(args, "ray", None))
     _check_checkpoint_dir(args, join, on_ray)
     slots = [] if on_ray else devices(args.workers, args.gpus, args.trials_per_gpu)
-    spec = spec_for(args.name, args.storage) if join else load_spec(args.name)
+    # A spec file or a shipped study, else the spec the study recorded: a study copied to this storage runs by its name.
+    spec = spec_for(args.name, args.storage)
     # Everything the launch can run, before the study, a trial or an MLflow run exists (and before a Ray cluster is
     # joined); on Ray the cluster's nodes, not this machine, train the trials.
     validate_launch(settle(request, spec), None if on_ray else slots)
@@ -181,7 +181,7 @@ def _open_with_parent(request, spec, uri: str):
     with setup_lock(request.storage, session.storage, spec.name):  # two first launches at once open one parent run
         tracker = Tracker(spec.name, uri, artifact_root=home() / "mlartifacts", study_uid=study.user_attrs.get(STUDY_UID))
         if not request.join:
-            tracker.describe_study(spec.path.read_text(), session.settings.preset, mask(request.storage or default_storage_url()),
+            tracker.describe_study(spec.text, session.settings.preset, mask(request.storage or default_storage_url()),
                                    type(study.sampler).__name__, pruner_name(session))
     return session, tracker
 
@@ -509,6 +509,18 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_copy(args) -> int:
+    from study.copy import copy_study
+    from study.storage import mask
+
+    study = copy_study(args.name, args.source, args.target)
+    print(f"copied study {study.study_name} from {mask(args.source)} to {mask(args.target)}: {len(study.get_trials(deepcopy=False))} trials, "
+          "their MLflow runs where they were logged")
+    print(f"continue it there with: python -m study launch {study.study_name} --storage {mask(args.target)} "
+          f"(--trials N raises its total), or python -m study worker {study.study_name} --storage {mask(args.target)}")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     import dataclasses
 
@@ -657,7 +669,7 @@ def cmd_serve_storage(args) -> int:
     try:
         from study.storage_proxy import serve
     except ImportError:
-        raise ValueError("serve-storage: the gRPC server is not installed; install it with pip install '.[ray]'") from None
+        raise ValueError("serve-storage: the gRPC server is not installed; install it with pip install '.[cluster]'") from None
     server = serve(open_storage(args.storage, server=True), args.host, args.port)
     # A server started in the background of a script inherits SIGINT as ignored; Ctrl-C (or kill -INT) must still stop it.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -860,6 +872,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the cost axis the accuracy plot opens on; buttons in the page switch it (default: train_seconds)")
     report.add_argument("--png", metavar="DIR", help="also write every figure as a PNG into DIR (needs Chromium, or Chrome at $BROWSER_PATH)")
     report.set_defaults(run=cmd_report)
+
+    copy = commands.add_parser("copy", help="copy a study to another storage (e.g. its journal to PostgreSQL), to go on there")
+    copy.add_argument("name", help="the study's name")
+    copy.add_argument("--from", dest="source", required=True, help="the storage that holds it (a journal file path, an SQLAlchemy URL, grpc://host:port)")
+    copy.add_argument("--to", dest="target", required=True, help="the storage to copy it to, which must not hold a study of that name")
+    copy.set_defaults(run=cmd_copy)
 
     inspect = commands.add_parser("inspect", help="per-layer output shape, parameters, FLOPs and activation memory of a network")
     # The names live in objectives/models.py's ARCHITECTURES, which imports torch: `--help` stays instant without them.

@@ -302,6 +302,7 @@ class Scheduler:
     timed_out: bool = False
     progress: LiveProgress | None = None
     forecast: costs.Forecast | None = None  # the study's time on this machine, predicted at the start
+    active: int = 0              # slots still taking trials: a Ray slot whose actor ran out of memory retires (_retire)
 
     @property
     def study(self) -> optuna.Study:
@@ -359,6 +360,7 @@ class Scheduler:
         return self.ran
 
     def _run_threads(self, slots: list) -> None:
+        self.active = len(slots)
         errors: list[BaseException] = []
         finished = [threading.Event() for _ in slots]
 
@@ -408,6 +410,8 @@ class Scheduler:
             if self.deadline is not None and time.monotonic() > self.deadline:
                 self.timed_out = True
                 return
+            if slot.retiring and self._retire(slot):
+                return
             if not slot.ready(1.0):  # a Ray actor that no node has room for yet: ask for no trial until it has
                 with runner.lock:
                     if runner.stopping.is_set() or record.count_done(self.study.get_trials(deepcopy=False)) >= total:
@@ -424,6 +428,19 @@ class Scheduler:
                 self._log_line(frozen)
                 self.progress.update(done=record.count_done(self.study.get_trials(deepcopy=False)), status=self._status())
                 runner.update_parent()
+
+    def _retire(self, slot) -> bool:
+        """A slot whose Ray actor the memory monitor killed: True, and it takes no more trials, so that the node's memory
+        holds the others; False when it is the last one, which then starts a new actor."""
+        with self.runner.lock:
+            slot.retiring = False
+            if self.active <= 1:
+                self.progress.console.print("Ray's memory monitor killed an actor (its trial runs again); it was the last one, so a new actor takes its place")
+                return False
+            self.active -= 1
+            self.progress.console.print(f"Ray's memory monitor killed an actor (its trial runs again); the launch goes on with the "
+                                        f"{self.active} actor{'' if self.active == 1 else 's'} that remain")
+            return True
 
     def _beat(self, stop: threading.Event) -> None:
         """Record the heartbeat of every trial this process runs (relational storage only)."""

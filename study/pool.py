@@ -74,6 +74,8 @@ def _serve(conn, data_dir: str | None, threads: int) -> None:
 class InProcess:
     """The one trial slot of a single-device launch: trains in the launcher's process, on the data it holds."""
 
+    retiring = False  # only a Ray slot retires (study.ray_slots.RaySlot)
+
     def __init__(self, device: str, data: FashionMNIST):
         self.device = None if device == "auto" else device
         self.data = data
@@ -92,6 +94,8 @@ class InProcess:
 
 class Worker:
     """One trial slot: a process pinned to one device."""
+
+    retiring = False  # a worker process that died is started again; only a Ray slot retires (study.ray_slots.RaySlot)
 
     def __init__(self, device: str, data_dir: str | None, threads: int):
         self.device = None if device == "auto" else device  # None: the CPU here

@@ -31,7 +31,7 @@ import grpc
 import numpy as np
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, OutOfMemoryError, RayActorError
 
 import objectives
 from objectives import DataError, DeviceOutOfMemoryError, DivergedError, EpochMetrics, FashionMNIST, TrainConfig, TrainResult
@@ -147,7 +147,9 @@ class TrialActor:
 
 
 class RaySlot:
-    """One trial slot as a Ray actor, started (again) whenever it has none: after a lost node, Ray places the new one."""
+    """One trial slot as a Ray actor, started (again) whenever it has none: after a lost node, Ray places the new one.
+    An actor that Ray's memory monitor killed is not replaced: its slot retires (study.launch.Scheduler), so that the
+    node's memory holds the actors that remain."""
 
     device = None  # the actor trains on what Ray gave it: "auto" finds its GPU (CUDA_VISIBLE_DEVICES) or the CPU
 
@@ -157,6 +159,7 @@ class RaySlot:
         self.placed = None  # the ObjectRef of the actor's node(): ready once the data is unpacked
         self.node: str | None = None
         self.stopping = False
+        self.retiring = False  # Ray's memory monitor killed its actor: the slot takes no more trials, unless it is the last
 
     def ready(self, timeout: float) -> bool:
         """True once the actor runs and holds the data; False while Ray has no room for it yet."""
@@ -172,6 +175,10 @@ class RaySlot:
                 return False
             except RayActorError:
                 self.actor = None  # its node went away before it started; the next call places a new one
+                return False
+            except OutOfMemoryError:
+                self._end()
+                self.retiring = True
                 return False
         return True
 
@@ -198,11 +205,15 @@ class RaySlot:
     def _call(self, ref: ray.ObjectRef):
         try:
             return ray.get(ref)
-        except RayActorError as error:
+        except (RayActorError, OutOfMemoryError) as error:
             if self.stopping:
                 raise KeyboardInterrupt from None
-            node, self.actor, self.node = self.node, None, None
-            cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            node, cause = self.node, (str(error).strip().splitlines() or [type(error).__name__])[0]
+            if isinstance(error, OutOfMemoryError):
+                self._end()  # the monitor killed its worker; killed here too, should only the call have failed
+                self.retiring = True
+                raise WorkerDied(f"Ray's memory monitor killed the actor on node {node} ({cause})") from None
+            self.actor, self.node = None, None
             raise WorkerDied(f"Ray actor on node {node} died ({cause})") from None
 
     def stop(self) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from dashboards.record import STUDY_UID
 from study.specs import PRESETS, Plan, Spec, SpecError, load_spec, recorded_spec, resolve
-from study.storage import default_storage_url, make_home, mask, open_storage, setup_lock, storage_file
+from study.storage import default_storage_url, home_holds_tracking, make_home, mask, open_storage, setup_lock, storage_file
 from study.strategies import PRUNERS, SAMPLERS, strategy_class
 
 # Costs a multi-objective study minimises beside validation accuracy: TrainResult fields.
@@ -178,7 +178,10 @@ def open_session(request: Request, spec: Spec) -> Session:
     """Create or resume the study (`launch`), or join it (`worker`); its settings recorded on it in one place."""
     _check_default_storage(request, spec)
     storage = open_storage(request.storage, request.heartbeat)
-    make_home()  # the MLflow store and the reports live there, also when the storage is elsewhere; before the study is written
+    # Before the study is written: the home holds a launch's report, and the MLflow store unless MLFLOW_TRACKING_URI names
+    # one; a worker on a remote storage and tracking store writes nothing in it, nor creates it.
+    if not request.join or home_holds_tracking():
+        make_home()
     with setup_lock(request.storage, storage, spec.name):  # two first launches at once create one study with one identity
         return _create_or_load(request, spec, storage)
 
@@ -259,8 +262,8 @@ def _create_or_load(request: Request, spec: Spec, storage: optuna.storages.BaseS
         record = {"preset": settings.preset, "objective": settings.objective, "sampler": settings.sampler["name"], "pruner": settings.pruner["name"], "trials": settings.total}
         for key in RECORDED:
             study.set_user_attr(key, record[key])
-        if study.user_attrs.get(SPEC_TEXT) != (text := spec.path.read_text()):
-            study.set_user_attr(SPEC_TEXT, text)
+        if study.user_attrs.get(SPEC_TEXT) != spec.text:
+            study.set_user_attr(SPEC_TEXT, spec.text)
         # Optuna's plots and optuna-dashboard name the objectives after these, instead of "Objective 0".
         metric_names = ["val_accuracy", settings.cost] if settings.cost else ["val_accuracy"]
         if study.metric_names != metric_names:

@@ -181,6 +181,7 @@ class Spec:
     sampler: dict
     presets: dict[str, Preset]
     path: Path
+    text: str  # the TOML as read: what a launch records on the study (study.session.SPEC_TEXT)
 
     def summary(self) -> str:
         """The search space in one line, e.g. `lr 0.005..0.2 log, ratio {1, 2, 4}`."""
@@ -275,19 +276,20 @@ def load_spec(name: str) -> Spec:
         if not path.is_file():
             raise SpecError(f"unknown study {name!r}; choose one of {', '.join(available())} or give a path to a .toml spec")
     try:
-        raw = tomllib.loads(path.read_text())
+        text = path.read_text()
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise SpecError(f"{path}: {error}") from None
     except (OSError, UnicodeDecodeError) as error:
         raise SpecError(f"cannot read {path}: {error}") from None
-    return _parse(path, raw)
+    return _parse(path, raw, text)
 
 
 def recorded_spec(name: str, text: str) -> Spec:
     """The spec a study recorded when it was launched (study.session.SPEC_TEXT): what `worker NAME` and `confirm NAME`
     run when NAME is neither a shipped study nor a path, e.g. a study launched from a spec file on another machine."""
     try:
-        return _parse(Path(f"{name}.toml"), tomllib.loads(text))
+        return _parse(Path(f"{name}.toml"), tomllib.loads(text), text)
     except tomllib.TOMLDecodeError as error:
         raise SpecError(f"study {name}: its recorded spec does not parse ({error})") from None
 
@@ -299,7 +301,7 @@ def _table(where: str, raw: dict, section: str, default=None) -> dict:
     return value
 
 
-def _parse(path: Path, raw: dict) -> Spec:
+def _parse(path: Path, raw: dict, text: str) -> Spec:
     where = str(path)
     unknown = set(raw) - TOP_LEVEL_KEYS
     if unknown:
@@ -329,7 +331,7 @@ def _parse(path: Path, raw: dict) -> Spec:
     if sampler.get("name", "tpe") not in SAMPLERS:
         raise SpecError(f"{where}: sampler {sampler.get('name')!r} is not supported; use {', '.join(SAMPLERS)}")
     spec = Spec(name=path.stem, description=str(raw.get("description", "")), fixed=fixed, search=search, conditional=conditional,
-                enqueue=enqueue, pruner=pruner, sampler=sampler, presets=presets, path=path)
+                enqueue=enqueue, pruner=pruner, sampler=sampler, presets=presets, path=path, text=text)
     for preset in PRESETS:
         edge_configs(resolve(spec, preset))
     return spec

@@ -39,6 +39,11 @@ def home() -> Path:
     return Path(os.environ.get("STUDY_HOME", "studies"))
 
 
+def home_holds_tracking() -> bool:
+    """Whether the MLflow store is the study home's own SQLite file (study.tracking.tracking_uri): MLFLOW_TRACKING_URI unset."""
+    return not os.environ.get("MLFLOW_TRACKING_URI")
+
+
 def make_home() -> None:
     """Create the study home; only a launch does, once its arguments and storage have been checked."""
     try:
@@ -220,7 +225,7 @@ def _proxy(url: str) -> optuna.storages.BaseStorage:
     try:
         from study.storage_proxy import connect
     except ImportError:
-        raise StorageError(f"storage {mask(url)}: the gRPC client is not installed; install it with pip install '.[ray]'") from None
+        raise StorageError(f"storage {mask(url)}: the gRPC client is not installed; install it with pip install '.[cluster]'") from None
     try:
         return connect(host, int(port))
     except ConnectionError:

@@ -36,7 +36,7 @@ from dashboards.files import slug
 from objectives.data import FashionMNIST, cache_root
 from objectives.models import get_architecture
 from objectives.train import EpochMetrics, TrainConfig, TrainResult, resolve_device
-from study.storage import mask, pid_alive
+from study.storage import home_holds_tracking, mask, pid_alive
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 EPOCH_METRICS = tuple(f.name for f in dataclasses.fields(EpochMetrics) if f.name != "epoch")
@@ -205,7 +205,7 @@ def _copy_empty_store(path: Path) -> None:
 
 def tracking_uri(home: Path) -> str:
     """MLFLOW_TRACKING_URI when set, else a SQLite store beside the study storage."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(home / 'mlflow.db').resolve()}"
+    return f"sqlite:///{(home / 'mlflow.db').resolve()}" if home_holds_tracking() else os.environ["MLFLOW_TRACKING_URI"]
 
 
 def read_only_uri(home: Path) -> str | None:

@@ -13,6 +13,8 @@ with no test hook in the product. The orders are environment variables, read at 
     HOOKED_HOLD_LR   hold only the trials with this learning rate (default: every trial)
     HOOKED_OOM       `LR:EPOCH`: the trial with learning rate LR runs out of device memory in epoch EPOCH
     HOOKED_EPOCH_LOG a file to which every epoch trained is appended as a JSON line (lr, epoch, resumed)
+    HOOKED_RAY_OOM   a file path (launch --ray): the first trial actor to create it fails as an actor that Ray's memory
+                     monitor killed fails (the driver's ray.get raises ray.exceptions.OutOfMemoryError); read at import
 
 The wrapping happens at import, not under `__main__`, and before any `study` module is imported, since those bind
 `train` then. The trainer's wrapping lives in tests/hooked_trainer.py, which trial workers import alone; a worker
@@ -22,6 +24,7 @@ The fork server of the tests (tests/forkserver.py) imports this module for the s
 
 from __future__ import annotations
 
+import os
 import sys
 
 import hooked_trainer  # first: it wraps the trainer
@@ -49,6 +52,30 @@ if __name__ != "__mp_main__":  # a spawned trial worker only trains
             hooked_trainer.hold("store")
 
     study.tracking._copy_empty_store = hooked_copy_empty_store
+
+if __name__ == "__main__" and os.environ.get("HOOKED_RAY_OOM"):
+    import ray
+    import ray.exceptions
+
+    import study.ray_slots
+
+    class MemoryKilledActor(study.ray_slots.TrialActor.__ray_metadata__.modified_class.__mro__[1]):  # the class under @ray.remote
+        marker = os.environ["HOOKED_RAY_OOM"]  # a class attribute: the actors' nodes do not have the variable
+
+        def start(self, config):
+            try:
+                os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))  # one actor of all the nodes' (they share this host)
+                self.killed = True
+            except FileExistsError:
+                self.killed = False
+                super().start(config)
+
+        def next(self):
+            if self.killed:
+                raise ray.exceptions.OutOfMemoryError("1 worker(s) were killed due to the node running low on memory (HOOKED_RAY_OOM)")
+            return super().next()
+
+    study.ray_slots.TrialActor = ray.remote(max_restarts=0, max_concurrency=4)(MemoryKilledActor)
 
 if __name__ == "__main__":
     import signal

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import secrets
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +141,29 @@ def test_the_cpu_precision_is_timed_once_per_shape():
     assert cpu_bf16_pays("lenet_bn", 28, 1, 64, True) == first
     cpu_bf16_pays("lenet_bn", 28, 1, 32, True)
     assert cpu_bf16_pays.cache_info().misses == 2 and cpu_bf16_pays.cache_info().hits == 1
+
+
+def _processes_with(marker: str) -> list[int]:
+    """The processes whose environment holds `marker`: every process a command started, whatever its session or group."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker.encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def test_load_benchmark_records_a_failed_run_as_a_row_and_leaves_no_process(tmp_path):
+    # A --timeout no tracking server starts within: each run fails, and is a row with the reason, not a traceback.
+    out, marker = tmp_path / "load.json", f"LOAD_TEST_MARK={secrets.token_hex(8)}"
+    name, value = marker.split("=")
+    run = subprocess.run([sys.executable, "-m", "benchmarks.load", "--workers", "2", "--storages", "direct", "proxy", "--timeout", "0.5",
+                          "-o", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300, check=False, env={**os.environ, name: value})
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["storage"], row["workers"], row["finished"]) for row in rows] == [("direct", 2, 0), ("proxy", 2, 0)]
+    assert all("after 0.5 s (--timeout)" in row["failure"] and row["workers_failed"] == 2 for row in rows), rows
+    assert "after 0.5 s (--timeout)" in run.stdout.splitlines()[-1]  # the table says why
+    assert _processes_with(marker) == []

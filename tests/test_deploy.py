@@ -9,7 +9,7 @@ import shlex
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import LENET, ROOT, make_spec, postgres_database, run_main
 from study.cli import build_parser, cmd_worker
 
 DEPLOY = ROOT / "deploy"
@@ -26,7 +26,9 @@ def _worker_args(words: list[str]):
 
 def test_slurm_array_runs_one_worker_per_task():
     script = (DEPLOY / "slurm" / "study-worker.sbatch").read_text()
-    assert re.search(r"^#SBATCH --array=\d+-\d+$", script, re.MULTILINE) and "#SBATCH --gres=gpu:1" in script
+    assert re.search(r"^#SBATCH --array=\d+-\d+$", script, re.MULTILINE)
+    # CPUs only, so it runs on any partition; the GPU is sbatch's option, documented beside it.
+    assert "#SBATCH --gres" not in script and "--gres=gpu:1" in script and "--gres=gpu:1" in (DEPLOY / "slurm" / "README.md").read_text()
     [line] = [line for line in script.splitlines() if line.startswith("srun ")]
     words = shlex.split(re.sub(r'"?\$\{?(\w+)\}?"?', lambda m: shlex.quote(ENVIRONMENT[m.group(1)]), line))[1:]
     args = _worker_args(words)
@@ -48,9 +50,25 @@ def test_kubernetes_indexed_job_runs_workers_on_postgresql_and_an_mlflow_server(
     words = [re.sub(r"\$\((\w+)\)", lambda m: ENVIRONMENT[m.group(1)], word) for word in container["command"]]
     args = _worker_args(words)
     assert args.storage == ENVIRONMENT["STUDY_STORAGE"] and args.name == "vgg_ratio"
-    [mount] = container["volumeMounts"]
-    assert str(args.checkpoint_dir) == mount["mountPath"] and job["spec"]["template"]["spec"]["volumes"][0]["name"] == mount["name"]
+    mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+    volumes = {volume["name"]: volume for volume in job["spec"]["template"]["spec"]["volumes"]}
+    assert str(args.checkpoint_dir) == mounts["checkpoints"] and "persistentVolumeClaim" in volumes["checkpoints"]
+    # CPUs only, so it schedules on any node; a pod works in its emptyDir, with STUDY_HOME there.
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    assert volumes["scratch"]["emptyDir"] == {} and mounts["scratch"] == container["workingDir"]
+    assert env["STUDY_HOME"]["value"].startswith(container["workingDir"] + "/")
+
+
+def test_kubernetes_job_with_its_gpu_line_uncommented_asks_one_gpu_a_worker():
+    import kubernetes_validate
+
+    text = (DEPLOY / "kubernetes" / "study-worker.yaml").read_text()
+    [line] = [line for line in text.splitlines() if "# nvidia.com/gpu: 1" in line]
+    job = list(yaml.safe_load_all(text.replace(line, line.replace("# nvidia.com/gpu", "nvidia.com/gpu"))))[1]
+    kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)
+    [container] = job["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "nvidia.com/gpu: 1" in (DEPLOY / "kubernetes" / "README.md").read_text()
 
 
 def test_kubernetes_manifests_pass_the_kubernetes_schemas():
@@ -82,3 +100,28 @@ def test_kubernetes_job_reads_the_data_where_debian_installs_it():
     if not DEBIAN_DIR.is_dir():
         pytest.skip(f"Debian's dataset-fashion-mnist is not installed here ({DEBIAN_DIR} does not exist)")
     verify(directory)
+
+
+@pytest.mark.slow
+def test_a_worker_on_remote_storage_and_tracking_writes_nothing_where_it_runs(tmp_path, monkeypatch):
+    """As the templates run it: PostgreSQL, an `mlflow server`, STUDY_HOME unset; its working directory stays empty."""
+    from reliability.checks import MlflowServer
+
+    (tmp_path / "server").mkdir()
+    server = MlflowServer(tmp_path / "server")
+    server.start()
+    try:
+        with postgres_database("deploy") as url:
+            spec = make_spec(tmp_path, "remote", LENET)
+            remote = {"STUDY_HOME": str(tmp_path / "login"), "MLFLOW_TRACKING_URI": server.url}
+            result = run_main("create", str(spec), "--trials", "1", "--preset", "cpu", "--storage", url, env=remote)
+            assert result.returncode == 0, result.stderr
+            empty = tmp_path / "node"
+            empty.mkdir()
+            monkeypatch.chdir(empty)
+            result = run_main("worker", "remote", "--storage", url, env={**remote, "STUDY_HOME": None})
+            assert result.returncode == 0, result.stderr
+            assert "1 of 1 trials" in result.stdout
+            assert list(empty.iterdir()) == []
+    finally:
+        server.stop()

@@ -187,6 +187,26 @@ def test_a_node_stopped_mid_trial_loses_nothing(cluster, launch, study_home):
     assert counts.lost == 0 and counts.duplicates == 0
 
 
+@pytest.mark.slow
+def test_an_actor_killed_for_memory_is_retried_and_the_launch_goes_on_with_the_others(cluster, launch, study_home, tmp_path, monkeypatch):
+    instance, holds = cluster
+    holds.auto.set()
+    # The first trial's actor fails as one Ray's memory monitor killed (tests/hooked_study.py HOOKED_RAY_OOM).
+    monkeypatch.setenv("HOOKED_RAY_OOM", str(tmp_path / "memory-killed"))
+    code, output = _finish(launch(instance.address, 3, "--workers", "2"))
+    assert code == 0, output
+    assert "Ray's memory monitor killed an actor (its trial runs again); the launch goes on with the 1 actor that remain" in output, output
+    trials = _study(study_home).get_trials()
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].user_attrs["fail_reason"].startswith("Ray's memory monitor killed the actor on node"), \
+        [(t.number, t.state, t.user_attrs.get("fail_reason")) for t in trials]
+    assert "Traceback" not in output
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == failed[0].number]
+    assert len(retry) == 1 and retry[0].params == failed[0].params and retry[0].state == TrialState.COMPLETE
+    counts = check_consistent("raystudy", journal(study_home), sqlite_uri(study_home), total=3)
+    assert counts.lost == 0 and counts.duplicates == 0
+
+
 BLOCK_RAY = """
 import sys
 

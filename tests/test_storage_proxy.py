@@ -11,7 +11,7 @@ from conftest import LENET, free_port, make_spec, postgres_database, run_cli, st
 
 pytestmark = pytest.mark.slow  # gRPC proxy server processes: `make test` runs them, `make test-fast` does not
 
-pytest.importorskip("grpc", reason="the gRPC proxy is in the optional extra: pip install '.[ray]'")
+pytest.importorskip("grpc", reason="the gRPC proxy is in the optional extra: pip install '.[cluster]'")
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from conftest import journal, postgres_database, storage_proxy
 from reliability.matrix import CELLS, Place, Reader, run_cell
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("grpc", reason="the gRPC proxy is in the optional extra: pip install '.[ray]'")
+pytest.importorskip("grpc", reason="the gRPC proxy is in the optional extra: pip install '.[cluster]'")
 pytest.importorskip("ray.cluster_utils", reason="Ray is an optional extra: pip install '.[ray]'")
 
 from test_ray import cluster  # noqa: F401 -- the fixture: two Ray nodes on 127.0.0.1, trials held at their start on demand

@@ -24,7 +24,7 @@ BOUND = 60  # seconds: far above what the bounded waits need, far below the hang
 # What each fault in front of MLflow is called in the one line that names its address.
 MLFLOW_FAULTS = {"silent_server": "does not answer within", "health_only_server": "answers /health but not its API",
                  "dripping_server": "does not answer within", "dripping_api_server": "answers /health but not its API"}
-needs_grpc = pytest.mark.skipif(importlib.util.find_spec("grpc") is None, reason="Ray and the gRPC proxy are an optional extra: pip install '.[ray]'")
+needs_grpc = pytest.mark.skipif(importlib.util.find_spec("grpc") is None, reason="the gRPC proxy is an optional extra: pip install '.[cluster]'")
 
 
 @pytest.fixture
