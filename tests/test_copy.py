@@ -36,7 +36,7 @@ def _goes_on(name: str, storage: str, total: int, home, tmp_path) -> None:
     from study.storage import open_storage
 
     for argv in (["show", name], ["export", name, "-o", str(tmp_path / f"{total}.csv")],
-                 ["report", name, "-o", str(tmp_path / f"{total}.html")], ["worker", name]):
+                 ["report", name, "-o", str(tmp_path / f"{total}.html")], ["worker", name, "--checkpoint-dir", str(tmp_path / "checkpoints")]):
         result = run_main(*argv, "--storage", storage)
         assert result.returncode == 0, (argv, result.stderr)
     rows = (tmp_path / f"{total}.csv").read_text().splitlines()[1:]

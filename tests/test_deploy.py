@@ -119,7 +119,8 @@ def test_a_worker_on_remote_storage_and_tracking_writes_nothing_where_it_runs(tm
             empty = tmp_path / "node"
             empty.mkdir()
             monkeypatch.chdir(empty)
-            result = run_main("worker", "remote", "--storage", url, env={**remote, "STUDY_HOME": None})
+            shared = tmp_path / "shared-checkpoints"  # a folder every node mounts, outside the working directory
+            result = run_main("worker", "remote", "--storage", url, "--checkpoint-dir", str(shared), env={**remote, "STUDY_HOME": None})
             assert result.returncode == 0, result.stderr
             assert "1 of 1 trials" in result.stdout
             assert list(empty.iterdir()) == []
