@@ -57,10 +57,12 @@ def _report_output(output: str | None, default: Path, storage_url: str | None) -
 
 
 def _console():
-    """Rich console; off a terminal (logs, make), wide and without hard wraps so lines stay greppable, unless $COLUMNS says a width."""
+    """Rich console; off a terminal (logs, make), wide and without hard wraps so lines stay greppable, unless $COLUMNS says a width.
+    On a terminal rich wraps long lines between words: with soft wrap the terminal would break them mid-word."""
     from rich.console import Console
 
-    console = Console(soft_wrap=True)
+    console = Console()
+    console.soft_wrap = not console.is_terminal
     if not console.is_terminal and not os.environ.get("COLUMNS"):
         console.width = 160
     return console

@@ -70,6 +70,8 @@ class TrialRunner:
     run_tags: Callable[[optuna.Trial], dict] | None = None
     running_cost: dict[int, float] = field(default_factory=dict)  # trial id -> predicted cost counted against the budget
     cost_history: optuna.Study | None = None  # confirm: the original study, whose trials measured this device's throughput too
+    progress: LiveProgress | None = None  # the display the running trials' epochs are shown in
+    label: str = "trial"  # what a trial is called in it: "confirm trial" for confirm
 
     @property
     def study(self) -> optuna.Study:
@@ -145,6 +147,8 @@ class TrialRunner:
         own_bucket = bucket(trial.user_attrs[record.PREDICTED_FLOPS], config.epochs) if cost is not None else None
 
         def on_epoch(metrics) -> bool:
+            if self.progress is not None:
+                self.progress.epoch(trial.number, metrics.epoch, f"val_accuracy {metrics.val_accuracy:.4f}")
             # After its last epoch a trial is whole, its cost spent: no pruner is asked, so it is COMPLETE and may be the best.
             last = metrics.epoch >= config.epochs
             with self.lock:
@@ -158,6 +162,8 @@ class TrialRunner:
                 trial.report(metrics.val_accuracy, metrics.epoch)
                 return not last and trial.should_prune()
 
+        if self.progress is not None:
+            self.progress.start(trial.number, f"{self.label} {trial.number}", config.epochs, trial.user_attrs[record.PREDICTED_SECONDS])
         try:
             result: TrainResult = train_fn(config, on_epoch)
         except (DivergedError, DeviceOutOfMemoryError) as error:
@@ -178,6 +184,9 @@ class TrialRunner:
                 self.study.tell(trial, state=TrialState.FAIL)
                 self._finish(run_id, "FAIL", reason=reason)
             raise
+        finally:
+            if self.progress is not None:
+                self.progress.finish(trial.number)
         with self.lock:
             for key, value in record.results(result).items():
                 trial.set_user_attr(key, value)
@@ -276,7 +285,7 @@ class Scheduler:
         stop = threading.Event()
         started = time.monotonic()
         with LiveProgress(runner.console, self.study.study_name, "trials", total, done, self._status()) as progress:
-            self.progress = progress
+            self.progress = runner.progress = progress
             heartbeat = threading.Thread(target=self._beat, args=(stop,), daemon=True)
             heartbeat.start()
             try:
@@ -421,7 +430,9 @@ class Scheduler:
             value = trial.values[0] if trial.values else trial.user_attrs[record.VAL_CURVE][-1]
             shown = f" {cost}={trial.values[1]:.4g}" if cost and trial.state == TrialState.COMPLETE else ""
             outcome = f"{trial.state.name} val_accuracy={value:.4f}{shown} after {_epochs(trial.user_attrs.get('epochs_run'))}, {trial.user_attrs.get('train_seconds', 0):.1f} s"
-        self.progress.console.print(f"trial {trial.number}: {params} -> {outcome}")
+        retry = record.retry_source(trial)
+        again = f" (retry of trial {retry})" if retry is not None else ""
+        self.progress.console.print(f"trial {trial.number}{again}: {params} -> {outcome}")
 
 
 def run_launch(session: Session, tracker: Tracker, console: Console, devices: list[str], timeout: float | None = None,
