@@ -93,6 +93,15 @@ def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number, **carried}, skip_if_exists=False)
 
 
+def run_name(trial) -> str:
+    """A trial's MLflow run name: `trial-<n>` for a search's trial, `confirm-<trial>-seed-<s>` for a confirm trial
+    (the search's trial it trains again, with another seed). `trial`: an optuna.Trial or a FrozenTrial."""
+    attrs = trial.user_attrs
+    if CONFIRM_OF in attrs:
+        return f"confirm-{attrs[CONFIRM_OF]}-seed-{attrs[CONFIRM_SEED]}"
+    return f"trial-{trial.number}"
+
+
 def retry_source(trial: optuna.trial.FrozenTrial) -> int | None:
     """The number of the trial this one repeats, if it is a retry. `failed_trial`: Optuna's own heartbeat
     retry, which studies recorded before `retry` was used everywhere carry. A FrozenTrial (what `get_trials`

@@ -241,12 +241,11 @@ def cmd_create(args) -> int:
 def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | None) -> int:
     from rich.markup import escape
 
-    from dashboards import write_report
     from dashboards.record import count_done
     from study.launch import run_launch
     from study.pool import cap_workers
     from study.storage import default_storage_url, mask
-    from study.tracking import PICKLE_NOTE, ui_url
+    from study.tracking import PICKLE_NOTE
 
     uri = _ready_to_train(args.data_dir)
     session, tracker = _open_with_parent(request, spec, uri)
@@ -299,9 +298,25 @@ def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | Non
     console.print(f"optuna storage: {storage_label}")
     console.print(f"mlflow store:   {mask(uri)}  (browse with `python -m study ui`)")
     if not request.join:
-        console.print(f"report:         {write_report([study], output, uri, ui_url(uri))}")
+        _write_study_report(console, study, output, uri)
     _print_chance(console, study.get_trials(deepcopy=False), settings.preset)
     return 0
+
+
+def _default_report(study_name: str, storage_url: str | None) -> Path:
+    """The study's report at its default path (as `launch` writes it), checked before any work."""
+    from study.launch import report_path
+    from study.storage import home
+
+    return _report_output(None, report_path(home(), [study_name]), storage_url)
+
+
+def _write_study_report(console, study, output: Path, uri: str) -> None:
+    """The study's report, rewritten whole after a command that changed it (launch, confirm, finalize)."""
+    from dashboards import write_report
+    from study.tracking import ui_url
+
+    console.print(f"report:         {write_report([study], output, uri, ui_url(uri))}")
 
 
 def _print_chance(console, trials, preset: str | None) -> None:
@@ -347,6 +362,7 @@ def cmd_confirm(args) -> int:
         raise ValueError(f"--top and --seeds must be >= 1; got --top {args.top}, --seeds {args.seeds}")
     study = _open_study(args.name, args.storage)
     validate_trials(study, search_ranking(study)[:args.top])  # the configurations run_confirm trains again, before it writes
+    output = _default_report(study.study_name, args.storage)
     with Interrupts().installed() as interrupts:  # Ctrl-C and SIGTERM stop it only where nothing is half-written
         uri = _ready_to_train(args.data_dir)
         session = _session_of(args.name, args.storage)
@@ -358,6 +374,7 @@ def cmd_confirm(args) -> int:
             console.print("interrupted: a training that was running is recorded as interrupted and queued again; confirm again to finish")
             return 130
     print_confirmed(console, rows)
+    _write_study_report(console, study, output, uri)
     return 0
 
 
@@ -379,6 +396,7 @@ def cmd_finalize(args) -> int:
         uri = _ready_to_train(args.data_dir)
         study = _open_study(args.name, args.storage)
         validate_trials(study, [choose(study, args.trial)[0]])  # the configuration run_finalize trains, before it writes
+        output = _default_report(study.study_name, args.storage)
         make_home()
         console = _console()
         try:
@@ -390,6 +408,7 @@ def cmd_finalize(args) -> int:
     console.print(f"final model: trial {final.trial}'s configuration ({final.chosen_by}), trained on {final.n_train:,} images; "
                   f"test_accuracy {final.test_accuracy:.4f}")
     console.print(f"mlflow run {final.run_id}; model {final.model_uri}; registered {final.registered}")
+    _write_study_report(console, study, output, uri)
     return 0
 
 

@@ -118,7 +118,7 @@ class TrialRunner:
             trial.set_user_attr(record.PREDICTED_FLOPS, prediction.flops)
             trial.set_user_attr(record.PREDICTED_SECONDS, prediction.seconds)
             refusal = self.budget and self.budget.refusal(prediction, trials, sum(self.running_cost.values()))
-            run_id = self.track(self.tracker.start_trial, trial.number, config, trial.params, self.data, self.run_tags(trial) if self.run_tags else None)
+            run_id = self.track(self.tracker.start_trial, trial.number, record.run_name(trial), config, trial.params, self.data, self.run_tags(trial) if self.run_tags else None)
             if run_id is not None:
                 trial.set_user_attr(record.MLFLOW_RUN_ID, run_id)
                 self.track(self.tracker.client.set_tag, run_id, record.NODE, slot.node)

@@ -11,7 +11,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import ARTIFACTS, journal, make_spec, run_cli
+from conftest import ARTIFACTS, LENET, journal, make_spec, run_cli, run_main
 
 # Small enough to train a few times in a test; the FLOPs of each configuration are exact, whatever the machine.
 DECIDE = {
@@ -87,6 +87,29 @@ def test_a_flops_budget_stops_the_study_before_a_trial_that_would_not_fit(launch
     assert runs[refused[0].number].info.status == "FAILED"
     assert "over budget" in runs[refused[0].number].data.tags["optuna.fail_reason"]
     assert all(runs[t.number].info.status == "FINISHED" for t in complete)
+
+
+def test_confirm_names_its_runs_and_confirm_and_finalize_rewrite_the_report(study_home, tmp_path):
+    spec = make_spec(tmp_path, "recorded", LENET)
+    assert run_main("launch", str(spec), "--trials", "2").returncode == 0
+    report = study_home / "reports" / "recorded.html"
+    assert "No confirmed configurations" in report.read_text()
+    confirm = run_main("confirm", str(spec), "--top", "1", "--seeds", "2")
+    assert confirm.returncode == 0, confirm.stderr
+    assert f"report:         {report}" in confirm.stdout
+    text = report.read_text()
+    assert "No confirmed configurations" not in text and "confirmed rank" in text
+    # Each confirm run is named for what it is: the search's trial it trains again, and the seed.
+    companion = optuna.load_study(study_name="recorded.confirm", storage=journal(study_home))
+    client = MlflowClient(tracking_uri=f"sqlite:///{study_home / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("recorded.confirm")
+    names = {r.info.run_name for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" in r.data.tags}
+    assert names == {f"confirm-{t.user_attrs['confirm_of']}-seed-{t.user_attrs['confirm_seed']}" for t in companion.trials}, names
+    assert len(names) == 2
+    report.unlink()
+    final = run_main("finalize", "recorded")
+    assert final.returncode == 0, final.stderr
+    assert f"report:         {report}" in final.stdout and "confirmed rank" in report.read_text()
 
 
 @pytest.mark.slow
