@@ -93,6 +93,11 @@ def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number, **carried}, skip_if_exists=False)
 
 
+def count(n: int, noun: str) -> str:
+    """`n` and the noun, singular for one: "1 trial", "3 trials". Every count printed goes through it."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def run_name(trial) -> str:
     """A trial's MLflow run name: `trial-<n>` for a search's trial, `confirm-<trial>-seed-<s>` for a confirm trial
     (the search's trial it trains again, with another seed). `trial`: an optuna.Trial or a FrozenTrial."""

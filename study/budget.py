@@ -155,7 +155,7 @@ class Forecast:
                 f"at the start ({seconds / predicted:.2f}× the prediction)")
 
     def _count(self, n: int) -> str:
-        return f"{n} {self.unit}{'' if n == 1 else 's'}"
+        return record.count(n, self.unit)
 
 
 def prediction_errors(trials: list[optuna.trial.FrozenTrial]) -> dict[str, list[float]]:

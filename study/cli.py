@@ -206,6 +206,7 @@ def cmd_create(args) -> int:
     machines then join it. Again with the same settings: says so and writes nothing."""
     import dataclasses
 
+    from dashboards.record import count
     from study.session import RECORDED, Request, read_record, settle
     from study.specs import load_spec
     from study.storage import default_storage_url, mask
@@ -228,11 +229,11 @@ def cmd_create(args) -> int:
         if differing:
             raise ValueError(f"study {spec.name} exists in {storage_label} with " + ", ".join(f"{key} {recorded.get(key)}" for key in differing)
                              + f", not {', '.join(str(wanted[key]) for key in differing)}; `python -m study launch` changes a study's total, sampler and pruner")
-        print(f"study {spec.name} exists in {storage_label} ({settings.total} trials, preset {settings.preset}); nothing changed")
+        print(f"study {spec.name} exists in {storage_label} ({count(settings.total, 'trial')}, preset {settings.preset}); nothing changed")
         return 0
     uri = _tracking_ready()
     _, tracker = _open_with_parent(request, spec, uri)
-    print(f"created study {spec.name} in {storage_label}: {settings.total} trials, preset {settings.preset}, objective {settings.objective}; "
+    print(f"created study {spec.name} in {storage_label}: {count(settings.total, 'trial')}, preset {settings.preset}, objective {settings.objective}; "
           f"MLflow parent run {tracker.parent_run_id} in {mask(uri)}")
     print(f"workers join it with: python -m study worker {args.name} --storage {storage_label}")
     return 0
@@ -241,7 +242,7 @@ def cmd_create(args) -> int:
 def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | None) -> int:
     from rich.markup import escape
 
-    from dashboards.record import count_done
+    from dashboards.record import count, count_done
     from study.launch import run_launch
     from study.pool import cap_workers
     from study.storage import default_storage_url, mask
@@ -268,7 +269,7 @@ def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | Non
         if args.workers is None:
             at_once = "as many as the cluster holds" + (f", at most {to_run}" if to_run > 0 else "")
         elif args.workers > to_run > 0:
-            at_once = f"{to_run} (not {args.workers}: {to_run} trial{'' if to_run == 1 else 's'} still to run)"
+            at_once = f"{to_run} (not {args.workers}: {count(to_run, 'trial')} still to run)"
         else:
             at_once = str(args.workers)
         console.print(f"Ray cluster {args.ray}: trials run as Ray actors, {at_once} at once")
@@ -276,7 +277,7 @@ def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | Non
         asked = len(slots)
         slots, why = cap_workers(slots, to_run)
         if asked > 1:
-            shown = f"{len(slots)} worker{'' if len(slots) == 1 else 's'}: {', '.join('cpu' if d == 'auto' else d for d in slots)}"
+            shown = f"{count(len(slots), 'worker')}: {', '.join('cpu' if d == 'auto' else d for d in slots)}"
             console.print(f"{shown} (not {asked}: {why})" if why else shown)
     try:
         run_launch(session, tracker, console, slots, args.timeout, args.data_dir, args.log_model, budget=args.budget, make_slots=ray_slots)
@@ -427,11 +428,13 @@ def cmd_list(args) -> int:
 def cmd_show(args) -> int:
     from optuna.trial import TrialState
 
+    from dashboards.record import count
+
     study = _open_study(args.name, args.storage)
     trials = study.get_trials(deepcopy=False)
     counts = ", ".join(f"{sum(t.state == s for t in trials)} {s.name}" for s in TrialState if any(t.state == s for t in trials))
     console = _console()
-    console.print(f"study {study.study_name} (preset {study.user_attrs.get('preset', '?')}): {len(trials)} trials, {counts}")
+    console.print(f"study {study.study_name} (preset {study.user_attrs.get('preset', '?')}): {count(len(trials), 'trial')}, {counts}")
     _print_chance(console, trials, study.user_attrs.get("preset"))
     from dashboards.confirmed import confirmed, load_companion
     from study.views import print_confirmed, print_costs
@@ -450,7 +453,7 @@ def cmd_show(args) -> int:
         params = [f"{t.params[n]:.4g}" if isinstance(t.params.get(n), float) else str(t.params.get(n, "")) for n in param_names]
         rows.append([str(t.number), *params, f"{t.value:.4f}", f"{t.user_attrs.get('test_accuracy', float('nan')):.4f}",
                      str(t.user_attrs.get("epochs_run", "")), f"{t.user_attrs.get('train_seconds', float('nan')):.1f}"])
-    console.print(_table(console, f"best {min(args.top, len(done))} trials by validation accuracy",
+    console.print(_table(console, f"best {count(min(args.top, len(done)), 'trial')} by validation accuracy",
                          ["trial", *param_names, "val_accuracy", "test_accuracy", "epochs_run", "train_seconds"], rows))
     return 0
 
@@ -474,6 +477,8 @@ def _table(console, title: str, columns: list[str], rows: list[list[str]]):
 
 def _show_pareto(study, console) -> int:
     """A multi-objective study: its Pareto front (Optuna's best_trials), cheapest first."""
+    from dashboards.record import count
+
 
     cost = study.user_attrs.get("objective", "accuracy,cost").split(",")[1]
     front = sorted(study.best_trials, key=lambda t: t.values[1])
@@ -485,12 +490,13 @@ def _show_pareto(study, console) -> int:
     for t in front:
         params = [f"{t.params[n]:.4g}" if isinstance(t.params.get(n), float) else str(t.params.get(n, "")) for n in param_names]
         rows.append([str(t.number), *params, f"{t.values[0]:.4f}", f"{t.values[1]:.4g}", f"{t.user_attrs.get('test_accuracy', float('nan')):.4f}"])
-    console.print(_table(console, f"Pareto front: {len(front)} trials, none beaten on both val_accuracy (max) and {cost} (min)",
+    console.print(_table(console, f"Pareto front: {count(len(front), 'trial')}, none beaten on both val_accuracy (max) and {cost} (min)",
                          ["trial", *param_names, "val_accuracy", cost, "test_accuracy"], rows))
     return 0
 
 
 def cmd_export(args) -> int:
+    from dashboards.record import count
     from study.export import trials_table, write_table
     from study.names import check_output
     from study.storage import home
@@ -510,7 +516,7 @@ def cmd_export(args) -> int:
     study = _open_study(args.name, args.storage)
     frame = trials_table(study, read_only_uri(home()))
     write_table(frame, path)
-    print(f"{path}: {len(frame)} trials, {len(frame.columns)} columns")
+    print(f"{path}: {count(len(frame), 'trial')}, {count(len(frame.columns), 'column')}")
     return 0
 
 

@@ -300,7 +300,7 @@ class Scheduler:
         if self.ran:
             runner.console.print(self.forecast.compare(self.ran, time.monotonic() - started))
         if runner.tracking_error is not None:
-            raise TrackingUnavailable(f"MLflow at {mask(runner.tracker.client.tracking_uri)} failed ({runner.tracking_error}); the {self.ran} trials of this launch "
+            raise TrackingUnavailable(f"MLflow at {mask(runner.tracker.client.tracking_uri)} failed ({runner.tracking_error}); the {record.count(self.ran, 'trial')} of this launch "
                                       "are kept in the Optuna storage; launch again once MLflow is back and their MLflow records are written then")
         return self.ran
 
@@ -414,7 +414,7 @@ class Scheduler:
     def _best(self) -> str:
         if self.runner.session.settings.cost is not None:
             front = len(self.study.best_trials)
-            return f"best: Pareto front of {front} trial{'' if front == 1 else 's'}" if front else "best: none yet"
+            return f"best: Pareto front of {record.count(front, 'trial')}" if front else "best: none yet"
         try:
             return f"best val_accuracy {self.study.best_value:.4f} (trial {self.study.best_trial.number})"
         except ValueError:
@@ -429,7 +429,7 @@ class Scheduler:
             # A pruned trial: Optuna keeps the last reported val_accuracy; in a multi-objective study it keeps no values.
             value = trial.values[0] if trial.values else trial.user_attrs[record.VAL_CURVE][-1]
             shown = f" {cost}={trial.values[1]:.4g}" if cost and trial.state == TrialState.COMPLETE else ""
-            outcome = f"{trial.state.name} val_accuracy={value:.4f}{shown} after {_epochs(trial.user_attrs.get('epochs_run'))}, {trial.user_attrs.get('train_seconds', 0):.1f} s"
+            outcome = f"{trial.state.name} val_accuracy={value:.4f}{shown} after {record.count(trial.user_attrs.get('epochs_run'), 'epoch')}, {trial.user_attrs.get('train_seconds', 0):.1f} s"
         retry = record.retry_source(trial)
         again = f" (retry of trial {retry})" if retry is not None else ""
         self.progress.console.print(f"trial {trial.number}{again}: {params} -> {outcome}")
@@ -450,9 +450,9 @@ def run_launch(session: Session, tracker: Tracker, console: Console, devices: li
                           device=None if make_slots else devices[0])
     ran = scheduler.run()
     if scheduler.timed_out:
-        console.print(f"timeout of {timeout:g} s reached after {ran} trials; launch again to continue")
+        console.print(f"timeout of {timeout:g} s reached after {record.count(ran, 'trial')}; launch again to continue")
     if runner.budget_stop:
-        console.print(f"budget reached after {ran} trials: the next trial's {runner.budget_stop}; it is queued for a launch with a larger --budget")
+        console.print(f"budget reached after {record.count(ran, 'trial')}: the next trial's {runner.budget_stop}; it is queued for a launch with a larger --budget")
     return ran
 
 
@@ -463,10 +463,6 @@ def pruner_name(session: Session) -> str:
         return type(session.study.pruner).__name__
     pruner = CostBucketPruner.from_settings(session.settings.pruner)
     return type(pruner).__name__ if pruner is not None else optuna.pruners.NopPruner.__name__
-
-
-def _epochs(n) -> str:
-    return f"{n} epoch{'' if n == 1 else 's'}"
 
 
 def report_path(home: Path, names: list[str]) -> Path:

@@ -424,7 +424,7 @@ class Tracker:
         # The run page's description: the outcome in one sentence.
         note = f"Optuna state {tags[0].value}"
         if result is not None:
-            note += (f": val_accuracy {result.val_accuracy:.4f}, test_accuracy {result.test_accuracy:.4f} after {result.epochs_run} epoch{'' if result.epochs_run == 1 else 's'} "
+            note += (f": val_accuracy {result.val_accuracy:.4f}, test_accuracy {result.test_accuracy:.4f} after {record.count(result.epochs_run, 'epoch')} "
                      f"({result.train_seconds:.1f} s of training on {result.device_name})")
         tags.append(RunTag("mlflow.note.content", note + (f"; {reason}" if reason else "")))
         metrics = []

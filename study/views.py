@@ -32,7 +32,7 @@ def print_costs(console: Console, study: optuna.Study, top: int) -> None:
     trials = [t for t in study.get_trials(deepcopy=False) if record.PREDICTED_FLOPS in t.user_attrs and "train_flops" in t.user_attrs]
     if not trials:
         return
-    table = Table(title=f"cost model: predicted before each trial against measured (last {min(top, len(trials))} trials)")
+    table = Table(title=f"cost model: predicted before each trial against measured (last {record.count(min(top, len(trials)), 'trial')})")
     for column in ("trial", "state", "predicted FLOPs", "measured FLOPs", "predicted s", "measured s (wall)"):
         table.add_column(column, justify="right")
     for t in trials[-top:]:

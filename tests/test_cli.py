@@ -158,3 +158,14 @@ def test_a_study_that_learned_nothing_says_so_in_launch_show_and_the_report(stud
     html = (study_home / "reports" / "stuck.html").read_text()
     summary = html[html.index('id="summary"'):]
     assert summary.index('<p class="chance">no better than chance: the study') < summary.index("trials</b>")
+
+
+def test_a_count_of_one_is_singular(study_home, tmp_path):
+    spec = make_spec(tmp_path, "single", LENET)
+    created = run_main("create", str(spec), "--trials", "1")
+    assert created.returncode == 0, created.stderr
+    assert ": 1 trial, preset" in created.stdout, created.stdout
+    again = run_main("create", str(spec))
+    assert "(1 trial, preset" in again.stdout, again.stdout
+    shown = run_main("show", "single")
+    assert "0 trials" in shown.stdout and "1 trials" not in shown.stdout, shown.stdout
