@@ -775,6 +775,14 @@ class Parser(argparse.ArgumentParser):
         return parsed
 
 
+# What docs/commands.md says of these flags (tests/test_cli.py compares them).
+OBJECTIVE_HELP = ("accuracy (default), or accuracy,cost: maximise val_accuracy and minimise --cost, a Pareto front; Optuna cannot prune "
+                  "multi-objective studies, so these are pruned by the platform on validation accuracy alone, against trials of similar cost "
+                  "(--pruner none runs every trial to its end)")
+SAMPLER_HELP = "Optuna sampler: tpe, gp, random or grid (every combination of the spec's choices); overrides the spec's [sampler] (default tpe)"
+PRUNER_HELP = "Optuna pruner: median, hyperband or none; overrides the spec's [pruner] (default median)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m study", description="Optuna studies of classic CNNs on Fashion-MNIST, tracked in MLflow.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -792,10 +800,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "no trial starts whose predicted cost does not fit (see docs/after-the-search.md#budgets)")
     launch.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files (default: $FASHION_MNIST_DIR, the cache, Debian's package)")
     launch.add_argument("-o", "--output", help="report file (default: $STUDY_HOME/reports/NAME.html)")
-    launch.add_argument("--objective", help="accuracy (default), or accuracy,cost: maximise val_accuracy and minimise --cost (Pareto front, no pruning)")
+    launch.add_argument("--objective", help=OBJECTIVE_HELP)
     launch.add_argument("--cost", help="the cost of --objective accuracy,cost: train_seconds (default) or train_flops")
-    launch.add_argument("--sampler", help="Optuna sampler: tpe, gp, random or grid (default: the spec's [sampler], else tpe)")
-    launch.add_argument("--pruner", help="Optuna pruner: median, hyperband or none (default: the spec's [pruner], else median)")
+    launch.add_argument("--sampler", help=SAMPLER_HELP)
+    launch.add_argument("--pruner", help=PRUNER_HELP)
     _add_worker_arguments(launch)
     launch.add_argument("--log-model", choices=["best", "all", "none"], default="best",
                         help="trained networks logged to MLflow as PyTorch models, with a test-set confusion matrix: "
@@ -814,8 +822,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--storage", help=storage_help + "; postgresql://... or grpc://... for workers on other machines")
     create.add_argument("--objective", help="accuracy (default), or accuracy,cost, as for launch")
     create.add_argument("--cost", help="the cost of --objective accuracy,cost: train_seconds (default) or train_flops")
-    create.add_argument("--sampler", help="Optuna sampler: tpe, gp, random or grid (default: the spec's [sampler], else tpe)")
-    create.add_argument("--pruner", help="Optuna pruner: median, hyperband or none (default: the spec's [pruner], else median)")
+    create.add_argument("--sampler", help=SAMPLER_HELP)
+    create.add_argument("--pruner", help=PRUNER_HELP)
     create.set_defaults(run=cmd_create)
 
     worker = commands.add_parser("worker", help="join a launched study (from this or another machine) and run trials until its total is reached")
