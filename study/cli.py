@@ -437,7 +437,7 @@ def cmd_show(args) -> int:
     console.print(f"study {study.study_name} (preset {study.user_attrs.get('preset', '?')}): {count(len(trials), 'trial')}, {counts}")
     _print_chance(console, trials, study.user_attrs.get("preset"))
     from dashboards.confirmed import confirmed, load_companion
-    from study.views import print_confirmed, print_costs
+    from study.views import print_confirmed, print_costs, table
 
     print_confirmed(console, confirmed(study, load_companion(study)))
     print_costs(console, study, args.top)
@@ -453,31 +453,15 @@ def cmd_show(args) -> int:
         params = [f"{t.params[n]:.4g}" if isinstance(t.params.get(n), float) else str(t.params.get(n, "")) for n in param_names]
         rows.append([str(t.number), *params, f"{t.value:.4f}", f"{t.user_attrs.get('test_accuracy', float('nan')):.4f}",
                      str(t.user_attrs.get("epochs_run", "")), f"{t.user_attrs.get('train_seconds', float('nan')):.1f}"])
-    console.print(_table(console, f"best {count(min(args.top, len(done)), 'trial')} by validation accuracy",
+    console.print(table(console, f"best {count(min(args.top, len(done)), 'trial')} by validation accuracy",
                          ["trial", *param_names, "val_accuracy", "test_accuracy", "epochs_run", "train_seconds"], rows))
     return 0
-
-
-def _table(console, title: str, columns: list[str], rows: list[list[str]]):
-    """A table in full when it fits the terminal; else its headers wrap after their underscores rather than being cut short."""
-    from rich import box
-    from rich.table import Table
-
-    for wrap in (False, True):
-        table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-        for column in columns:
-            table.add_column(column.replace("_", "_\n") if wrap else column, justify="right",
-                             min_width=max(len(part) for part in column.split("_")))
-        for row in rows:
-            table.add_row(*row)
-        if console.measure(table, options=console.options.update(max_width=10_000)).maximum <= console.width:  # its natural width
-            break
-    return table
 
 
 def _show_pareto(study, console) -> int:
     """A multi-objective study: its Pareto front (Optuna's best_trials), cheapest first."""
     from dashboards.record import count
+    from study.views import table
 
 
     cost = study.user_attrs.get("objective", "accuracy,cost").split(",")[1]
@@ -490,7 +474,7 @@ def _show_pareto(study, console) -> int:
     for t in front:
         params = [f"{t.params[n]:.4g}" if isinstance(t.params.get(n), float) else str(t.params.get(n, "")) for n in param_names]
         rows.append([str(t.number), *params, f"{t.values[0]:.4f}", f"{t.values[1]:.4g}", f"{t.user_attrs.get('test_accuracy', float('nan')):.4f}"])
-    console.print(_table(console, f"Pareto front: {count(len(front), 'trial')}, none beaten on both val_accuracy (max) and {cost} (min)",
+    console.print(table(console, f"Pareto front: {count(len(front), 'trial')}, none beaten on both val_accuracy (max) and {cost} (min)",
                          ["trial", *param_names, "val_accuracy", cost, "test_accuracy"], rows))
     return 0
 

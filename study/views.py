@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import optuna
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -11,19 +14,33 @@ from dashboards.confirmed import NOISE_LEVEL, TEST_NAME, Confirmed, verdict
 from study.budget import median_abs, prediction_errors
 
 
+def table(console: Console, title: str, columns: list[str], rows: list[list[str]]) -> Table:
+    """A table in full when it fits the terminal; else its headers wrap between words and after their underscores
+    rather than being cut short."""
+    for wrap in (False, True):
+        shown = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        for column in columns:
+            shown.add_column(column.replace("_", "_\n") if wrap else column, justify="right",
+                             min_width=max(len(part) for part in re.split(r"[_ ]", column)))
+        for row in rows:
+            shown.add_row(*row)
+        if console.measure(shown, options=console.options.update(max_width=10_000)).maximum <= console.width:  # its natural width
+            break
+    return shown
+
+
 def print_confirmed(console: Console, rows: list[Confirmed]) -> None:
     """The confirmed ranking: mean ± standard deviation over seeds, and whether each is within the noise of the best."""
     if not rows:
         return
-    table = Table(title=f"confirmed ranking: mean ± standard deviation over seeds; {TEST_NAME}")
-    for column in ("confirmed rank", "trial", "search rank", "seeds", "val_accuracy", "test_accuracy", "p (Welch)", "vs best"):
-        table.add_column(column, justify="right")
+    cells = []
     for rank, row in enumerate(rows, 1):
         p = "" if row.p_value is None else f"{row.p_value:.3f}"
         noise = "best" if rank == 1 else (f"within noise (p >= {NOISE_LEVEL})" if row.within_noise else "worse (p < 0.05)")
-        table.add_row(str(rank), str(row.trial), str(row.search_rank), str(len(row.val)), f"{row.val_mean:.4f} ± {row.val_std:.4f}",
-                      f"{row.test_mean:.4f} ± {row.test_std:.4f}", p, noise)
-    console.print(table)
+        cells.append([str(rank), str(row.trial), str(row.search_rank), str(len(row.val)), f"{row.val_mean:.4f} ± {row.val_std:.4f}",
+                      f"{row.test_mean:.4f} ± {row.test_std:.4f}", p, noise])
+    console.print(table(console, f"confirmed ranking: mean ± standard deviation over seeds; {TEST_NAME}",
+                        ["confirmed rank", "trial", "search rank", "seeds", "val_accuracy", "test_accuracy", "p (Welch)", "vs best"], cells))
     console.print(verdict(rows))
 
 

@@ -280,3 +280,23 @@ def test_the_final_split_is_train_and_validation_together(fashion):
     assert (merged.train_images[100:] == fashion.val_images[:40]).all()
     assert len(fashion.with_validation_in_train().train_labels) == 60_000
     assert len(merged.test_labels) == len(fashion.test_labels)
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_the_confirmed_ranking_shows_its_headers_whole(width):
+    from rich.console import Console
+
+    from dashboards.confirmed import Confirmed
+    from study.views import print_confirmed
+
+    rows = [Confirmed(12, 1, [1, 2, 3], [0.8412, 0.8391, 0.8455], [0.8377, 0.8401, 0.8420], {}, None, False),
+            Confirmed(7, 2, [1, 2, 3], [0.8398, 0.8350, 0.8421], [0.8366, 0.8312, 0.8390], {}, 0.4123, True)]
+    console = Console(width=width, record=True)
+    print_confirmed(console, rows)
+    text = console.export_text()
+    lines = text.splitlines()
+    assert all(len(line) <= width for line in lines) and "…" not in text, text
+    # Each header whole, if wrapped then between its words or after an underscore.
+    words = text.split()
+    for part in ("confirmed", "rank", "trial", "search", "seeds", "val_", "test_", "accuracy", "(Welch)", "vs", "best"):
+        assert part in words or part.rstrip("_") + "_accuracy" in words, (part, text)
