@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -580,14 +581,18 @@ def cmd_ui(args) -> int:
     if read_only is None:  # the UI server would create an empty store
         raise ValueError(f"no MLflow store at {uri.removeprefix('sqlite:///')} yet; launch a study first (`python -m study launch NAME`)")
     base = f"http://{args.host}:{args.port}"
-    print(f"MLflow UI on {mask(uri)}: {base}  (Ctrl-C stops it)")
-    for name, link in ui_links(MlflowClient(tracking_uri=read_only), base):
-        print(f"  {name}: {link}")
-    print(MODEL_TRAINING_CLICK)
-    sys.stdout.flush()
+    links = ui_links(MlflowClient(tracking_uri=read_only), base)
+    print(f"MLflow UI on {mask(uri)}: starting at {base} ...", flush=True)
+
+    def answered() -> None:  # the links only once they open: a click before would be refused
+        print(f"MLflow UI on {mask(uri)}: {base}  (Ctrl-C stops it)")
+        for name, link in links:
+            print(f"  {name}: {link}")
+        print(MODEL_TRAINING_CLICK, flush=True)
+
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
                "--default-artifact-root", (home() / "mlartifacts").resolve().as_uri(), "--workers", "1"]
-    return _serve(command)
+    return _serve(command, f"{base}/health", answered)
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -606,9 +611,11 @@ def _check_port_free(host: str, port: int) -> None:
                              f"or choose another port, e.g. --port {suggestion}") from None
 
 
-def _serve(command: list[str]) -> int:
-    """Run the UI server in its own process group, and stop the whole group (uvicorn and its workers) when `ui` ends:
-    on Ctrl-C, on SIGTERM, or on an error here."""
+def _serve(command: list[str], health: str, answered: Callable[[], None]) -> int:
+    """Run the UI server in its own process group, call `answered` once `health` answers, and stop the whole group
+    (uvicorn and its workers) when `ui` ends: on Ctrl-C, on SIGTERM, or on an error here."""
+    from study.tracking import ask_server
+
     # MLflow's server warns about its own dependencies (Starlette deprecations) on import: nothing a user of `ui` can act on.
     # Prepended, so that a PYTHONWARNINGS the user set still decides.
     quiet = {**os.environ, "PYTHONWARNINGS": ",".join(filter(None, ["ignore", os.environ.get("PYTHONWARNINGS")]))}
@@ -619,6 +626,15 @@ def _serve(command: list[str]) -> int:
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        # Until it answers or ends: a server that never starts ends (its port taken, a bad store) and says why itself.
+        while server.poll() is None:
+            try:
+                ask_server(health)
+            except OSError:
+                time.sleep(0.2)
+                continue
+            answered()
+            break
         return server.wait()
     except KeyboardInterrupt:
         return 0

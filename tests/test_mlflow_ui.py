@@ -22,6 +22,7 @@ import pytest
 from reliability.checks import changed, fingerprint, record_read_only
 
 from conftest import ARTIFACTS, LENET, ROOT, free_port, listening_addresses, make_spec, run_cli, wait_until_up
+from study.tracking import MODEL_TRAINING_CLICK
 
 pytestmark = pytest.mark.slow  # a real MLflow UI server behind `study ui`
 
@@ -50,9 +51,16 @@ def ui(tmp_path_factory):
         server = subprocess.Popen([sys.executable, "-m", "study", "ui", "--port", str(port)], cwd=workdir, env=env, stdout=stdout, stderr=stderr)
     base = f"http://127.0.0.1:{port}"
     try:
+        # The moment its links appear, the server they name answers (asked once, at once).
+        deadline = time.monotonic() + 180  # a guard against a hang, not a speed limit
+        while MODEL_TRAINING_CLICK not in out.read_text():
+            assert server.poll() is None and time.monotonic() < deadline, out.read_text() + err.read_text()
+            time.sleep(0.02)
+        with urllib.request.urlopen(f"{base}/health", timeout=30) as answer:
+            answered_when_printed = answer.status == 200
         wait_until_up(f"{base}/health", server, "MLflow UI", log=lambda: out.read_text() + err.read_text())
         yield {"base": base, "port": port, "process": server, "lines": out.read_text().splitlines(), "stderr": err.read_text,
-               "home": home, "workdir": workdir, "before": before}
+               "home": home, "workdir": workdir, "before": before, "answered_when_printed": answered_when_printed}
     finally:
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)  # `ui` stops its server's whole process group
@@ -82,6 +90,7 @@ def assert_genai_view(page) -> None:
 
 def test_ui_prints_every_address_in_the_model_training_view(ui):
     base, lines = ui["base"], ui["lines"]
+    assert ui["answered_when_printed"]  # printed only once the server answers: the first click is not refused
     links = printed_links(lines)
     assert set(links) == {STUDY, f"model {MODEL} v1"}, lines
     assert all(link.startswith(f"{base}/#/") and "workflowType=machine_learning" in link for link in links.values()), links
