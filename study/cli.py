@@ -588,6 +588,9 @@ def cmd_ui(args) -> int:
         print(f"MLflow UI on {mask(uri)}: {base}  (Ctrl-C stops it)")
         for name, link in links:
             print(f"  {name}: {link}")
+        # The reports' run links open this UI, on whatever port it serves (dashboards.report reads #mlflow=).
+        for report in sorted((home() / "reports").glob("*.html")):
+            print(f"  report {report.stem}: {report.resolve().as_uri()}#mlflow={base}")
         print(MODEL_TRAINING_CLICK, flush=True)
 
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),

@@ -161,13 +161,19 @@ def test_ui_listens_on_this_machine_only_and_nests_the_trials(ui, page):
 
 
 def test_report_run_link_opens_the_trial_in_model_training(ui, page):
-    """The report's link to a trial's run (written for the UI at `study ui`'s default address) opens the run page
-    with the model-training sidebar."""
+    """The report's link to a trial's run, from the report's address `study ui` prints, opens the run page of that UI
+    (on the port it serves, not the default it was written for) with the model-training sidebar."""
     base, home = ui["base"], ui["home"]
     report = (home / "reports" / f"{STUDY}.html").read_text()
-    links = re.findall(r'href="http://127\.0\.0\.1:5000(/#/experiments/\d+/runs/[0-9a-f]{32}\?workflowType=machine_learning)"', report)
-    assert links, "the report links no run in the model-training view"
-    page.goto(base + links[0])
+    assert re.search(r'href="http://127\.0\.0\.1:5000/#/experiments/\d+/runs/[0-9a-f]{32}\?workflowType=machine_learning"', report), \
+        "the report links no run in the model-training view"
+    [address] = [line.split(": ", 1)[1] for line in ui["lines"] if line.startswith(f"  report {STUDY}: ")]
+    assert address.startswith("file://") and address.endswith(f"#mlflow={base}"), address
+    page.goto(address)
+    link = page.locator("#trials a").first
+    assert re.fullmatch(rf"{re.escape(base)}/#/experiments/\d+/runs/[0-9a-f]{{32}}\?workflowType=machine_learning", link.get_attribute("href"))
+    link.click()
+    page.wait_for_url(f"{base}/**", timeout=WAIT_MS)
     page.get_by_text("Optuna state").first.wait_for(timeout=WAIT_MS)  # the trial's run description
     assert_model_training_view(page)
     page.screenshot(path=str(ARTIFACTS / "mlflow-ui-trial-run.png"))
