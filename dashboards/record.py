@@ -161,7 +161,7 @@ def _chance_line(who: str, trials: list[optuna.trial.FrozenTrial], accuracy_inde
     images = spread("n_train", "d") or "all"
     epochs = spread("epochs", "d")
     budget = f"the budget{f' of preset {preset}' if preset else ''} ({images} training images, {epochs} epoch{'' if epochs == '1' else 's'})"
-    return (f"no better than chance: {who}'s best val_accuracy is {best:.4f} over {len(trials)} complete trials (chance is "
+    return (f"no better than chance: {who}'s best val_accuracy is {best:.4f} over {count(len(trials), 'complete trial')} (chance is "
             f"{CHANCE_ACCURACY:.2f}, 10 classes); likely cause: {budget} or the learning rate (lr {spread('lr', '.3g')})")
 
 

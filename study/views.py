@@ -60,4 +60,4 @@ def print_costs(console: Console, study: optuna.Study, top: int) -> None:
     errors = prediction_errors(study.get_trials(deepcopy=False))
     parts = [f"{what} {value:.0%}" for what, values in errors.items() if (value := median_abs(values)) is not None]
     if parts:
-        console.print(f"cost model, median absolute error ({len(errors['flops'])} complete trials): {', '.join(parts)}")
+        console.print(f"cost model, median absolute error ({record.count(len(errors['flops']), 'complete trial')}): {', '.join(parts)}")

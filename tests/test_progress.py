@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import itertools
 import re
+import secrets
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from rich.console import Console
 
-from conftest import LENET, make_spec, run_main
+from conftest import LENET, ROOT, command_env, hold_env, make_spec, release, run_main, wait_for_holds
 from study.progress import LiveProgress, Training, seconds_left
 
 # The longest fields the commands show: a study name from a spec file, a Pareto front, hours left, a budget.
@@ -145,3 +152,100 @@ def test_off_a_terminal_every_command_prints_a_line_per_epoch(study_home, tmp_pa
     assert final.returncode == 0, final.stderr
     assert _epoch_lines(final.stdout, "final training") == ["1", "2"], final.stdout
     assert re.search(r"^final training: epoch 2 of 2, \d+ s, train_loss [0-9.]+, train_accuracy [0-9.]+$", final.stdout, re.MULTILINE)
+
+
+class Terminal:
+    """A real terminal of `width` columns (a tmux server of its own) in which commands run as a user runs them, with the
+    trainer of tests/hooked_study.py, so that a test can look at the screen while a training is held mid-way."""
+
+    def __init__(self, directory: Path, width: int):
+        self.directory, self.width, self.sockets = directory, width, []
+
+    def tmux(self, *args: str) -> str:
+        return subprocess.run(["tmux", "-L", self.sockets[-1], *args], capture_output=True, text=True, check=True, timeout=60).stdout
+
+    def start(self, *args: str, env: dict) -> Path:
+        """`python tests/hooked_study.py ARGS` in a new window; returns the file its exit status is written to."""
+        self.sockets.append(f"study-test-{secrets.token_hex(4)}")  # a tmux server per command, whose screen is its own
+        run = len(self.sockets)
+        done = self.directory / f"run-{run}.rc"
+        # The terminal's own TERM and size, not the tests' COLUMNS.
+        variables = {k: v for k, v in command_env({**env, "COLUMNS": None, "LINES": None}).items() if k not in ("TERM", "TMUX")}
+        variables["PYTHONPATH"] = f"{ROOT}:{ROOT / 'tests'}"
+        script = self.directory / f"run-{run}.sh"
+        script.write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in variables.items() if k.isidentifier())
+                          + f"cd {shlex.quote(str(ROOT))}\n"
+                          + f"{shlex.quote(sys.executable)} tests/hooked_study.py {shlex.join(args)}\necho $? > {shlex.quote(str(done))}\nsleep 600\n")
+        self.tmux("new-session", "-d", "-x", str(self.width), "-y", "50", f"bash {shlex.quote(str(script))}")
+        return done
+
+    def screen(self, joined: bool = False) -> str:
+        """What the terminal shows, with its history; `joined`: lines the terminal itself wrapped joined again."""
+        return self.tmux("capture-pane", "-p", "-S", "-500", *(["-J"] if joined else []))
+
+    def wait_for(self, text: str, done: Path) -> str:
+        deadline = time.monotonic() + 300  # a guard against a hang, not a speed limit
+        while text not in (screen := self.screen()):
+            assert not done.exists() and time.monotonic() < deadline, screen
+            time.sleep(0.1)
+        return screen
+
+    def close(self) -> None:
+        for socket in self.sockets:
+            subprocess.run(["tmux", "-L", socket, "kill-server"], capture_output=True, check=False)
+
+
+@pytest.fixture
+def terminal_of(tmp_path):
+    assert shutil.which("tmux"), "tmux not found: `make test` installs it (apt-get install tmux)"
+    opened = []
+
+    def open_terminal(width: int) -> Terminal:
+        opened.append(Terminal(tmp_path, width))
+        return opened[-1]
+
+    yield open_terminal
+    for terminal in opened:
+        terminal.close()
+
+
+def _held_screen(terminal: Terminal, holds: Path, args: list[str], shows: str, env: dict) -> str:
+    """Run a command in the terminal, every training held after its first epoch; the screen while the first is held
+    (once it shows `shows`), then release every hold until the command ends. Returns that screen."""
+    done = terminal.start(*args, env={**env, **hold_env(holds, "epoch:1")})
+    seen = len(list(holds.glob("*.json")))
+    hold = wait_for_holds(holds, seen + 1, lambda: not done.exists())[-1]
+    screen = terminal.wait_for(shows, done)
+    released = {hold["path"]}
+    release(hold)
+    deadline = time.monotonic() + 300
+    while not done.exists():
+        for path in set(holds.glob("*.json")) - released:
+            released.add(path)
+            Path(f"{path}.release").touch()
+        assert time.monotonic() < deadline, terminal.screen()
+        time.sleep(0.1)
+    assert done.read_text().strip() == "0", terminal.screen()
+    return screen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("width", [80, 120])
+def test_in_a_terminal_every_command_shows_the_running_epoch(study_home, tmp_path, terminal_of, width):
+    spec = make_spec(tmp_path, "watched", LENET, fixed={"epochs": 2})
+    assert run_main("create", str(spec), "--trials", "1").returncode == 0
+    terminal, holds, env = terminal_of(width), tmp_path / "holds", {"STUDY_HOME": str(study_home), "MLFLOW_TRACKING_URI": None}
+    for args, name, running in ((["worker", str(spec)], "watched", "trial 0: epoch 2 of 2, "),
+                                (["launch", str(spec), "--trials", "2"], "watched", "trial 1: epoch 2 of 2, "),
+                                (["confirm", str(spec), "--top", "1", "--seeds", "1"], "watched.confirm", "confirm trial 0: epoch 2 of 2, "),
+                                (["finalize", "watched"], "watched final", "final training: epoch 2 of 2, ")):
+        screen = _held_screen(terminal, holds, args, running, env)
+        lines = screen.rstrip("\n").splitlines()
+        display = lines[max(i for i, line in enumerate(lines) if line.startswith(f"{name} ")):]
+        # The display: its name and bar, its fields, then the training held in its second epoch, each line whole.
+        assert any(line.startswith(f"  {running}") and re.fullmatch(r"\d+ s", line.split(", ")[-1]) for line in display), display
+        assert any("left (predicted)" in line for line in display), display
+        _check_whole(display, width, [running.rstrip(", ")])
+        # Lines printed above it wrap between words, by rich, not mid-word by the terminal.
+        assert [line.rstrip() for line in terminal.screen().splitlines()] == [line.rstrip() for line in terminal.screen(joined=True).splitlines()]
+        assert "epoch 1 of 2" not in screen  # no plain epoch lines on a terminal: the display shows them
