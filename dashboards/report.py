@@ -394,7 +394,7 @@ PAGE = """<!DOCTYPE html>
 body {{ font-family: system-ui, sans-serif; margin: 1.5rem auto; max-width: 1200px; padding: 0 1rem; color: #222; }}
 nav a {{ margin-right: 1rem; }}
 section {{ margin-bottom: 2rem; }}
-.scroll {{ overflow-x: auto; }}
+.scroll {{ overflow: auto; max-height: 85vh; }}  /* its scroll bars on screen, not below the last of many rows */
 table {{ border-collapse: collapse; font-size: 0.85rem; width: 100%; }}
 th, td {{ border-bottom: 1px solid #ddd; padding: 0.25rem 0.5rem; text-align: right; }}
 table.summary td, table.compare td:first-child {{ text-align: left; }}

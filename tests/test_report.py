@@ -323,3 +323,25 @@ def test_a_front_of_one_trial_is_drawn_and_the_cost_model_axes_say_their_units(s
     layout = cost_model_figure(frame).layout
     assert (layout.xaxis.title.text, layout.yaxis.title.text) == ("predicted training FLOPs", "measured training FLOPs")
     assert (layout.xaxis2.title.text, layout.yaxis2.title.text) == ("predicted seconds (wall)", "measured seconds (wall)")
+
+
+def test_the_trial_table_scrolls_within_the_screen(storage, study_home, page, capsys):
+    wide = optuna.create_study(study_name="wide", storage=storage, direction="maximize")
+    for number in range(60):
+        wide.add_trial(_trial(TrialState.COMPLETE, "lenet", 0.01 + number / 100, values=[0.5 + number / 200], epochs=[0.4, 0.5]))
+    path = study_home / "wide.html"
+    assert main(["report", "wide", "-o", str(path)]) == 0, capsys.readouterr().err
+    page.goto(path.as_uri())
+    box = page.locator("#trials").locator("xpath=..")
+    box.scroll_into_view_if_needed()
+    # Wider and longer than the screen: its box fits the screen and scrolls, so its right-hand columns can be reached.
+    size = box.evaluate("b => ({bottom: b.getBoundingClientRect().bottom, top: b.getBoundingClientRect().top, "
+                        "scrollWidth: b.scrollWidth, clientWidth: b.clientWidth})")
+    assert size["bottom"] - size["top"] <= page.viewport_size["height"], size
+    assert size["scrollWidth"] > size["clientWidth"], size
+    box.evaluate("b => { b.scrollLeft = b.scrollWidth; b.scrollTop = b.scrollHeight; }")
+    last = page.locator("#trials th").last
+    assert last.inner_text() == "MLflow" and last.is_visible()
+    edge = box.evaluate("b => b.getBoundingClientRect().right")
+    assert last.evaluate("th => th.getBoundingClientRect().right") <= edge + 1
+    page.screenshot(path=str(ARTIFACTS / "report-wide-table.png"))
