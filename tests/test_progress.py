@@ -249,3 +249,13 @@ def test_in_a_terminal_every_command_shows_the_running_epoch(study_home, tmp_pat
         # Lines printed above it wrap between words, by rich, not mid-word by the terminal.
         assert [line.rstrip() for line in terminal.screen().splitlines()] == [line.rstrip() for line in terminal.screen(joined=True).splitlines()]
         assert "epoch 1 of 2" not in screen  # no plain epoch lines on a terminal: the display shows them
+
+
+def test_a_retried_trial_says_whose_retry_it_is(study_home, tmp_path):
+    spec = make_spec(tmp_path, "again", LENET)
+    refused = run_main("launch", str(spec), "--trials", "1", "--budget", "1000")  # 1000 FLOPs: the first trial does not fit
+    assert refused.returncode == 0, refused.stderr
+    assert "budget reached after 0 trials" in refused.stdout, refused.stdout
+    retried = run_main("launch", str(spec), "--trials", "1")
+    assert retried.returncode == 0, retried.stderr
+    assert re.search(r"^trial 1 \(retry of trial 0\): lr=[0-9.]+ -> COMPLETE", retried.stdout, re.MULTILINE), retried.stdout
