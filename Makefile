@@ -10,7 +10,7 @@ TRIALS  ?= 50
 DEMO_MINUTES ?= 6
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test test-fast setup data browser slurm clean
+.PHONY: demo test test-fast setup data browser terminal slurm clean
 
 demo: setup data
 	$(PY) -m study launch vgg_ratio --trials $(TRIALS) $(if $(filter-out 0,$(DEMO_MINUTES)),--timeout $$(( $(DEMO_MINUTES) * 60 )))
@@ -20,7 +20,7 @@ demo: setup data
 # More processes than cores measured no faster here: the suite is CPU-bound (benchmarks/RESULTS.md).
 PYTEST  := $(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
-test: setup data browser slurm
+test: setup data browser terminal slurm
 	$(PYTEST)
 
 test-fast: setup data browser
@@ -50,6 +50,15 @@ browser:
 	    apt-get update -q && apt-get install -y -q chromium; \
 	  else \
 	    echo "chromium not found: install it, or browser tests are skipped"; \
+	  fi; }
+
+# tmux, a real terminal for tests/test_progress.py's terminal tests (slow, so only `make test`).
+terminal:
+	@command -v tmux >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && apt-get install -y -q tmux; \
+	  else \
+	    echo "tmux not found: install it, or the terminal tests fail"; \
 	  fi; }
 
 # A one-node Slurm for tests/test_slurm.py (slow, so only `make test`): Debian's slurm-wlm and munge.

@@ -83,7 +83,8 @@ def cost_model_section(frame: pd.DataFrame) -> Section:
 
 def cost_model_figure(done: pd.DataFrame) -> go.Figure:
     fig = make_subplots(rows=1, cols=2, subplot_titles=("training FLOPs", "device seconds (wall)"), horizontal_spacing=0.1)
-    for column, (predicted, measured) in enumerate(((record.PREDICTED_FLOPS, "train_flops"), (record.PREDICTED_SECONDS, "wall_seconds")), 1):
+    for column, (predicted, measured, unit) in enumerate(((record.PREDICTED_FLOPS, "train_flops", "training FLOPs"),
+                                                          (record.PREDICTED_SECONDS, "wall_seconds", "seconds (wall)")), 1):
         for state, colour in (("COMPLETE", PALETTE[0]), ("PRUNED", PALETTE[2])):
             part = done[done["state"] == state]
             if part.empty:
@@ -96,7 +97,7 @@ def cost_model_figure(done: pd.DataFrame) -> go.Figure:
         high = max(done[predicted].max(), done[measured].max())
         fig.add_trace(go.Scatter(x=[low, high], y=[low, high], mode="lines", line={"dash": "dash", "color": "#555"}, name="predicted = measured",
                                  legendgroup="diagonal", showlegend=column == 1, hoverinfo="skip"), row=1, col=column)
-        fig.update_xaxes(type="log", title_text="predicted", row=1, col=column)
-        fig.update_yaxes(type="log", title_text="measured", row=1, col=column)
+        fig.update_xaxes(type="log", title_text=f"predicted {unit}", row=1, col=column)
+        fig.update_yaxes(type="log", title_text=f"measured {unit}", row=1, col=column)
     fig.update_layout(**LAYOUT, title_text="Predicted against measured cost per trial<br><sup>on the dashed line the prediction was exact</sup>")
     return fig

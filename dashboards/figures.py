@@ -110,8 +110,10 @@ def cost_figure(frame: pd.DataFrame, cost: str = "train_seconds") -> go.Figure:
         fronts = {axis: pareto_front(complete[complete["study"] == study], axis) for axis in COST_AXES}
         if not any(len(f) for f in fronts.values()):
             continue
-        fig.add_trace(go.Scatter(x=_nulls(fronts[cost][cost]), y=fronts[cost]["val_accuracy"].tolist(), mode="lines",
+        # Markers too: a front of one trial draws no line, in the plot or in its legend entry.
+        fig.add_trace(go.Scatter(x=_nulls(fronts[cost][cost]), y=fronts[cost]["val_accuracy"].tolist(), mode="lines+markers",
                                  line={"dash": ("dash", "dot", "dashdot")[index % 3], "color": "#333", "shape": "hv"},
+                                 marker={"symbol": "circle-open", "size": 14, "color": "#333"},
                                  name=f"Pareto front ({study})" if several else "Pareto front", hoverinfo="skip"))
         for axis in COST_AXES:
             xs[axis].append(_nulls(fronts[axis][axis]))
@@ -122,7 +124,7 @@ def cost_figure(frame: pd.DataFrame, cost: str = "train_seconds") -> go.Figure:
     fig.update_layout(
         **LAYOUT,
         title_text="Validation accuracy against training cost<br><sup>faded: pruned trials (accuracy when stopped); "
-                   "dashed: Pareto front of complete trials; click a point to open its MLflow run</sup>",
+                   "dashed, ringed: Pareto front of complete trials; click a point to open its MLflow run</sup>",
         xaxis={"title": {"text": titles[cost]}, "type": "log"}, yaxis={"title": {"text": "validation accuracy (fraction)"}, "range": [0, 1.02]},
         updatemenus=[{"type": "buttons", "direction": "right", "buttons": buttons, "active": list(COST_AXES).index(cost),
                       "x": 1.0, "xanchor": "right", "y": 1.12, "yanchor": "bottom", "pad": {"r": 0, "t": 0}}],

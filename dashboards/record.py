@@ -116,6 +116,20 @@ def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number, **carried}, skip_if_exists=False)
 
 
+def count(n: int, noun: str) -> str:
+    """`n` and the noun, singular for one: "1 trial", "3 trials". Every count printed goes through it."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def run_name(trial) -> str:
+    """A trial's MLflow run name: `trial-<n>` for a search's trial, `confirm-<trial>-seed-<s>` for a confirm trial
+    (the search's trial it trains again, with another seed). `trial`: an optuna.Trial or a FrozenTrial."""
+    attrs = trial.user_attrs
+    if CONFIRM_OF in attrs:
+        return f"confirm-{attrs[CONFIRM_OF]}-seed-{attrs[CONFIRM_SEED]}"
+    return f"trial-{trial.number}"
+
+
 def retry_source(trial: optuna.trial.FrozenTrial) -> int | None:
     """The number of the trial this one repeats, if it is a retry. `failed_trial`: Optuna's own heartbeat
     retry, which studies recorded before `retry` was used everywhere carry. A FrozenTrial (what `get_trials`
@@ -170,7 +184,7 @@ def _chance_line(who: str, trials: list[optuna.trial.FrozenTrial], accuracy_inde
     images = spread("n_train", "d") or "all"
     epochs = spread("epochs", "d")
     budget = f"the budget{f' of preset {preset}' if preset else ''} ({images} training images, {epochs} epoch{'' if epochs == '1' else 's'})"
-    return (f"no better than chance: {who}'s best val_accuracy is {best:.4f} over {len(trials)} complete trials (chance is "
+    return (f"no better than chance: {who}'s best val_accuracy is {best:.4f} over {count(len(trials), 'complete trial')} (chance is "
             f"{CHANCE_ACCURACY:.2f}, 10 classes); likely cause: {budget} or the learning rate (lr {spread('lr', '.3g')})")
 
 

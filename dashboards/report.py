@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import json
 import os
 import shutil
 import tempfile
@@ -393,7 +394,7 @@ PAGE = """<!DOCTYPE html>
 body {{ font-family: system-ui, sans-serif; margin: 1.5rem auto; max-width: 1200px; padding: 0 1rem; color: #222; }}
 nav a {{ margin-right: 1rem; }}
 section {{ margin-bottom: 2rem; }}
-.scroll {{ overflow-x: auto; }}
+.scroll {{ overflow: auto; max-height: 85vh; }}  /* its scroll bars on screen, not below the last of many rows */
 table {{ border-collapse: collapse; font-size: 0.85rem; width: 100%; }}
 th, td {{ border-bottom: 1px solid #ddd; padding: 0.25rem 0.5rem; text-align: right; }}
 table.summary td, table.compare td:first-child {{ text-align: left; }}
@@ -409,10 +410,18 @@ th {{ background: #f4f4f4; position: sticky; top: 0; }}
 <nav>{nav}</nav>
 {sections}
 <script>
+// The MLflow UI the run links open: the one they were written for (the tracking server, or `study ui` at its default
+// address), or the one `study ui` names when it prints this report's address with #mlflow=URL (it serves on --port).
+var WRITTEN_FOR = {mlflow};
+var SERVED_AT = ((location.hash.match(/^#mlflow=(https?:[^#\\s]+)$/) || [])[1] || '').replace(/\\/$/, '');
+function runLink(url) {{
+  return SERVED_AT && url.indexOf(WRITTEN_FOR + '/') === 0 ? decodeURIComponent(SERVED_AT) + url.slice(WRITTEN_FOR.length) : url;
+}}
+document.querySelectorAll('a[href]').forEach(function (a) {{ a.setAttribute('href', runLink(a.getAttribute('href'))); }});
 // Click a point to open its MLflow run.
 document.querySelectorAll('.plotly-graph-div').forEach(function (plot) {{
   plot.on && plot.on('plotly_click', function (event) {{
-    var url = event.points[0].customdata; if (typeof url === 'string' && url) window.open(url, '_blank');
+    var url = event.points[0].customdata; if (typeof url === 'string' && url) window.open(runLink(url), '_blank');
   }});
 }});
 // The trial table: click a header to sort (again to reverse); type in the filter to keep matching rows (all words must match).
@@ -516,6 +525,6 @@ def write_report(studies: list[optuna.Study], path: Path, tracking_uri: str | No
         rendered.append(f'<section id="{section.id}"><h2>{html.escape(section.title)}</h2>\n{"".join(parts)}</section>')
     title = f"Study report: {', '.join(s.study_name for s in studies)}"
     nav = "".join(f'<a href="#{s.id}">{html.escape(s.title.split(":")[0])}</a>' for s in sections)
-    page = PAGE.format(title=html.escape(title), nav=nav, sections="\n".join(rendered))
+    page = PAGE.format(title=html.escape(title), nav=nav, sections="\n".join(rendered), mlflow=json.dumps(ui_url.rstrip("/")).replace("<", "\\u003c"))
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_whole(path, lambda out: out.write(page.encode("utf-8")))  # never a half-written report

@@ -34,6 +34,7 @@ import optuna
 from dashboards import record
 from objectives.data import VAL_SIZE
 from objectives.train import TrainConfig
+from study.progress import Training, seconds_left
 from study.specs import Plan
 from study.tracking import device_name
 
@@ -154,7 +155,7 @@ class Forecast:
                 f"at the start ({seconds / predicted:.2f}× the prediction)")
 
     def _count(self, n: int) -> str:
-        return f"{n} {self.unit}{'' if n == 1 else 's'}"
+        return record.count(n, self.unit)
 
 
 def prediction_errors(trials: list[optuna.trial.FrozenTrial]) -> dict[str, list[float]]:
@@ -224,20 +225,28 @@ def describe_seconds(value: float) -> str:
 
 
 def progress_fields(trials: list[optuna.trial.FrozenTrial], total: int, budget: Budget | None, rate: float, flops_per_trial: float,
-                    slots: int = 1) -> list[str]:
+                    slots: int = 1) -> list:
     """The predicted time left of the study and the budget used, for the progress display (study.progress).
 
     A trial still to run costs the mean predicted FLOPs of the study's trials so far (`flops_per_trial`, the launch's
-    forecast, before any), at `rate` FLOP/s, `slots` of them side by side."""
+    forecast, before any), at `rate` FLOP/s, `slots` of them side by side. The time left is a function of the trainings
+    in progress (progress.seconds_left), so that it grows while one runs over its prediction."""
     done = record.count_done(trials)
     predicted = [t.user_attrs[record.PREDICTED_FLOPS] for t in trials if record.PREDICTED_FLOPS in t.user_attrs]
-    seconds_left = math.ceil(max(total - done, 0) / slots) * (statistics.fmean(predicted) if predicted else flops_per_trial) / rate
+    each = (statistics.fmean(predicted) if predicted else flops_per_trial) / rate
+    cap = None
+    if budget is not None:
+        used = budget.used(trials)
+        left = max(budget.amount - used, 0.0)
+        cap = (left if budget.unit == "seconds" else left / rate) / slots
+
+    def time_left(running: list[Training]) -> str:
+        seconds = seconds_left(running, max(total - done - len(running), 0), each, slots)
+        return time_left_field(seconds if cap is None else min(seconds, cap))
+
     if budget is None:
-        return [time_left_field(seconds_left)]
-    used = budget.used(trials)
-    left = max(budget.amount - used, 0.0)
-    seconds_left = min(seconds_left, (left if budget.unit == "seconds" else left / rate) / slots)
-    return [time_left_field(seconds_left), f"budget {budget.describe(used)} of {budget.describe(budget.amount)} used"]
+        return [time_left]
+    return [time_left, f"budget {budget.describe(used)} of {budget.describe(budget.amount)} used"]
 
 
 def time_left_field(seconds: float) -> str:

@@ -16,7 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+from study.strategies import PRUNERS, SAMPLERS  # names only: imports no Optuna
 
 
 def _open_study(name: str, storage_url: str | None):
@@ -57,10 +60,12 @@ def _report_output(output: str | None, default: Path, storage_url: str | None) -
 
 
 def _console():
-    """Rich console; off a terminal (logs, make), wide and without hard wraps so lines stay greppable, unless $COLUMNS says a width."""
+    """Rich console; off a terminal (logs, make), wide and without hard wraps so lines stay greppable, unless $COLUMNS says a width.
+    On a terminal rich wraps long lines between words: with soft wrap the terminal would break them mid-word."""
     from rich.console import Console
 
-    console = Console(soft_wrap=True)
+    console = Console()
+    console.soft_wrap = not console.is_terminal
     if not console.is_terminal and not os.environ.get("COLUMNS"):
         console.width = 160
     return console
@@ -217,6 +222,7 @@ def cmd_create(args) -> int:
     machines then join it. Again with the same settings: says so and writes nothing."""
     import dataclasses
 
+    from dashboards.record import count
     from study.session import RECORDED, Request, read_record, settle
     from study.specs import load_spec
     from study.storage import default_storage_url, mask
@@ -239,11 +245,11 @@ def cmd_create(args) -> int:
         if differing:
             raise ValueError(f"study {spec.name} exists in {storage_label} with " + ", ".join(f"{key} {recorded.get(key)}" for key in differing)
                              + f", not {', '.join(str(wanted[key]) for key in differing)}; `python -m study launch` changes a study's total, sampler and pruner")
-        print(f"study {spec.name} exists in {storage_label} ({settings.total} trials, preset {settings.preset}); nothing changed")
+        print(f"study {spec.name} exists in {storage_label} ({count(settings.total, 'trial')}, preset {settings.preset}); nothing changed")
         return 0
     uri = _tracking_ready()
     _, tracker = _open_with_parent(request, spec, uri)
-    print(f"created study {spec.name} in {storage_label}: {settings.total} trials, preset {settings.preset}, objective {settings.objective}; "
+    print(f"created study {spec.name} in {storage_label}: {count(settings.total, 'trial')}, preset {settings.preset}, objective {settings.objective}; "
           f"MLflow parent run {tracker.parent_run_id} in {mask(uri)}")
     print(f"workers join it with: python -m study worker {args.name} --storage {storage_label}")
     return 0
@@ -252,12 +258,11 @@ def cmd_create(args) -> int:
 def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | None) -> int:
     from rich.markup import escape
 
-    from dashboards import write_report
-    from dashboards.record import count_done
+    from dashboards.record import count, count_done
     from study.launch import run_launch
     from study.pool import cap_workers
     from study.storage import default_storage_url, mask
-    from study.tracking import PICKLE_NOTE, ui_url
+    from study.tracking import PICKLE_NOTE
 
     uri = _ready_to_train(args.data_dir)
     session, tracker = _open_with_parent(request, spec, uri)
@@ -280,7 +285,7 @@ def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | Non
         if args.workers is None:
             at_once = "as many as the cluster holds" + (f", at most {to_run}" if to_run > 0 else "")
         elif args.workers > to_run > 0:
-            at_once = f"{to_run} (not {args.workers}: {to_run} trial{'' if to_run == 1 else 's'} still to run)"
+            at_once = f"{to_run} (not {args.workers}: {count(to_run, 'trial')} still to run)"
         else:
             at_once = str(args.workers)
         console.print(f"Ray cluster {args.ray}: trials run as Ray actors, {at_once} at once")
@@ -288,7 +293,7 @@ def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | Non
         asked = len(slots)
         slots, why = cap_workers(slots, to_run)
         if asked > 1:
-            shown = f"{len(slots)} worker{'' if len(slots) == 1 else 's'}: {', '.join('cpu' if d == 'auto' else d for d in slots)}"
+            shown = f"{count(len(slots), 'worker')}: {', '.join('cpu' if d == 'auto' else d for d in slots)}"
             console.print(f"{shown} (not {asked}: {why})" if why else shown)
     try:
         run_launch(session, tracker, console, slots, args.timeout, args.data_dir, args.log_model, budget=args.budget, make_slots=ray_slots,
@@ -311,9 +316,25 @@ def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | Non
     console.print(f"optuna storage: {storage_label}")
     console.print(f"mlflow store:   {mask(uri)}  (browse with `python -m study ui`)")
     if not request.join:
-        console.print(f"report:         {write_report([study], output, uri, ui_url(uri))}")
+        _write_study_report(console, study, output, uri)
     _print_chance(console, study.get_trials(deepcopy=False), settings.preset)
     return 0
+
+
+def _default_report(study_name: str, storage_url: str | None) -> Path:
+    """The study's report at its default path (as `launch` writes it), checked before any work."""
+    from study.launch import report_path
+    from study.storage import home
+
+    return _report_output(None, report_path(home(), [study_name]), storage_url)
+
+
+def _write_study_report(console, study, output: Path, uri: str) -> None:
+    """The study's report, rewritten whole after a command that changed it (launch, confirm, finalize)."""
+    from dashboards import write_report
+    from study.tracking import ui_url
+
+    console.print(f"report:         {write_report([study], output, uri, ui_url(uri))}")
 
 
 def _print_chance(console, trials, preset: str | None) -> None:
@@ -357,6 +378,7 @@ def cmd_confirm(args) -> int:
 
     study = _open_study(args.name, args.storage)
     validate_trials(study, search_ranking(study)[:args.top])  # the configurations run_confirm trains again, before it writes
+    output = _default_report(study.study_name, args.storage)
     with Interrupts().installed() as interrupts:  # Ctrl-C and SIGTERM stop it only where nothing is half-written
         uri = _ready_to_train(args.data_dir)
         session = _session_of(args.name, args.storage)
@@ -368,6 +390,7 @@ def cmd_confirm(args) -> int:
             console.print("interrupted: a training that was running is recorded as interrupted and queued again; confirm again to finish")
             return 130
     print_confirmed(console, rows)
+    _write_study_report(console, study, output, uri)
     return 0
 
 
@@ -389,6 +412,7 @@ def cmd_finalize(args) -> int:
         uri = _ready_to_train(args.data_dir)
         study = _open_study(args.name, args.storage)
         validate_trials(study, [choose(study, args.trial)[0]])  # the configuration run_finalize trains, before it writes
+        output = _default_report(study.study_name, args.storage)
         make_home()
         console = _console()
         try:
@@ -400,6 +424,7 @@ def cmd_finalize(args) -> int:
     console.print(f"final model: trial {final.trial}'s configuration ({final.chosen_by}), trained on {final.n_train:,} images; "
                   f"test_accuracy {final.test_accuracy:.4f}")
     console.print(f"mlflow run {final.run_id}; model {final.model_uri}; registered {final.registered}")
+    _write_study_report(console, study, output, uri)
     return 0
 
 
@@ -419,14 +444,16 @@ def cmd_show(args) -> int:
     import optuna
     from optuna.trial import TrialState
 
+    from dashboards.record import count
+
     study = _open_study(args.name, args.storage)
     trials = study.get_trials(deepcopy=False)
     counts = ", ".join(f"{sum(t.state == s for t in trials)} {s.name}" for s in TrialState if any(t.state == s for t in trials))
     console = _console()
-    console.print(f"study {study.study_name} (preset {study.user_attrs.get('preset', '?')}): {len(trials)} trials, {counts}")
+    console.print(f"study {study.study_name} (preset {study.user_attrs.get('preset', '?')}): {count(len(trials), 'trial')}, {counts}")
     _print_chance(console, trials, study.user_attrs.get("preset"))
     from dashboards.confirmed import confirmed, load_companion
-    from study.views import print_confirmed, print_costs
+    from study.views import print_confirmed, print_costs, table
 
     print_confirmed(console, confirmed(study, load_companion(study)))
     print_costs(console, study, args.top)
@@ -445,30 +472,16 @@ def cmd_show(args) -> int:
         rows.append([str(t.number), *params, f"{t.value:.4f}", f"{t.user_attrs.get('test_accuracy', float('nan')):.4f}",
                      str(t.user_attrs.get("epochs_run", "")), f"{t.user_attrs.get('train_seconds', float('nan')):.1f}"])
     ours = "preset" in study.user_attrs  # launched here: the value is the validation accuracy
-    console.print(_table(console, f"best {min(args.top, len(done))} trials by {'validation accuracy' if ours else 'value'}",
-                         ["trial", *param_names, "val_accuracy" if ours else "value", "test_accuracy", "epochs_run", "train_seconds"], rows))
+    console.print(table(console, f"best {count(min(args.top, len(done)), 'trial')} by {'validation accuracy' if ours else 'value'}",
+                        ["trial", *param_names, "val_accuracy" if ours else "value", "test_accuracy", "epochs_run", "train_seconds"], rows))
     return 0
-
-
-def _table(console, title: str, columns: list[str], rows: list[list[str]]):
-    """A table in full when it fits the terminal; else its headers wrap after their underscores rather than being cut short."""
-    from rich import box
-    from rich.table import Table
-
-    for wrap in (False, True):
-        table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-        for column in columns:
-            table.add_column(column.replace("_", "_\n") if wrap else column, justify="right",
-                             min_width=max(len(part) for part in column.split("_")))
-        for row in rows:
-            table.add_row(*row)
-        if console.measure(table, options=console.options.update(max_width=10_000)).maximum <= console.width:  # its natural width
-            break
-    return table
 
 
 def _show_pareto(study, console) -> int:
     """A multi-objective study: its Pareto front (Optuna's best_trials), cheapest first."""
+    from dashboards.record import count
+    from study.views import table
+
 
     cost = study.user_attrs.get("objective", "accuracy,cost").split(",")[1]
     front = sorted(study.best_trials, key=lambda t: t.values[1])
@@ -480,12 +493,13 @@ def _show_pareto(study, console) -> int:
     for t in front:
         params = [f"{t.params[n]:.4g}" if isinstance(t.params.get(n), float) else str(t.params.get(n, "")) for n in param_names]
         rows.append([str(t.number), *params, f"{t.values[0]:.4f}", f"{t.values[1]:.4g}", f"{t.user_attrs.get('test_accuracy', float('nan')):.4f}"])
-    console.print(_table(console, f"Pareto front: {len(front)} trials, none beaten on both val_accuracy (max) and {cost} (min)",
+    console.print(table(console, f"Pareto front: {count(len(front), 'trial')}, none beaten on both val_accuracy (max) and {cost} (min)",
                          ["trial", *param_names, "val_accuracy", cost, "test_accuracy"], rows))
     return 0
 
 
 def cmd_export(args) -> int:
+    from dashboards.record import count
     from study.export import trials_table, write_table
     from study.names import check_output
     from study.storage import home
@@ -505,7 +519,7 @@ def cmd_export(args) -> int:
     study = _open_study(args.name, args.storage)
     frame = trials_table(study, read_only_uri(home()))
     write_table(frame, path)
-    print(f"{path}: {len(frame)} trials, {len(frame.columns)} columns")
+    print(f"{path}: {count(len(frame), 'trial')}, {count(len(frame.columns), 'column')}")
     return 0
 
 
@@ -595,14 +609,21 @@ def cmd_ui(args) -> int:
     if read_only is None:  # the UI server would create an empty store
         raise ValueError(f"no MLflow store at {uri.removeprefix('sqlite:///')} yet; launch a study first (`python -m study launch NAME`)")
     base = f"http://{args.host}:{args.port}"
-    print(f"MLflow UI on {mask(uri)}: {base}  (Ctrl-C stops it)")
-    for name, link in ui_links(MlflowClient(tracking_uri=read_only), base):
-        print(f"  {name}: {link}")
-    print(MODEL_TRAINING_CLICK)
-    sys.stdout.flush()
+    links = ui_links(MlflowClient(tracking_uri=read_only), base)
+    print(f"MLflow UI on {mask(uri)}: starting at {base} ...", flush=True)
+
+    def answered() -> None:  # the links only once they open: a click before would be refused
+        print(f"MLflow UI on {mask(uri)}: {base}  (Ctrl-C stops it)")
+        for name, link in links:
+            print(f"  {name}: {link}")
+        # The reports' run links open this UI, on whatever port it serves (dashboards.report reads #mlflow=).
+        for report in sorted((home() / "reports").glob("*.html")):
+            print(f"  report {report.stem}: {report.resolve().as_uri()}#mlflow={base}")
+        print(MODEL_TRAINING_CLICK, flush=True)
+
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
                "--default-artifact-root", (home() / "mlartifacts").resolve().as_uri(), "--workers", "1"]
-    return _serve(command)
+    return _serve(command, f"{base}/health", answered)
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -621,9 +642,11 @@ def _check_port_free(host: str, port: int) -> None:
                              f"or choose another port, e.g. --port {suggestion}") from None
 
 
-def _serve(command: list[str]) -> int:
-    """Run the UI server in its own process group, and stop the whole group (uvicorn and its workers) when `ui` ends:
-    on Ctrl-C, on SIGTERM, or on an error here."""
+def _serve(command: list[str], health: str, answered: Callable[[], None]) -> int:
+    """Run the UI server in its own process group, call `answered` once `health` answers, and stop the whole group
+    (uvicorn and its workers) when `ui` ends: on Ctrl-C, on SIGTERM, or on an error here."""
+    from study.tracking import ask_server
+
     # MLflow's server warns about its own dependencies (Starlette deprecations) on import: nothing a user of `ui` can act on.
     # Prepended, so that a PYTHONWARNINGS the user set still decides.
     quiet = {**os.environ, "PYTHONWARNINGS": ",".join(filter(None, ["ignore", os.environ.get("PYTHONWARNINGS")]))}
@@ -634,6 +657,15 @@ def _serve(command: list[str]) -> int:
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        # Until it answers or ends: a server that never starts ends (its port taken, a bad store) and says why itself.
+        while server.poll() is None:
+            try:
+                ask_server(health)
+            except OSError:
+                time.sleep(0.2)
+                continue
+            answered()
+            break
         return server.wait()
     except KeyboardInterrupt:
         return 0
@@ -777,16 +809,25 @@ class Parser(argparse.ArgumentParser):
         return parsed
 
 
+# What docs/commands.md says of these flags (tests/test_cli.py compares them).
+OBJECTIVE_HELP = ("accuracy (default), or accuracy,cost: maximise val_accuracy and minimise --cost, a Pareto front; Optuna cannot prune "
+                  "multi-objective studies, so these are pruned by the platform on validation accuracy alone, against trials of similar cost "
+                  "(--pruner none runs every trial to its end)")
+def _either(names) -> str:
+    *most, last = names
+    return f"{', '.join(most)} or {last}"
+
+
+SAMPLER_HELP = f"Optuna sampler: {_either(SAMPLERS)} (grid: every combination of the spec's choices); overrides the spec's [sampler] (default tpe)"
+PRUNER_HELP = f"Optuna pruner: {_either(PRUNERS)}; overrides the spec's [pruner] (default median)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m study", description="Optuna studies of classic CNNs on Fashion-MNIST, tracked in MLflow.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     storage_help = ("Optuna storage: a journal file path, an SQLAlchemy URL such as postgresql://host/db, or grpc://host:port of a "
                     "`serve-storage` proxy (default: $STUDY_HOME/optuna.journal)")
-    from study.strategies import PRUNERS, SAMPLERS
-
-    sampler_help = f"Optuna sampler: {', '.join(SAMPLERS)} (default: the spec's [sampler], else tpe)"
-    pruner_help = f"Optuna pruner: {', '.join(PRUNERS)} (default: the spec's [pruner], else median)"
 
     launch = commands.add_parser("launch", help="run (or resume) a study")
     launch.add_argument("name", help="a shipped study (see `list`) or a path to a .toml spec")
@@ -798,10 +839,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "no trial starts whose predicted cost does not fit (see docs/after-the-search.md#budgets)")
     launch.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files (default: $FASHION_MNIST_DIR, the cache, Debian's package)")
     launch.add_argument("-o", "--output", help="report file (default: $STUDY_HOME/reports/NAME.html)")
-    launch.add_argument("--objective", help="accuracy (default), or accuracy,cost: maximise val_accuracy and minimise --cost (Pareto front, no pruning)")
+    launch.add_argument("--objective", help=OBJECTIVE_HELP)
     launch.add_argument("--cost", help="the cost of --objective accuracy,cost: train_seconds (default) or train_flops")
-    launch.add_argument("--sampler", help=sampler_help)
-    launch.add_argument("--pruner", help=pruner_help)
+    launch.add_argument("--sampler", help=SAMPLER_HELP)
+    launch.add_argument("--pruner", help=PRUNER_HELP)
     _add_worker_arguments(launch)
     launch.add_argument("--log-model", choices=["best", "all", "none"], default="best",
                         help="trained networks logged to MLflow as PyTorch models, with a test-set confusion matrix: "
@@ -820,8 +861,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--storage", help=storage_help + "; postgresql://... or grpc://... for workers on other machines")
     create.add_argument("--objective", help="accuracy (default), or accuracy,cost, as for launch")
     create.add_argument("--cost", help="the cost of --objective accuracy,cost: train_seconds (default) or train_flops")
-    create.add_argument("--sampler", help=sampler_help)
-    create.add_argument("--pruner", help=pruner_help)
+    create.add_argument("--sampler", help=SAMPLER_HELP)
+    create.add_argument("--pruner", help=PRUNER_HELP)
     create.set_defaults(run=cmd_create)
 
     worker = commands.add_parser("worker", help="join a launched study (from this or another machine) and run trials until its total is reached")

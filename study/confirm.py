@@ -165,7 +165,8 @@ def run_confirm(session: Session, uri: str, artifact_root, console: Console, top
             return {"confirm.original_study": study.study_name, "confirm.original_trial": str(source.number),
                     "confirm.original_run_id": source.user_attrs.get(record.MLFLOW_RUN_ID, ""), "seed": str(trial.user_attrs[record.CONFIRM_SEED])}
 
-        runner = TrialRunner(companion_session, tracker, console, log_model="none", config_for=config_for, run_tags=run_tags, cost_history=study)
+        runner = TrialRunner(companion_session, tracker, console, log_model="none", config_for=config_for, run_tags=run_tags, cost_history=study,
+                             label="confirm trial")
         recovery_for(companion, storage, tracker, console, settings.plan, runner.track).recover()
         with claim_lock(storage, companion.study_name):
             queued = _settle_queue(study, companion, storage, wanted, f"confirm --top {top} --seeds {seeds}", console)
@@ -186,6 +187,7 @@ def run_confirm(session: Session, uri: str, artifact_root, console: Console, top
             # The launch's progress display: trainings done of those queued, best so far, predicted time left.
             started, ran = time.monotonic(), 0
             with LiveProgress(console, companion.study_name, "trainings", queued, 0, _status(study, companion, forecast, total)) as progress:
+                runner.progress = progress
                 while (frozen := runner.run_trial(slot, claim)) is not None:
                     ran += 1
                     value = f"val_accuracy={frozen.value:.4f}" if frozen.state == TrialState.COMPLETE else f"{frozen.state.name} ({frozen.user_attrs.get(record.FAIL_REASON)})"

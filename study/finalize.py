@@ -43,7 +43,7 @@ from dashboards.confirmed import confirmed, load_companion, search_ranking
 from study import budget as costs
 from study.interrupts import Interrupts
 from study.once import claimed, holder
-from study.progress import LiveProgress
+from study.progress import LiveProgress, Training, seconds_left
 from study.tracking import Tracker, _now_ms, device_name, layer_table_csv
 
 FINAL_EPOCH_METRICS = ("train_loss", "train_accuracy", "epoch_seconds", "examples_per_second")  # no val_accuracy: there is no validation split
@@ -157,14 +157,15 @@ def _train_final(study: optuna.Study, tracker: Tracker, console: Console, source
     run_id = client.create_run(tracker.experiment_id, run_name="final", tags=tags).info.run_id
     # The launch's progress display: epochs done, the latest training accuracy (there is no validation), predicted time left.
     epochs = final_config.epochs
-    progress = LiveProgress(console, f"{study.study_name} final", "epochs", epochs, 0,
-                            [f"{len(data.train_labels):,} training images", costs.time_left_field(forecast.seconds())])
+    def time_left(running: list[Training]) -> str:
+        return costs.time_left_field(seconds_left(running, 0, 0.0))
+
+    progress = LiveProgress(console, f"{study.study_name} final", "epochs", epochs, 0, [f"{len(data.train_labels):,} training images", time_left])
 
     def on_epoch(metrics) -> bool:
         client.log_batch(run_id, metrics=[Metric(key, float(getattr(metrics, key)), _now_ms(), metrics.epoch) for key in FINAL_EPOCH_METRICS])
-        progress.console.print(f"epoch {metrics.epoch}: train_loss {metrics.train_loss:.4f}, train_accuracy {metrics.train_accuracy:.4f}")
-        progress.update(done=metrics.epoch, status=[f"train_accuracy {metrics.train_accuracy:.4f} (epoch {metrics.epoch})",
-                                                    costs.time_left_field(forecast.seconds() * (epochs - metrics.epoch) / epochs)])
+        progress.epoch("final", metrics.epoch, f"train_loss {metrics.train_loss:.4f}, train_accuracy {metrics.train_accuracy:.4f}")
+        progress.update(done=metrics.epoch, status=[f"train_accuracy {metrics.train_accuracy:.4f} (epoch {metrics.epoch})", time_left])
         return False
 
     try:
@@ -172,8 +173,10 @@ def _train_final(study: optuna.Study, tracker: Tracker, console: Console, source
         client.log_batch(run_id, params=[*params, Param("n_train_final", str(len(data.train_labels)))])
         client.log_text(run_id, layer_table_csv(final_config), "layers.csv")
         started = time.monotonic()
+        progress.start("final", "final training", epochs, forecast.seconds())
         with interrupts.while_training(), progress:
             result = objectives.train(final_config, data, on_epoch)
+            progress.finish("final")  # before the display's last redraw
         interrupts.check()  # stopped as the training ended: its results are not kept, the next finalize trains again
         still_claimed()  # taken over meanwhile: the taker trains, this run is closed FAILED and nothing of it is kept
         console.print(forecast.compare(1, time.monotonic() - started))

@@ -72,6 +72,8 @@ class TrialRunner:
     running_cost: dict[int, float] = field(default_factory=dict)  # trial id -> predicted cost counted against the budget
     cost_history: optuna.Study | None = None  # confirm: the original study, whose trials measured this device's throughput too
     checkpoints: Path | None = None  # the study's checkpoint folder (checkpoint_folder): one file per running trial; None: none kept
+    progress: LiveProgress | None = None  # the display the running trials' epochs are shown in
+    label: str = "trial"  # what a trial is called in it: "confirm trial" for confirm
 
     @property
     def study(self) -> optuna.Study:
@@ -118,7 +120,7 @@ class TrialRunner:
             trial.set_user_attr(record.PREDICTED_FLOPS, prediction.flops)
             trial.set_user_attr(record.PREDICTED_SECONDS, prediction.seconds)
             refusal = self.budget and self.budget.refusal(prediction, trials, sum(self.running_cost.values()))
-            run_id = self.track(self.tracker.start_trial, trial.number, config, trial.params, self.data, self.run_tags(trial) if self.run_tags else None)
+            run_id = self.track(self.tracker.start_trial, trial.number, record.run_name(trial), config, trial.params, self.data, self.run_tags(trial) if self.run_tags else None)
             if run_id is not None:
                 trial.set_user_attr(record.MLFLOW_RUN_ID, run_id)
                 self.track(self.tracker.client.set_tag, run_id, record.NODE, slot.node)
@@ -159,6 +161,8 @@ class TrialRunner:
                 trial.report(metrics.val_accuracy, metrics.epoch)
 
         def on_epoch(metrics: EpochMetrics) -> bool:
+            if self.progress is not None:
+                self.progress.epoch(trial.number, metrics.epoch, f"val_accuracy {metrics.val_accuracy:.4f}")
             # After its last epoch a trial is whole, its cost spent: no pruner is asked, so it is COMPLETE and may be the best.
             last = metrics.epoch >= config.epochs
             with self.lock:
@@ -168,6 +172,8 @@ class TrialRunner:
                                                                                                         metrics.val_accuracy)
                 return not last and trial.should_prune()
 
+        if self.progress is not None:
+            self.progress.start(trial.number, f"{self.label} {trial.number}", config.epochs, trial.user_attrs[record.PREDICTED_SECONDS])
         if resume is not None:
             # The epochs the checkpoint holds, recorded again on this trial: the pruner and the MLflow run see the whole curve.
             with self.lock:
@@ -196,6 +202,9 @@ class TrialRunner:
                 self._finish(run_id, "FAIL", reason=reason)
                 self._drop_checkpoint(trial.number)
             raise
+        finally:
+            if self.progress is not None:
+                self.progress.finish(trial.number)
         with self.lock:
             for key, value in record.results(result).items():
                 trial.set_user_attr(key, value)
@@ -340,7 +349,7 @@ class Scheduler:
         stop = threading.Event()
         started = time.monotonic()
         with LiveProgress(runner.console, self.study.study_name, "trials", total, done, self._status()) as progress:
-            self.progress = progress
+            self.progress = runner.progress = progress
             heartbeat = threading.Thread(target=self._beat, args=(stop,), daemon=True)
             heartbeat.start()
             try:
@@ -355,7 +364,7 @@ class Scheduler:
         if self.ran:
             runner.console.print(self.forecast.compare(self.ran, time.monotonic() - started))
         if runner.tracking_error is not None:
-            raise TrackingUnavailable(f"MLflow at {mask(runner.tracker.client.tracking_uri)} failed ({runner.tracking_error}); the {self.ran} trials of this launch "
+            raise TrackingUnavailable(f"MLflow at {mask(runner.tracker.client.tracking_uri)} failed ({runner.tracking_error}); the {record.count(self.ran, 'trial')} of this launch "
                                       "are kept in the Optuna storage; launch again once MLflow is back and their MLflow records are written then")
         return self.ran
 
@@ -485,7 +494,7 @@ class Scheduler:
     def _best(self) -> str:
         if self.runner.session.settings.cost is not None:
             front = len(self.study.best_trials)
-            return f"best: Pareto front of {front} trial{'' if front == 1 else 's'}" if front else "best: none yet"
+            return f"best: Pareto front of {record.count(front, 'trial')}" if front else "best: none yet"
         try:
             return f"best val_accuracy {self.study.best_value:.4f} (trial {self.study.best_trial.number})"
         except ValueError:
@@ -500,10 +509,12 @@ class Scheduler:
             # A pruned trial: Optuna keeps the last reported val_accuracy; in a multi-objective study it keeps no values.
             value = trial.values[0] if trial.values else trial.user_attrs[record.VAL_CURVE][-1]
             shown = f" {cost}={trial.values[1]:.4g}" if cost and trial.state == TrialState.COMPLETE else ""
-            outcome = f"{trial.state.name} val_accuracy={value:.4f}{shown} after {_epochs(trial.user_attrs.get('epochs_run'))}, {trial.user_attrs.get('train_seconds', 0):.1f} s"
+            outcome = f"{trial.state.name} val_accuracy={value:.4f}{shown} after {record.count(trial.user_attrs.get('epochs_run'), 'epoch')}, {trial.user_attrs.get('train_seconds', 0):.1f} s"
         if record.RESUMED_FROM_EPOCH in trial.user_attrs:
             outcome += f", resumed from epoch {trial.user_attrs[record.RESUMED_FROM_EPOCH]}"
-        self.progress.console.print(f"trial {trial.number}: {params} -> {outcome}")
+        retry = record.retry_source(trial)
+        again = f" (retry of trial {retry})" if retry is not None else ""
+        self.progress.console.print(f"trial {trial.number}{again}: {params} -> {outcome}")
 
 
 def run_launch(session: Session, tracker: Tracker, console: Console, devices: list[str], timeout: float | None = None,
@@ -527,9 +538,9 @@ def run_launch(session: Session, tracker: Tracker, console: Console, devices: li
                           device=None if make_slots else devices[0])
     ran = scheduler.run()
     if scheduler.timed_out:
-        console.print(f"timeout of {timeout:g} s reached after {ran} trials; launch again to continue")
+        console.print(f"timeout of {timeout:g} s reached after {record.count(ran, 'trial')}; launch again to continue")
     if runner.budget_stop:
-        console.print(f"budget reached after {ran} trials: the next trial's {runner.budget_stop}; it is queued for a launch with a larger --budget")
+        console.print(f"budget reached after {record.count(ran, 'trial')}: the next trial's {runner.budget_stop}; it is queued for a launch with a larger --budget")
     return ran
 
 
@@ -540,10 +551,6 @@ def pruner_name(session: Session) -> str:
         return type(session.study.pruner).__name__
     pruner = CostBucketPruner.from_settings(session.settings.pruner)
     return type(pruner).__name__ if pruner is not None else optuna.pruners.NopPruner.__name__
-
-
-def _epochs(n) -> str:
-    return f"{n} epoch{'' if n == 1 else 's'}"
 
 
 def checkpoint_folder(base: Path, study_name: str) -> Path:

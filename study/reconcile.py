@@ -62,7 +62,7 @@ def reconcile(study: optuna.Study, tracker: Tracker, plan: Plan) -> list[int]:
             continue
         if run is None:
             config = record.train_config(trial) or plan.config(trial.params)
-            run_id, logged_epochs, logged = tracker.start_trial(trial.number, config, trial.params), set(), {}
+            run_id, logged_epochs, logged = tracker.start_trial(trial.number, record.run_name(trial), config, trial.params), set(), {}
         else:
             run_id, logged = run.info.run_id, run.data.metrics
             logged_epochs = {m.step for m in tracker.client.get_metric_history(run_id, "val_accuracy")}

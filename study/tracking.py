@@ -1,7 +1,7 @@
 """MLflow glue on the client API with explicit run ids (no active-run globals).
 
 Layout: one experiment per study, one parent run per study, one nested child run per
-trial named `trial-<number>`. Params are the trial's resolved TrainConfig; metrics per
+trial named `trial-<number>` (a confirm trial `confirm-<trial>-seed-<s>`). Params are the trial's resolved TrainConfig; metrics per
 epoch use step = epoch; tags say the Optuna study, trial number, state and why, device,
 torch/CUDA versions, project version and git commit. Each child run also holds its
 dataset input (Fashion-MNIST: digest and split sizes) and its layer table; chosen trials
@@ -378,8 +378,9 @@ class Tracker:
         self.client.log_batch(self.parent_run_id, params=params, tags=tags)
         self.client.log_text(self.parent_run_id, spec_text, "spec.toml")
 
-    def start_trial(self, number: int, config: TrainConfig, sampled: dict, data: FashionMNIST | None = None, extra_tags: dict | None = None) -> str:
-        """Open a trial's child run: tags, every setting as a param, its layer table and its dataset input."""
+    def start_trial(self, number: int, name: str, config: TrainConfig, sampled: dict, data: FashionMNIST | None = None,
+                    extra_tags: dict | None = None) -> str:
+        """Open a trial's child run, named `name` (record.run_name): tags, every setting as a param, its layer table and its dataset input."""
         tags = {
             **(extra_tags or {}),
             **self.common_tags,
@@ -389,7 +390,7 @@ class Tracker:
             "sampled_params": ",".join(sorted(sampled)),
             "device": device_name(config.device),
         }
-        run = self.client.create_run(self.experiment_id, run_name=f"trial-{number}", tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         run_id = run.info.run_id
         params = [Param(key, str(value)) for key, value in dataclasses.asdict(config).items()]
         self.client.log_batch(run_id, params=params)
@@ -423,7 +424,7 @@ class Tracker:
         # The run page's description: the outcome in one sentence.
         note = f"Optuna state {tags[0].value}"
         if result is not None:
-            note += (f": val_accuracy {result.val_accuracy:.4f}, test_accuracy {result.test_accuracy:.4f} after {result.epochs_run} epoch{'' if result.epochs_run == 1 else 's'} "
+            note += (f": val_accuracy {result.val_accuracy:.4f}, test_accuracy {result.test_accuracy:.4f} after {record.count(result.epochs_run, 'epoch')} "
                      f"({result.train_seconds:.1f} s of training on {result.device_name})")
         tags.append(RunTag("mlflow.note.content", note + (f"; {reason}" if reason else "")))
         metrics = []

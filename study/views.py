@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import optuna
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -11,19 +14,33 @@ from dashboards.confirmed import NOISE_LEVEL, TEST_NAME, Confirmed, verdict
 from study.budget import median_abs, prediction_errors
 
 
+def table(console: Console, title: str, columns: list[str], rows: list[list[str]]) -> Table:
+    """A table in full when it fits the terminal; else its headers wrap between words and after their underscores
+    rather than being cut short."""
+    for wrap in (False, True):
+        shown = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        for column in columns:
+            shown.add_column(column.replace("_", "_\n") if wrap else column, justify="right",
+                             min_width=max(len(part) for part in re.split(r"[_ ]", column)))
+        for row in rows:
+            shown.add_row(*row)
+        if console.measure(shown, options=console.options.update(max_width=10_000)).maximum <= console.width:  # its natural width
+            break
+    return shown
+
+
 def print_confirmed(console: Console, rows: list[Confirmed]) -> None:
     """The confirmed ranking: mean ± standard deviation over seeds, and whether each is within the noise of the best."""
     if not rows:
         return
-    table = Table(title=f"confirmed ranking: mean ± standard deviation over seeds; {TEST_NAME}")
-    for column in ("confirmed rank", "trial", "search rank", "seeds", "val_accuracy", "test_accuracy", "p (Welch)", "vs best"):
-        table.add_column(column, justify="right")
+    cells = []
     for rank, row in enumerate(rows, 1):
         p = "" if row.p_value is None else f"{row.p_value:.3f}"
         noise = "best" if rank == 1 else (f"within noise (p >= {NOISE_LEVEL})" if row.within_noise else "worse (p < 0.05)")
-        table.add_row(str(rank), str(row.trial), str(row.search_rank), str(len(row.val)), f"{row.val_mean:.4f} ± {row.val_std:.4f}",
-                      f"{row.test_mean:.4f} ± {row.test_std:.4f}", p, noise)
-    console.print(table)
+        cells.append([str(rank), str(row.trial), str(row.search_rank), str(len(row.val)), f"{row.val_mean:.4f} ± {row.val_std:.4f}",
+                      f"{row.test_mean:.4f} ± {row.test_std:.4f}", p, noise])
+    console.print(table(console, f"confirmed ranking: mean ± standard deviation over seeds; {TEST_NAME}",
+                        ["confirmed rank", "trial", "search rank", "seeds", "val_accuracy", "test_accuracy", "p (Welch)", "vs best"], cells))
     console.print(verdict(rows))
 
 
@@ -32,7 +49,7 @@ def print_costs(console: Console, study: optuna.Study, top: int) -> None:
     trials = [t for t in study.get_trials(deepcopy=False) if record.PREDICTED_FLOPS in t.user_attrs and "train_flops" in t.user_attrs]
     if not trials:
         return
-    table = Table(title=f"cost model: predicted before each trial against measured (last {min(top, len(trials))} trials)")
+    table = Table(title=f"cost model: predicted before each trial against measured (last {record.count(min(top, len(trials)), 'trial')})")
     for column in ("trial", "state", "predicted FLOPs", "measured FLOPs", "predicted s", "measured s (wall)"):
         table.add_column(column, justify="right")
     for t in trials[-top:]:
@@ -43,4 +60,4 @@ def print_costs(console: Console, study: optuna.Study, top: int) -> None:
     errors = prediction_errors(study.get_trials(deepcopy=False))
     parts = [f"{what} {value:.0%}" for what, values in errors.items() if (value := median_abs(values)) is not None]
     if parts:
-        console.print(f"cost model, median absolute error ({len(errors['flops'])} complete trials): {', '.join(parts)}")
+        console.print(f"cost model, median absolute error ({record.count(len(errors['flops']), 'complete trial')}): {', '.join(parts)}")

@@ -159,3 +159,36 @@ def test_a_study_that_learned_nothing_says_so_in_launch_show_and_the_report(stud
     html = (study_home / "reports" / "stuck.html").read_text()
     summary = html[html.index('id="summary"'):]
     assert summary.index('<p class="chance">no better than chance: the study') < summary.index("trials</b>")
+
+
+def test_a_count_of_one_is_singular(study_home, tmp_path):
+    spec = make_spec(tmp_path, "single", LENET)
+    created = run_main("create", str(spec), "--trials", "1")
+    assert created.returncode == 0, created.stderr
+    assert ": 1 trial, preset" in created.stdout, created.stdout
+    again = run_main("create", str(spec))
+    assert "(1 trial, preset" in again.stdout, again.stdout
+    shown = run_main("show", "single")
+    assert "0 trials" in shown.stdout and "1 trials" not in shown.stdout, shown.stdout
+
+
+def _flat(text: str) -> str:
+    """Text without its line breaks, backticks and hyphenation breaks, to compare what two places say."""
+    return re.sub(r"\s+", " ", re.sub(r"-\n\s*", "-", text.replace("`", "")))
+
+
+def test_launch_help_says_what_the_docs_say_of_objective_sampler_and_pruner():
+    docs = _flat((ROOT / "docs" / "commands.md").read_text())
+    shown = run_main("launch", "--help")
+    assert shown.returncode == 0
+    help_text = _flat(shown.stdout)
+    assert "no pruning" not in help_text
+    for said in (("Optuna cannot prune multi-objective studies, so these are pruned by the platform on validation accuracy alone, "
+                 "against trials of similar cost"), "--pruner none runs every trial to its end", "every combination of the spec's choices",
+                 "the spec's [sampler]"):
+        assert said in docs and said in help_text, said
+    for flag in ("sampler", "pruner"):
+        choices = re.search(rf"\[--{flag} ([a-z|]+)\]", docs)[1].split("|")
+        assert re.search(", ".join(choices[:-1]) + f" or {choices[-1]}", help_text), (flag, choices)
+    assert "override the spec's [sampler] and [pruner] tables" in docs and "overrides the spec's [pruner]" in help_text
+    assert "default TPE and the median pruner" in docs and "(default tpe)" in help_text and "(default median)" in help_text

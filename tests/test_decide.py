@@ -11,7 +11,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import ARTIFACTS, journal, make_spec, run_cli
+from conftest import ARTIFACTS, LENET, journal, make_spec, run_cli, run_main
 
 # Small enough to train a few times in a test; the FLOPs of each configuration are exact, whatever the machine.
 DECIDE = {
@@ -87,6 +87,29 @@ def test_a_flops_budget_stops_the_study_before_a_trial_that_would_not_fit(launch
     assert runs[refused[0].number].info.status == "FAILED"
     assert "over budget" in runs[refused[0].number].data.tags["optuna.fail_reason"]
     assert all(runs[t.number].info.status == "FINISHED" for t in complete)
+
+
+def test_confirm_names_its_runs_and_confirm_and_finalize_rewrite_the_report(study_home, tmp_path):
+    spec = make_spec(tmp_path, "recorded", LENET)
+    assert run_main("launch", str(spec), "--trials", "2").returncode == 0
+    report = study_home / "reports" / "recorded.html"
+    assert "No confirmed configurations" in report.read_text()
+    confirm = run_main("confirm", str(spec), "--top", "1", "--seeds", "2")
+    assert confirm.returncode == 0, confirm.stderr
+    assert f"report:         {report}" in confirm.stdout
+    text = report.read_text()
+    assert "No confirmed configurations" not in text and "confirmed rank" in text
+    # Each confirm run is named for what it is: the search's trial it trains again, and the seed.
+    companion = optuna.load_study(study_name="recorded.confirm", storage=journal(study_home))
+    client = MlflowClient(tracking_uri=f"sqlite:///{study_home / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("recorded.confirm")
+    names = {r.info.run_name for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" in r.data.tags}
+    assert names == {f"confirm-{t.user_attrs['confirm_of']}-seed-{t.user_attrs['confirm_seed']}" for t in companion.trials}, names
+    assert len(names) == 2
+    report.unlink()
+    final = run_main("finalize", "recorded")
+    assert final.returncode == 0, final.stderr
+    assert f"report:         {report}" in final.stdout and "confirmed rank" in report.read_text()
 
 
 @pytest.mark.slow
@@ -257,3 +280,23 @@ def test_the_final_split_is_train_and_validation_together(fashion):
     assert (merged.train_images[100:] == fashion.val_images[:40]).all()
     assert len(fashion.with_validation_in_train().train_labels) == 60_000
     assert len(merged.test_labels) == len(fashion.test_labels)
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_the_confirmed_ranking_shows_its_headers_whole(width):
+    from rich.console import Console
+
+    from dashboards.confirmed import Confirmed
+    from study.views import print_confirmed
+
+    rows = [Confirmed(12, 1, [1, 2, 3], [0.8412, 0.8391, 0.8455], [0.8377, 0.8401, 0.8420], {}, None, False),
+            Confirmed(7, 2, [1, 2, 3], [0.8398, 0.8350, 0.8421], [0.8366, 0.8312, 0.8390], {}, 0.4123, True)]
+    console = Console(width=width, record=True)
+    print_confirmed(console, rows)
+    text = console.export_text()
+    lines = text.splitlines()
+    assert all(len(line) <= width for line in lines) and "…" not in text, text
+    # Each header whole, if wrapped then between its words or after an underscore.
+    words = text.split()
+    for part in ("confirmed", "rank", "trial", "search", "seeds", "val_", "test_", "accuracy", "(Welch)", "vs", "best"):
+        assert part in words or part.rstrip("_") + "_accuracy" in words, (part, text)

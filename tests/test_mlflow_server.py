@@ -219,7 +219,7 @@ def test_logged_model_predicts_what_the_trained_one_did(tracked, fashion, monkey
     result = train(config, fashion)
     before = predict(result.model, fashion.test_images[:256], resize=28)
     tracker = Tracker("roundtrip", tracked["uri"])
-    run_id = tracker.start_trial(0, config, {"lr": 0.1}, fashion)
+    run_id = tracker.start_trial(0, "trial-0", config, {"lr": 0.1}, fashion)
     tracker.finish_trial(run_id, "COMPLETE", result)
     model_uri = tracker.log_model(run_id, 0, result, fashion)
     tracker.close_parent("FINISHED")

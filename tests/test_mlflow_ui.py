@@ -22,6 +22,7 @@ import pytest
 from reliability.checks import changed, fingerprint, record_read_only
 
 from conftest import ARTIFACTS, LENET, ROOT, free_port, listening_addresses, make_spec, run_cli, wait_until_up
+from study.tracking import MODEL_TRAINING_CLICK
 
 pytestmark = pytest.mark.slow  # a real MLflow UI server behind `study ui`
 
@@ -50,9 +51,16 @@ def ui(tmp_path_factory):
         server = subprocess.Popen([sys.executable, "-m", "study", "ui", "--port", str(port)], cwd=workdir, env=env, stdout=stdout, stderr=stderr)
     base = f"http://127.0.0.1:{port}"
     try:
+        # The moment its links appear, the server they name answers (asked once, at once).
+        deadline = time.monotonic() + 180  # a guard against a hang, not a speed limit
+        while MODEL_TRAINING_CLICK not in out.read_text():
+            assert server.poll() is None and time.monotonic() < deadline, out.read_text() + err.read_text()
+            time.sleep(0.02)
+        with urllib.request.urlopen(f"{base}/health", timeout=30) as answer:
+            answered_when_printed = answer.status == 200
         wait_until_up(f"{base}/health", server, "MLflow UI", log=lambda: out.read_text() + err.read_text())
         yield {"base": base, "port": port, "process": server, "lines": out.read_text().splitlines(), "stderr": err.read_text,
-               "home": home, "workdir": workdir, "before": before}
+               "home": home, "workdir": workdir, "before": before, "answered_when_printed": answered_when_printed}
     finally:
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)  # `ui` stops its server's whole process group
@@ -82,6 +90,7 @@ def assert_genai_view(page) -> None:
 
 def test_ui_prints_every_address_in_the_model_training_view(ui):
     base, lines = ui["base"], ui["lines"]
+    assert ui["answered_when_printed"]  # printed only once the server answers: the first click is not refused
     links = printed_links(lines)
     assert set(links) == {STUDY, f"model {MODEL} v1"}, lines
     assert all(link.startswith(f"{base}/#/") and "workflowType=machine_learning" in link for link in links.values()), links
@@ -152,13 +161,19 @@ def test_ui_listens_on_this_machine_only_and_nests_the_trials(ui, page):
 
 
 def test_report_run_link_opens_the_trial_in_model_training(ui, page):
-    """The report's link to a trial's run (written for the UI at `study ui`'s default address) opens the run page
-    with the model-training sidebar."""
+    """The report's link to a trial's run, from the report's address `study ui` prints, opens the run page of that UI
+    (on the port it serves, not the default it was written for) with the model-training sidebar."""
     base, home = ui["base"], ui["home"]
     report = (home / "reports" / f"{STUDY}.html").read_text()
-    links = re.findall(r'href="http://127\.0\.0\.1:5000(/#/experiments/\d+/runs/[0-9a-f]{32}\?workflowType=machine_learning)"', report)
-    assert links, "the report links no run in the model-training view"
-    page.goto(base + links[0])
+    assert re.search(r'href="http://127\.0\.0\.1:5000/#/experiments/\d+/runs/[0-9a-f]{32}\?workflowType=machine_learning"', report), \
+        "the report links no run in the model-training view"
+    [address] = [line.split(": ", 1)[1] for line in ui["lines"] if line.startswith(f"  report {STUDY}: ")]
+    assert address.startswith("file://") and address.endswith(f"#mlflow={base}"), address
+    page.goto(address)
+    link = page.locator("#trials a").first
+    assert re.fullmatch(rf"{re.escape(base)}/#/experiments/\d+/runs/[0-9a-f]{{32}}\?workflowType=machine_learning", link.get_attribute("href"))
+    link.click()
+    page.wait_for_url(f"{base}/**", timeout=WAIT_MS)
     page.get_by_text("Optuna state").first.wait_for(timeout=WAIT_MS)  # the trial's run description
     assert_model_training_view(page)
     page.screenshot(path=str(ARTIFACTS / "mlflow-ui-trial-run.png"))

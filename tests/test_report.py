@@ -306,3 +306,42 @@ def test_report_draws_the_curve_of_every_accuracy_cost_trial(cost_home, tmp_path
                 for trial in optuna.load_study(study_name=name, storage=journal(cost_home)).get_trials()]
     assert sorted(drawn) == sorted(expected) and all(epochs == 2 for _, _, epochs in expected)
     assert errors == []
+
+
+def test_a_front_of_one_trial_is_drawn_and_the_cost_model_axes_say_their_units(storage):
+    from dashboards.decisions import cost_model_figure
+    from dashboards.figures import cost_figure
+    from dashboards.report import trials_frame
+
+    study = optuna.create_study(study_name="single", storage=storage, direction="maximize")
+    trial = _trial(TrialState.COMPLETE, "lenet", 0.1, values=[0.8], epochs=[0.7, 0.8])
+    trial.user_attrs.update({"predicted_flops": 2.5e9, "predicted_seconds": 2.0})
+    study.add_trial(trial)
+    frame = trials_frame([study]).assign(run_url="")
+    [front] = [trace for trace in cost_figure(frame).data if trace.name == "Pareto front"]
+    assert len(front.x) == 1 and "markers" in front.mode  # a line of one point draws nothing, nor in the legend
+    layout = cost_model_figure(frame).layout
+    assert (layout.xaxis.title.text, layout.yaxis.title.text) == ("predicted training FLOPs", "measured training FLOPs")
+    assert (layout.xaxis2.title.text, layout.yaxis2.title.text) == ("predicted seconds (wall)", "measured seconds (wall)")
+
+
+def test_the_trial_table_scrolls_within_the_screen(storage, study_home, page, capsys):
+    wide = optuna.create_study(study_name="wide", storage=storage, direction="maximize")
+    for number in range(60):
+        wide.add_trial(_trial(TrialState.COMPLETE, "lenet", 0.01 + number / 100, values=[0.5 + number / 200], epochs=[0.4, 0.5]))
+    path = study_home / "wide.html"
+    assert main(["report", "wide", "-o", str(path)]) == 0, capsys.readouterr().err
+    page.goto(path.as_uri())
+    box = page.locator("#trials").locator("xpath=..")
+    box.scroll_into_view_if_needed()
+    # Wider and longer than the screen: its box fits the screen and scrolls, so its right-hand columns can be reached.
+    size = box.evaluate("b => ({bottom: b.getBoundingClientRect().bottom, top: b.getBoundingClientRect().top, "
+                        "scrollWidth: b.scrollWidth, clientWidth: b.clientWidth})")
+    assert size["bottom"] - size["top"] <= page.viewport_size["height"], size
+    assert size["scrollWidth"] > size["clientWidth"], size
+    box.evaluate("b => { b.scrollLeft = b.scrollWidth; b.scrollTop = b.scrollHeight; }")
+    last = page.locator("#trials th").last
+    assert last.inner_text() == "MLflow" and last.is_visible()
+    edge = box.evaluate("b => b.getBoundingClientRect().right")
+    assert last.evaluate("th => th.getBoundingClientRect().right") <= edge + 1
+    page.screenshot(path=str(ARTIFACTS / "report-wide-table.png"))
