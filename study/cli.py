@@ -660,7 +660,8 @@ def _add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", help="GPU indices to use, e.g. 0,1 (default: every visible GPU)")
     parser.add_argument("--trials-per-gpu", type=positive_int, default=1, help="trials sharing one GPU, for small models (default: 1)")
     parser.add_argument("--heartbeat", type=positive_int, default=10,
-                        help="relational storage: seconds between a trial's heartbeats; a trial silent for 3 of them is failed and run again (default: 10)")
+                        help="seconds between a running trial's heartbeats (relational storage) or lease renewals (journal, gRPC proxy); "
+                             "a trial silent for 3 of them is failed and run again, whatever host ran it (default: 10)")
 
 
 def _remote_ui(uri: str) -> int:

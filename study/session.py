@@ -87,6 +87,7 @@ class Session:
     settings: Settings
     study: optuna.Study
     storage: optuna.storages.BaseStorage
+    heartbeat: int = 10  # seconds between a running trial's heartbeats or lease renewals (study.recovery)
 
 
 def choose_preset(requested: str | None, spec: Spec | None = None) -> tuple[str, str]:
@@ -271,4 +272,4 @@ def _create_or_load(request: Request, spec: Spec, storage: optuna.storages.BaseS
                 study.set_metric_names(metric_names)
         if not exists:
             study.set_user_attr(STUDY_UID, uuid.uuid4().hex)  # its identity in MLflow (dashboards.record); older studies have none
-    return Session(settings=settings, study=study, storage=storage)
+    return Session(settings=settings, study=study, storage=storage, heartbeat=request.heartbeat)
