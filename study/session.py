@@ -19,7 +19,7 @@ import torch
 
 from dashboards.record import STUDY_UID
 from study.specs import PRESETS, PRUNER_NAMES, SAMPLER_NAMES, Plan, Spec, SpecError, load_spec, recorded_spec, resolve
-from study.storage import default_storage_url, make_home, mask, open_storage, setup_lock, storage_file
+from study.storage import default_storage_url, make_home, mask, open_storage, opened, setup_lock, storage_file
 
 # Costs a multi-objective study minimises beside validation accuracy: TrainResult fields.
 COSTS = ("train_seconds", "train_flops")
@@ -174,7 +174,8 @@ def settle(request: Request, spec: Spec, recorded: dict | None = None) -> Settin
     if not request.join:
         return _settings(request, spec, recorded or {})
     _check_default_storage(request, spec)
-    return _settings(request, spec, _record(request, spec, open_storage(request.storage, request.heartbeat)))
+    with opened(request.storage, heartbeat=request.heartbeat) as storage:
+        return _settings(request, spec, _record(request, spec, storage))
 
 
 def open_session(request: Request, spec: Spec) -> Session:
@@ -193,7 +194,8 @@ def read_record(request: Request, spec: Spec) -> dict | None:
     file = storage_file(request.storage or default_storage_url())
     if file is not None and not file.exists():
         return None
-    recorded = _record(request, spec, open_storage(request.storage, read_only=True))
+    with opened(request.storage, read_only=True) as storage:
+        recorded = _record(request, spec, storage)
     return recorded if recorded is not None and all(key in recorded for key in RECORDED) else None
 
 
@@ -206,10 +208,10 @@ def spec_for(name: str, storage_url: str | None) -> Spec:
         file = storage_file(storage_url or default_storage_url())
         if name.endswith(".toml") or (file is not None and not file.exists()):
             raise
-        storage = open_storage(storage_url, read_only=True)
-        if name not in optuna.get_all_study_names(storage):
-            raise
-        text = optuna.load_study(study_name=name, storage=storage).user_attrs.get(SPEC_TEXT)
+        with opened(storage_url, read_only=True) as storage:
+            if name not in optuna.get_all_study_names(storage):
+                raise
+            text = optuna.load_study(study_name=name, storage=storage).user_attrs.get(SPEC_TEXT)
         if text is None:
             raise SpecError(f"study {name} was launched from a spec file and recorded no copy of it; give the spec's path instead of its name") from None
         return recorded_spec(name, text)
