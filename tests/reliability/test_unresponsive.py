@@ -11,6 +11,7 @@ import itertools
 import socket
 import sqlite3
 import threading
+import time
 import urllib.parse
 
 import pytest
@@ -306,9 +307,13 @@ def test_a_tracking_server_that_comes_up_late_is_waited_for():
         check_reachable(f"http://127.0.0.1:{port}", wait=BOUND)
         assert servers  # answered by the server that came up, not before it
     finally:
+        late.cancel()
+        while late.is_alive() and not servers:  # a server starting now: stopped below
+            time.sleep(0.05)
+        if servers:
+            servers[0].shutdown()
+            servers[0].server_close()
         late.join()
-        servers[0].shutdown()
-        servers[0].server_close()
     nobody = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(TrackingUnreachable, match=f"MLflow server {nobody} does not answer within 1.5 s"):
         check_reachable(nobody, wait=1.5)
