@@ -136,6 +136,14 @@ class TrialRunner:
                 self.running_cost[trial._trial_id] = self.budget.cost(prediction)
         try:
             return self._train_and_tell(trial, config, run_id, slot.train)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Another worker failed this trial while it ran and queued its retry: its heartbeats or lease did not reach
+            # the storage in time (a network cut). Its result would be a duplicate, so it is dropped, and this worker,
+            # which cannot keep its trials alive, stops.
+            self.stopping.set()
+            self.console.print(f"trial {trial.number}: failed by another worker while it ran here (no heartbeat or lease reached the "
+                               "storage in time); its retry runs elsewhere, so this result is dropped and this worker stops")
+            return None
         finally:
             self.in_flight.discard(trial._trial_id)
             self.running_cost.pop(trial._trial_id, None)

@@ -335,7 +335,7 @@ def test_a_crowd_of_workers_started_at_once(study_home, tmp_path, postgres, mlfl
     spec = make_spec(tmp_path, "crowd", LENET)
     env = {"STUDY_HOME": str(study_home), "MLFLOW_TRACKING_URI": mlflow_server}
     with postgres_database("crowd") as url:
-        created = run_main("create", str(spec), "--trials", str(2 * CROWD), "--storage", url, env=env)
+        created = run_cli("create", str(spec), "--trials", str(2 * CROWD), "--storage", url, env=env)  # a process of its own, whose connection ends with it
         assert created.returncode == 0, created.stderr
         peak, stop = [0], threading.Event()
 
