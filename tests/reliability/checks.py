@@ -340,32 +340,33 @@ class OtherHost:
     name: str
     log_dir: Path
     netns: str | None = None
+    link: str | None = None  # this host's end of the veth pair; the other host's is this name + "p"
     address: str | None = None
     peer: str | None = None
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     def isolate(self) -> None:
         tag = uuid.uuid4().hex[:6]
-        self.netns, self._link = f"cnn-study-{tag}", f"cs{tag}"
+        self.netns, self.link = f"cnn-study-{tag}", f"cs{tag}"
         # A /30 drawn in 10.231.0.0/16, so that tests running at once rarely share one; `ip` refuses a clash loudly.
         base = random.randrange(0, 2**16, 4)
         self.address, self.peer = f"10.231.{base >> 8}.{(base & 255) + 1}", f"10.231.{base >> 8}.{(base & 255) + 2}"
         for command in (["netns", "add", self.netns],
-                        ["link", "add", self._link, "type", "veth", "peer", "name", f"{self._link}p", "netns", self.netns],
-                        ["addr", "add", f"{self.address}/30", "dev", self._link],
-                        ["link", "set", self._link, "up"],
-                        ["-n", self.netns, "addr", "add", f"{self.peer}/30", "dev", f"{self._link}p"],
-                        ["-n", self.netns, "link", "set", f"{self._link}p", "up"],
+                        ["link", "add", self.link, "type", "veth", "peer", "name", f"{self.link}p", "netns", self.netns],
+                        ["addr", "add", f"{self.address}/30", "dev", self.link],
+                        ["link", "set", self.link, "up"],
+                        ["-n", self.netns, "addr", "add", f"{self.peer}/30", "dev", f"{self.link}p"],
+                        ["-n", self.netns, "link", "set", f"{self.link}p", "up"],
                         ["-n", self.netns, "link", "set", "lo", "up"]):
             subprocess.run(["ip", *command], check=True, capture_output=True)
 
     def cut(self, down: bool = True) -> None:
         """Cut the network between the two hosts (down=False: join them again)."""
-        subprocess.run(["ip", "link", "set", self._link, "down" if down else "up"], check=True, capture_output=True)
+        subprocess.run(["ip", "link", "set", self.link, "down" if down else "up"], check=True, capture_output=True)
 
     def start(self, argv: list[str], env: dict | None = None) -> subprocess.Popen:
         """`python -m study ARGV` on this host, with the trainer and report writer of tests/hooked_study.py (hold_env
-        holds it at a phase); its output in a log of `log_dir` (`log(process)`)."""
+        holds it at a phase); its output in a log of `log_dir`, the process's `log`."""
         inside = ["ip", "netns", "exec", self.netns] if self.netns else []
         log = self.log_dir / f"{self.name}-{len(self.processes)}.log"
         with open(log, "w") as out:
@@ -390,7 +391,7 @@ class OtherHost:
         if self.netns is not None:
             # Deleting the namespace deletes its end of the pair, and with it this end.
             subprocess.run(["ip", "netns", "del", self.netns], check=False, capture_output=True)
-            subprocess.run(["ip", "link", "del", self._link], check=False, capture_output=True)
+            subprocess.run(["ip", "link", "del", self.link], check=False, capture_output=True)
 
 
 @pytest.fixture
