@@ -49,6 +49,7 @@ from objectives.train import TrainConfig, TrainResult
 CONFIG = "config"
 HOST = "host"
 PID = "pid"
+LEASE = "lease_until"  # wall-clock time (Unix seconds) until which the process running a trial vouches that it lives
 NODE = "node"
 MLFLOW_RUN_ID = "mlflow_run_id"
 DEVICE = "device"

@@ -148,17 +148,17 @@ def _ray_slots(args):
     return ray_slots(args.workers, args.trials_per_gpu)
 
 
-def _ready_to_train(data_dir: str | None) -> str:
+def _ready_to_train(data_dir: str | None, mlflow_wait: float | None = None) -> str:
     """What a command that trains checks before it writes anything, each a one-line error: the data files are whole
     and the tracking store answers (a silent server, one that answers /health but not its API, a half-made store).
     Returns the tracking URI."""
     from objectives.data import verify
 
     verify(data_dir)
-    return _tracking_ready()
+    return _tracking_ready(mlflow_wait)
 
 
-def _tracking_ready() -> str:
+def _tracking_ready(mlflow_wait: float | None = None) -> str:
     """The tracking URI, once its store answers (a silent server, one that answers /health but not its API, a half-made
     store: each a one-line error); what every command that writes a study checks before it writes."""
     import optuna
@@ -167,7 +167,7 @@ def _tracking_ready() -> str:
     from study.tracking import check_reachable, tracking_uri
 
     uri = tracking_uri(home())
-    check_reachable(uri)
+    check_reachable(uri, mlflow_wait)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return uri
 
@@ -247,7 +247,7 @@ def cmd_create(args) -> int:
                              + f", not {', '.join(str(wanted[key]) for key in differing)}; `python -m study launch` changes a study's total, sampler and pruner")
         print(f"study {spec.name} exists in {storage_label} ({count(settings.total, 'trial')}, preset {settings.preset}); nothing changed")
         return 0
-    uri = _tracking_ready()
+    uri = _tracking_ready(args.mlflow_wait)
     _, tracker = _open_with_parent(request, spec, uri)
     print(f"created study {spec.name} in {storage_label}: {count(settings.total, 'trial')}, preset {settings.preset}, objective {settings.objective}; "
           f"MLflow parent run {tracker.parent_run_id} in {mask(uri)}")
@@ -264,7 +264,7 @@ def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | Non
     from study.storage import default_storage_url, mask
     from study.tracking import PICKLE_NOTE
 
-    uri = _ready_to_train(args.data_dir)
+    uri = _ready_to_train(args.data_dir, args.mlflow_wait)
     session, tracker = _open_with_parent(request, spec, uri)
     settings, study = session.settings, session.study
     console = _console()
@@ -720,8 +720,16 @@ def _add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-dir", type=Path, help="where running trials keep their checkpoints, one folder per study, so that an "
                         "interrupted trial's retry resumes where it stopped; with workers on several machines or Ray, a path every one of "
                         "them reaches (a shared file system) (default: the study home's checkpoints/)")
+    _add_mlflow_wait(parser)
     parser.add_argument("--heartbeat", type=positive_int, default=10,
-                        help="relational storage: seconds between a trial's heartbeats; a trial silent for 3 of them is failed and run again (default: 10)")
+                        help="seconds between a running trial's heartbeats (relational storage) or lease renewals (journal, gRPC proxy); "
+                             "a trial silent for 3 of them is failed and run again, whatever host ran it (default: 10)")
+
+
+def _add_mlflow_wait(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mlflow-wait", type=positive_seconds, metavar="S",
+                        help="seconds to wait for an MLflow server to answer before anything is written, retrying with backoff "
+                             "(default: $STUDY_MLFLOW_WAIT, else 60: a server busy with many workers starting answers late)")
 
 
 def _remote_ui(uri: str) -> int:
@@ -729,14 +737,15 @@ def _remote_ui(uri: str) -> int:
     from mlflow.tracking import MlflowClient
 
     from study.storage import mask
-    from study.tracking import MODEL_TRAINING_CLICK, PROBE_TIMEOUT, ask_server, ui_links, ui_url
+    from study.tracking import MLFLOW_WAIT_ENV, MODEL_TRAINING_CLICK, ask_server, mlflow_wait, ui_links, ui_url
 
     shown = ui_url(uri)  # without its credentials: the browser asks for them
+    wait = mlflow_wait()
     try:
-        ask_server(f"{uri.rstrip('/')}/health")
+        ask_server(f"{uri.rstrip('/')}/health", time.monotonic() + wait)
     except OSError as error:
-        raise ValueError(f"MLFLOW_TRACKING_URI={mask(uri).rstrip('/')} does not answer within {PROBE_TIMEOUT} s ({mask(str(getattr(error, 'reason', error)))}); "
-                         "start that `mlflow server` or unset the variable") from None
+        raise ValueError(f"MLFLOW_TRACKING_URI={mask(uri).rstrip('/')} does not answer within {wait:g} s ({mask(str(getattr(error, 'reason', error)))}); "
+                         f"start that `mlflow server`, wait longer ({MLFLOW_WAIT_ENV}), or unset the variable") from None
     print(f"MLFLOW_TRACKING_URI points to the MLflow server {shown}, which serves the UI itself; no local UI started. Open {shown}")
     for name, link in ui_links(MlflowClient(tracking_uri=uri), shown):
         print(f"  {name}: {link}")
@@ -863,6 +872,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--cost", help="the cost of --objective accuracy,cost: train_seconds (default) or train_flops")
     create.add_argument("--sampler", help=SAMPLER_HELP)
     create.add_argument("--pruner", help=PRUNER_HELP)
+    _add_mlflow_wait(create)
     create.set_defaults(run=cmd_create)
 
     worker = commands.add_parser("worker", help="join a launched study (from this or another machine) and run trials until its total is reached")

@@ -155,7 +155,7 @@ def run_confirm(session: Session, uri: str, artifact_root, console: Console, top
         tracker.client.set_tag(tracker.parent_run_id, "confirm.original_study", study.study_name)
         tracker.client.set_tag(tracker.parent_run_id, "confirm.original_parent_run_id", original_tracker.parent_run_id)
         settings = dataclasses.replace(session.settings, objective="accuracy", pruner={"name": "none"})
-        companion_session = Session(settings=settings, study=companion, storage=storage)
+        companion_session = Session(settings=settings, study=companion, storage=storage, heartbeat=session.heartbeat)
 
         def config_for(trial: optuna.Trial) -> objectives.TrainConfig:
             return _config(study, trial.user_attrs[record.CONFIRM_OF], trial.user_attrs[record.CONFIRM_SEED])

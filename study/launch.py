@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
-import sqlalchemy.exc
 from optuna.trial import TrialState
 from rich.console import Console
 
@@ -35,7 +34,7 @@ from study.errors import StudyFull
 from study.pool import InProcess, WorkerDied, local_slots
 from study.progress import LiveProgress
 from study.reconcile import reconcile, repair_models
-from study.recovery import HeartbeatRecovery, JournalRecovery, recovery_for
+from study.recovery import HeartbeatRecovery, LeaseRecovery, lease_until, recovery_for
 from study.session import Session
 from study.storage import claim_lock, heartbeat_enabled, home, mask
 from study.tracking import Tracker, device_name
@@ -107,6 +106,8 @@ class TrialRunner:
                     # At once, not at the next beat: Optuna ignores trials without heartbeats, so a worker killed
                     # before its first beat would leave its trial RUNNING for ever.
                     storage.record_heartbeat(trial._trial_id)
+                else:
+                    trial.set_user_attr(record.LEASE, lease_until(self.session.heartbeat))  # first thing, as the heartbeat above
             self.in_flight.add(trial._trial_id)
             trial.set_user_attr(record.HOST, socket.gethostname())
             trial.set_user_attr(record.PID, os.getpid())
@@ -141,6 +142,14 @@ class TrialRunner:
             resume = self._resume_point(trial, config, run_id)
         try:
             return self._train_and_tell(trial, config, run_id, slot.train, resume)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Another worker failed this trial while it ran and queued its retry: its heartbeats or lease did not reach
+            # the storage in time (a network cut). Its result would be a duplicate, so it is dropped, and this worker,
+            # which cannot keep its trials alive, stops.
+            self.stopping.set()
+            self.console.print(f"trial {trial.number}: failed by another worker while it ran here (no heartbeat or lease reached the "
+                               "storage in time); its retry runs elsewhere, so this result is dropped and this worker stops")
+            return None
         finally:
             self.in_flight.discard(trial._trial_id)
             self.running_cost.pop(trial._trial_id, None)
@@ -302,7 +311,7 @@ class Scheduler:
     """Trial slots (study.pool, study.ray_slots), each driven by a thread running trials until the study holds its total."""
 
     runner: TrialRunner
-    recovery: JournalRecovery | HeartbeatRecovery
+    recovery: LeaseRecovery | HeartbeatRecovery
     make_slots: Callable[[FashionMNIST], list]  # the slots, given the data the launcher loaded
     data_dir: str | None = None
     deadline: float | None = None  # time.monotonic() after which no trial starts
@@ -452,18 +461,23 @@ class Scheduler:
             return True
 
     def _beat(self, stop: threading.Event) -> None:
-        """Record the heartbeat of every trial this process runs (relational storage only)."""
+        """Keep every trial this process runs alive in the storage: Optuna's heartbeat on relational storage, the
+        trial's lease on every other (study.recovery)."""
         storage = self.runner.session.storage
-        if not heartbeat_enabled(storage):
-            return
-        interval = storage.get_heartbeat_interval()
+        beats = heartbeat_enabled(storage)
+        interval = storage.get_heartbeat_interval() if beats else self.runner.session.heartbeat
         while not stop.is_set():
             # No runner.lock: a heartbeat must not wait behind slow MLflow calls (RDB sessions are per thread).
             for trial_id in list(self.runner.in_flight):
                 try:
-                    storage.record_heartbeat(trial_id)
-                except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError):
-                    pass  # a connection the server dropped mid-beat: the next beat, well within the grace period, gets a new one
+                    if beats:
+                        storage.record_heartbeat(trial_id)
+                    else:
+                        storage.set_trial_user_attr(trial_id, record.LEASE, lease_until(interval))
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    pass  # it finished since the list was taken
+                except Exception:  # noqa: BLE001, S110 -- sqlalchemy, gRPC and file errors alike
+                    pass  # a connection dropped mid-beat: the next beat, well within the grace period, gets a new one
             stop.wait(interval)
 
     def _forecast(self, to_run: int, slots: int) -> costs.Forecast:

@@ -3,12 +3,19 @@
 One strategy per kind of storage, chosen by `recovery_for`:
 - relational storage (SQLite, PostgreSQL): Optuna's heartbeats. A trial whose heartbeat is older than the
   grace period is failed, with its reason, and Optuna's stale-trial callback (storage.RetryStaleTrial) queues it again.
-- journal file: no heartbeats, so trials left RUNNING by a process of this host that no longer exists.
+- every other storage (a journal file, the gRPC proxy): a lease, the trial's user attribute `lease_until`, which the
+  process running the trial renews every heartbeat interval (study.launch.Scheduler._beat) to LEASE_BEATS intervals
+  ahead. Any process, on any host, fails a trial whose lease ran out (hosts' clocks must agree to well within it);
+  on the host that ran it, a trial whose pid no longer exists is failed at once.
+
+Either way a dead worker's trial is failed and queued again within 3 heartbeat intervals of its last beat, plus the
+time until another worker next looks (before each trial it asks for, and every second while it waits for others).
 """
 
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,10 +29,13 @@ from study.specs import Plan
 from study.storage import heartbeat_enabled, pid_alive
 from study.tracking import Tracker
 
+LEASE_BEATS = 3  # heartbeat intervals a lease runs past its renewal: the grace period relational storage gives heartbeats
+
 
 @dataclass
-class JournalRecovery:
-    """Trials RUNNING under a pid of this host that no longer exists."""
+class LeaseRecovery:
+    """Trials RUNNING whose process is gone: its lease ran out (seen from any host), or it ran on this host under a
+    pid that no longer exists (seen at once, without waiting for the lease)."""
 
     study: optuna.Study
     storage: optuna.storages.BaseStorage
@@ -33,20 +43,38 @@ class JournalRecovery:
     console: Console
 
     def recover(self) -> None:
-        host = socket.gethostname()
-        study_id = self.storage.get_study_id_from_name(self.study.study_name)
+        host, now = socket.gethostname(), time.time()
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            pid = trial.user_attrs.get(record.PID)
-            if trial.user_attrs.get(record.HOST) != host or pid is None or pid_alive(pid):
+            reason = death(trial, host, now)
+            if reason is None:
                 continue
-            trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-            self.storage.set_trial_user_attr(trial_id, record.FAIL_REASON, "worker process died")
-            self.storage.set_trial_user_attr(trial_id, record.INTERRUPTED, True)
-            self.study.tell(trial.number, state=TrialState.FAIL)
+            try:
+                self.storage.set_trial_user_attr(trial._trial_id, record.FAIL_REASON, reason)
+                self.storage.set_trial_user_attr(trial._trial_id, record.INTERRUPTED, True)
+                self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another process's recovery failed it first, and queued its retry
             if run_id := trial.user_attrs.get(record.MLFLOW_RUN_ID):
-                self.tracker.finish_trial(run_id, "INTERRUPTED", reason="worker process died")
+                self.tracker.finish_trial(run_id, "INTERRUPTED", reason=reason)
             record.retry(self.study, trial)
-            self.console.print(f"trial {trial.number}: its process {pid} died; marked FAIL and queued again")
+            self.console.print(f"trial {trial.number}: {reason}; marked FAIL and queued again")
+
+
+def lease_until(interval: float) -> float:
+    """A lease renewed now: LEASE_BEATS heartbeat intervals from now, by the wall clock every host reads."""
+    return time.time() + LEASE_BEATS * interval
+
+
+def death(trial: optuna.trial.FrozenTrial, host: str, now: float) -> str | None:
+    """Why a RUNNING trial's process is dead, or None while it may live. A pid means something only on its own host
+    (another host's pid may be any process here); a lease, wherever it was written."""
+    pid = trial.user_attrs.get(record.PID)
+    if trial.user_attrs.get(record.HOST) == host and pid is not None and not pid_alive(pid):
+        return "worker process died"
+    lease = trial.user_attrs.get(record.LEASE)
+    if lease is not None and lease < now:
+        return f"worker stopped renewing its lease (host {trial.user_attrs.get(record.HOST)}, pid {pid})"
+    return None
 
 
 @dataclass
@@ -97,7 +125,7 @@ def _stale_reason(trial: optuna.trial.FrozenTrial) -> str:
 
 
 def recovery_for(study: optuna.Study, storage: optuna.storages.BaseStorage, tracker: Tracker, console: Console, plan: Plan,
-                 track: Callable) -> JournalRecovery | HeartbeatRecovery:
+                 track: Callable) -> LeaseRecovery | HeartbeatRecovery:
     if heartbeat_enabled(storage):
         return HeartbeatRecovery(study, storage, tracker, console, plan, track)
-    return JournalRecovery(study, storage, tracker, console)
+    return LeaseRecovery(study, storage, tracker, console)

@@ -19,7 +19,7 @@ import torch
 
 from dashboards.record import STUDY_UID
 from study.specs import PRESETS, Plan, Spec, SpecError, load_spec, recorded_spec, resolve
-from study.storage import default_storage_url, home_holds_tracking, make_home, mask, open_storage, setup_lock, storage_file
+from study.storage import default_storage_url, home_holds_tracking, make_home, mask, open_storage, opened, setup_lock, storage_file
 from study.strategies import PRUNERS, SAMPLERS, strategy_class
 
 # Costs a multi-objective study minimises beside validation accuracy: TrainResult fields.
@@ -88,6 +88,7 @@ class Session:
     settings: Settings
     study: optuna.Study
     storage: optuna.storages.BaseStorage
+    heartbeat: int = 10  # seconds between a running trial's heartbeats or lease renewals (study.recovery)
 
 
 def choose_preset(requested: str | None, spec: Spec | None = None) -> tuple[str, str]:
@@ -171,7 +172,8 @@ def settle(request: Request, spec: Spec, recorded: dict | None = None) -> Settin
     if not request.join:
         return _settings(request, spec, recorded or {})
     _check_default_storage(request, spec)
-    return _settings(request, spec, _record(request, spec, open_storage(request.storage, request.heartbeat)))
+    with opened(request.storage, heartbeat=request.heartbeat) as storage:
+        return _settings(request, spec, _record(request, spec, storage))
 
 
 def open_session(request: Request, spec: Spec) -> Session:
@@ -193,7 +195,8 @@ def read_record(request: Request, spec: Spec) -> dict | None:
     file = storage_file(request.storage or default_storage_url())
     if file is not None and not file.exists():
         return None
-    recorded = _record(request, spec, open_storage(request.storage, read_only=True))
+    with opened(request.storage, read_only=True) as storage:
+        recorded = _record(request, spec, storage)
     return recorded if recorded is not None and all(key in recorded for key in RECORDED) else None
 
 
@@ -206,10 +209,10 @@ def spec_for(name: str, storage_url: str | None) -> Spec:
         file = storage_file(storage_url or default_storage_url())
         if name.endswith(".toml") or (file is not None and not file.exists()):
             raise
-        storage = open_storage(storage_url, read_only=True)
-        if name not in optuna.get_all_study_names(storage):
-            raise
-        text = optuna.load_study(study_name=name, storage=storage).user_attrs.get(SPEC_TEXT)
+        with opened(storage_url, read_only=True) as storage:
+            if name not in optuna.get_all_study_names(storage):
+                raise
+            text = optuna.load_study(study_name=name, storage=storage).user_attrs.get(SPEC_TEXT)
         if text is None:
             raise SpecError(f"study {name} was launched from a spec file and recorded no copy of it; give the spec's path instead of its name") from None
         return recorded_spec(name, text)
@@ -272,4 +275,4 @@ def _create_or_load(request: Request, spec: Spec, storage: optuna.storages.BaseS
                 study.set_metric_names(metric_names)
         if not exists:
             study.set_user_attr(STUDY_UID, uuid.uuid4().hex)  # its identity in MLflow (dashboards.record); older studies have none
-    return Session(settings=settings, study=study, storage=storage)
+    return Session(settings=settings, study=study, storage=storage, heartbeat=request.heartbeat)

@@ -132,11 +132,24 @@ def open_storage(url: str | None, heartbeat: int | None = None, read_only: bool 
         raise StorageError(f"cannot open storage {mask(url)}: {mask(first_line)}") from None  # the driver's error may echo the URL
 
 
+@contextmanager
+def opened(url: str | None, **options):
+    """open_storage for one look (`options` as open_storage takes them): a database connection is closed at the end
+    of the block, not when the garbage collector finds the storage, so that a worker starting holds one at a time."""
+    storage = open_storage(url, **options)
+    try:
+        yield storage
+    finally:
+        if isinstance(storage, optuna.storages.RDBStorage):
+            storage.engine.dispose()
+
+
 def _one_connection(url: str, settings: dict) -> optuna.storages.RDBStorage:
     """A PostgreSQL storage on one connection per process, shared by its threads' queries, heartbeats and advisory locks
     (_advisory_lock), so that a server's max_connections holds as many workers. A thread waits at most sqlalchemy's
     pool_timeout (30 s) for it; no query holds it for long. Optuna's schema check opens a second connection inside its
-    first, so the tables are created and checked first (_create_tables)."""
+    first, so the tables are created and checked first (_create_tables), on one connection at a time, save in the one
+    process that creates a fresh database's tables (two: the lock's and Optuna's)."""
     engine = settings["engine_kwargs"]
     _create_tables(url, engine)
     return optuna.storages.RDBStorage(url, skip_table_creation=True, skip_compatibility_check=True,
@@ -158,13 +171,34 @@ def _create_tables(url: str, engine: dict) -> None:
             if fresh:
                 connection.execute(sqlalchemy.text(f"SET lock_timeout = '{TABLES_TIMEOUT}s'"))
                 connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:space, 0)"), {"space": TABLES_LOCK_SPACE})
-            try:
-                optuna.storages.RDBStorage(url, engine_kwargs={**engine, "poolclass": sqlalchemy.pool.NullPool}).engine.dispose()
-            finally:
-                if fresh:
+                try:
+                    _check_tables(url, engine, fresh)
+                finally:
                     connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:space, 0)"), {"space": TABLES_LOCK_SPACE})
+        if not fresh:
+            # After the probe's connection closed: a worker joining a study holds one connection at a time.
+            _check_tables(url, engine, fresh)
     finally:
         probe.dispose()
+
+
+def _check_tables(url: str, engine: dict, fresh: bool) -> None:
+    """Optuna's tables made (`fresh`) and their version checked, on connections closed at once. Optuna's own check
+    holds a connection while it opens a second, so where the tables exist the versions are compared one connection
+    at a time, and Optuna's check runs only to word its error."""
+    import sqlalchemy.pool
+
+    kwargs = {"engine_kwargs": {**engine, "poolclass": sqlalchemy.pool.NullPool}}
+    if fresh:
+        optuna.storages.RDBStorage(url, **kwargs).engine.dispose()
+        return
+    storage = optuna.storages.RDBStorage(url, skip_table_creation=True, skip_compatibility_check=True, **kwargs)
+    try:
+        current = storage.get_current_version() == storage.get_head_version()
+    finally:
+        storage.engine.dispose()
+    if not current:
+        optuna.storages.RDBStorage(url, **kwargs).engine.dispose()  # creates what is missing, or raises Optuna's upgrade message
 
 
 def _journal(path: Path, read_only: bool) -> optuna.storages.BaseStorage:

@@ -18,7 +18,9 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
+import random
 import socket
 import subprocess
 import tempfile
@@ -52,7 +54,8 @@ PICKLE_NOTE = ("models are logged as pickled PyTorch modules (mlflow.pytorch.loa
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "INTERRUPTED": "KILLED"}
 
 
-PROBE_TIMEOUT = 5  # seconds for a tracking server to answer /health, and again its API, whole, before anything is written
+MLFLOW_WAIT = 60  # seconds a command waits for a tracking server to answer /health and then its API, before anything is written
+MLFLOW_WAIT_ENV = "STUDY_MLFLOW_WAIT"  # the environment's bound, which --mlflow-wait overrides
 API_PROBE = "api/2.0/mlflow/experiments/search"  # a cheap call that reads the tracking store, as MLflow's client does
 
 
@@ -60,22 +63,42 @@ class TrackingUnreachable(ConnectionError):
     """The MLflow tracking store cannot be reached or opened."""
 
 
-def check_reachable(uri: str) -> None:
-    """Before a command uses the tracking store (a launch, before it writes anything): a tracking server answers, an existing local store opens."""
+def mlflow_wait(flag: float | None = None) -> float:
+    """How long to wait for a tracking server: --mlflow-wait, else $STUDY_MLFLOW_WAIT, else MLFLOW_WAIT. Sized for a
+    server busy with a crowd of workers starting at once, which answers late rather than never."""
+    if flag is not None:
+        return flag
+    text = os.environ.get(MLFLOW_WAIT_ENV, "").strip()
+    if not text:
+        return MLFLOW_WAIT
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 < value < math.inf):
+        raise ValueError(f"{MLFLOW_WAIT_ENV}={text!r}: give the seconds to wait for the MLflow server, a number > 0 (default: {MLFLOW_WAIT})")
+    return value
+
+
+def check_reachable(uri: str, wait: float | None = None) -> None:
+    """Before a command uses the tracking store (a launch, before it writes anything): a tracking server answers, an
+    existing local store opens. A server gets `wait` seconds in all (mlflow_wait), /health and its API together."""
     if uri.startswith(("http://", "https://")):
+        wait = mlflow_wait(wait)
+        deadline = time.monotonic() + wait
         try:
-            ask_server(f"{uri.rstrip('/')}/health")
+            ask_server(f"{uri.rstrip('/')}/health", deadline)
         except OSError as error:
             why = getattr(error, "reason", None) or error
-            raise TrackingUnreachable(f"MLflow server {mask(uri)} does not answer within {PROBE_TIMEOUT} s ({mask(str(why))}); "
-                                      "start it, or unset MLFLOW_TRACKING_URI to use the local store") from None
-        _check_api_answers(uri)
+            raise TrackingUnreachable(f"MLflow server {mask(uri)} does not answer within {wait:g} s ({mask(str(why))}); start it, wait longer "
+                                      f"(--mlflow-wait or {MLFLOW_WAIT_ENV}), or unset MLFLOW_TRACKING_URI to use the local store") from None
+        _check_api_answers(uri, deadline, wait)
     elif uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///")).exists():
         open_sqlite_store(Path(uri.removeprefix("sqlite:///")))
 
 
-def _check_api_answers(uri: str) -> None:
-    """The server answers its REST API too, within PROBE_TIMEOUT.
+def _check_api_answers(uri: str, deadline: float, wait: float) -> None:
+    """The server answers its REST API too, by `deadline`.
 
     /health is served without the tracking store, so a server whose database hangs (or a proxy in front of a dead
     one) passes it; then every MLflow call waits out its timeout and retries (20 s each under the CLI's
@@ -85,18 +108,41 @@ def _check_api_answers(uri: str) -> None:
     import urllib.error
 
     try:
-        ask_server(f"{uri.rstrip('/')}/{API_PROBE}", body=b'{"max_results": 1}')
+        ask_server(f"{uri.rstrip('/')}/{API_PROBE}", deadline, body=b'{"max_results": 1}')
     except urllib.error.HTTPError:
         pass  # an answer
     except OSError as error:
         why = getattr(error, "reason", None) or error
-        raise TrackingUnreachable(f"MLflow server {mask(uri)} answers /health but not its API (POST /{API_PROBE}) within {PROBE_TIMEOUT} s "
-                                  f"({mask(str(why))}); check the server and its database, or unset MLFLOW_TRACKING_URI to use the local store") from None
+        raise TrackingUnreachable(f"MLflow server {mask(uri)} answers /health but not its API (POST /{API_PROBE}) within {wait:g} s "
+                                  f"({mask(str(why))}); check the server and its database, wait longer (--mlflow-wait or {MLFLOW_WAIT_ENV}), "
+                                  "or unset MLFLOW_TRACKING_URI to use the local store") from None
 
 
-def ask_server(url: str, body: bytes | None = None) -> None:
-    """One request to an HTTP server (a JSON POST when `body` is given), answered whole (status, headers, body) within
-    PROBE_TIMEOUT of its start; urllib.error.HTTPError for an error status, TimeoutError past the deadline.
+def ask_server(url: str, deadline: float, body: bytes | None = None) -> None:
+    """A request to an HTTP server (a JSON POST when `body` is given), answered whole (status, headers, body) by
+    `deadline` (time.monotonic()); tried again, with backoff and jitter, while the server refuses or drops the
+    connection, so that workers starting together spread out rather than retry in step. urllib.error.HTTPError for
+    an error status (an answer: not tried again), else the last failure once the deadline passed (TimeoutError for
+    a server that never answered whole)."""
+    import urllib.error
+
+    pause = 0.25
+    while True:
+        try:
+            _ask_once(url, body, deadline - time.monotonic())
+            return
+        except urllib.error.HTTPError:
+            raise
+        except OSError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            time.sleep(min(left, pause * random.uniform(0.5, 1.5)))
+            pause = min(2 * pause, 4.0)
+
+
+def _ask_once(url: str, body: bytes | None, seconds: float) -> None:
+    """One request, answered whole within `seconds` of its start.
 
     A socket timeout bounds each read, not the request: a server sending a byte every few seconds would hold it for
     ever. So the request runs in a thread of its own, waited for until the deadline; a thread still waiting then is
@@ -107,6 +153,8 @@ def ask_server(url: str, body: bytes | None = None) -> None:
     import threading
     import urllib.request
 
+    if seconds <= 0:
+        raise TimeoutError("timed out")
     parts = urllib.parse.urlsplit(url)
     headers = {"Content-Type": "application/json"} if body is not None else {}
     if parts.username is not None or parts.password is not None:
@@ -118,7 +166,7 @@ def ask_server(url: str, body: bytes | None = None) -> None:
 
     def ask() -> None:
         try:
-            with urllib.request.urlopen(request, timeout=PROBE_TIMEOUT) as response:
+            with urllib.request.urlopen(request, timeout=seconds) as response:
                 response.read()
             outcome.append(None)
         except BaseException as error:  # noqa: BLE001 -- raised again in the caller's thread
@@ -126,7 +174,7 @@ def ask_server(url: str, body: bytes | None = None) -> None:
 
     asking = threading.Thread(target=ask, name=f"ask {parts.netloc}", daemon=True)
     asking.start()
-    asking.join(PROBE_TIMEOUT)
+    asking.join(seconds)
     if not outcome:
         raise TimeoutError("timed out")
     if outcome[0] is not None:

@@ -407,12 +407,13 @@ def postgres_database(prefix: str):
 
 
 @contextlib.contextmanager
-def storage_proxy(storage_url: str, log: Path):
-    """`python -m study serve-storage --storage STORAGE_URL` on a free port, logging to `log`; yields its grpc:// URL,
-    then stops it with Ctrl-C, which it must answer with exit 0."""
+def storage_proxy(storage_url: str, log: Path, host: str = "127.0.0.1"):
+    """`python -m study serve-storage --storage STORAGE_URL` on a free port of `host`, logging to `log`; yields its grpc://
+    URL, then stops it with Ctrl-C, which it must answer with exit 0."""
     port = free_port()
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "study", "serve-storage", "--storage", storage_url, "--port", str(port)], cwd=ROOT,
+        process = subprocess.Popen([sys.executable, "-m", "study", "serve-storage", "--storage", storage_url, "--host", host, "--port", str(port)],
+                                   cwd=ROOT,
                                    stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         deadline = time.monotonic() + 300  # a guard against a hang, not a speed limit
@@ -420,7 +421,7 @@ def storage_proxy(storage_url: str, log: Path):
             assert process.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "serve-storage did not start"
             time.sleep(0.1)
-        yield f"grpc://127.0.0.1:{port}"
+        yield f"grpc://{host}:{port}"
     finally:
         process.send_signal(signal.SIGINT)
         try:

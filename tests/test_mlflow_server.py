@@ -241,9 +241,9 @@ def test_ui_names_the_remote_server(tracked, tmp_path):
 
 
 def test_ui_says_when_the_remote_server_does_not_answer(tmp_path):
-    down = run_main("ui", env={"STUDY_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
+    down = run_main("ui", env={"STUDY_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}", "STUDY_MLFLOW_WAIT": "1"})
     assert down.returncode == 1 and down.stderr.startswith("error: MLFLOW_TRACKING_URI=http://127.0.0.1:") and len(down.stderr.splitlines()) == 1
-    assert "does not answer" in down.stderr and down.stdout == ""
+    assert "does not answer within 1 s" in down.stderr and down.stdout == ""
 
 
 @pytest.mark.parametrize("tracked", ["sqlite"], indirect=True)

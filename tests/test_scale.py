@@ -317,3 +317,51 @@ def test_a_launch_holds_one_postgresql_connection_whatever_its_workers(study_hom
         _, err = launch.communicate(timeout=300)
         assert launch.returncode == 0, err
         assert set(counts) == {1}, counts
+
+
+CROWD = 8  # workers started at once: as many as fit this 2-core, 24 GiB machine beside the rest of the suite
+
+
+@pytest.mark.slow
+def test_a_crowd_of_workers_started_at_once(study_home, tmp_path, postgres, mlflow_server):
+    """CROWD real `worker` processes started together on one PostgreSQL study and an `mlflow server` on PostgreSQL:
+    none turned away, the study's total exact, one MLflow run per trial, and at most one PostgreSQL connection per
+    worker at any moment (the peak, sampled from pg_stat_activity, is written to test-artifacts/crowd.json)."""
+    import json
+    import threading
+
+    import psycopg
+
+    from conftest import ARTIFACTS, run_cli_together
+
+    spec = make_spec(tmp_path, "crowd", LENET)
+    env = {"STUDY_HOME": str(study_home), "MLFLOW_TRACKING_URI": mlflow_server}
+    with postgres_database("crowd") as url:
+        created = run_cli("create", str(spec), "--trials", str(2 * CROWD), "--storage", url, env=env)  # a process of its own, whose connection ends with it
+        assert created.returncode == 0, created.stderr
+        peak, stop = [0], threading.Event()
+
+        def sample():
+            with psycopg.connect(url, autocommit=True) as observer:
+                while not stop.is_set():
+                    peak[0] = max(peak[0], observer.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                                            "AND application_name LIKE 'cnn-study%'").fetchone()[0])
+                    time.sleep(0.01)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            done = run_cli_together([("worker", str(spec), "--storage", url)] * CROWD, env=env, timeout=900)
+        finally:
+            stop.set()
+            sampler.join()
+        turned_away = [result.stderr for result in done if result.returncode != 0]
+        assert not turned_away, turned_away
+        storage = optuna.storages.RDBStorage(url)
+        try:
+            _check_parallel_study(optuna.load_study(study_name="crowd", storage=storage), MlflowClient(tracking_uri=mlflow_server), 2 * CROWD)
+        finally:
+            storage.engine.dispose()
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "crowd.json").write_text(json.dumps({"workers": CROWD, "trials": 2 * CROWD, "peak_connections": peak[0]}) + "\n")
+    assert 1 <= peak[0] <= CROWD, peak[0]

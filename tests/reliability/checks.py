@@ -12,12 +12,13 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -25,7 +26,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import ARTIFACTS, LENET, free_port, make_spec, postgres_database, wait_until_up
+from conftest import ARTIFACTS, LENET, ROOT, command_env, free_port, make_spec, postgres_database, wait_until_up
 
 REPEATS = int(os.environ.get("RELIABILITY_REPEATS", "20"))
 SEED = int(os.environ.get("RELIABILITY_SEED", "9"))
@@ -334,3 +335,81 @@ class MlflowServer:
             os.killpg(self.process.pid, signal.SIGKILL)  # the server and its uvicorn worker, at once
             self.process.wait(30)
         self.process = None
+
+
+# ---- another host ----
+
+@dataclass
+class OtherHost:
+    """Commands run as a host that is not this one: under a host name of their own (a UTS namespace) and, once
+    `isolate` was called, in a network namespace of their own, joined to this one only by a veth pair on a private
+    /30: this host is `address` there, the other host `peer`. Servers the other host must reach listen on `address`;
+    127.0.0.1 there is the other host's own. Everything it made goes in `close`."""
+
+    name: str
+    log_dir: Path
+    netns: str | None = None
+    link: str | None = None  # this host's end of the veth pair; the other host's is this name + "p"
+    address: str | None = None
+    peer: str | None = None
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    def isolate(self) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.netns, self.link = f"cnn-study-{tag}", f"cs{tag}"
+        # A /30 drawn in 10.231.0.0/16, so that tests running at once rarely share one; `ip` refuses a clash loudly.
+        base = random.randrange(0, 2**16, 4)
+        self.address, self.peer = f"10.231.{base >> 8}.{(base & 255) + 1}", f"10.231.{base >> 8}.{(base & 255) + 2}"
+        for command in (["netns", "add", self.netns],
+                        ["link", "add", self.link, "type", "veth", "peer", "name", f"{self.link}p", "netns", self.netns],
+                        ["addr", "add", f"{self.address}/30", "dev", self.link],
+                        ["link", "set", self.link, "up"],
+                        ["-n", self.netns, "addr", "add", f"{self.peer}/30", "dev", f"{self.link}p"],
+                        ["-n", self.netns, "link", "set", f"{self.link}p", "up"],
+                        ["-n", self.netns, "link", "set", "lo", "up"]):
+            subprocess.run(["ip", *command], check=True, capture_output=True)
+
+    def cut(self, down: bool = True) -> None:
+        """Cut the network between the two hosts (down=False: join them again)."""
+        subprocess.run(["ip", "link", "set", self.link, "down" if down else "up"], check=True, capture_output=True)
+
+    def start(self, argv: list[str], env: dict | None = None) -> subprocess.Popen:
+        """`python -m study ARGV` on this host, with the trainer and report writer of tests/hooked_study.py (hold_env
+        holds it at a phase); its output in a log of `log_dir`, the process's `log`."""
+        inside = ["ip", "netns", "exec", self.netns] if self.netns else []
+        log = self.log_dir / f"{self.name}-{len(self.processes)}.log"
+        with open(log, "w") as out:
+            process = subprocess.Popen([*inside, "unshare", "--uts", "sh", "-c", f'hostname {self.name} && exec "$@"', "sh",
+                                        sys.executable, str(ROOT / "tests" / "hooked_study.py"), *argv],
+                                       cwd=self.log_dir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                       env=command_env({**(env or {}), "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}))
+        process.log = log
+        self.processes.append(process)
+        return process
+
+    def run(self, *command: str) -> subprocess.CompletedProcess:
+        """A plain command on this host (in its network namespace)."""
+        inside = ["ip", "netns", "exec", self.netns] if self.netns else []
+        return subprocess.run([*inside, *command], capture_output=True, text=True, check=False, timeout=60)
+
+    def close(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(30)
+        if self.netns is not None:
+            # Deleting the namespace deletes its end of the pair, and with it this end.
+            subprocess.run(["ip", "netns", "del", self.netns], check=False, capture_output=True)
+            subprocess.run(["ip", "link", "del", self.link], check=False, capture_output=True)
+
+
+@pytest.fixture
+def other_host(tmp_path):
+    """OtherHost `hosta`; its processes, namespaces and links are gone after the test, whatever its outcome."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None:
+        pytest.skip("another host needs root, unshare (util-linux) and ip (iproute2)")
+    host = OtherHost("hosta", tmp_path)
+    try:
+        yield host
+    finally:
+        host.close()

@@ -11,6 +11,7 @@ import itertools
 import socket
 import sqlite3
 import threading
+import time
 import urllib.parse
 
 import pytest
@@ -21,6 +22,7 @@ from reliability.checks import check_consistent, record_fault, sqlite_uri
 # The suite's own outage test shortens MLflow's waits by environment; these tests keep the defaults.
 MLFLOW_WAITS = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
 BOUND = 60  # seconds: far above what the bounded waits need, far below the hangs they replace
+MLFLOW_WAIT = 5  # seconds the probes of an MLflow server wait here ($STUDY_MLFLOW_WAIT): the deadline, not its default, is what is tested
 # What each fault in front of MLflow is called in the one line that names its address.
 MLFLOW_FAULTS = {"silent_server": "does not answer within", "health_only_server": "answers /health but not its API",
                  "dripping_server": "does not answer within", "dripping_api_server": "answers /health but not its API"}
@@ -132,7 +134,7 @@ def dripping_api_server():
 
 
 def _default_env(**extra) -> dict:
-    return {**dict.fromkeys(MLFLOW_WAITS), **extra}  # None: unset
+    return {**dict.fromkeys(MLFLOW_WAITS), "STUDY_MLFLOW_WAIT": str(MLFLOW_WAIT), **extra}  # None: unset
 
 
 def _run(*args, env):
@@ -144,8 +146,6 @@ def _run(*args, env):
 def test_mlflow_server_that_never_answers(study_home, lenet_spec, fault, request):
     """Silent, or answering a byte at a time (a wait bounded per read would never end): launch and create end within
     the probe's deadline, named in their one line; `ui` too where /health does not answer."""
-    from study.tracking import PROBE_TIMEOUT
-
     address = f"http://127.0.0.1:{request.getfixturevalue(fault)}"
     commands = [("launch", str(lenet_spec), "--trials", "1"), ("create", str(lenet_spec), "--trials", "1")]
     if MLFLOW_FAULTS[fault] == "does not answer within":
@@ -153,7 +153,7 @@ def test_mlflow_server_that_never_answers(study_home, lenet_spec, fault, request
     env = _default_env(STUDY_HOME=str(study_home), MLFLOW_TRACKING_URI=address)
     for command, done in zip(commands, run_cli_together(commands, env=env, timeout=BOUND)):
         assert done.returncode == 1, (command, done.stderr)
-        assert done.stderr.count("\n") == 1 and address in done.stderr and f"within {PROBE_TIMEOUT} s" in done.stderr, done.stderr
+        assert done.stderr.count("\n") == 1 and address in done.stderr and f"within {MLFLOW_WAIT} s" in done.stderr, done.stderr
         assert command == ("ui",) or MLFLOW_FAULTS[fault] in done.stderr, done.stderr
     assert not study_home.exists()  # no journal, no study: the tracking server is checked first
 
@@ -273,3 +273,55 @@ def test_report_asks_a_tracking_server_that_fails_part_way_nothing_more(study_ho
     assert len(set(asked)) == 1 and asked[0] in set(frame["mlflow_run_id"]), asked
     (note,) = [part for part in section.parts if isinstance(part, str) and "stopped answering" in part]
     assert "0 of 3 drawn trials have theirs" in note
+
+
+def test_a_tracking_server_that_comes_up_late_is_waited_for():
+    """Refused at first (a server still starting, or restarting under a crowd of workers): the probes try again with
+    backoff until it answers, within the bound; never answering, they end at the bound, which the line names."""
+    from study.tracking import TrackingUnreachable, check_reachable
+
+    port = free_port()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    servers = []
+
+    def start_late():
+        servers.append(http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler))
+        servers[0].serve_forever()
+
+    late = threading.Timer(1.5, start_late)
+    late.start()
+    try:
+        check_reachable(f"http://127.0.0.1:{port}", wait=BOUND)
+        assert servers  # answered by the server that came up, not before it
+    finally:
+        late.cancel()
+        while late.is_alive() and not servers:  # a server starting now: stopped below
+            time.sleep(0.05)
+        if servers:
+            servers[0].shutdown()
+            servers[0].server_close()
+        late.join()
+    nobody = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(TrackingUnreachable, match=f"MLflow server {nobody} does not answer within 1.5 s"):
+        check_reachable(nobody, wait=1.5)
+
+
+def test_the_mlflow_wait_is_checked_where_it_enters(study_home, lenet_spec):
+    for env, args, said in (({"STUDY_MLFLOW_WAIT": "soon"}, (), "STUDY_MLFLOW_WAIT='soon': give the seconds"),
+                            ({"STUDY_MLFLOW_WAIT": "inf"}, (), "STUDY_MLFLOW_WAIT='inf'"),
+                            ({}, ("--mlflow-wait", "0"), "--mlflow-wait")):
+        done = run_main("create", str(lenet_spec), "--trials", "1", *args, env={"STUDY_HOME": str(study_home), "MLFLOW_TRACKING_URI": "http://127.0.0.1:9", **env})
+        assert done.returncode == 1 and done.stderr.count("\n") == 1 and said in done.stderr, done.stderr
+    assert not study_home.exists()
