@@ -20,7 +20,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
-from reliability.checks import begun_again, check_consistent, epochs_trained, record_resume, sqlite_uri
+from reliability.checks import begun_again, check_consistent, epochs_trained, figures, record_resume, sqlite_uri  # noqa: F401 -- figures: a fixture
 
 from conftest import LENET, ROOT, journal, make_spec, run_cli
 
@@ -166,6 +166,7 @@ def test_ctrl_c_stops_the_actors_and_records_running_trials_interrupted(cluster,
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("figures")  # its row joins the reliability table
 def test_a_node_stopped_mid_trial_loses_nothing_and_its_retry_resumes_on_the_other_node(cluster, launch, study_home):
     instance, holds, epoch_log = cluster
     holds.auto.clear()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from reliability.checks import begun_again, check_consistent, epochs_trained, record_resume, sqlite_uri
+from reliability.checks import begun_again, check_consistent, epochs_trained, figures, record_resume, sqlite_uri  # noqa: F401 -- figures: a fixture
 
 from conftest import LENET, ROOT, free_port, hold_env, make_spec, postgres_database, release, run_main, wait_for_holds
 
@@ -147,6 +147,7 @@ def _job_states(env: dict, job: str) -> list[str]:
 # Preemption with PreemptMode=REQUEUE, and an administrator, requeue a job as `scontrol requeue` does; the time limit's
 # warning (--signal=B:USR1@120, which `scancel --batch --signal=USR1` sends now) makes the template requeue itself.
 @pytest.mark.parametrize("requeue", [["scontrol", "requeue"], ["scancel", "--batch", "--signal=USR1"]], ids=["scontrol-requeue", "time-limit"])
+@pytest.mark.usefixtures("figures")  # its row joins the reliability table
 def test_a_requeued_worker_job_resumes_its_trial_from_its_checkpoint(slurm, tmp_path, pg_url, requeue):
     home, submit, holds, log = tmp_path / "home", tmp_path / "submit", tmp_path / "holds", tmp_path / "epochs.jsonl"
     submit.mkdir()
