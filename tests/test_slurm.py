@@ -1,8 +1,9 @@
 """deploy/slurm/study-worker.sbatch run as written on a real one-node Slurm: munge, slurmctld and slurmd of Debian's
 slurm-wlm, started on this machine for the test with a slurm.conf of their own (`make test` installs them as root).
 An array of 2 workers joins a PostgreSQL study made with `study create`, and the consistency checker counts the
-trials; a worker job requeued while its trial is inside an epoch resumes the trial when it runs again. The node declares the template's resources (GPUs, CPUs, memory) whatever this machine has: the test is
-about the template and the workers, not about placement."""
+trials; a worker job requeued while its trial is inside an epoch resumes the trial when it runs again. The node
+declares the template's resources (GPUs, CPUs, memory) whatever this machine has: the test is about the template
+and the workers, not about placement."""
 
 from __future__ import annotations
 
@@ -186,7 +187,8 @@ def test_a_requeued_worker_job_resumes_its_trial_from_its_checkpoint(slurm, tmp_
     assert "Traceback" not in output
     assert epochs_trained(log) == [(1, False), (2, False), (3, True)]
     record_resume(f"Slurm worker job requeued ({' '.join(requeue)}) inside epoch 3 of 3", 1, begun_again(log, 3))
-    retry = optuna.load_study(study_name="requeued", storage=pg_url).trials[1]
+    first, retry = optuna.load_study(study_name="requeued", storage=pg_url).trials
+    assert first.user_attrs["fail_reason"] == "interrupted"  # recorded by the worker on SIGTERM, not found dead later
     assert retry.user_attrs["resumed_from_epoch"] == 2
     counts = check_consistent("requeued", pg_url, tracking, total=1)
     assert counts.trials == 2 and counts.lost == 0 and counts.duplicates == 0
