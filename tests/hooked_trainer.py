@@ -1,7 +1,7 @@
 """The trainer of tests/hooked_study.py, wrapped so that a test can hold a trial at a phase or make it run out of device
 memory (the orders are described there). Only torch and `objectives` are imported: trial workers import this and
-nothing more (a worker spawned by a forked command, whose main module it is, and Ray's workers through
-tests/ray_hook/sitecustomize.py), so that they start as fast as they would without the hook.
+nothing more (a worker spawned by a forked command, whose main module it is, and Ray's workers and the
+test Slurm's `python -m study` through tests/ray_hook/sitecustomize.py), so that they start as fast as they would without the hook.
 """
 
 from __future__ import annotations

@@ -30,11 +30,14 @@ def test_slurm_array_runs_one_worker_per_task():
     # CPUs only, so it runs on any partition; the GPU is sbatch's option, documented beside it.
     assert "#SBATCH --gres" not in script and "--gres=gpu:1" in script and "--gres=gpu:1" in (DEPLOY / "slurm" / "README.md").read_text()
     [line] = [line for line in script.splitlines() if line.startswith("srun ")]
-    words = shlex.split(re.sub(r'"?\$\{?(\w+)\}?"?', lambda m: shlex.quote(ENVIRONMENT[m.group(1)]), line))[1:]
+    words = shlex.split(re.sub(r'"?\$\{?(\w+)\}?"?', lambda m: shlex.quote(ENVIRONMENT[m.group(1)]), line.removesuffix(" &")))[1:]
     args = _worker_args(words)
     assert args.name == "vgg_ratio" and args.storage == ENVIRONMENT["STUDY_STORAGE"]
     assert str(args.checkpoint_dir) == ENVIRONMENT["STUDY_CHECKPOINTS"]  # a worker on PostgreSQL is refused without one
     assert "MLFLOW_TRACKING_URI" in script  # the worker mirrors into an MLflow server
+    # Preempted or near its time limit, the job goes back to the queue and its trial resumes (tests/test_slurm.py).
+    assert "#SBATCH --requeue" in script and re.search(r"^#SBATCH --signal=B:USR1@\d+$", script, re.MULTILINE)
+    assert """trap 'scontrol requeue "$SLURM_JOB_ID"' USR1""" in script
 
 
 def test_kubernetes_indexed_job_runs_workers_on_postgresql_and_an_mlflow_server():
@@ -57,6 +60,10 @@ def test_kubernetes_indexed_job_runs_workers_on_postgresql_and_an_mlflow_server(
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
     assert volumes["scratch"]["emptyDir"] == {} and mounts["scratch"] == container["workingDir"]
     assert env["STUDY_HOME"]["value"].startswith(container["workingDir"] + "/")
+    # An evicted pod is replaced without spending the backoff limit, and its trial resumes from the shared volume.
+    [rule] = job["spec"]["podFailurePolicy"]["rules"]
+    assert rule == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
 
 
 def test_kubernetes_job_with_its_gpu_line_uncommented_asks_one_gpu_a_worker():

@@ -1,7 +1,8 @@
 """`launch --ray` on a real Ray cluster on loopback: a head and one more node, one CPU each, tiny LeNet trials.
 
 The trials' actors import tests/hooked_trainer.py (tests/ray_hook/sitecustomize.py on the nodes' PYTHONPATH), so a
-test holds trials inside their actors and acts while they are provably mid-trial: a node stopped, Ctrl-C.
+test holds trials inside their actors, in their second and last epoch, and acts while they are provably mid-trial: a
+node stopped, Ctrl-C. The actors log every epoch they train, so a test counts the epochs a retry trains again.
 Every process started here is stopped by the fixtures (the cluster's shutdown, the launch's kill).
 """
 
@@ -19,13 +20,14 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
-from reliability.checks import check_consistent, sqlite_uri
+from reliability.checks import begun_again, check_consistent, epochs_trained, figures, record_resume, sqlite_uri  # noqa: F401 -- figures: a fixture
 
 from conftest import LENET, ROOT, journal, make_spec, run_cli
 
 ray_cluster_utils = pytest.importorskip("ray.cluster_utils", reason="Ray is an optional extra: pip install '.[ray]'")
 
 LAUNCH_TIMEOUT = 300
+EPOCHS = 2
 
 
 class Holds:
@@ -66,10 +68,12 @@ class Holds:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """Two Ray nodes on 127.0.0.1 with one CPU each; their workers hold trials at the trainer's start."""
+    """Two Ray nodes on 127.0.0.1 with one CPU each; their workers hold trials once their last epoch is under way (after
+    the checkpoint of the one before it)."""
     hold_dir = tmp_path_factory.mktemp("holds")
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "ray_hook")]),
-           "HOOKED_HOLD_DIR": str(hold_dir), "HOOKED_HOLD_AT": "start", "RAY_USAGE_STATS_ENABLED": "0",
+           "HOOKED_HOLD_DIR": str(hold_dir), "HOOKED_HOLD_AT": f"inside:{EPOCHS}", "HOOKED_EPOCH_LOG": str(hold_dir / "epochs.jsonl"),
+           "RAY_USAGE_STATS_ENABLED": "0",
            # Ray's loopback-only mode (named for Windows and macOS): every node and driver address stays 127.0.0.1.
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     saved = {key: os.environ.get(key) for key in env}
@@ -80,7 +84,7 @@ def cluster(tmp_path_factory):
         instance = ray_cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False})
         instance.add_node(num_cpus=1, node_ip_address="127.0.0.1")
         instance.wait_for_nodes()
-        yield instance, holds
+        yield instance, holds, hold_dir / "epochs.jsonl"
     finally:
         holds.close()
         if instance is not None:
@@ -96,7 +100,7 @@ def cluster(tmp_path_factory):
 def launch(study_home, tmp_path):
     """Start `python tests/hooked_study.py launch ... --ray ADDRESS` (the CLI with the trainer wrapped); killed at the end."""
     started: list[subprocess.Popen] = []
-    spec = make_spec(tmp_path, "raystudy", LENET)
+    spec = make_spec(tmp_path, "raystudy", LENET, fixed={"epochs": EPOCHS})
 
     def start(address: str, trials: int, *extra: str) -> subprocess.Popen:
         log = open(tmp_path / f"launch-{len(started)}.log", "w")  # noqa: SIM115 -- kept by the process
@@ -126,7 +130,7 @@ def _study(home: Path) -> optuna.Study:
 
 @pytest.mark.slow
 def test_a_study_spreads_over_both_nodes(cluster, launch, study_home):
-    instance, holds = cluster
+    instance, holds, _ = cluster
     holds.auto.set()
     code, output = _finish(launch(instance.address, 4, "--workers", "9"))
     assert code == 0, output
@@ -143,7 +147,7 @@ def test_a_study_spreads_over_both_nodes(cluster, launch, study_home):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_the_actors_and_records_running_trials_interrupted(cluster, launch, study_home):
-    instance, holds = cluster
+    instance, holds, _ = cluster
     holds.auto.clear()
     process = launch(instance.address, 3)
     holds.wait(2, process)
@@ -162,8 +166,9 @@ def test_ctrl_c_stops_the_actors_and_records_running_trials_interrupted(cluster,
 
 
 @pytest.mark.slow
-def test_a_node_stopped_mid_trial_loses_nothing(cluster, launch, study_home):
-    instance, holds = cluster
+@pytest.mark.usefixtures("figures")  # its row joins the reliability table
+def test_a_node_stopped_mid_trial_loses_nothing_and_its_retry_resumes_on_the_other_node(cluster, launch, study_home):
+    instance, holds, epoch_log = cluster
     holds.auto.clear()
     process = launch(instance.address, 4)
     # Both slots hold a trial, one on each node (one CPU each): the worker node's trial is provably mid-trial.
@@ -183,6 +188,11 @@ def test_a_node_stopped_mid_trial_loses_nothing(cluster, launch, study_home):
     assert failed[0].user_attrs["fail_reason"].startswith("Ray actor on node"), failed[0].user_attrs["fail_reason"]
     retry = [t for t in trials if t.user_attrs.get("retry_of") == failed[0].number]
     assert len(retry) == 1 and retry[0].params == failed[0].params and retry[0].state == TrialState.COMPLETE
+    # The retry, on the node that is left, resumed from the checkpoint the lost node's actor wrote to --checkpoint-dir.
+    assert retry[0].user_attrs["resumed_from_epoch"] == EPOCHS - 1 and retry[0].user_attrs["node"] != failed[0].user_attrs["node"]
+    lr = failed[0].params["lr"]
+    assert epochs_trained(epoch_log, lr) == [(1, False), (2, True)]  # epoch 2 was cut short on the lost node
+    record_resume(f"Ray node lost inside epoch {EPOCHS} of {EPOCHS}, retried on the other node", 1, begun_again(epoch_log, EPOCHS, lr))
     counts = check_consistent("raystudy", journal(study_home), sqlite_uri(study_home), total=4)
     assert counts.lost == 0 and counts.duplicates == 0
 

@@ -58,6 +58,18 @@ def record_resume(kind: str, interrupted: int, trained_again: int) -> None:
     _add_row(FIGURES["resumes"], kind, {"interrupted": interrupted, "trained_again": trained_again})
 
 
+def epochs_trained(log: Path, lr: float | None = None) -> list[tuple[int, bool]]:
+    """The epochs a HOOKED_EPOCH_LOG recorded (tests/hooked_study.py), in order: (epoch, trained by a resumed run);
+    with `lr`, those of the trials with that learning rate only (a trial and its retry share it)."""
+    rows = map(json.loads, log.read_text().splitlines())
+    return [(row["epoch"], row["resumed"]) for row in rows if lr is None or row["lr"] == lr]
+
+
+def begun_again(log: Path, interrupted_in: int, lr: float | None = None) -> int:
+    """Epochs a retry trained that the interrupted trial had begun (it was interrupted in epoch `interrupted_in`)."""
+    return sum(resumed and epoch <= interrupted_in for epoch, resumed in epochs_trained(log, lr))
+
+
 def record_hostile(kind: str, tried: int, files_outside: int = 0, secrets_shown: int = 0, duplicates: int = 0) -> None:
     """Hostile input (odd names, planted secrets, commands raced against each other) and what escaped: files written
     outside the study home and the output path, secrets shown anywhere, things done twice that must happen once."""

@@ -6,7 +6,6 @@ aside and its retry starts from epoch 1."""
 
 from __future__ import annotations
 
-import json
 import signal
 
 import optuna
@@ -16,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from conftest import LENET, hold_env, journal, make_spec, start_hooked, wait_for_holds
 from dashboards.record import CONFIG, MLFLOW_RUN_ID, RESUMED_FROM_EPOCH
 from objectives import TrainConfig, read_checkpoint, train
-from reliability.checks import check_consistent, record_fault, record_resume, sqlite_uri
+from reliability.checks import begun_again, check_consistent, epochs_trained, record_fault, record_resume, sqlite_uri
 
 EPOCHS = 3
 
@@ -45,15 +44,6 @@ def _relaunch(argv, env) -> str:
     return out
 
 
-def _begun_again(log, interrupted_in: int) -> int:
-    """Epochs the retry trained that the interrupted trial had begun (it was interrupted in epoch `interrupted_in`)."""
-    return sum(resumed and epoch <= interrupted_in for epoch, resumed in _epochs_trained(log))
-
-
-def _epochs_trained(log) -> list[tuple[int, bool]]:
-    return [(row["epoch"], row["resumed"]) for row in map(json.loads, log.read_text().splitlines())]
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["ctrl-c", "sigterm", "kill-9"])
 def test_an_interrupted_trial_resumes_from_its_last_whole_epoch(study_home, tmp_path, fashion, sig):
     argv, env, log = _launch_held(study_home, tmp_path, "inside:3", sig)
@@ -64,8 +54,8 @@ def test_an_interrupted_trial_resumes_from_its_last_whole_epoch(study_home, tmp_
     assert "trial 1 (retry of trial 0): resumed from epoch 2" in out
     assert "resumed from epoch 2" in next(line for line in out.splitlines() if line.startswith("trial 1: lr="))
     # Epochs 1 and 2 before the interruption (epoch 3 was cut short before it was reported), then epoch 3 alone.
-    assert _epochs_trained(log) == [(1, False), (2, False), (3, True)]
-    record_resume(f"{signal.Signals(sig).name} of a launch inside epoch 3 of {EPOCHS}", 1, _begun_again(log, 3))
+    assert epochs_trained(log) == [(1, False), (2, False), (3, True)]
+    record_resume(f"{signal.Signals(sig).name} of a launch inside epoch 3 of {EPOCHS}", 1, begun_again(log, 3))
 
     first, retry = optuna.load_study(study_name="resume", storage=journal(study_home)).trials
     assert retry.user_attrs[RESUMED_FROM_EPOCH] == 2 and RESUMED_FROM_EPOCH not in first.user_attrs
@@ -92,8 +82,8 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint(study_h
     assert [path.name for path in folder.iterdir() if path.name.endswith(".tmp")]
     out = _relaunch(argv, env)
     assert "trial 1 (retry of trial 0): resumed from epoch 1" in out
-    assert _epochs_trained(log) == [(1, False), (2, True), (3, True)]  # epoch 2 trained once before the kill, once after
-    record_resume("kill -9 of a launch writing the checkpoint of epoch 2", 1, _begun_again(log, 2))
+    assert epochs_trained(log) == [(1, False), (2, True), (3, True)]  # epoch 2 trained once before the kill, once after
+    record_resume("kill -9 of a launch writing the checkpoint of epoch 2", 1, begun_again(log, 2))
     assert not list(folder.iterdir())  # the checkpoint and the dead writer's temporary are gone
 
 
@@ -105,7 +95,7 @@ def test_a_corrupt_checkpoint_is_set_aside_and_the_retry_starts_from_epoch_1(stu
     out = _relaunch(argv, env)
     line = next(line for line in out.splitlines() if line.startswith("trial 1 (retry of trial 0): "))
     assert "is torn or unreadable" in line and "set aside as" in line and line.endswith("training from epoch 1")
-    assert _epochs_trained(log) == [(1, False), (2, False), (1, False), (2, False), (3, False)]
+    assert epochs_trained(log) == [(1, False), (2, False), (1, False), (2, False), (3, False)]
     retry = optuna.load_study(study_name="resume", storage=journal(study_home)).trials[1]
     assert RESUMED_FROM_EPOCH not in retry.user_attrs and retry.user_attrs["epochs_run"] == EPOCHS
     (aside,) = folder.iterdir()
@@ -130,8 +120,8 @@ def test_a_killed_workers_trial_resumes_in_another_worker_through_the_shared_che
     out, err = second.communicate(timeout=600)
     assert second.returncode == 0, err[-3000:]
     assert "trial 1 (retry of trial 0): resumed from epoch 2" in out
-    assert _epochs_trained(log) == [(1, False), (2, False), (3, True)]
-    record_resume("kill -9 of a worker on PostgreSQL inside epoch 3, resumed by another", 1, _begun_again(log, 3))
+    assert epochs_trained(log) == [(1, False), (2, False), (3, True)]
+    record_resume("kill -9 of a worker on PostgreSQL inside epoch 3, resumed by another", 1, begun_again(log, 3))
     assert optuna.load_study(study_name="shared", storage=url).trials[1].user_attrs[RESUMED_FROM_EPOCH] == 2
     assert not list((shared / "shared").iterdir()) and not (tmp_path / "second" / "checkpoints").exists()
     record_fault("kill -9 of a worker on PostgreSQL inside an epoch, then resumed", 1, check_consistent("shared", url, sqlite_uri(study_home), total=1))
