@@ -13,6 +13,8 @@ import plotly.colors
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from dashboards import record
+
 # Cost axes the reader can switch between: column -> (axis title, unit in hover text).
 COST_AXES = {
     "train_seconds": ("training time (s, log scale)", "s"),
@@ -161,48 +163,49 @@ def curve_trials(group: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return best, others if len(others) <= OTHER_CURVES else others.sample(OTHER_CURVES, random_state=0).sort_values("trial")
 
 
-def learning_curves_figure(frame: pd.DataFrame, losses: dict[str, list[tuple[int, float]]]) -> go.Figure:
-    """Validation accuracy and training loss per epoch: the best complete trials in colour, every other trial faded.
+def learning_curves_figure(frame: pd.DataFrame, curves: dict[str, dict[str, list[tuple[int, float]]]]) -> go.Figure:
+    """Validation accuracy and each curve MLflow holds, per epoch: the best complete trials in colour, every other trial faded.
 
-    `losses` maps an MLflow run id to its (epoch, train_loss) points; the accuracies come from Optuna.
+    `curves` maps an MLflow run id to each metric's (epoch, value) points; the accuracies come from Optuna.
     """
-    panels = ("validation accuracy", "training loss") if losses else ("validation accuracy",)  # losses come from MLflow only
-    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=panels, horizontal_spacing=0.08)
+    names = ["val_accuracy", *dict.fromkeys(name for points in curves.values() for name in points)]  # the others come from MLflow only
+    metrics = [record.epoch_metric(name) for name in names]
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=[m["label"] for m in metrics], horizontal_spacing=0.08)
     shown, drawn, sampled = set(), 0, False  # the legend names one entry per kind of grey curve
     for study, group in frame.groupby("study", sort=False):
         best, others = curve_trials(group)
         sampled = sampled or len(others) < has_curve(group).sum() - has_curve(best).sum()
         for _, row in best.iterrows():
             label = f"{study} trial {row['trial']} ({row['arch']})"
-            _curves(fig, row, losses, label, label, {"color": PALETTE[drawn % len(PALETTE)]}, 1.0, True)
+            _curves(fig, row, names, curves, label, label, {"color": PALETTE[drawn % len(PALETTE)]}, 1.0, True)
             drawn += 1
         for _, row in others.iterrows():
             name = "pruned trials" if row["state"] == "PRUNED" else "other trials"
-            _curves(fig, row, losses, name, f"{study} trial {row['trial']} ({row['state'].lower()})", {"color": "#999", "width": 1}, 0.35,
+            _curves(fig, row, names, curves, name, f"{study} trial {row['trial']} ({row['state'].lower()})", {"color": "#999", "width": 1}, 0.35,
                     name not in shown)
             shown.add(name)
     fig.update_layout(**{**LAYOUT, "height": 480}, title_text=f"Learning curves of the {LEARNING_CURVES} best trials per study (grey: pruned and other trials"
                       + (f", {OTHER_CURVES} per study drawn of more)" if sampled else ")"),
                       legend={"orientation": "h", "y": -0.2})
     fig.update_xaxes(title_text="epoch", dtick=1)
-    fig.update_yaxes(title_text="validation accuracy (fraction)", range=[0, 1.02], row=1, col=1)
-    if losses:
-        fig.update_yaxes(title_text="training loss (cross-entropy)", row=1, col=2)
+    for col, metric in enumerate(metrics, start=1):
+        fig.update_yaxes(title_text=f"{metric['label']} ({metric['unit']})", row=1, col=col)
+    fig.update_yaxes(range=[0, 1.02], row=1, col=1)
     return fig
 
 
-def _curves(fig: go.Figure, row, losses: dict, name: str, label: str, line: dict, opacity: float, legend: bool) -> None:
-    """One trial's curves: `name` its legend entry, `label` the trial in its hover text (and the trace's meta)."""
+def _curves(fig: go.Figure, row, names: list[str], curves: dict, name: str, label: str, line: dict, opacity: float, legend: bool) -> None:
+    """One trial's curves, one per panel (`names`): `name` its legend entry, `label` the trial in its hover text (and the trace's meta)."""
     epochs = sorted(row["intermediate"])
     common = {"mode": "lines+markers", "line": line, "opacity": opacity, "legendgroup": name, "name": name,
               "meta": {"study": row["study"], "trial": int(row["trial"])}}
     fig.add_trace(go.Scatter(x=epochs, y=[row["intermediate"][e] for e in epochs], showlegend=legend, **common,
                              hovertemplate=f"{label}<br>epoch %{{x}}: val_accuracy %{{y:.4f}}<extra></extra>"), row=1, col=1)
-    if not losses:
-        return
-    points = losses.get(row["mlflow_run_id"] or "", [])
-    fig.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], showlegend=False, **common,
-                             hovertemplate=f"{label}<br>epoch %{{x}}: train_loss %{{y:.4f}}<extra></extra>"), row=1, col=2)
+    held = curves.get(row["mlflow_run_id"] or "", {})
+    for col, metric in enumerate(names[1:], start=2):
+        points = held.get(metric, [])
+        fig.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], showlegend=False, **common,
+                                 hovertemplate=f"{label}<br>epoch %{{x}}: {metric} %{{y:.4f}}<extra></extra>"), row=1, col=col)
 
 
 def importance_figure(importances: dict[str, dict[str, float]]) -> go.Figure:

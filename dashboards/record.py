@@ -21,6 +21,8 @@ A trial of a launched study carries, as user attributes:
                     forward FLOPs, seconds from the throughput the study had measured by then
     over_budget     on a trial not run because its predicted cost did not fit in `launch --budget`
     val_curve       multi-objective studies: validation accuracy per epoch (Optuna's trial.report is single-objective)
+    history         every epoch's EpochMetrics (`dataclasses.asdict`), as a checkpoint keeps them: what reconcile
+                    replays into MLflow and the report's table reads
 
 A trial of a confirm study (`<study>.confirm`, study.confirm) carries `config` with its own seed and
     confirm_of      the number of the original study's trial whose configuration it trains again
@@ -44,7 +46,7 @@ import typing
 import optuna
 from optuna.trial import TrialState
 
-from objectives.train import TrainConfig, TrainResult
+from objectives.train import EpochMetrics, TrainConfig, TrainResult
 
 CONFIG = "config"
 HOST = "host"
@@ -62,6 +64,7 @@ PREDICTED_FLOPS = "predicted_flops"
 PREDICTED_SECONDS = "predicted_seconds"
 OVER_BUDGET = "over_budget"
 VAL_CURVE = "val_curve"
+HISTORY = "history"
 CONFIRM_OF = "confirm_of"
 CONFIRM_SEED = "confirm_seed"
 CONFIRM_SUFFIX = ".confirm"  # the companion study of confirm runs: "<study>.confirm", in the same storage
@@ -93,6 +96,38 @@ def number_fields(cls: type) -> tuple[str, ...]:
 # Every number a TrainResult holds, less val_accuracy (the trial's value): kept on the trial too, so
 # reports and `show` need no MLflow round trip.
 RESULT_FIELDS = tuple(name for name in number_fields(TrainResult) if name != "val_accuracy")
+
+
+# What every epoch measures (EpochMetrics less its epoch number): logged to MLflow per epoch, kept in HISTORY.
+EPOCH_METRICS = tuple(f.name for f in dataclasses.fields(EpochMetrics) if f.name != "epoch")
+
+
+def epoch_metric(name: str) -> dict:
+    """How the report shows epoch metric `name` (objectives.train.metric): label, unit, curve, column."""
+    return next(f.metadata for f in dataclasses.fields(EpochMetrics) if f.name == name)
+
+
+def val_curve(trial: optuna.trial.FrozenTrial) -> dict[int, float]:
+    """Validation accuracy per epoch, whatever the study kind: Optuna's intermediate values, or the curve a trial of a
+    multi-objective study keeps instead (VAL_CURVE: Optuna's trial.report is single-objective), epochs counted from 1 alike."""
+    if trial.intermediate_values:
+        return dict(trial.intermediate_values)
+    return dict(enumerate(trial.user_attrs.get(VAL_CURVE) or [], start=1))
+
+
+def last_val_accuracy(trial: optuna.trial.FrozenTrial) -> float | None:
+    """The validation accuracy of the trial's last epoch; None before its first."""
+    curve = val_curve(trial)
+    return curve[max(curve)] if curve else None
+
+
+def epoch_values(trial: optuna.trial.FrozenTrial) -> dict[str, dict[int, float]]:
+    """Each epoch metric the trial recorded, as {epoch: value}; for a trial recorded without its HISTORY, its
+    validation accuracy alone."""
+    if HISTORY not in trial.user_attrs:
+        return {"val_accuracy": val_curve(trial)}
+    history = trial.user_attrs[HISTORY]
+    return {name: {epoch["epoch"]: epoch[name] for epoch in history if name in epoch} for name in EPOCH_METRICS}
 
 
 def config(trial: optuna.trial.FrozenTrial) -> dict:

@@ -44,6 +44,12 @@ COLOUR_SCALE = "Viridis"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 
 
+# The epoch metrics the learning-curve figure draws (objectives.train.metric): validation accuracy from the Optuna
+# trial (record.val_curve), the others from MLflow; and those whose last value the table of trials shows.
+MLFLOW_CURVES = tuple(name for name in record.EPOCH_METRICS if record.epoch_metric(name)["curve"] and name != "val_accuracy")
+TABLE_METRICS = tuple(name for name in record.EPOCH_METRICS if record.epoch_metric(name)["column"])
+
+
 def accuracy_index(study: optuna.Study) -> int:
     """Which of the study's objectives is validation accuracy: the first one maximised."""
     return next((i for i, d in enumerate(study.directions) if d == StudyDirection.MAXIMIZE), 0)
@@ -54,19 +60,7 @@ def _accuracy(trial: optuna.trial.FrozenTrial, index: int) -> float | None:
         return None
     if trial.values is not None:
         return trial.values[index]  # a pruned single-objective trial keeps the last val_accuracy it reported
-    # Optuna stores no values for a pruned trial of a multi-objective study: use its last report, or the
-    # accuracy per epoch that multi-objective trials keep (record.VAL_CURVE).
-    if trial.intermediate_values:
-        return trial.intermediate_values[max(trial.intermediate_values)]
-    return trial.user_attrs[record.VAL_CURVE][-1] if trial.user_attrs.get(record.VAL_CURVE) else None
-
-
-def _curve(trial: optuna.trial.FrozenTrial) -> dict[int, float]:
-    """Validation accuracy per epoch: Optuna's intermediate values, or the curve a trial of a multi-objective study
-    keeps instead (record.VAL_CURVE: Optuna's trial.report is single-objective), epochs counted from 1 alike."""
-    if trial.intermediate_values:
-        return dict(trial.intermediate_values)
-    return dict(enumerate(trial.user_attrs.get(record.VAL_CURVE) or [], start=1))
+    return record.last_val_accuracy(trial)  # Optuna stores no values for a pruned trial of a multi-objective study
 
 
 def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
@@ -76,10 +70,13 @@ def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
         index = accuracy_index(study)
         for trial in study.get_trials(deepcopy=False):
             attrs, config = trial.user_attrs, record.config(trial)
+            last = {name: values[max(values)] for name, values in record.epoch_values(trial).items() if values}
             rows.append({
                 "study": study.study_name,
                 "trial": trial.number,
                 "state": trial.state.name,
+                # Each epoch metric's last value; the trial's value and its recorded results, set below, take precedence.
+                **{name: last.get(name) for name in record.EPOCH_METRICS},
                 "val_accuracy": _accuracy(trial, index),
                 "arch": config.get("arch"),
                 **{f"param_{k}": v for k, v in trial.params.items()},
@@ -88,11 +85,11 @@ def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
                 "fail_reason": attrs.get(record.FAIL_REASON),
                 "mlflow_run_id": attrs.get(record.MLFLOW_RUN_ID),
                 "config": config,
-                "intermediate": _curve(trial),
+                "intermediate": record.val_curve(trial),
             })
     frame = pd.DataFrame(rows)
     if not frame.empty:
-        for column in ("val_accuracy", *record.RESULT_FIELDS, record.PREDICTED_FLOPS, record.PREDICTED_SECONDS):
+        for column in (*record.EPOCH_METRICS, *record.RESULT_FIELDS, record.PREDICTED_FLOPS, record.PREDICTED_SECONDS):
             frame[column] = pd.to_numeric(frame[column], errors="coerce")
         frame["seconds_per_epoch"] = frame["train_seconds"] / frame["epochs_run"]
         # CPU trials recorded before the per-trial measure hold the process's all-time peak (ru_maxrss), which
@@ -129,20 +126,20 @@ class Mlflow:
         # workflowType: MLflow 3's UI shows the run in its model-training view, not the GenAI one it starts in.
         return f"{self.ui_url}/#/experiments/{self.experiment_ids[row['study']]}/runs/{row['mlflow_run_id']}?workflowType=machine_learning"
 
-    def losses(self, run_ids) -> dict[str, list[tuple[int, float]]]:
-        """Each run's (epoch, train_loss) points. A run the store does not hold is skipped; once MLflow fails a request
-        otherwise (it stopped answering after the report began), it is asked nothing more: each request waits its
-        bounded time, which a hundred drawn trials would multiply. `self.stopped` then says why."""
+    def curves(self, run_ids) -> dict[str, dict[str, list[tuple[int, float]]]]:
+        """Each run's (epoch, value) points of every curve MLflow holds for the report (MLFLOW_CURVES). A run the store
+        does not hold is skipped; once MLflow fails a request otherwise (it stopped answering after the report began),
+        it is asked nothing more: each request waits its bounded time, which a hundred drawn trials would multiply.
+        `self.stopped` then says why."""
         found = {}
         for run_id in run_ids if self.client else []:
             try:
-                history = self.client.get_metric_history(run_id, "train_loss")
+                found[run_id] = {name: sorted((m.step, m.value) for m in self.client.get_metric_history(run_id, name)) for name in MLFLOW_CURVES}
             except MlflowException as error:
                 if error.error_code == "RESOURCE_DOES_NOT_EXIST":
                     continue
                 self.stopped = mask(error.message.splitlines()[0])[:300]  # it names the tracking URI
                 break
-            found[run_id] = sorted((m.step, m.value) for m in history)
         return found
 
 
@@ -262,13 +259,14 @@ def curves_section(frame: pd.DataFrame, mlflow: Mlflow) -> Section:
     for _, group in frame.groupby("study", sort=False):
         wanted += [run_id for drawn in figures.curve_trials(group) for run_id in drawn["mlflow_run_id"]]
     wanted = [run_id for run_id in wanted if run_id]
-    losses = mlflow.losses(wanted)
+    curves = mlflow.curves(wanted)
+    kept = " and ".join(record.epoch_metric(name)["label"] for name in MLFLOW_CURVES)
     if mlflow.stopped:
-        section.note(f"MLflow stopped answering while the report read the training losses, so {len(losses)} of {len(wanted)} "
+        section.note(f"MLflow stopped answering while the report read the curves of {kept}, so {len(curves)} of {len(wanted)} "
                      f"drawn trials have theirs: {mlflow.stopped}")
-    elif not losses:
-        section.note("The training losses come from MLflow, which holds no runs for these trials; only validation accuracy is drawn.")
-    section.parts.append(("plot-curves", figures.learning_curves_figure(frame, losses)))
+    elif not curves:
+        section.note(f"The curves of {kept} come from MLflow, which holds no runs for these trials; only validation accuracy is drawn.")
+    section.parts.append(("plot-curves", figures.learning_curves_figure(frame, curves)))
     return section
 
 
@@ -373,7 +371,7 @@ def table_section(frame: pd.DataFrame) -> Section:
         return section.note("No trials yet.")
     # arch and resize show once, as what ran (also when the spec fixes them or leaves resize to the architecture).
     params = sorted(c for c in frame.columns if c.startswith("param_") and c not in ("param_arch", "param_resize"))
-    columns = ["study", "trial", "state", "arch", "resize", *params, "val_accuracy", "test_accuracy",
+    columns = ["study", "trial", "state", "arch", "resize", *params, *TABLE_METRICS, "test_accuracy",
                "train_seconds", "seconds_per_epoch", "train_flops", "flops_per_example", "params", "peak_memory_bytes", "epochs_run", "device", "fail_reason"]
     head = "".join(f"<th>{html.escape(c.removeprefix('param_'))}</th>" for c in columns) + "<th>MLflow</th>"
     body = []

@@ -119,14 +119,23 @@ class TrainConfig:
         return cls(**values)
 
 
+def metric(label: str, unit: str, curve: bool = False, column: bool = False):
+    """An EpochMetrics field: `label (unit)` names it on a figure's axis; `curve`: the report draws it per epoch;
+    `column`: the report's table of trials shows its last value."""
+    return field(metadata={"label": label, "unit": unit, "curve": curve, "column": column})
+
+
 @dataclass
 class EpochMetrics:
+    """What one epoch measured. A new field is the whole change for a new metric: MLflow (trials, their retries,
+    finalize, reconcile), the trial record, `export` and the report read the fields. A field named `val_*` measures
+    the validation split, which finalize trains without, so it logs the others."""
     epoch: int  # 1-based
-    train_loss: float
-    train_accuracy: float
-    val_accuracy: float
-    epoch_seconds: float         # training part of the epoch only
-    examples_per_second: float
+    train_loss: float = metric("training loss", "cross-entropy", curve=True)
+    train_accuracy: float = metric("training accuracy", "fraction")
+    val_accuracy: float = metric("validation accuracy", "fraction", curve=True, column=True)
+    examples_per_second: float = metric("training speed", "examples/s")
+    epoch_seconds: float = metric("epoch time", "s")  # training part of the epoch only
 
 
 @dataclass

@@ -51,6 +51,6 @@ class CostBucketPruner:
     def should_prune(self, study: optuna.Study, own_bucket: int, epoch: int, val_accuracy: float) -> bool:
         if epoch <= self.n_warmup_steps:
             return False
-        at_epoch = [t.user_attrs[record.VAL_CURVE][epoch - 1] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                    if trial_bucket(t) == own_bucket and len(t.user_attrs.get(record.VAL_CURVE, ())) >= epoch]
+        curves = [record.val_curve(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if trial_bucket(t) == own_bucket]
+        at_epoch = [curve[epoch] for curve in curves if epoch in curve]
         return len(at_epoch) >= self.n_startup_trials and val_accuracy < statistics.median(at_epoch)

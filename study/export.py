@@ -33,6 +33,9 @@ def trials_table(study: optuna.Study, uri: str | None) -> pd.DataFrame:
                                   **{f"{prefix}_{name}": name for prefix in ("value", "values") for name in study.metric_names or []}})
     frame.columns = [name.removeprefix("user_attrs_") for name in frame.columns]
     frame = _one_column_per_name(frame)
+    # The per-epoch record is a list per trial, which fits neither CSV nor Parquet: the `mlflow.` columns carry each
+    # epoch metric's last value, and MLflow its curve.
+    frame = frame.drop(columns=record.HISTORY, errors="ignore")
     # `params` (the recorded parameter count) would read as a sibling of the params_* hyperparameters.
     frame = frame.rename(columns={"params": "param_count"})
     frame["duration"] = frame["duration"].dt.total_seconds()  # a number in CSV, not "0 days 00:00:12.3"

@@ -46,7 +46,8 @@ from study.once import claimed, holder
 from study.progress import LiveProgress, Training, seconds_left
 from study.tracking import Tracker, _now_ms, device_name, layer_table_csv
 
-FINAL_EPOCH_METRICS = ("train_loss", "train_accuracy", "epoch_seconds", "examples_per_second")  # no val_accuracy: there is no validation split
+# The epoch metrics of the final run: no val_* ones, as it trains on the validation split too.
+FINAL_EPOCH_METRICS = tuple(name for name in record.EPOCH_METRICS if not name.startswith("val_"))
 
 
 @dataclass(frozen=True)

@@ -158,11 +158,14 @@ class TrialRunner:
                         resume: Checkpoint | None = None) -> optuna.trial.FrozenTrial:
         cost = self.session.settings.cost
         curve: list[float] = []
+        history: list[dict] = []
         own_bucket = bucket(trial.user_attrs[record.PREDICTED_FLOPS], config.epochs) if cost is not None else None
 
         def record_epoch(metrics: EpochMetrics) -> None:
             if run_id is not None:
                 self.track(self.tracker.log_epoch, run_id, metrics)
+            history.append(dataclasses.asdict(metrics))
+            trial.set_user_attr(record.HISTORY, history)
             if cost is not None:
                 curve.append(metrics.val_accuracy)
                 trial.set_user_attr(record.VAL_CURVE, curve)
@@ -521,7 +524,7 @@ class Scheduler:
             outcome = f"FAIL ({trial.user_attrs.get(record.FAIL_REASON, 'unknown')})"
         else:
             # A pruned trial: Optuna keeps the last reported val_accuracy; in a multi-objective study it keeps no values.
-            value = trial.values[0] if trial.values else trial.user_attrs[record.VAL_CURVE][-1]
+            value = trial.values[0] if trial.values else record.last_val_accuracy(trial)
             shown = f" {cost}={trial.values[1]:.4g}" if cost and trial.state == TrialState.COMPLETE else ""
             outcome = f"{trial.state.name} val_accuracy={value:.4f}{shown} after {record.count(trial.user_attrs.get('epochs_run'), 'epoch')}, {trial.user_attrs.get('train_seconds', 0):.1f} s"
         if record.RESUMED_FROM_EPOCH in trial.user_attrs:

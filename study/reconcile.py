@@ -3,7 +3,7 @@
 A launcher killed between its Optuna and MLflow writes, or an MLflow server that was down while
 trials ran, leaves finished trials whose MLflow run is missing, still RUNNING, or tagged with
 another state. Every launch (and worker) repairs that first: it writes the missing runs from what
-the Optuna trial holds (params, per-epoch val_accuracy, final results kept as user attributes) and
+the Optuna trial holds (params, per-epoch metrics, final results kept as user attributes) and
 closes the rest with the state Optuna recorded. Nothing is written twice: runs are found by their
 trial number.
 
@@ -60,16 +60,18 @@ def reconcile(study: optuna.Study, tracker: Tracker, plan: Plan) -> list[int]:
         reason = trial.user_attrs.get(record.FAIL_REASON)
         if run is not None and run.info.status != "RUNNING" and run.data.tags.get("optuna.state") == trial.state.name:
             continue
+        epochs = record.epoch_values(trial)
         if run is None:
             config = record.train_config(trial) or plan.config(trial.params)
-            run_id, logged_epochs, logged = tracker.start_trial(trial.number, record.run_name(trial), config, trial.params), set(), {}
+            run_id, logged = tracker.start_trial(trial.number, record.run_name(trial), config, trial.params), {}
+            logged_epochs = {name: set() for name in epochs}
         else:
             run_id, logged = run.info.run_id, run.data.metrics
-            logged_epochs = {m.step for m in tracker.client.get_metric_history(run_id, "val_accuracy")}
-        # What the trial recorded and MLflow lacks: val_accuracy per epoch (its intermediate values) and its final results.
+            logged_epochs = {name: {m.step for m in tracker.client.get_metric_history(run_id, name)} for name in epochs}
+        # What the trial recorded and MLflow lacks: its epoch metrics and its final results.
         now, step = int(time.time() * 1000), int(trial.user_attrs.get("epochs_run", 0))
-        metrics = [Metric("val_accuracy", float(value), now, int(epoch)) for epoch, value in sorted(trial.intermediate_values.items())
-                   if int(epoch) not in logged_epochs]
+        metrics = [Metric(name, float(value), now, int(epoch)) for name, values in epochs.items() for epoch, value in sorted(values.items())
+                   if int(epoch) not in logged_epochs[name]]
         metrics += [Metric(name, float(trial.user_attrs[name]), now, step) for name in FINAL_METRICS if name in trial.user_attrs and name not in logged]
         tracker.client.log_batch(run_id, metrics=metrics, tags=[RunTag(RECONCILED_TAG, "written after the trial from the Optuna storage")])
         tags = [RunTag("optuna.state", trial.state.name)]

@@ -41,7 +41,7 @@ from objectives.train import EpochMetrics, TrainConfig, TrainResult, resolve_dev
 from study.storage import home_holds_tracking, mask, pid_alive
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-EPOCH_METRICS = tuple(f.name for f in dataclasses.fields(EpochMetrics) if f.name != "epoch")
+EPOCH_METRICS = record.EPOCH_METRICS
 # Logged once at the end: the trial's recorded results, less the per-epoch metrics, whose last value is the
 # final one (logging it again would add a second point at that step).
 FINAL_METRICS = tuple(name for name in record.RESULT_FIELDS if name not in EPOCH_METRICS)
@@ -296,7 +296,7 @@ def ui_url(uri: str) -> str:
 # by val_accuracy, which lists the trials flat rather than folded under the parent run, and the charts opening
 # on the per-epoch curves; the UI adds a chart for every other metric below them.
 VIEW_KEY = "trials"
-CURVES = ("val_accuracy", "train_loss", "train_accuracy", "examples_per_second", "epoch_seconds")
+CURVES = ("val_accuracy", *(name for name in EPOCH_METRICS if name != "val_accuracy"))
 
 
 def first_view() -> str:

@@ -1,7 +1,9 @@
 """The trial record: what a trial carries, derived once, and one way to retry a trial."""
 
 import dataclasses
+import re
 import typing
+from pathlib import Path
 
 import optuna
 import pytest
@@ -15,6 +17,12 @@ def test_result_fields_are_the_numbers_a_train_result_holds():
     numbers = {f.name for f in dataclasses.fields(TrainResult) if f.type in ("int", "float")}
     assert set(record.RESULT_FIELDS) == numbers - {"val_accuracy"}  # val_accuracy is the trial's value
     assert {"test_accuracy", "train_seconds", "train_flops", "params", "epochs_run"} <= set(record.RESULT_FIELDS)
+
+
+def test_the_mlflow_guide_names_exactly_the_epoch_metrics():
+    text = (Path(__file__).resolve().parent.parent / "docs" / "mlflow.md").read_text()
+    listed = re.search(r"per epoch \(`step` = epoch\): ([a-z_, ]+);", text).group(1).split(", ")
+    assert sorted(listed) == sorted(record.EPOCH_METRICS)
 
 
 def test_every_number_field_is_kept_however_its_annotation_is_spelled():
