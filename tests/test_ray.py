@@ -197,6 +197,21 @@ def test_a_node_stopped_mid_trial_loses_nothing_and_its_retry_resumes_on_the_oth
     assert counts.lost == 0 and counts.duplicates == 0
 
 
+# A Ray node that joins the cluster at argv[1], started as ray.cluster_utils.Cluster.add_node starts one: `ray start`
+# refuses to join a cluster in Ray's loopback-only mode, which keeps every address on 127.0.0.1.
+JOIN_NODE = """
+import sys, time
+from ray._private.node import Node
+from ray._private.parameter import RayParams
+
+params = RayParams(gcs_address=sys.argv[1], node_ip_address="127.0.0.1", num_cpus=1, num_gpus=0, object_store_memory=150 * 2**20,
+                   min_worker_port=0, max_worker_port=0, include_log_monitor=False, node_manager_port=0)
+params.dashboard_agent_listen_port = None
+Node(params, head=False, shutdown_at_exit=False, spawn_reaper=False)
+time.sleep(10**6)
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("figures")  # its row joins the reliability table
 def test_a_node_on_another_host_killed_mid_trial_loses_nothing_and_its_retry_resumes_on_the_head(cluster, launch, study_home, other_host):  # noqa: F811 -- the fixture imported above
@@ -206,11 +221,10 @@ def test_a_node_on_another_host_killed_mid_trial_loses_nothing_and_its_retry_res
     # it on this host's network: a node in a network namespace of its own would need the head on a routable address).
     instance.remove_node(instance.list_all_nodes()[1], allow_graceful=True)
     try:
-        other_host.spawn([str(Path(sys.executable).parent / "ray"), "start", "--block", "--address", instance.address, "--num-cpus", "1",
-                          "--node-ip-address", "127.0.0.1", "--disable-usage-stats"])
+        node = other_host.spawn([sys.executable, "-c", JOIN_NODE, instance.address])
         deadline = time.monotonic() + LAUNCH_TIMEOUT
         while len(instance.global_state._live_node_ids()) < 2:  # the head and hosta's node
-            assert time.monotonic() < deadline, f"the node on hosta did not join: {other_host.processes[0].log.read_text()[-3000:]}"
+            assert node.poll() is None and time.monotonic() < deadline, f"the node on hosta did not join: {node.log.read_text()[-3000:]}"
             time.sleep(0.2)
         process = launch(instance.address, 3)
         holds.wait(2, process)  # one trial in its last epoch on each node (one CPU each)
@@ -238,7 +252,7 @@ def test_a_node_on_another_host_killed_mid_trial_loses_nothing_and_its_retry_res
 
 @pytest.mark.slow
 def test_an_actor_killed_for_memory_is_retried_and_the_launch_goes_on_with_the_others(cluster, launch, study_home, tmp_path, monkeypatch):
-    instance, holds = cluster
+    instance, holds, _ = cluster
     holds.auto.set()
     # The first trial's actor fails as one Ray's memory monitor killed (tests/hooked_study.py HOOKED_RAY_OOM).
     monkeypatch.setenv("HOOKED_RAY_OOM", str(tmp_path / "memory-killed"))
