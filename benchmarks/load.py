@@ -117,7 +117,7 @@ def process(command: list[str], log: Path, ready, what: str, timeout: float, env
 
 # ---- inside each forked worker ----
 
-def instant_train(config, data, on_epoch=None):
+def instant_train(config, data, on_epoch=None, checkpoint=None, resume=None):
     """A trainer that trains nothing: one reported epoch, then a result, as a real trainer returns them."""
     from objectives import EpochMetrics, TrainResult
 

@@ -62,13 +62,13 @@ if __name__ == "__main__" and os.environ.get("HOOKED_RAY_OOM"):
     class MemoryKilledActor(study.ray_slots.TrialActor.__ray_metadata__.modified_class.__mro__[1]):  # the class under @ray.remote
         marker = os.environ["HOOKED_RAY_OOM"]  # a class attribute: the actors' nodes do not have the variable
 
-        def start(self, config):
+        def start(self, config, checkpoint, resume):
             try:
                 os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))  # one actor of all the nodes' (they share this host)
                 self.killed = True
             except FileExistsError:
                 self.killed = False
-                super().start(config)
+                super().start(config, checkpoint, resume)
 
         def next(self):
             if self.killed:

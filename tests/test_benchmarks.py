@@ -167,3 +167,13 @@ def test_load_benchmark_records_a_failed_run_as_a_row_and_leaves_no_process(tmp_
     assert all("after 0.5 s (--timeout)" in row["failure"] and row["workers_failed"] == 2 for row in rows), rows
     assert "after 0.5 s (--timeout)" in run.stdout.splitlines()[-1]  # the table says why
     assert _processes_with(marker) == []
+
+
+def test_load_benchmarks_trainer_takes_the_arguments_of_the_real_one():
+    # Its workers call the stub where a worker calls objectives.train (study/pool.py passes the checkpoint and the resume).
+    import inspect
+
+    import objectives
+    from benchmarks.load import instant_train
+
+    assert list(inspect.signature(instant_train).parameters) == list(inspect.signature(objectives.train).parameters)

@@ -20,7 +20,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
-from reliability.checks import begun_again, check_consistent, epochs_trained, figures, record_resume, sqlite_uri  # noqa: F401 -- figures: a fixture
+from reliability.checks import begun_again, check_consistent, epochs_trained, figures, other_host, record_fault, record_resume, sqlite_uri  # noqa: F401 -- fixtures
 
 from conftest import LENET, ROOT, journal, make_spec, run_cli
 
@@ -197,9 +197,62 @@ def test_a_node_stopped_mid_trial_loses_nothing_and_its_retry_resumes_on_the_oth
     assert counts.lost == 0 and counts.duplicates == 0
 
 
+# A Ray node that joins the cluster at argv[1], started as ray.cluster_utils.Cluster.add_node starts one: `ray start`
+# refuses to join a cluster in Ray's loopback-only mode, which keeps every address on 127.0.0.1.
+JOIN_NODE = """
+import sys, time
+from ray._private.node import Node
+from ray._private.parameter import RayParams
+
+params = RayParams(gcs_address=sys.argv[1], node_ip_address="127.0.0.1", num_cpus=1, num_gpus=0, object_store_memory=150 * 2**20,
+                   min_worker_port=0, max_worker_port=0, include_log_monitor=False, node_manager_port=0)
+params.dashboard_agent_listen_port = None
+Node(params, head=False, shutdown_at_exit=False, spawn_reaper=False)
+time.sleep(10**6)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("figures")  # its row joins the reliability table
+def test_a_node_on_another_host_killed_mid_trial_loses_nothing_and_its_retry_resumes_on_the_head(cluster, launch, study_home, other_host):  # noqa: F811 -- the fixture imported above
+    instance, holds, epoch_log = cluster
+    holds.auto.clear()
+    # The cluster's second node makes way for one on host `hosta` (its own host name; Ray's loopback-only mode keeps
+    # it on this host's network: a node in a network namespace of its own would need the head on a routable address).
+    instance.remove_node(instance.list_all_nodes()[1], allow_graceful=True)
+    try:
+        node = other_host.spawn([sys.executable, "-c", JOIN_NODE, instance.address])
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while len(instance.global_state._live_node_ids()) < 2:  # the head and hosta's node
+            assert node.poll() is None and time.monotonic() < deadline, f"the node on hosta did not join: {node.log.read_text()[-3000:]}"
+            time.sleep(0.2)
+        process = launch(instance.address, 3)
+        holds.wait(2, process)  # one trial in its last epoch on each node (one CPU each)
+        assert other_host.kill_all() > 0  # the raylet, its agents and the actor's worker, at once
+        holds.auto.set()
+        code, output = _finish(process)
+    finally:
+        instance.add_node(num_cpus=1, node_ip_address="127.0.0.1")  # the cluster again as the other tests expect it
+    assert code == 0, output
+    trials = _study(study_home).get_trials()
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].user_attrs["node"].startswith("hosta/"), [(t.number, t.state, t.user_attrs.get("node")) for t in trials]
+    assert failed[0].user_attrs["fail_reason"].startswith("Ray actor on node hosta/"), failed[0].user_attrs["fail_reason"]
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == failed[0].number]
+    assert len(retry) == 1 and retry[0].params == failed[0].params and retry[0].state == TrialState.COMPLETE
+    # The retry, on the head's node, resumed from the checkpoint hosta's actor wrote to --checkpoint-dir.
+    assert retry[0].user_attrs["resumed_from_epoch"] == EPOCHS - 1 and not retry[0].user_attrs["node"].startswith("hosta/")
+    lr = failed[0].params["lr"]
+    assert epochs_trained(epoch_log, lr) == [(1, False), (2, True)]  # epoch 2 was cut short on hosta
+    counts = check_consistent("raystudy", journal(study_home), sqlite_uri(study_home), total=3)
+    assert counts.lost == 0 and counts.duplicates == 0
+    record_fault("kill -9 of a Ray node on another host, mid-trial", 1, counts)
+    record_resume(f"Ray node on another host killed inside epoch {EPOCHS} of {EPOCHS}, retried on the head", 1, begun_again(epoch_log, EPOCHS, lr))
+
+
 @pytest.mark.slow
 def test_an_actor_killed_for_memory_is_retried_and_the_launch_goes_on_with_the_others(cluster, launch, study_home, tmp_path, monkeypatch):
-    instance, holds = cluster
+    instance, holds, _ = cluster
     holds.auto.set()
     # The first trial's actor fails as one Ray's memory monitor killed (tests/hooked_study.py HOOKED_RAY_OOM).
     monkeypatch.setenv("HOOKED_RAY_OOM", str(tmp_path / "memory-killed"))

@@ -8,6 +8,7 @@ processes and servers the faults hit.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -388,16 +389,33 @@ class OtherHost:
     def start(self, argv: list[str], env: dict | None = None) -> subprocess.Popen:
         """`python -m study ARGV` on this host, with the trainer and report writer of tests/hooked_study.py (hold_env
         holds it at a phase); its output in a log of `log_dir`, the process's `log`."""
+        return self.spawn([sys.executable, str(ROOT / "tests" / "hooked_study.py"), *argv], {**(env or {}), "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
+
+    def spawn(self, command: list[str], env: dict | None = None) -> subprocess.Popen:
+        """Any command on this host, in a session of its own; its output in a log of `log_dir`, the process's `log`."""
         inside = ["ip", "netns", "exec", self.netns] if self.netns else []
         log = self.log_dir / f"{self.name}-{len(self.processes)}.log"
         with open(log, "w") as out:
-            process = subprocess.Popen([*inside, "unshare", "--uts", "sh", "-c", f'hostname {self.name} && exec "$@"', "sh",
-                                        sys.executable, str(ROOT / "tests" / "hooked_study.py"), *argv],
-                                       cwd=self.log_dir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                       env=command_env({**(env or {}), "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}))
+            process = subprocess.Popen([*inside, "unshare", "--uts", "sh", "-c", f'hostname {self.name} && exec "$@"', "sh", *command],
+                                       cwd=self.log_dir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=command_env(env))
         process.log = log
         self.processes.append(process)
         return process
+
+    def kill_all(self) -> int:
+        """kill -9 of every process on this host, as a machine that loses power: all those in the host-name namespaces of
+        its running commands, also the ones that left their command's session (a Ray node's raylet and workers).
+        Returns how many were killed."""
+        namespaces = {_namespace(process.pid) for process in self.processes if process.poll() is None} - {None, _namespace(os.getpid())}
+        killed = 0
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and _namespace(int(entry.name)) in namespaces:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    killed += 1
+        for process in self.processes:
+            process.poll()  # reaped now, so that they are not counted again
+        return killed
 
     def run(self, *command: str) -> subprocess.CompletedProcess:
         """A plain command on this host (in its network namespace)."""
@@ -405,6 +423,7 @@ class OtherHost:
         return subprocess.run([*inside, *command], capture_output=True, text=True, check=False, timeout=60)
 
     def close(self) -> None:
+        self.kill_all()
         for process in self.processes:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
@@ -413,6 +432,14 @@ class OtherHost:
             # Deleting the namespace deletes its end of the pair, and with it this end.
             subprocess.run(["ip", "netns", "del", self.netns], check=False, capture_output=True)
             subprocess.run(["ip", "link", "del", self.link], check=False, capture_output=True)
+
+
+def _namespace(pid: int) -> str | None:
+    """The UTS (host name) namespace of a process, None once it is gone."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/uts")
+    except OSError:
+        return None
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ def test_kill_9_of_a_worker_on_another_host(through, other_host, forks, lenet_sp
         storage = url if through == "postgresql" else servers.enter_context(storage_proxy(url, tmp_path / "serve.log"))
         created = run_main("create", str(lenet_spec), "--trials", "2", "--storage", storage, env=env)
         assert created.returncode == 0, created.stderr
-        worker = ["worker", str(lenet_spec), "--storage", storage, "--heartbeat", "1"]
+        worker = ["worker", str(lenet_spec), "--storage", storage, "--heartbeat", "1", "--checkpoint-dir", str(tmp_path / "checkpoints")]
         holds = tmp_path / "holds"
         far = other_host.start(worker, {**env, **hold_env(holds, "epoch:1")})
         (hold,) = wait_for_holds(holds, 1, lambda: far.poll() is None)
@@ -64,7 +64,7 @@ def test_a_network_cut_between_a_worker_and_the_proxy(other_host, forks, lenet_s
         assert other_host.run(sys.executable, "-c", "import socket; socket.create_connection(('127.0.0.1', 5432), timeout=2)").returncode != 0
         created = run_main("create", str(lenet_spec), "--trials", "2", "--storage", proxy, env=env)
         assert created.returncode == 0, created.stderr
-        worker = ["worker", str(lenet_spec), "--storage", proxy, "--heartbeat", "1"]
+        worker = ["worker", str(lenet_spec), "--storage", proxy, "--heartbeat", "1", "--checkpoint-dir", str(tmp_path / "checkpoints")]
         holds = tmp_path / "holds"
         far = other_host.start(worker, {**env, **hold_env(holds, "epoch:1")})
         (hold,) = wait_for_holds(holds, 1, lambda: far.poll() is None)
