@@ -660,7 +660,7 @@ def _serve(command: list[str], health: str, answered: Callable[[], None]) -> int
         # Until it answers or ends: a server that never starts ends (its port taken, a bad store) and says why itself.
         while server.poll() is None:
             try:
-                ask_server(health)
+                ask_server(health, time.monotonic() + 5)  # each probe bounded; the loop waits while the server lives
             except OSError:
                 time.sleep(0.2)
                 continue

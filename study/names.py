@@ -62,8 +62,8 @@ def check_model_name(flag: str, name: str) -> None:
     from mlflow.utils.validation import _validate_model_name
 
     problem = _printable(name) or _within(name, NAME_CHARS) or _mlflow_refusal(_validate_model_name, name)
-    if problem is None and ("'" in name or '"' in name):
-        problem = "it holds a quote, and the registry's search filters quote names"
+    if problem is None and any(c in name for c in "'\"\\"):
+        problem = "it holds a quote or a backslash, and the registry's search filters quote names"
     if problem:
         raise ValueError(f"{flag} {name!r}: not a registered model name MLflow takes: {problem}")
 

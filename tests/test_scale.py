@@ -351,7 +351,8 @@ def test_a_crowd_of_workers_started_at_once(study_home, tmp_path, postgres, mlfl
         sampler = threading.Thread(target=sample)
         sampler.start()
         try:
-            done = run_cli_together([("worker", str(spec), "--storage", url)] * CROWD, env=env, timeout=900)
+            shared = ("--checkpoint-dir", str(tmp_path / "checkpoints"))  # a folder every machine reaches
+            done = run_cli_together([("worker", str(spec), "--storage", url, *shared)] * CROWD, env=env, timeout=900)
         finally:
             stop.set()
             sampler.join()

@@ -98,7 +98,8 @@ def test_samplers_and_pruners_are_named_from_one_table(tmp_path):
         assert all(issubclass(strategy_class(table, name), kind) for name in table)
     for command in ("launch", "create"):
         shown = " ".join(run_main(command, "--help").stdout.split())
-        assert f"Optuna sampler: {', '.join(SAMPLERS)} (" in shown and f"Optuna pruner: {', '.join(PRUNERS)} (" in shown, command
+        either = [", ".join(names[:-1]) + f" or {names[-1]}" for names in (list(SAMPLERS), list(PRUNERS))]
+        assert f"Optuna sampler: {either[0]} (" in shown and f"Optuna pruner: {either[1]};" in shown, command
     assert f"[--sampler {'|'.join(SAMPLERS)}] [--pruner {'|'.join(PRUNERS)}]" in (ROOT / "docs" / "commands.md").read_text()
     with pytest.raises(SpecError, match=f"sampler 'cmaes' is not supported; use {', '.join(SAMPLERS)}$"):
         load_spec(str(make_spec(tmp_path, "cmaes", {"fixed": {"arch": "lenet"}}, sampler={"name": "cmaes"})))

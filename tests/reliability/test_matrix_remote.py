@@ -41,7 +41,7 @@ def proxied(place, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray(place, cluster):  # noqa: F811 -- the imported fixture
-    instance, holds = cluster
+    instance, holds, _ = cluster
     holds.auto.set()  # trials run through unless a cell holds one
     place.ray_address, place.ray_holds = instance.address, holds
     return place

@@ -52,7 +52,7 @@ def test_an_interrupted_trial_resumes_from_its_last_whole_epoch(study_home, tmp_
                                                                   .trials[0].user_attrs[CONFIG])).epoch == 2
     out = _relaunch(argv, env)
     assert "trial 1 (retry of trial 0): resumed from epoch 2" in out
-    assert "resumed from epoch 2" in next(line for line in out.splitlines() if line.startswith("trial 1: lr="))
+    assert "resumed from epoch 2" in next(line for line in out.splitlines() if line.startswith("trial 1 (retry of trial 0): lr="))
     # Epochs 1 and 2 before the interruption (epoch 3 was cut short before it was reported), then epoch 3 alone.
     assert epochs_trained(log) == [(1, False), (2, False), (3, True)]
     record_resume(f"{signal.Signals(sig).name} of a launch inside epoch 3 of {EPOCHS}", 1, begun_again(log, 3))
