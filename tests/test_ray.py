@@ -70,9 +70,15 @@ class Holds:
 def cluster(tmp_path_factory):
     """Two Ray nodes on 127.0.0.1 with one CPU each; their workers hold trials once their last epoch is under way (after
     the checkpoint of the one before it)."""
+    yield from ray_cluster(tmp_path_factory, f"inside:{EPOCHS}")
+
+
+def ray_cluster(tmp_path_factory, hold_at: str):
+    """Two Ray nodes on 127.0.0.1 with one CPU each, whose workers hold trials at `hold_at` (hooked_trainer's phases);
+    yields the cluster, its Holds and the file of the epochs trained."""
     hold_dir = tmp_path_factory.mktemp("holds")
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "ray_hook")]),
-           "HOOKED_HOLD_DIR": str(hold_dir), "HOOKED_HOLD_AT": f"inside:{EPOCHS}", "HOOKED_EPOCH_LOG": str(hold_dir / "epochs.jsonl"),
+           "HOOKED_HOLD_DIR": str(hold_dir), "HOOKED_HOLD_AT": hold_at, "HOOKED_EPOCH_LOG": str(hold_dir / "epochs.jsonl"),
            "RAY_USAGE_STATS_ENABLED": "0",
            # Ray's loopback-only mode (named for Windows and macOS): every node and driver address stays 127.0.0.1.
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}

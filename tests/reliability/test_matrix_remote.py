@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("grpc", reason="the gRPC proxy is in the optional extra: pip install '.[cluster]'")
 pytest.importorskip("ray.cluster_utils", reason="Ray is an optional extra: pip install '.[ray]'")
 
-from test_ray import cluster  # noqa: F401 -- the fixture: two Ray nodes on 127.0.0.1, trials held at their start on demand
+from test_ray import ray_cluster
 
 REMOTE = [cell for cell in CELLS if cell.storage in ("proxy", "ray")]
 
@@ -40,7 +40,13 @@ def proxied(place, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray(place, cluster):  # noqa: F811 -- the imported fixture
+def cluster(tmp_path_factory):
+    """test_ray's two Ray nodes, their trials held at their start on demand."""
+    yield from ray_cluster(tmp_path_factory, "start")
+
+
+@pytest.fixture(scope="module")
+def ray(place, cluster):
     instance, holds, _ = cluster
     holds.auto.set()  # trials run through unless a cell holds one
     place.ray_address, place.ray_holds = instance.address, holds
