@@ -460,7 +460,7 @@ class Scheduler:
                 return False
             self.active -= 1
             self.progress.console.print(f"Ray's memory monitor killed an actor (its trial runs again); the launch goes on with the "
-                                        f"{self.active} actor{'' if self.active == 1 else 's'} that remain")
+                                        f"{record.count(self.active, 'actor')} that remain")
             return True
 
     def _beat(self, stop: threading.Event) -> None:
