@@ -270,9 +270,10 @@ def read_only_uri(home: Path) -> str | None:
     path = Path(uri.removeprefix("sqlite:///"))
     if not path.exists():
         return None
-    # An SQLite URI filename (quoted for SQLite), quoted once more for SQLAlchemy, which decodes it: MLflow makes the
-    # directories of the path it reads in the URL, and with every "/" escaped it reads none.
-    read_only = f"sqlite:///{quote('file:' + quote(str(path)), safe='')}?mode=ro&uri=true"
+    # An SQLite URI filename with every "/" escaped (SQLite decodes it), quoted once more for SQLAlchemy, which decodes
+    # that layer: MLflow makes the parent directories of the database path SQLAlchemy reads, and with no "/" left in
+    # that path its parent is the working directory, which exists (escaped once only, "file:/home" became a folder).
+    read_only = f"sqlite:///{quote('file:' + quote(str(path), safe=''), safe='')}?mode=ro&uri=true"
     try:
         MlflowClient(tracking_uri=read_only).search_experiments(max_results=1)
     except Exception as error:  # noqa: BLE001 -- sqlalchemy and alembic raise many types for a damaged store
