@@ -295,7 +295,7 @@ def run(kind: str, workers: int, per_worker: int, admin_url: str, tracking_uri: 
             storage_url = f"grpc://127.0.0.1:{port}"
         # The study, created as `launch` creates it (its total recorded), directly in PostgreSQL: no gRPC channel in this
         # process, which forks the workers. The workers join it.
-        session = open_session(Request.from_flags(str(spec), False, total, "cpu", None, None, None, None, url, 10), load_spec(str(spec)))
+        session = open_session(Request(name=str(spec), trials=total, preset="cpu", storage=url), load_spec(str(spec)))
         session.storage.engine.dispose()  # no connection of this process is inherited by the workers
         del session
         Tracker(name, tracking_uri)  # the study's MLflow experiment and parent run, as `launch` makes them before any worker

@@ -88,8 +88,7 @@ def _run_study(args, join: bool) -> int:
     from study.validate import validate_launch
 
     # Every flag checked once, before anything is read or written.
-    request = Request.from_flags(args.name, join, None if join else args.trials, getattr(args, "preset", None), args.objective, args.cost,
-                                 args.sampler, args.pruner, args.storage, args.heartbeat)
+    request = Request.from_args(args, join)
     if args.budget is not None:
         from study.budget import Budget
 
@@ -223,12 +222,12 @@ def cmd_create(args) -> int:
     import dataclasses
 
     from dashboards.record import count
-    from study.session import RECORDED, Request, read_record, settle
+    from study.session import Request, read_record, settle
     from study.specs import load_spec
     from study.storage import default_storage_url, mask
     from study.validate import validate_launch
 
-    request = Request.from_flags(args.name, False, args.trials, args.preset, args.objective, args.cost, args.sampler, args.pruner, args.storage, 10)
+    request = Request.from_args(args)
     spec = load_spec(args.name)
     recorded = read_record(request, spec)
     # Flags not given keep the study's record, so that the same create run again is the same study.
@@ -239,9 +238,8 @@ def cmd_create(args) -> int:
     validate_launch(settings, None)
     storage_label = mask(args.storage or default_storage_url())
     if recorded is not None:
-        wanted = {"preset": settings.preset, "objective": settings.objective, "sampler": settings.sampler["name"],
-                  "pruner": settings.pruner["name"], "trials": settings.total}
-        differing = [key for key in RECORDED if recorded.get(key) != wanted[key]]
+        wanted = settings.record
+        differing = [key for key in wanted if recorded.get(key) != wanted[key]]
         if differing:
             raise ValueError(f"study {spec.name} exists in {storage_label} with " + ", ".join(f"{key} {recorded.get(key)}" for key in differing)
                              + f", not {', '.join(str(wanted[key]) for key in differing)}; `python -m study launch` changes a study's total, sampler and pruner")
@@ -361,11 +359,12 @@ def _register_best(tracker, study, name: str, console) -> None:
                   f"mlflow.pytorch.load_model('models:/{name}/{version.version}')")
 
 
-def _session_of(name: str, storage: str | None):
-    """The launched study NAME (a shipped study or a .toml spec, as for launch), joined as a worker would."""
+def _session_of(args):
+    """The launched study args.name (a shipped study or a .toml spec, as for launch), joined as a worker would."""
     from study.session import Request, open_session, spec_for
 
-    return open_session(Request.from_flags(name, True, None, None, None, None, None, None, storage, 10), spec_for(name, storage))
+    request = Request.from_args(args, join=True)
+    return open_session(request, spec_for(request.name, request.storage))
 
 
 def cmd_confirm(args) -> int:
@@ -381,7 +380,7 @@ def cmd_confirm(args) -> int:
     output = _default_report(study.study_name, args.storage)
     with Interrupts().installed() as interrupts:  # Ctrl-C and SIGTERM stop it only where nothing is half-written
         uri = _ready_to_train(args.data_dir)
-        session = _session_of(args.name, args.storage)
+        session = _session_of(args)
         make_home()
         console = _console()
         try:
@@ -880,7 +879,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--storage", help=storage_help + "; postgresql://... to share a study between machines")
     worker.add_argument("--timeout", type=positive_seconds, help="stop starting new trials after this many seconds")
     worker.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files")
-    worker.set_defaults(objective=None, cost=None, sampler=None, pruner=None, log_model="best", register=None, budget=None, run=cmd_worker)
+    worker.set_defaults(log_model="best", register=None, budget=None, run=cmd_worker)
     _add_worker_arguments(worker)
 
     confirm = commands.add_parser("confirm", help="train the study's best configurations again with other seeds, and rank them by the mean")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import optuna
@@ -29,39 +29,50 @@ RECORDED = ("preset", "objective", "sampler", "pruner", "trials")
 SPEC_TEXT = "spec"  # the spec's TOML as launched, so that its name alone finds it again (spec_for)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Request:
-    """What the user asked for, validated: `launch` and `worker` flags. None: the study's record or the default."""
+    """What the user asked for, checked: the flags of `launch`, `create` and `worker`, each a field of the flag's name
+    (from_args reads them so), and whether the command joins a study. None: the study's record or the default."""
 
     name: str
-    join: bool                   # worker: the study must exist and says everything
-    trials: int | None = None    # the study's total (launch only)
+    join: bool = False            # worker: the study must exist and says everything
+    trials: int | None = None     # the study's total (launch and create)
     preset: str | None = None
-    objective: str | None = None  # "accuracy" or "accuracy,<cost>"
+    objective: str | None = None  # "accuracy" or "accuracy,cost"
+    cost: str | None = None       # the cost of accuracy,cost (default: the first of COSTS)
     sampler: str | None = None
     pruner: str | None = None
     storage: str | None = None
     heartbeat: int = 10
 
-    @classmethod
-    def from_flags(cls, name: str, join: bool, trials: int | None, preset: str | None, objective: str | None, cost: str | None,
-                   sampler: str | None, pruner: str | None, storage: str | None, heartbeat: int) -> Request:
+    def __post_init__(self) -> None:
         """Check the flags, each once, before anything is read or written."""
-        if trials is not None and trials < 1:
-            raise ValueError(f"--trials must be >= 1; got {trials}")
-        if heartbeat < 1:
-            raise ValueError(f"--heartbeat must be >= 1 second; got {heartbeat}")
-        if objective not in (None, "accuracy", "accuracy,cost"):
-            raise ValueError(f"--objective {objective}: use accuracy or accuracy,cost")
-        if cost is not None and objective != "accuracy,cost":
-            raise ValueError(f"--cost {cost} needs --objective accuracy,cost")
-        if cost is not None and cost not in COSTS:
-            raise ValueError(f"--cost {cost}: use {' or '.join(COSTS)}")
-        for flag, value, names in (("--sampler", sampler, SAMPLERS), ("--pruner", pruner, PRUNERS)):
+        if self.trials is not None and self.trials < 1:
+            raise ValueError(f"--trials must be >= 1; got {self.trials}")
+        if self.heartbeat < 1:
+            raise ValueError(f"--heartbeat must be >= 1 second; got {self.heartbeat}")
+        if self.objective not in (None, "accuracy", "accuracy,cost"):
+            raise ValueError(f"--objective {self.objective}: use accuracy or accuracy,cost")
+        if self.cost is not None and self.objective != "accuracy,cost":
+            raise ValueError(f"--cost {self.cost} needs --objective accuracy,cost")
+        if self.cost is not None and self.cost not in COSTS:
+            raise ValueError(f"--cost {self.cost}: use {' or '.join(COSTS)}")
+        for flag, value, names in (("--sampler", self.sampler, SAMPLERS), ("--pruner", self.pruner, PRUNERS)):
             if value is not None and value not in names:
                 raise ValueError(f"{flag} {value}: choose one of {', '.join(names)}")
-        wanted = None if objective is None else "accuracy" if objective == "accuracy" else f"accuracy,{cost or COSTS[0]}"
-        return cls(name, join, trials, preset, wanted, sampler, pruner, storage, heartbeat)
+
+    @classmethod
+    def from_args(cls, args, join: bool = False) -> Request:
+        """The request of a parsed command line: each field read from the flag of its name; one the command lacks keeps
+        the field's default."""
+        return cls(join=join, **{field.name: getattr(args, field.name) for field in fields(cls) if hasattr(args, field.name)})
+
+    @property
+    def wanted_objective(self) -> str | None:
+        """"accuracy" or "accuracy,<cost>", as the study records it; None: the study's record, else accuracy."""
+        if self.objective is None or self.objective == "accuracy":
+            return self.objective
+        return f"accuracy,{self.cost or COSTS[0]}"
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,11 @@ class Settings:
     def cost(self) -> str | None:
         """None: maximise validation accuracy; else also minimise this TrainResult field."""
         return self.objective.partition(",")[2] or None
+
+    @property
+    def record(self) -> dict:
+        """What the study records of these settings: its user attributes RECORDED."""
+        return {"preset": self.preset, "objective": self.objective, "sampler": self.sampler["name"], "pruner": self.pruner["name"], "trials": self.total}
 
 
 @dataclass(frozen=True)
@@ -244,7 +260,7 @@ def _settings(request: Request, spec: Spec, recorded: dict) -> Settings:
     else:
         preset, reason = choose_preset(request.preset, spec)
         check_preset_matches(spec.name, recorded.get("preset"), preset)
-    objective = request.objective or recorded.get("objective") or "accuracy"
+    objective = request.wanted_objective or recorded.get("objective") or "accuracy"
     if recorded.get("objective", objective) != objective:
         raise SpecError(f"study {spec.name} optimises {recorded['objective']}; it cannot change to {objective} (use another --storage or study name)")
     return Settings(spec=spec, plan=resolve(spec, preset), preset=preset, preset_reason=reason, objective=objective,
@@ -262,9 +278,8 @@ def _create_or_load(request: Request, spec: Spec, storage: optuna.storages.BaseS
     directions = ["maximize", "minimize"] if settings.cost else ["maximize"]
     study = optuna.create_study(study_name=spec.name, storage=storage, directions=directions, load_if_exists=True, sampler=sampler, pruner=pruner)
     if not request.join:
-        record = {"preset": settings.preset, "objective": settings.objective, "sampler": settings.sampler["name"], "pruner": settings.pruner["name"], "trials": settings.total}
-        for key in RECORDED:
-            study.set_user_attr(key, record[key])
+        for key, value in settings.record.items():
+            study.set_user_attr(key, value)
         if study.user_attrs.get(SPEC_TEXT) != spec.text:
             study.set_user_attr(SPEC_TEXT, spec.text)
         # Optuna's plots and optuna-dashboard name the objectives after these, instead of "Objective 0".

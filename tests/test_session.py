@@ -5,16 +5,15 @@ import dataclasses
 import optuna
 import pytest
 
-from study.session import Request, choose_preset, open_session
+from study.session import RECORDED, Request, choose_preset, open_session
 from study.specs import SpecError, load_spec
 from study.strategies import SAMPLERS
 from tests.conftest import ROOT, TINY_SPEC, make_spec, run_main
 
 
 def _request(tmp_path, join=False, **flags) -> Request:
-    values = {"trials": None if join else 3, "preset": None if join else "cpu", "objective": None, "cost": None, "sampler": None, "pruner": None,
-              "storage": str(tmp_path / "optuna.journal"), "heartbeat": 10} | flags
-    return Request.from_flags(str(tmp_path / "tiny.toml"), join, **values)
+    values = {"trials": None if join else 3, "preset": None if join else "cpu", "storage": str(tmp_path / "optuna.journal")} | flags
+    return Request(name=str(tmp_path / "tiny.toml"), join=join, **values)
 
 
 @pytest.fixture
@@ -37,6 +36,26 @@ def test_flags_are_checked_before_anything_is_written(tmp_path, flags, message):
     assert not (tmp_path / "optuna.journal").exists()
 
 
+def test_the_flags_reach_the_request_by_their_names():
+    """Each field of Request is read from the flag of its name; a command without one (create's --heartbeat, the
+    worker's --trials and --objective) leaves the field's default."""
+    from study.cli import build_parser
+
+    def parsed(*words):
+        return build_parser().parse_args(list(words))
+
+    flags = set().union(*(vars(parsed(command, "tiny")) for command in ("launch", "create", "worker")))
+    assert {field.name for field in dataclasses.fields(Request)} - {"join"} <= flags  # join: the command, not a flag
+    launch = Request.from_args(parsed("launch", "tiny", "--trials", "7", "--preset", "cpu", "--objective", "accuracy,cost", "--cost", "train_flops",
+                                      "--sampler", "random", "--pruner", "none", "--storage", "s.db", "--heartbeat", "3"))
+    assert launch == Request(name="tiny", trials=7, preset="cpu", objective="accuracy,cost", cost="train_flops", sampler="random",
+                             pruner="none", storage="s.db", heartbeat=3)
+    assert launch.wanted_objective == "accuracy,train_flops"
+    create = Request.from_args(parsed("create", "tiny", "--objective", "accuracy,cost"))
+    assert create == Request(name="tiny", objective="accuracy,cost") and create.wanted_objective == "accuracy,train_seconds"
+    assert Request.from_args(parsed("worker", "tiny", "--heartbeat", "5"), join=True) == Request(name="tiny", join=True, heartbeat=5)
+
+
 def test_launch_records_the_settings_and_a_worker_reads_them_back(tmp_path, spec):
     created = open_session(_request(tmp_path, objective="accuracy,cost", cost="train_flops", sampler="random"), spec)
     assert created.settings.cost == "train_flops" and created.settings.sampler == {"name": "random"}
@@ -45,6 +64,7 @@ def test_launch_records_the_settings_and_a_worker_reads_them_back(tmp_path, spec
     assert len(recorded.pop("study_uid")) == 32  # the study's identity, keying its MLflow parent run
     assert recorded.pop("spec") == spec.path.read_text()  # so that `worker tiny` finds the spec by the study's name
     assert recorded == {"preset": "cpu", "objective": "accuracy,train_flops", "sampler": "random", "pruner": "median", "trials": 3}
+    assert recorded == created.settings.record and tuple(recorded) == RECORDED  # what `create` compares a study's record with
     joined = open_session(_request(tmp_path, join=True), spec)
     assert joined.settings == dataclasses.replace(created.settings, preset_reason="the study's")
     assert len(joined.study.directions) == 2

@@ -96,7 +96,7 @@ def test_optuna_metric_names(launched, tmp_path, monkeypatch):
 
     spec = make_spec(tmp_path, "lenet_cost", LENET_SMALL)
     storage = str(tmp_path / "cost.journal")
-    request = Request.from_flags(str(spec), False, 2, "cpu", "accuracy,cost", "train_flops", None, None, storage, 10)
+    request = Request(name=str(spec), trials=2, preset="cpu", objective="accuracy,cost", cost="train_flops", storage=storage)
     open_session(request, load_spec(str(spec)))
     loaded = optuna.load_study(study_name="lenet_cost", storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage)))
     assert loaded.metric_names == ["val_accuracy", "train_flops"]

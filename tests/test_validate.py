@@ -13,8 +13,7 @@ ZOO = {"fixed": {"batch_size": 32, "epochs": 1, "n_train": 64, "n_val": 64, "n_t
 
 
 def _settings(path, **flags):
-    values = {"trials": 1, "preset": "cpu", "objective": None, "cost": None, "sampler": None, "pruner": None, "storage": None, "heartbeat": 10} | flags
-    return settle(Request.from_flags(str(path), False, **values), load_spec(str(path)))
+    return settle(Request(name=str(path), **({"trials": 1, "preset": "cpu"} | flags)), load_spec(str(path)))
 
 
 def test_the_largest_trial_of_each_architecture_takes_the_largest_input_and_batch_and_the_smallest_divisor(tmp_path):
