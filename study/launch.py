@@ -26,11 +26,12 @@ from rich.console import Console
 
 from dashboards import record
 from dashboards.files import named_file
-from objectives import DeviceOutOfMemoryError, DivergedError, EpochMetrics, FashionMNIST, TrainConfig, TrainResult, load_fashion_mnist
+from objectives import EpochMetrics, FashionMNIST, TrainConfig, TrainResult, load_fashion_mnist
 from objectives.checkpoint import Checkpoint, CheckpointError, read_checkpoint
 from study import budget as costs
 from study.costprune import CostBucketPruner, bucket
 from study.errors import StudyFull
+from study.messages import TRIAL_ERRORS, error_kind
 from study.pool import InProcess, WorkerDied, local_slots
 from study.progress import LiveProgress
 from study.reconcile import reconcile, repair_models
@@ -194,8 +195,8 @@ class TrialRunner:
         checkpoint = self._checkpoint_path(trial.number)
         try:
             result: TrainResult = train_fn(config, on_epoch, checkpoint, resume is not None)
-        except (DivergedError, DeviceOutOfMemoryError) as error:
-            reason = f"{'diverged' if isinstance(error, DivergedError) else 'out of memory'}: {error}"
+        except TRIAL_ERRORS as error:
+            reason = f"{error_kind(error)}: {error}"
             with self.lock:
                 trial.set_user_attr(record.FAIL_REASON, reason)
                 self._finish(run_id, "FAIL", reason=reason)

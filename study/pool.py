@@ -7,12 +7,8 @@ where the slot's trainer keeps the trial's checkpoint (None: none), from which i
 (one slot, in the launcher's process) and `Worker` (a process of its own); study.ray_slots adds Ray actors.
 
 So locally the launcher stays the only writer of the Optuna storage and the MLflow store, and the
-trainer stays free of Optuna and MLflow. A worker is a spawned process (CUDA cannot be forked);
-the launcher talks to it over a pipe:
-
-    launcher -> worker   (TrainConfig, checkpoint, resume)   train this (objectives.train's checkpoint and resume)
-    worker -> launcher   ("epoch", EpochMetrics)     after every epoch; the launcher answers True to stop (pruning)
-    worker -> launcher   ("result", TrainResult)     or ("error", kind, message)
+trainer stays free of Optuna and MLflow. A worker is a spawned process (CUDA cannot be forked); the launcher
+talks to it over a pipe, in the messages of study.messages, after the worker's ("ready",) once it holds the data.
 """
 
 from __future__ import annotations
@@ -26,9 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import objectives
-from objectives import DeviceOutOfMemoryError, DivergedError, EpochMetrics, FashionMNIST, TrainConfig, TrainResult
-
-ERRORS = {"diverged": DivergedError, "out of memory": DeviceOutOfMemoryError}
+from objectives import EpochMetrics, FashionMNIST, TrainConfig, TrainResult
+from study.messages import follow_trial, train_trial
 
 
 class WorkerDied(RuntimeError):
@@ -39,7 +34,7 @@ def _serve(conn, data_dir: str | None, threads: int) -> None:
     """The worker process: load the data once, then train whatever the launcher sends until it hangs up."""
     import torch
 
-    from objectives import load_fashion_mnist, read_checkpoint, train
+    from objectives import load_fashion_mnist
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle; it stops us
     torch.set_num_threads(threads)
@@ -48,27 +43,9 @@ def _serve(conn, data_dir: str | None, threads: int) -> None:
     while True:
         try:
             config, checkpoint, resume = conn.recv()
+            train_trial(config, data, checkpoint, resume, conn.send, conn.recv, passes=(EOFError, OSError))
         except (EOFError, OSError):
-            return  # the launcher is gone
-
-        def on_epoch(metrics: EpochMetrics) -> bool:
-            conn.send(("epoch", metrics))
-            return conn.recv()
-
-        try:
-            result = train(config, data, on_epoch, checkpoint, read_checkpoint(checkpoint, config) if resume else None)
-        except (DivergedError, DeviceOutOfMemoryError) as error:
-            kind = "diverged" if isinstance(error, DivergedError) else "out of memory"
-            conn.send(("error", kind, str(error)))
-            continue
-        except (EOFError, OSError):
-            return
-        except Exception as error:  # noqa: BLE001 -- sent back so the launcher records it on the trial
-            conn.send(("error", type(error).__name__, str(error)))
-            continue
-        if result.model is not None:
-            result.model = result.model.to("cpu")  # a CUDA tensor cannot be unpickled by another process as it is
-        conn.send(("result", result))
+            return  # the launcher is gone; an OSError of the trial's own ends this process too, which the launcher sees
 
 
 class InProcess:
@@ -139,20 +116,7 @@ class Worker:
         if self.process is None:
             self.start()
         self.conn.send((config, checkpoint, resume))
-        while True:
-            message = self._recv()
-            if message[0] == "epoch":
-                try:
-                    stop = bool(on_epoch(message[1]))
-                except BaseException:
-                    self._end()  # it waits for an answer that will not come; the next trial gets a fresh process
-                    raise
-                self.conn.send(stop)
-            elif message[0] == "result":
-                return message[1]
-            else:
-                _, kind, text = message
-                raise ERRORS.get(kind, RuntimeError)(text if kind in ERRORS else f"{kind}: {text}")
+        return follow_trial(self._recv, self.conn.send, on_epoch, self._end)
 
     def stop(self) -> None:
         """End the process now, also in the middle of a trial (Ctrl-C); that trial then sees KeyboardInterrupt. Quiet in

@@ -4,9 +4,9 @@ A `RaySlot` is the Ray implementation of a trial slot (study.pool holds the loca
 in worker processes): the same `ready`, `train(config, on_epoch) -> TrainResult` and `stop`. Its actor holds
 the data, trains one TrainConfig at a time in a thread of its own, and hands each ("epoch", EpochMetrics)
 to the launcher, which answers prune or go on; so the launcher stays the only writer of the Optuna storage
-and of MLflow, as with local workers:
+and of MLflow, as with local workers. The messages are study.messages', carried by Ray calls:
 
-    driver -> actor   start(config)     train this
+    driver -> actor   start(config, checkpoint, resume)   train this
     driver -> actor   next()            the actor's next message: ("epoch", EpochMetrics), ("result", TrainResult)
                                         or ("error", kind, message)
     driver -> actor   answer(stop)      after an epoch: True stops the trial (pruning)
@@ -33,9 +33,9 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, OutOfMemoryError, RayActorError
 
-import objectives
-from objectives import DataError, DeviceOutOfMemoryError, DivergedError, EpochMetrics, FashionMNIST, TrainConfig, TrainResult
-from study.pool import ERRORS, WorkerDied
+from objectives import DataError, EpochMetrics, FashionMNIST, TrainConfig, TrainResult
+from study.messages import follow_trial, train_trial
+from study.pool import WorkerDied
 
 SPLITS = ("train_images", "train_labels", "val_images", "val_labels", "test_images", "test_labels")
 PROBE_TIMEOUT = 5  # seconds for a Ray address to accept a connection, and again to complete gRPC's handshake
@@ -128,22 +128,7 @@ class TrialActor:
         self.inbox.put(stop)
 
     def _train(self, config: TrainConfig, checkpoint: Path | None, resume: bool) -> None:
-        def on_epoch(metrics: EpochMetrics) -> bool:
-            self.outbox.put(("epoch", metrics))
-            return self.inbox.get()
-
-        try:
-            resumed = objectives.read_checkpoint(checkpoint, config) if resume else None  # on this node: --checkpoint-dir is shared
-            result = objectives.train(config, self.data, on_epoch, checkpoint, resumed)  # looked up at each call, so a wrapped trainer runs
-        except (DivergedError, DeviceOutOfMemoryError) as error:
-            self.outbox.put(("error", "diverged" if isinstance(error, DivergedError) else "out of memory", str(error)))
-            return
-        except Exception as error:  # noqa: BLE001 -- sent back so the launcher records it on the trial
-            self.outbox.put(("error", type(error).__name__, str(error)))
-            return
-        if result.model is not None:
-            result.model = result.model.to("cpu")  # the driver may have no GPU to unpickle a CUDA tensor on
-        self.outbox.put(("result", result))
+        train_trial(config, self.data, checkpoint, resume, self.outbox.put, self.inbox.get)
 
 
 class RaySlot:
@@ -187,20 +172,8 @@ class RaySlot:
             if self.stopping:
                 raise KeyboardInterrupt
         self._call(self.actor.start.remote(config, checkpoint, resume))
-        while True:
-            message = self._call(self.actor.next.remote())
-            if message[0] == "epoch":
-                try:
-                    stop = bool(on_epoch(message[1]))
-                except BaseException:
-                    self._end()  # it waits for an answer that will not come; the next trial gets a fresh actor
-                    raise
-                self._call(self.actor.answer.remote(stop))
-            elif message[0] == "result":
-                return message[1]
-            else:
-                _, kind, text = message
-                raise ERRORS.get(kind, RuntimeError)(text if kind in ERRORS else f"{kind}: {text}")
+        return follow_trial(lambda: self._call(self.actor.next.remote()), lambda stop: self._call(self.actor.answer.remote(stop)), on_epoch,
+                            self._end)
 
     def _call(self, ref: ray.ObjectRef):
         try:

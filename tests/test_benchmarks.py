@@ -170,7 +170,7 @@ def test_load_benchmark_records_a_failed_run_as_a_row_and_leaves_no_process(tmp_
 
 
 def test_load_benchmarks_trainer_takes_the_arguments_of_the_real_one():
-    # Its workers call the stub where a worker calls objectives.train (study/pool.py passes the checkpoint and the resume).
+    # Its workers call the stub where a worker calls objectives.train (study/messages.py passes the checkpoint and the resume).
     import inspect
 
     import objectives

@@ -5,6 +5,7 @@ import signal
 
 import pytest
 
+from objectives import DivergedError, TrainConfig
 from study.pool import Worker, cap_workers, cpu_cores
 from tests.conftest import LENET, hold_env, journal, make_spec, release, run_cli, run_main, start_hooked, wait_for_holds
 
@@ -66,3 +67,27 @@ def test_stopping_a_worker_is_quiet_in_every_state():
     gone.process.join(30)
     gone.stop()  # a process that ended on its own
     assert not gone.process.is_alive()
+
+
+@pytest.mark.slow
+def test_a_worker_process_gives_each_trial_the_outcome_it_has_in_this_process(tmp_path):
+    # Its epochs, the launcher's answer to stop, its result, and its errors cross the pipe as study.messages carries them.
+    worker = Worker("auto", None, 1)
+    try:
+        config = TrainConfig(arch="lenet", lr=0.1, epochs=5, n_train=256, n_val=64, n_test=64)
+        epochs = []
+        result = worker.train(config, lambda metrics: epochs.append(metrics.epoch) or metrics.epoch == 2)
+        assert epochs == [1, 2] and result.epochs_run == 2 and result.stopped_early and [metrics.epoch for metrics in result.history] == [1, 2]
+        process = worker.process
+
+        diverging = TrainConfig(arch="vgg11", resize=32, ratio=16, lr=1e12, momentum=0.9, epochs=2, batch_size=32, n_train=256, n_val=64, n_test=64)
+        with pytest.raises(DivergedError, match=r"^training loss became (nan|inf) in epoch 1"):  # its own text, as in tests/test_train.py
+            worker.train(diverging, lambda metrics: False)
+
+        missing = tmp_path / "0.pt"
+        with pytest.raises(RuntimeError, match=r"^CheckpointError: .*0\.pt") as other:
+            worker.train(config, lambda metrics: False, missing, resume=True)  # any other error: its class named in the text
+        assert type(other.value) is RuntimeError
+        assert worker.process is process and process.is_alive()  # a trial's error ends the trial, not the process
+    finally:
+        worker.stop()
