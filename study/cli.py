@@ -8,6 +8,7 @@ Heavy imports (torch, optuna, mlflow) happen inside the commands, so `--help` is
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import math
 import os
 import re
@@ -597,8 +598,9 @@ def cmd_report(args) -> int:
 def cmd_ui(args) -> int:
     from mlflow.tracking import MlflowClient
 
+    from study.mlflow_app import APP_NAME
     from study.storage import home, mask
-    from study.tracking import MODEL_TRAINING_CLICK, read_only_uri, tracking_uri, ui_links
+    from study.tracking import read_only_uri, tracking_uri, ui_links
 
     uri = tracking_uri(home())
     if uri.startswith(("http://", "https://")):
@@ -607,6 +609,10 @@ def cmd_ui(args) -> int:
     read_only = read_only_uri(home())
     if read_only is None:  # the UI server would create an empty store
         raise ValueError(f"no MLflow store at {uri.removeprefix('sqlite:///')} yet; launch a study first (`python -m study launch NAME`)")
+    # MLflow finds its app plugins by their entry point, which installing the project registers (pyproject.toml).
+    if not importlib.metadata.entry_points(group="mlflow.app", name=APP_NAME):
+        raise ValueError(f"MLflow's app {APP_NAME!r} (the UI in its model-training view) is not registered: this project was installed "
+                         "before it had one, or not at all; install it again (`make setup`, or `.venv/bin/python -m pip install -e .`)")
     base = f"http://{args.host}:{args.port}"
     links = ui_links(MlflowClient(tracking_uri=read_only), base)
     print(f"MLflow UI on {mask(uri)}: starting at {base} ...", flush=True)
@@ -618,10 +624,11 @@ def cmd_ui(args) -> int:
         # The reports' run links open this UI, on whatever port it serves (dashboards.report reads #mlflow=).
         for report in sorted((home() / "reports").glob("*.html")):
             print(f"  report {report.stem}: {report.resolve().as_uri()}#mlflow={base}")
-        print(MODEL_TRAINING_CLICK, flush=True)
+        sys.stdout.flush()
 
+    # Every page in MLflow's model-training view, its home page first: MLflow's app wrapped by study/mlflow_app.py.
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
-               "--default-artifact-root", (home() / "mlartifacts").resolve().as_uri(), "--workers", "1"]
+               "--default-artifact-root", (home() / "mlartifacts").resolve().as_uri(), "--workers", "1", "--app-name", APP_NAME]
     return _serve(command, f"{base}/health", answered)
 
 

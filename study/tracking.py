@@ -38,6 +38,7 @@ from dashboards.files import slug
 from objectives.data import FashionMNIST, cache_root
 from objectives.models import get_architecture
 from objectives.train import EpochMetrics, TrainConfig, TrainResult, resolve_device
+from study.mlflow_app import APP_NAME, MODEL_TRAINING
 from study.storage import home_holds_tracking, mask, pid_alive
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -315,12 +316,14 @@ def first_view() -> str:
 
 # MLflow 3's UI shows a page in its model-training view or its GenAI view by the `workflowType` of the page's
 # address, else by the choice its sidebar switch stored in the browser (localStorage `mlflow.workflowType_v1`),
-# else GenAI. The server has no setting for it, and the UI ignores the experiment's `mlflow.experimentKind` tag
-# there, so every address we print or write carries the view.
-MODEL_TRAINING_VIEW = "workflowType=machine_learning"
-# For the pages no printed address reaches (the home page first): the one click that stores the choice.
-MODEL_TRAINING_CLICK = ('other MLflow pages (its home page first) open in its GenAI view until you click "Model training"\n'
-                        "at the top of the sidebar on such a page; the browser keeps that choice")
+# else GenAI. The UI ignores the experiment's `mlflow.experimentKind` tag there. `study ui` serves MLflow with the
+# app of study/mlflow_app.py, which stores the model-training choice in a browser that has none; every address we
+# print or write carries the view too, for an `mlflow server` of someone else's (MLFLOW_TRACKING_URI).
+MODEL_TRAINING_VIEW = f"workflowType={MODEL_TRAINING}"
+# For the pages of such a server that no printed address reaches (the home page first): the one click that stores
+# the choice, unless that server runs this project's app.
+MODEL_TRAINING_CLICK = ('other pages of that server (its home page first) open in its GenAI view until you click "Model training"\n'
+                        f"at the top of the sidebar on such a page (the browser keeps that choice), unless that server runs with --app-name {APP_NAME}")
 
 
 def ui_links(client: MlflowClient, base: str) -> list[tuple[str, str]]:
@@ -382,8 +385,8 @@ class Tracker:
         experiment = self.client.get_experiment_by_name(study_name)
         if experiment is None:
             location = (artifact_root / slug(study_name)).resolve().as_uri() if artifact_root and not uri.startswith("http") else None
-            # The kind MLflow gives model-training experiments; MLflow 3.17's UI picks its view by
-            # MODEL_TRAINING_VIEW, not by this tag.
+            # The kind MLflow gives model-training experiments; MLflow 3.18's UI picks its view by
+            # MODEL_TRAINING_VIEW or the browser's stored choice, not by this tag.
             self.experiment_id = self.client.create_experiment(study_name, artifact_location=location,
                                                                tags={"mlflow.experimentKind": "custom_model_development"})
         else:

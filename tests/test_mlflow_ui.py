@@ -1,7 +1,8 @@
 """The MLflow UI as a user first sees it, in a browser profile that has never opened it (a new context per test):
-every address `study ui` prints and the report writes opens MLflow's model-training view, and the home page, which
-no address of ours reaches, takes the one click the README names. MLflow 3 picks the view by the address's
-`workflowType`, else by the choice its sidebar stored in the browser, else GenAI (study/tracking.py).
+every address `study ui` prints and the report writes, and the bare home page, opens MLflow's model-training view,
+and every page clicked from there stays in it. MLflow 3 picks the view by the address's `workflowType`, else by the
+choice its sidebar stored in the browser, else GenAI; `study ui` serves MLflow's app of study/mlflow_app.py, which
+stores the model-training choice in a browser that has none, and keeps a choice the user made.
 
 One `study ui` serves every test here, in the order written; the last stops it with SIGTERM and checks that its
 server went with it, that it printed no third-party warning and that it changed no file."""
@@ -22,7 +23,7 @@ import pytest
 from reliability.checks import changed, fingerprint, record_read_only
 
 from conftest import ARTIFACTS, LENET, ROOT, free_port, listening_addresses, make_spec, run_cli, wait_until_up
-from study.tracking import MODEL_TRAINING_CLICK
+from study.mlflow_app import WORKFLOW_KEY
 
 pytestmark = pytest.mark.slow  # a real MLflow UI server behind `study ui`
 
@@ -46,14 +47,14 @@ def ui(tmp_path_factory):
     port = free_port()
     env = {**os.environ, "STUDY_HOME": str(home), "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
+    base = f"http://127.0.0.1:{port}"
     out, err = root / "ui.out", root / "ui.err"
     with out.open("w") as stdout, err.open("w") as stderr:
         server = subprocess.Popen([sys.executable, "-m", "study", "ui", "--port", str(port)], cwd=workdir, env=env, stdout=stdout, stderr=stderr)
-    base = f"http://127.0.0.1:{port}"
     try:
         # The moment its links appear, the server they name answers (asked once, at once).
         deadline = time.monotonic() + 180  # a guard against a hang, not a speed limit
-        while MODEL_TRAINING_CLICK not in out.read_text():
+        while f"#mlflow={base}\n" not in out.read_text():  # the report's line, the last `ui` prints
             assert server.poll() is None and time.monotonic() < deadline, out.read_text() + err.read_text()
             time.sleep(0.02)
         with urllib.request.urlopen(f"{base}/health", timeout=30) as answer:
@@ -94,26 +95,82 @@ def test_ui_prints_every_address_in_the_model_training_view(ui):
     links = printed_links(lines)
     assert set(links) == {STUDY, f"model {MODEL} v1"}, lines
     assert all(link.startswith(f"{base}/#/") and "workflowType=machine_learning" in link for link in links.values()), links
-    assert any('"Model training"' in line for line in lines), lines  # the one click for every other page
+    assert not any("Model training" in line for line in lines), lines  # no click to ask for: every page opens in it
 
 
-def test_home_page_takes_one_click_then_the_browser_keeps_model_training(ui, page):
-    """The bare address `study ui` prints opens MLflow's home page in its GenAI view (MLflow has no server-side
-    default); one click on "Model training" stores the choice, and the study clicked from there opens its runs."""
+def registered_trial(base: str) -> str:
+    """The name of the trial whose model is version 1 of MODEL, from the server's REST API."""
+    with urllib.request.urlopen(f"{base}/api/2.0/mlflow/model-versions/get?name={MODEL}&version=1") as response:
+        run_id = json.load(response)["model_version"]["run_id"]
+    with urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}") as response:
+        return {t["key"]: t["value"] for t in json.load(response)["run"]["data"]["tags"]}["mlflow.runName"]
+
+
+@pytest.mark.parametrize("start", ["study link", "home page", "model link"])
+def test_every_click_stays_in_model_training(ui, page, start):
+    """From each address `ui` prints and from the bare home page, in a new browser profile: the study, the trial whose
+    model is registered, its model metrics, back, and that model's version page, each in the model-training view (the
+    addresses MLflow's own links lead to carry no `workflowType`)."""
+    base, links, trial = ui["base"], printed_links(ui["lines"]), registered_trial(ui["base"])
+    shots = iter(range(1, 10))
+
+    def arrived(step: str) -> None:
+        assert_model_training_view(page)
+        page.screenshot(path=str(ARTIFACTS / f"mlflow-ui-path-{start.replace(' ', '-')}-{next(shots)}-{step}.png"))
+
+    if start == "model link":
+        page.goto(links[f"model {MODEL} v1"])
+        page.get_by_text("Version 1").first.wait_for(timeout=WAIT_MS)
+        page.get_by_text(f"Optuna study {STUDY}").first.wait_for(timeout=WAIT_MS)  # the version's description
+        arrived("model-version")
+        page.get_by_role("link", name=trial, exact=True).first.click()  # the version's source run
+    else:
+        if start == "home page":
+            page.goto(base)
+            page.get_by_role("link", name=STUDY, exact=True).first.wait_for(timeout=WAIT_MS)  # the home page's recent experiments
+            arrived("home")
+            page.get_by_role("link", name=STUDY, exact=True).first.click()
+            parent = page.locator("[role=gridcell]", has_text=STUDY).first  # ordered by start time: the trials fold under it
+            parent.wait_for(timeout=WAIT_MS)
+            parent.locator("button").first.click()
+        else:
+            page.goto(links[STUDY])
+        page.get_by_role("link", name=trial, exact=True).first.wait_for(timeout=WAIT_MS)
+        arrived("study")
+        page.get_by_role("link", name=trial, exact=True).first.click()
+    page.wait_for_url(re.compile(r"/#/experiments/\d+/runs/[0-9a-f]{32}$"), timeout=WAIT_MS)
+    page.get_by_text("Optuna state").first.wait_for(timeout=WAIT_MS)  # the trial's run description
+    arrived("trial")
+    page.get_by_role("tab", name="Model metrics").click()
+    page.wait_for_url(re.compile(r"/runs/[0-9a-f]{32}/model-metrics$"), timeout=WAIT_MS)
+    arrived("model-metrics")
+    page.go_back()
+    page.get_by_text("Optuna state").first.wait_for(timeout=WAIT_MS)
+    arrived("back")
+    page.locator(f'a[href$="#/models/{MODEL}/versions/1"]').first.click()  # the run's registered model version
+    page.wait_for_url(re.compile(rf"/#/models/{MODEL}/versions/1$"), timeout=WAIT_MS)
+    page.get_by_text(f"Optuna study {STUDY}").first.wait_for(timeout=WAIT_MS)  # the version's description
+    arrived("model-version")
+
+
+def test_a_choice_of_genai_is_kept(ui, page):
+    """The model-training view is only the default: a click on "GenAI" in the sidebar's switch stays this browser's
+    choice, for the home page opened again, and "Model training" switches back."""
     base = ui["base"]
     page.goto(base)
+    assert_model_training_view(page)
+    assert page.evaluate(f"localStorage.getItem('{WORKFLOW_KEY}')") == '"machine_learning"'
+    page.locator("aside").get_by_role("button", name="GenAI").click()
     assert_genai_view(page)
-    page.screenshot(path=str(ARTIFACTS / "mlflow-ui-home-genai.png"))
-    page.locator("aside").get_by_role("button", name="Model training").click()
-    assert_model_training_view(page)
-    page.get_by_role("link", name=STUDY, exact=True).first.click()
-    page.wait_for_url(re.compile(r"/#/experiments/\d+/runs\?.*workflowType=machine_learning"), timeout=WAIT_MS)
-    page.get_by_role("gridcell", name=STUDY).first.wait_for(timeout=WAIT_MS)  # the study's parent run in the runs table
-    assert_model_training_view(page)
-    page.screenshot(path=str(ARTIFACTS / "mlflow-ui-study-from-home.png"))
-    again = page.context.new_page()  # the same browser, later: the home page now opens in model training
+    again = page.context.new_page()  # the same browser, later
     again.goto(base)
+    assert_genai_view(again)
+    again.screenshot(path=str(ARTIFACTS / "mlflow-ui-home-genai-chosen.png"))
+    again.locator("aside").get_by_role("button", name="Model training").click()
     assert_model_training_view(again)
+    third = page.context.new_page()
+    third.goto(base)
+    assert_model_training_view(third)
 
 
 def test_study_link_opens_its_trials_and_curves_in_model_training(ui, page):
@@ -177,14 +234,6 @@ def test_report_run_link_opens_the_trial_in_model_training(ui, page):
     page.get_by_text("Optuna state").first.wait_for(timeout=WAIT_MS)  # the trial's run description
     assert_model_training_view(page)
     page.screenshot(path=str(ARTIFACTS / "mlflow-ui-trial-run.png"))
-
-
-def test_model_version_link_opens_in_model_training(ui, page):
-    page.goto(printed_links(ui["lines"])[f"model {MODEL} v1"])
-    page.get_by_text("Version 1").first.wait_for(timeout=WAIT_MS)
-    page.get_by_text(f"Optuna study {STUDY}").first.wait_for(timeout=WAIT_MS)  # the version's description
-    assert_model_training_view(page)
-    page.screenshot(path=str(ARTIFACTS / "mlflow-ui-model-version.png"))
 
 
 # --- last: stopping it ---------------------------------------------------------------------------------------
