@@ -700,9 +700,9 @@ def _stop_group(server: subprocess.Popen) -> None:
 
 def cmd_serve_storage(args) -> int:
     """Optuna's gRPC storage proxy in front of --storage, for many workers (study/storage_proxy.py)."""
-    from study.storage import mask, open_storage
+    from study.storage import mask, open_storage, storage_kind
 
-    if args.storage.startswith("grpc://"):
+    if not storage_kind(args.storage).servable:
         raise ValueError(f"--storage {mask(args.storage)}: give the storage the proxy serves (postgresql://..., a journal file), not another proxy")
     try:
         from study.storage_proxy import serve

@@ -1,6 +1,7 @@
 """Dead-trial recovery: a trial whose process died is closed as FAIL and queued once more.
 
-One strategy per kind of storage, chosen by `recovery_for`:
+One strategy per kind of storage (its `recovery` in study.storage.STORAGE_KINDS: open_storage gives heartbeats only to the
+kinds that keep them), chosen by `recovery_for`:
 - relational storage (SQLite, PostgreSQL): Optuna's heartbeats. A trial whose heartbeat is older than the
   grace period is failed, with its reason, and Optuna's stale-trial callback (storage.RetryStaleTrial) queues it again.
 - every other storage (a journal file, the gRPC proxy): a lease, the trial's user attribute `lease_until`, which the

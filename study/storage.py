@@ -4,6 +4,7 @@ Default: $STUDY_HOME (or ./studies) holding `optuna.journal` (Optuna's journal f
 safe for several processes and safe to reopen), `mlflow.db`, `mlartifacts/` and `reports/`.
 `--storage` takes any Optuna storage URL (sqlite:///..., postgresql://...), a journal file path, or
 grpc://host:port for Optuna's storage proxy (`python -m study serve-storage`, study/storage_proxy.py).
+What the code does differently for each kind of storage is one entry of STORAGE_KINDS, at the end of this file.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import sys
 import time
 import warnings
 import zlib
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import optuna
@@ -80,11 +84,34 @@ class RetryStaleTrial:
         record.retry(study, trial)
 
 
+@dataclass(frozen=True)
+class StorageKind:
+    """One kind of Optuna storage: how a --storage value names it, and each thing the code does differently for it.
+    The kinds are STORAGE_KINDS; docs/layout.md says how to add one."""
+
+    name: str                  # as the tests name it
+    prefixes: tuple[str, ...]  # a URL of this kind starts with one of these; (): a path, with no "://" (the journal)
+    example: str               # how the --storage line of docs/commands.md shows one (tests/test_cli.py checks it)
+    open: Callable[..., optuna.storages.BaseStorage]  # (url, heartbeat, read_only, server), as open_storage takes them
+    file: Callable[[str], Path | None] | None  # the file a URL of this kind names; None: it lives on a server
+    lock: Callable[..., AbstractContextManager] | None  # setup_lock's lock, given (url, storage, study name); None: none
+    recovery: str              # how a dead worker's trial is found (study.recovery): "heartbeat" (Optuna's) or "lease"
+    shared_by_machines: bool   # workers on other machines may share it (shared_by_machines)
+    servable: bool = True      # `serve-storage` may put the proxy in front of it
+
+
+def storage_kind(url: str) -> StorageKind:
+    """The kind of storage a --storage value names: a path is a journal file; a URL, the kind whose prefix it starts with,
+    or else any other database SQLAlchemy may open (ANY_DATABASE)."""
+    if "://" not in url:
+        return next(kind for kind in STORAGE_KINDS if not kind.prefixes)
+    return next((kind for kind in STORAGE_KINDS if kind.prefixes and url.startswith(kind.prefixes)), ANY_DATABASE)
+
+
 def storage_file(url: str) -> Path | None:
     """The file a storage URL names (a journal file, an SQLite database); None for a database server or the proxy."""
-    if url.startswith("sqlite:///"):
-        return Path(url.removeprefix("sqlite:///").partition("?")[0])
-    return None if "://" in url else Path(url)
+    kind = storage_kind(url)
+    return kind.file(url) if kind.file is not None else None
 
 
 def open_storage(url: str | None, heartbeat: int | None = None, read_only: bool = False, server: bool = False) -> optuna.storages.BaseStorage:
@@ -103,24 +130,27 @@ def open_storage(url: str | None, heartbeat: int | None = None, read_only: bool 
     if url is None and not read_only:
         make_home()
     url = url or default_storage_url()
-    if "://" not in url:
-        return _journal(Path(url), read_only)
-    if url.startswith("grpc://"):
-        return _proxy(url)
+    kind = storage_kind(url)
+    return kind.open(url, heartbeat if kind.recovery == "heartbeat" else None, read_only, server)
+
+
+def _database(url: str, heartbeat: int | None, read_only: bool, server: bool, *, connect_args: dict | None = None,
+              read_only_by: Callable | None = None, one_connection: bool = False) -> optuna.storages.BaseStorage:
+    """An SQLAlchemy URL, as open_storage takes it. Its kind's entry in STORAGE_KINDS adds `connect_args` (the driver's),
+    `read_only_by` (how the database itself refuses writes, _read_only_database) and `one_connection` (_one_connection)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             # pool_pre_ping: a connection the server dropped (restart, pg_terminate_backend) is replaced, not used.
             engine = {"pool_pre_ping": True}
-            if url.startswith("postgresql"):
-                # libpq waits for ever on a server that accepts the connection and never answers.
-                engine["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT, "application_name": APPLICATION_NAME}
+            if connect_args is not None:
+                engine["connect_args"] = dict(connect_args)  # a copy: a read-only opening adds to it
             if read_only:
-                return _read_only_database(url, engine)
+                return _read_only_database(url, engine, read_only_by)
             beats = {"engine_kwargs": engine}
             if heartbeat is not None:
                 beats |= {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat, "heartbeat_stale_trial_callback": RetryStaleTrial()}
-            if url.startswith("postgresql") and not server:
+            if one_connection and not server:
                 return _one_connection(url, beats)
             return optuna.storages.RDBStorage(url, **beats)
     except ImportError as error:
@@ -201,12 +231,14 @@ def _check_tables(url: str, engine: dict, fresh: bool) -> None:
         optuna.storages.RDBStorage(url, **kwargs).engine.dispose()  # creates what is missing, or raises Optuna's upgrade message
 
 
-def _journal(path: Path, read_only: bool) -> optuna.storages.BaseStorage:
-    """A plain path: Optuna's journal file, which several processes may append to safely (study/journal.py)."""
+def _journal(url: str, heartbeat: None, read_only: bool, server: bool) -> optuna.storages.BaseStorage:
+    """A plain path: Optuna's journal file, which several processes may append to safely (study/journal.py). It keeps
+    no heartbeats (its trials hold a lease instead), and serves a proxy as it serves anyone."""
     from optuna.storages.journal import JournalFileBackend
 
     from study.journal import JournalCorrupt, ReadOnlyJournal, repair, verify
 
+    path = Path(url)
     if path.is_dir():
         raise StorageError(f"journal storage {path} is a directory; give the path of a journal file")
     if not path.parent.is_dir():
@@ -226,20 +258,16 @@ def _journal(path: Path, read_only: bool) -> optuna.storages.BaseStorage:
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
-def _read_only_database(url: str, engine: dict) -> optuna.storages.BaseStorage:
-    """An SQLite file or a PostgreSQL database opened so that SQLite or the server refuses every write; Optuna's
+def _read_only_database(url: str, engine: dict, read_only_by: Callable | None) -> optuna.storages.BaseStorage:
+    """An SQLite file or a PostgreSQL database opened so that SQLite or the server refuses every write (`read_only_by`,
+    from its kind's entry in STORAGE_KINDS; another database is only never written by these commands); Optuna's
     tables are not created, so a database without them holds no study. alembic_version is the table Optuna makes
     last (_create_tables): a database whose tables another process is making now holds no study yet either."""
-    import urllib.parse
-
     import sqlalchemy
 
     parsed = sqlalchemy.engine.make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        # SQLite's own read-only mode, which also never creates the file.
-        parsed = parsed.set(database=f"file:{urllib.parse.quote(parsed.database or '')}", query={**parsed.query, "mode": "ro", "uri": "true"})
-    elif parsed.get_backend_name() == "postgresql":
-        engine["connect_args"]["options"] = "-c default_transaction_read_only=on"
+    if read_only_by is not None:
+        parsed = read_only_by(parsed, engine)
     url = parsed.render_as_string(hide_password=False)
     probe = sqlalchemy.create_engine(url, **engine)
     try:
@@ -251,8 +279,29 @@ def _read_only_database(url: str, engine: dict) -> optuna.storages.BaseStorage:
     return optuna.storages.RDBStorage(url, engine_kwargs=engine, skip_table_creation=True)
 
 
-def _proxy(url: str) -> optuna.storages.BaseStorage:
-    """grpc://host:port: a client of the storage proxy that `python -m study serve-storage` runs."""
+def _sqlite_read_only(parsed, engine: dict):
+    """SQLite's own read-only mode, which also never creates the file."""
+    import urllib.parse
+
+    return parsed.set(database=f"file:{urllib.parse.quote(parsed.database or '')}", query={**parsed.query, "mode": "ro", "uri": "true"})
+
+
+def _postgresql_read_only(parsed, engine: dict):
+    """Sessions in which the server refuses every write."""
+    engine["connect_args"]["options"] = "-c default_transaction_read_only=on"
+    return parsed
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """sqlite:///PATH: the database file PATH; None for one in memory (sqlite://)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    return Path(url.removeprefix("sqlite:///").partition("?")[0])
+
+
+def _proxy(url: str, heartbeat: None, read_only: bool, server: bool) -> optuna.storages.BaseStorage:
+    """grpc://host:port: a client of the storage proxy that `python -m study serve-storage` runs. Its trials hold a
+    lease (the proxy relays no heartbeats), and a read-only command only reads through it."""
     host, _, port = url.removeprefix("grpc://").rstrip("/").rpartition(":")
     if not host or not port.isdigit():
         raise StorageError(f"storage {mask(url)}: give grpc://HOST:PORT, e.g. grpc://127.0.0.1:13000")
@@ -269,7 +318,7 @@ def _proxy(url: str) -> optuna.storages.BaseStorage:
 def shared_by_machines(url: str | None) -> bool:
     """Whether `url` names a storage that workers on other machines may share: a database server or the gRPC proxy,
     not a journal file or SQLite (whose file, on a network file system, Optuna and SQLite do not support sharing)."""
-    return url is not None and "://" in url and not url.startswith("sqlite")
+    return url is not None and storage_kind(url).shared_by_machines
 
 
 def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:
@@ -329,18 +378,32 @@ def setup_lock(url: str | None, storage: optuna.storages.BaseStorage, study_name
     """Held while a launch creates or reopens a study's record (the study and its identity in Optuna, its parent
     run in MLflow), so that first launches started at the same moment agree on one of each.
 
-    A journal or SQLite file: an exclusive flock on the directory that holds it (not on the file: closing
-    another descriptor of an SQLite file would drop SQLite's own POSIX locks). PostgreSQL: an advisory lock
-    keyed by the study's name. The kernel or the server drops either with the process, so a killed launch
-    never leaves it held. The gRPC proxy: none; start a proxied study's first launch alone.
+    The lock is the storage kind's (STORAGE_KINDS): a journal or SQLite file, _directory_lock; PostgreSQL, an
+    advisory lock keyed by the study's name. The kernel or the server drops either with the process, so a killed
+    launch never leaves it held. The gRPC proxy: none; start a proxied study's first launch alone.
     """
     url = url or default_storage_url()
-    if on_postgresql(storage):
-        with _advisory_lock(storage, SETUP_LOCK_SPACE, zlib.crc32(study_name.encode()) - 2**31):
-            yield
+    lock = storage_kind(url).lock
+    if lock is None:
+        yield
         return
+    with lock(url, storage, study_name):
+        yield
+
+
+@contextmanager
+def _study_advisory_lock(url: str, storage: optuna.storages.RDBStorage, study_name: str):
+    """PostgreSQL's setup_lock: an advisory lock keyed by the study's name."""
+    with _advisory_lock(storage, SETUP_LOCK_SPACE, zlib.crc32(study_name.encode()) - 2**31):
+        yield
+
+
+@contextmanager
+def _directory_lock(url: str, storage: optuna.storages.BaseStorage, study_name: str):
+    """A journal or SQLite file's setup_lock: an exclusive flock on the directory that holds it (not on the file:
+    closing another descriptor of an SQLite file would drop SQLite's own POSIX locks)."""
     path = storage_file(url)
-    if path is None:
+    if path is None:  # an SQLite database in memory: one process only
         yield
         return
     try:
@@ -353,3 +416,22 @@ def setup_lock(url: str | None, storage: optuna.storages.BaseStorage, study_name
         yield
     finally:
         os.close(descriptor)  # releases the lock
+
+
+# ---- The storage kinds: each entry says everything the code does differently for its kind ----
+
+STORAGE_KINDS = (
+    StorageKind("journal", (), "a journal file path", _journal, file=Path, lock=_directory_lock, recovery="lease",
+                shared_by_machines=False),
+    StorageKind("sqlite", ("sqlite",), "sqlite:///file.db", partial(_database, read_only_by=_sqlite_read_only), file=_sqlite_file,
+                lock=_directory_lock, recovery="heartbeat", shared_by_machines=False),
+    # connect_timeout: libpq waits for ever on a server that accepts the connection and never answers.
+    StorageKind("postgresql", ("postgresql",), "postgresql://user@host/db",
+                partial(_database, connect_args={"connect_timeout": CONNECT_TIMEOUT, "application_name": APPLICATION_NAME},
+                        read_only_by=_postgresql_read_only, one_connection=True),
+                file=None, lock=_study_advisory_lock, recovery="heartbeat", shared_by_machines=True),
+    StorageKind("proxy", ("grpc://",), "grpc://host:port", _proxy, file=None, lock=None, recovery="lease", shared_by_machines=True,
+                servable=False),
+)
+# Any other URL: a database SQLAlchemy may open (its driver installed), as Optuna opens it; tested by no kind's entry.
+ANY_DATABASE = StorageKind("database", (), "an SQLAlchemy URL", _database, file=None, lock=None, recovery="heartbeat", shared_by_machines=True)

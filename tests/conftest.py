@@ -433,6 +433,14 @@ def storage_proxy(storage_url: str, log: Path, host: str = "127.0.0.1"):
     assert code == 0, log.read_text()
 
 
+def storage_params() -> list:
+    """Every kind of storage the project names (study.storage.STORAGE_KINDS), by name, for pytest.mark.parametrize: a kind
+    that lives on a server is marked slow, since the test starts one (a PostgreSQL database, a storage proxy)."""
+    from study.storage import STORAGE_KINDS
+
+    return [kind.name if kind.file is not None else pytest.param(kind.name, marks=pytest.mark.slow) for kind in STORAGE_KINDS]
+
+
 def journal(home: Path):
     """The Optuna journal storage a launch keeps in the study home `home`."""
     import optuna

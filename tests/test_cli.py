@@ -192,3 +192,11 @@ def test_launch_help_says_what_the_docs_say_of_objective_sampler_and_pruner():
         assert re.search(", ".join(choices[:-1]) + f" or {choices[-1]}", help_text), (flag, choices)
     assert "override the spec's [sampler] and [pruner] tables" in docs and "overrides the spec's [pruner]" in help_text
     assert "default TPE and the median pruner" in docs and "(default tpe)" in help_text and "(default median)" in help_text
+
+
+def test_the_storage_line_of_the_docs_names_every_storage_kind():
+    from study.storage import STORAGE_KINDS
+
+    text = (ROOT / "docs" / "commands.md").read_text()
+    bullet = _flat(re.search(r"^- `--storage` takes.*?(?=^- )", text, re.DOTALL | re.MULTILINE)[0])
+    assert [kind.name for kind in STORAGE_KINDS if kind.example not in bullet] == [], bullet

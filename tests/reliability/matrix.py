@@ -40,8 +40,9 @@ from optuna.trial import TrialState
 
 from conftest import LENET, ROOT, hold_env, make_spec, run_cli, start_hooked, wait_for_holds
 from reliability.checks import SEED, Counts, check_consistent, record_fault
+from study.storage import STORAGE_KINDS
 
-STORAGES = ("journal", "sqlite", "postgresql", "proxy", "ray")
+STORAGES = (*(kind.name for kind in STORAGE_KINDS), "ray")  # ray: the study home's journal, launched with --ray
 KINDS = ("accuracy", "accuracy,train_seconds", "accuracy,train_flops", "several architectures", "confirm companion", "finalized")
 STEPS = ("launch", "interrupt", "worker", "show", "export", "report", "confirm", "finalize")
 

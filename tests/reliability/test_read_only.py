@@ -14,10 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LENET, make_spec, postgres_database, run_cli, run_main, storage_proxy
+from conftest import LENET, make_spec, postgres_database, run_cli, run_main, storage_params, storage_proxy
 from reliability.checks import changed, fingerprint, record_read_only
-
-STORAGES = ["journal", "sqlite", pytest.param("postgresql", marks=pytest.mark.slow), pytest.param("proxy", marks=pytest.mark.slow)]
 
 
 def read_only_commands(spec: Path, storage: list[str], out: Path) -> list[list[str]]:
@@ -41,7 +39,7 @@ def launched(tmp_path_factory):
     return home, spec
 
 
-@pytest.mark.parametrize("kind", STORAGES)
+@pytest.mark.parametrize("kind", storage_params())
 def test_read_only_commands_change_no_file(kind, launched, tmp_path, monkeypatch):
     home, journal_spec = launched
     specs = journal_spec.parent
@@ -61,6 +59,7 @@ def test_read_only_commands_change_no_file(kind, launched, tmp_path, monkeypatch
                 database = stack.enter_context(postgres_database("readonly"))
                 storage = ["--storage", database]
             else:
+                assert kind == "proxy", f"storage kind {kind}: give it a study here"
                 storage = ["--storage", stack.enter_context(storage_proxy(str(store / "optuna.journal"), tmp_path / "proxy.log"))]
             result = run_cli("launch", str(spec), "--trials", "1", "--log-model", "none", *storage, env=env)
             assert result.returncode == 0, result.stderr
