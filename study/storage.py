@@ -232,8 +232,8 @@ def _check_tables(url: str, engine: dict, fresh: bool) -> None:
 
 
 def _journal(url: str, heartbeat: None, read_only: bool, server: bool) -> optuna.storages.BaseStorage:
-    """A plain path: Optuna's journal file, which several processes may append to safely (study/journal.py). It keeps
-    no heartbeats (its trials hold a lease instead), and serves a proxy as it serves anyone."""
+    """A plain path: Optuna's journal file, which several processes may append to safely (study/journal.py). `heartbeat`
+    is None (it keeps no heartbeats: its trials hold a lease) and `server` changes nothing."""
     from optuna.storages.journal import JournalFileBackend
 
     from study.journal import JournalCorrupt, ReadOnlyJournal, repair, verify
@@ -260,7 +260,7 @@ def _journal(url: str, heartbeat: None, read_only: bool, server: bool) -> optuna
 
 def _read_only_database(url: str, engine: dict, read_only_by: Callable | None) -> optuna.storages.BaseStorage:
     """An SQLite file or a PostgreSQL database opened so that SQLite or the server refuses every write (`read_only_by`,
-    from its kind's entry in STORAGE_KINDS; another database is only never written by these commands); Optuna's
+    from its kind's entry in STORAGE_KINDS; a database of no kind is only opened without writing to it); Optuna's
     tables are not created, so a database without them holds no study. alembic_version is the table Optuna makes
     last (_create_tables): a database whose tables another process is making now holds no study yet either."""
     import sqlalchemy
@@ -300,8 +300,9 @@ def _sqlite_file(url: str) -> Path | None:
 
 
 def _proxy(url: str, heartbeat: None, read_only: bool, server: bool) -> optuna.storages.BaseStorage:
-    """grpc://host:port: a client of the storage proxy that `python -m study serve-storage` runs. Its trials hold a
-    lease (the proxy relays no heartbeats), and a read-only command only reads through it."""
+    """grpc://host:port: a client of the storage proxy that `python -m study serve-storage` runs. `heartbeat` is None
+    (Optuna keeps heartbeats on its relational storage only: its trials hold a lease), and a read-only command only reads
+    through it."""
     host, _, port = url.removeprefix("grpc://").rstrip("/").rpartition(":")
     if not host or not port.isdigit():
         raise StorageError(f"storage {mask(url)}: give grpc://HOST:PORT, e.g. grpc://127.0.0.1:13000")

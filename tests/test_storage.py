@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_main
-from study.storage import ANY_DATABASE, STORAGE_KINDS, shared_by_machines, storage_file, storage_kind
+from study.storage import ANY_DATABASE, STORAGE_KINDS, heartbeat_enabled, opened, shared_by_machines, storage_file, storage_kind
 
 # (a --storage value, its kind, the file it names, whether workers on other machines may share it)
 VALUES = [
@@ -37,6 +37,15 @@ def test_each_kind_is_found_by_its_example_and_its_name_is_its_own():
     assert len(set(names)) == len(names)
     assert {kind.recovery for kind in (*STORAGE_KINDS, ANY_DATABASE)} == {"heartbeat", "lease"}
     assert shared_by_machines(None) is False  # the default: the study home's journal
+
+
+@pytest.mark.parametrize(("kind", "beats"), [("journal", False), ("sqlite", True)])
+def test_a_storage_keeps_heartbeats_where_its_kind_recovers_by_them(kind, beats, tmp_path):
+    """study.recovery picks heartbeats or leases by heartbeat_enabled: true only where the kind's recovery says so."""
+    url = str(tmp_path / "optuna.journal") if kind == "journal" else f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert (storage_kind(url).recovery == "heartbeat") is beats
+    with opened(url, heartbeat=5) as storage:
+        assert heartbeat_enabled(storage) is beats
 
 
 def test_serve_storage_refuses_a_proxy_in_front_of_a_proxy():
