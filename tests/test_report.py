@@ -181,7 +181,7 @@ def _trial(state, arch, lr, values=None, epochs=None):
     if state != TrialState.FAIL:
         seconds = 2.0 + 10 * lr
         attrs |= {"test_accuracy": 0.5, "train_seconds": seconds, "wall_seconds": seconds + 1, "train_flops": 1e9 * seconds,
-                  "peak_memory_bytes": 2**28, "flops_per_example": 2.9e5, "params": 61706, "epochs_run": len(epochs or [1]), "device": "cpu"}
+                  "peak_memory_bytes": 2**28, "flops_per_example": 2.9e5, "param_count": 61706, "epochs_run": len(epochs or [1]), "device": "cpu"}
     else:
         attrs["fail_reason"] = "diverged: training loss became nan in epoch 1"
     return create_trial(state=state, values=values, params={"arch": arch, "lr": lr}, user_attrs=attrs,

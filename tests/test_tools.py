@@ -250,7 +250,7 @@ def _big_study(storage, n: int) -> optuna.Study:
         if state != TrialState.FAIL:
             seconds = 0.5 * len(curve) / params["ratio"]
             attrs |= {"test_accuracy": curve[-1] - 0.01, "train_seconds": seconds, "wall_seconds": seconds + 1, "train_flops": 4e11 * len(curve),
-                      "peak_memory_bytes": 2**24 * params["ratio"], "flops_per_example": 4.2e5, "params": 61706, "epochs_run": len(curve),
+                      "peak_memory_bytes": 2**24 * params["ratio"], "flops_per_example": 4.2e5, "param_count": 61706, "epochs_run": len(curve),
                       "train_loss": 2.3 - curve[-1], "train_accuracy": curve[-1], "examples_per_second": 5000.0}
         else:
             attrs["fail_reason"] = "diverged: training loss became nan in epoch 1"
