@@ -182,7 +182,7 @@ def _train_final(study: optuna.Study, tracker: Tracker, console: Console, source
         still_claimed()  # taken over meanwhile: the taker trains, this run is closed FAILED and nothing of it is kept
         console.print(forecast.compare(1, time.monotonic() - started))
         final = {"test_accuracy": result.test_accuracy, "train_seconds": result.train_seconds, "wall_seconds": result.wall_seconds,
-                 "train_flops": result.train_flops, "flops_per_example": result.flops_per_example, "params": result.params,
+                 "train_flops": result.train_flops, "flops_per_example": result.flops_per_example, "param_count": result.param_count,
                  "peak_memory_bytes": result.peak_memory_bytes}
         client.log_batch(run_id, metrics=[Metric(key, float(value), _now_ms(), result.epochs_run) for key, value in final.items()],
                          tags=[RunTag("device", result.device_name), RunTag("precision", result.precision)])
