@@ -260,7 +260,7 @@ def test_write_report_rejects_an_unknown_cost_axis(tmp_path):
         write_report([], tmp_path / "r.html", cost="seconds")
 
 
-# Two accuracy,cost studies, one per cost; their trials keep their per-epoch accuracy as a user attribute (record.VAL_CURVE),
+# Two accuracy,cost studies, one per cost; their trials keep their per-epoch accuracy as a user attribute (records.VAL_CURVE),
 # not as Optuna intermediate values, and their cost objective is also a recorded result of the same name.
 COSTS = {"seconds": "train_seconds", "flops": "train_flops"}
 
