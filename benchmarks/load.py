@@ -126,7 +126,7 @@ def instant_train(config, data, on_epoch=None, checkpoint=None, resume=None):
     stopped = bool(on_epoch(metrics)) if on_epoch is not None else False
     return TrainResult(val_accuracy=accuracy, test_accuracy=accuracy, train_loss=1.0, train_accuracy=accuracy, history=[metrics], epochs_run=1,
                        stopped_early=stopped, train_seconds=0.0, wall_seconds=0.0, examples_per_second=0.0, flops_per_example=0, train_flops=0,
-                       params=0, peak_memory_bytes=0, peak_memory_source="none", device_name="none", precision="fp32", channels_last=False, cuda_graph=False,
+                       param_count=0, peak_memory_bytes=0, peak_memory_source="none", device_name="none", precision="fp32", channels_last=False, cuda_graph=False,
                        config=config)
 
 
@@ -245,7 +245,7 @@ def count(study_name: str, storage_url: str, tracking_uri: str, total: int) -> t
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from dashboards.record import count_done
+    from records import count_done
 
     trials = optuna.load_study(study_name=study_name, storage=storage_url).get_trials(deepcopy=False)
     done = count_done(trials)

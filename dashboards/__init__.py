@@ -1,6 +1,6 @@
 """Plotly reports built from the Optuna storage and MLflow runs. Imports no training code (objectives.inspect is cost analysis).
 
-The report's names load on first use: the commands that only need `dashboards.record` (show, the storage) start
+The report's names load on first use: the commands that only need `records` (show, the storage) start
 without plotly and pandas."""
 
 __all__ = ["pareto_front", "trials_frame", "write_report"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
-from dashboards import record
+import records
 
 NOISE_LEVEL = 0.05  # Welch's p at or above this: the difference is within the seed noise
 TEST_NAME = "Welch's t-test (two-sided, unequal variances) on validation accuracy against the confirmed best"
@@ -92,7 +92,7 @@ class Confirmed:
 
 
 def companion_name(study_name: str) -> str:
-    return study_name + record.CONFIRM_SUFFIX
+    return study_name + records.CONFIRM_SUFFIX
 
 
 def load_companion(study: optuna.Study) -> optuna.Study | None:
@@ -120,7 +120,7 @@ def confirmed(study: optuna.Study, companion: optuna.Study | None) -> list[Confi
         return []
     again: dict[int, list[optuna.trial.FrozenTrial]] = {}
     for trial in companion.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        again.setdefault(trial.user_attrs[record.CONFIRM_OF], []).append(trial)
+        again.setdefault(trial.user_attrs[records.CONFIRM_OF], []).append(trial)
     rank = {trial.number: index + 1 for index, trial in enumerate(search_ranking(study))}
     rows = []
     for original in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -129,10 +129,10 @@ def confirmed(study: optuna.Study, companion: optuna.Study | None) -> list[Confi
         runs = [original, *sorted(again[original.number], key=lambda t: t.number)]
         rows.append(Confirmed(
             trial=original.number, search_rank=rank[original.number],
-            seeds=[record.config(t).get("seed", 0) for t in runs],
+            seeds=[records.config(t).get("seed", 0) for t in runs],
             val=[accuracy(t) for t in runs],
             test=[t.user_attrs["test_accuracy"] for t in runs if "test_accuracy" in t.user_attrs],
-            config=record.config(original)))
+            config=records.config(original)))
     rows.sort(key=lambda row: (-row.val_mean, row.search_rank))
     for row in rows[1:]:
         row.p_value = welch_p_value(row.val, rows[0].val)

@@ -10,7 +10,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from dashboards import record
+import records
 from dashboards.confirmed import NOISE_LEVEL, TEST_NAME, confirmed, load_companion, verdict
 from dashboards.figures import LAYOUT, PALETTE
 from dashboards.section import Section
@@ -63,14 +63,14 @@ def confirmed_figure(study_name: str, rows) -> go.Figure:
 
 def cost_model_section(frame: pd.DataFrame) -> Section:
     section = Section("cost-model", "Cost model: predicted against measured cost per trial")
-    if frame.empty or record.PREDICTED_FLOPS not in frame:
+    if frame.empty or records.PREDICTED_FLOPS not in frame:
         return section.note("No trial records a predicted cost yet.")
-    done = frame.dropna(subset=[record.PREDICTED_FLOPS, "train_flops", record.PREDICTED_SECONDS, "wall_seconds"])
+    done = frame.dropna(subset=[records.PREDICTED_FLOPS, "train_flops", records.PREDICTED_SECONDS, "wall_seconds"])
     if done.empty:
         return section.note("No trial with both a predicted and a measured cost yet.")
     complete = done[done["state"] == "COMPLETE"]
     errors = [(abs(p / m - 1) for p, m in zip(complete[a], complete[b], strict=True)) for a, b in
-              ((record.PREDICTED_FLOPS, "train_flops"), (record.PREDICTED_SECONDS, "wall_seconds"))]
+              ((records.PREDICTED_FLOPS, "train_flops"), (records.PREDICTED_SECONDS, "wall_seconds"))]
     medians = [statistics.median(e) if len(complete) else float("nan") for e in map(list, errors)]
     section.parts.append(f'<p id="cost-model-error">Median absolute error over {len(complete)} complete trials: '
                          f'training FLOPs {medians[0]:.0%}, device seconds {medians[1]:.0%}.</p>')
@@ -83,8 +83,8 @@ def cost_model_section(frame: pd.DataFrame) -> Section:
 
 def cost_model_figure(done: pd.DataFrame) -> go.Figure:
     fig = make_subplots(rows=1, cols=2, subplot_titles=("training FLOPs", "device seconds (wall)"), horizontal_spacing=0.1)
-    for column, (predicted, measured, unit) in enumerate(((record.PREDICTED_FLOPS, "train_flops", "training FLOPs"),
-                                                          (record.PREDICTED_SECONDS, "wall_seconds", "seconds (wall)")), 1):
+    for column, (predicted, measured, unit) in enumerate(((records.PREDICTED_FLOPS, "train_flops", "training FLOPs"),
+                                                          (records.PREDICTED_SECONDS, "wall_seconds", "seconds (wall)")), 1):
         for state, colour in (("COMPLETE", PALETTE[0]), ("PRUNED", PALETTE[2])):
             part = done[done["state"] == state]
             if part.empty:

@@ -13,7 +13,7 @@ import plotly.colors
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from dashboards import record
+import records
 
 # Cost axes the reader can switch between: column -> (axis title, unit in hover text).
 COST_AXES = {
@@ -80,7 +80,7 @@ def pareto_front(frame: pd.DataFrame, cost: str) -> pd.DataFrame:
 
 
 def _hover(row) -> str:
-    params = [f"{c[6:]}={format_value(row[c])}" for c in row.index if c.startswith("param_") and pd.notna(row[c])]
+    params = [f"{c.removeprefix('params_')}={format_value(row[c])}" for c in row.index if c.startswith("params_") and pd.notna(row[c])]
     costs = [f"{c}={row[c]:.3g} {unit}" for c, (_, unit) in COST_AXES.items() if pd.notna(row[c])]
     test = f", test {row['test_accuracy']:.4f}" if pd.notna(row["test_accuracy"]) else ""
     return "<br>".join([f"<b>{row['study']} trial {row['trial']}</b> ({row['state']}, {row['arch']} at {format_value(row['resize'])} px)",
@@ -169,7 +169,7 @@ def learning_curves_figure(frame: pd.DataFrame, curves: dict[str, dict[str, list
     `curves` maps an MLflow run id to each metric's (epoch, value) points; the accuracies come from Optuna.
     """
     names = ["val_accuracy", *dict.fromkeys(name for points in curves.values() for name in points)]  # the others come from MLflow only
-    metrics = [record.epoch_metric(name) for name in names]
+    metrics = [records.epoch_metric(name) for name in names]
     fig = make_subplots(rows=1, cols=len(names), subplot_titles=[m["label"] for m in metrics], horizontal_spacing=0.08)
     shown, drawn, sampled = set(), 0, False  # the legend names one entry per kind of grey curve
     for study, group in frame.groupby("study", sort=False):

@@ -29,7 +29,8 @@ from mlflow.tracking import MlflowClient
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
-from dashboards import figures, record
+import records
+from dashboards import figures
 from dashboards.decisions import confirmed_section, cost_model_section
 from dashboards.figures import COST_AXES, format_value
 from dashboards.files import WriteError, write_whole
@@ -45,9 +46,9 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 
 
 # The epoch metrics the learning-curve figure draws (objectives.train.metric): validation accuracy from the Optuna
-# trial (record.val_curve), the others from MLflow; and those whose last value the table of trials shows.
-MLFLOW_CURVES = tuple(name for name in record.EPOCH_METRICS if record.epoch_metric(name)["curve"] and name != "val_accuracy")
-TABLE_METRICS = tuple(name for name in record.EPOCH_METRICS if record.epoch_metric(name)["column"])
+# trial (records.val_curve), the others from MLflow; and those whose last value the table of trials shows.
+MLFLOW_CURVES = tuple(name for name in records.EPOCH_METRICS if records.epoch_metric(name)["curve"] and name != "val_accuracy")
+TABLE_METRICS = tuple(name for name in records.EPOCH_METRICS if records.epoch_metric(name)["column"])
 
 
 def accuracy_index(study: optuna.Study) -> int:
@@ -60,7 +61,7 @@ def _accuracy(trial: optuna.trial.FrozenTrial, index: int) -> float | None:
         return None
     if trial.values is not None:
         return trial.values[index]  # a pruned single-objective trial keeps the last val_accuracy it reported
-    return record.last_val_accuracy(trial)  # Optuna stores no values for a pruned trial of a multi-objective study
+    return records.last_val_accuracy(trial)  # Optuna stores no values for a pruned trial of a multi-objective study
 
 
 def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
@@ -69,32 +70,32 @@ def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
     for study in studies:
         index = accuracy_index(study)
         for trial in study.get_trials(deepcopy=False):
-            attrs, config = trial.user_attrs, record.config(trial)
-            last = {name: values[max(values)] for name, values in record.epoch_values(trial).items() if values}
+            attrs, config = records.user_attrs(trial), records.config(trial)
+            last = {name: values[max(values)] for name, values in records.epoch_values(trial).items() if values}
             rows.append({
                 "study": study.study_name,
                 "trial": trial.number,
                 "state": trial.state.name,
                 # Each epoch metric's last value; the trial's value and its recorded results, set below, take precedence.
-                **{name: last.get(name) for name in record.EPOCH_METRICS},
+                **{name: last.get(name) for name in records.EPOCH_METRICS},
                 "val_accuracy": _accuracy(trial, index),
                 "arch": config.get("arch"),
-                **{f"param_{k}": v for k, v in trial.params.items()},
+                **{f"params_{k}": v for k, v in trial.params.items()},
                 "resize": config.get("resize"),
-                **{k: attrs.get(k) for k in (*record.RESULT_FIELDS, record.DEVICE, record.PEAK_MEMORY_SOURCE, record.PREDICTED_FLOPS, record.PREDICTED_SECONDS)},
-                "fail_reason": attrs.get(record.FAIL_REASON),
-                "mlflow_run_id": attrs.get(record.MLFLOW_RUN_ID),
+                **{k: attrs.get(k) for k in (*records.RESULT_FIELDS, records.DEVICE, records.PEAK_MEMORY_SOURCE, records.PREDICTED_FLOPS, records.PREDICTED_SECONDS)},
+                "fail_reason": attrs.get(records.FAIL_REASON),
+                "mlflow_run_id": attrs.get(records.MLFLOW_RUN_ID),
                 "config": config,
-                "intermediate": record.val_curve(trial),
+                "intermediate": records.val_curve(trial),
             })
     frame = pd.DataFrame(rows)
     if not frame.empty:
-        for column in (*record.EPOCH_METRICS, *record.RESULT_FIELDS, record.PREDICTED_FLOPS, record.PREDICTED_SECONDS):
+        for column in (*records.EPOCH_METRICS, *records.RESULT_FIELDS, records.PREDICTED_FLOPS, records.PREDICTED_SECONDS):
             frame[column] = pd.to_numeric(frame[column], errors="coerce")
         frame["seconds_per_epoch"] = frame["train_seconds"] / frame["epochs_run"]
         # CPU trials recorded before the per-trial measure hold the process's all-time peak (ru_maxrss), which
         # grows from trial to trial: no figure of theirs to compare.
-        process_wide = frame[record.PEAK_MEMORY_SOURCE].isna() & (frame["device"] == "cpu")
+        process_wide = frame[records.PEAK_MEMORY_SOURCE].isna() & (frame["device"] == "cpu")
         frame.loc[process_wide, "peak_memory_bytes"] = float("nan")
     return frame
 
@@ -112,7 +113,7 @@ class Mlflow:
             experiment = self.client.get_experiment_by_name(study.study_name)
             if experiment is not None:
                 self.experiment_ids[study.study_name] = experiment.experiment_id
-                for number, run in record.live_trial_runs(self.client, experiment.experiment_id, study.user_attrs.get(record.STUDY_UID)).items():
+                for number, run in records.live_trial_runs(self.client, experiment.experiment_id, study.user_attrs.get(records.STUDY_UID)).items():
                     self.trial_run_ids[(study.study_name, number)] = run.info.run_id
 
     def run_id(self, row) -> str | None:
@@ -170,7 +171,7 @@ def summary_section(studies: list[optuna.Study], frame: pd.DataFrame) -> Section
     by_device = frame.dropna(subset=["wall_seconds"]).groupby("device")["wall_seconds"].sum()
     compute = ", ".join(f"{_seconds(s)} on {device}" for device, s in by_device.items()) or "none recorded"
     for study in studies:
-        for line in record.chance_warnings(study.get_trials(deepcopy=False), accuracy_index(study), study.user_attrs.get("preset")):
+        for line in records.chance_warnings(study.get_trials(deepcopy=False), accuracy_index(study), study.user_attrs.get("preset")):
             prefix = f"{study.study_name}: " if len(studies) > 1 else ""
             section.parts.append(f'<p class="chance">{html.escape(prefix + line)}</p>')
     section.parts.append(f"<p><b>{len(studies)} stud{'y' if len(studies) == 1 else 'ies'}, {len(frame)} trials</b> ({counts}); "
@@ -224,7 +225,7 @@ def alexnet_section(frame: pd.DataFrame) -> Section | None:
         # (row, column, how to print it, higher is better)
         measures = [("validation accuracy", "val_accuracy", "{:.4f}", True), ("test accuracy", "test_accuracy", "{:.4f}", True),
                     ("seconds per epoch", "seconds_per_epoch", "{:.3g} s", False), ("forward FLOPs per example", "flops_per_example", "{:,.0f}", False),
-                    ("parameters", "params", "{:,.0f}", False), ("peak memory", "peak_memory_bytes", None, False)]
+                    ("parameters", "param_count", "{:,.0f}", False), ("peak memory", "peak_memory_bytes", None, False)]
         large, small = f"AlexNet at {original['resize']} px", f"the {variant['resize']}-px variant"
         head = f"<tr><th>measure</th><th>alexnet ({original['resize']} px), trial {original['trial']}</th>" \
                f"<th>alexnet_28 ({variant['resize']} px), trial {variant['trial']}</th><th>variant / original</th></tr>"
@@ -234,7 +235,7 @@ def alexnet_section(frame: pd.DataFrame) -> Section | None:
             shown = [_bytes(v) if pattern is None else ("" if pd.isna(v) else pattern.format(v)) for v in (a, b)]
             ratio = f"{b / a:.2f}×" if pd.notna(a) and pd.notna(b) and a else ""
             body.append(f"<tr><td>{name}</td><td>{shown[0]}</td><td>{shown[1]}</td><td>{ratio}</td></tr>")
-        for name, column in (("epochs trained", "epochs_run"), ("learning rate", "param_lr"), ("device", "device")):
+        for name, column in (("epochs trained", "epochs_run"), ("learning rate", "params_lr"), ("device", "device")):
             body.append(f"<tr><td>{name}</td><td>{html.escape(format_value(original.get(column)))}</td>"
                         f"<td>{html.escape(format_value(variant.get(column)))}</td><td></td></tr>")
         finding = (f"In {study}, {small} takes {variant['seconds_per_epoch'] / original['seconds_per_epoch']:.2f}× the seconds per epoch and "
@@ -260,7 +261,7 @@ def curves_section(frame: pd.DataFrame, mlflow: Mlflow) -> Section:
         wanted += [run_id for drawn in figures.curve_trials(group) for run_id in drawn["mlflow_run_id"]]
     wanted = [run_id for run_id in wanted if run_id]
     curves = mlflow.curves(wanted)
-    kept = " and ".join(record.epoch_metric(name)["label"] for name in MLFLOW_CURVES)
+    kept = " and ".join(records.epoch_metric(name)["label"] for name in MLFLOW_CURVES)
     if mlflow.stopped:
         section.note(f"MLflow stopped answering while the report read the curves of {kept}, so {len(curves)} of {len(wanted)} "
                      f"drawn trials have theirs: {mlflow.stopped}")
@@ -370,10 +371,10 @@ def table_section(frame: pd.DataFrame) -> Section:
     if frame.empty:
         return section.note("No trials yet.")
     # arch and resize show once, as what ran (also when the spec fixes them or leaves resize to the architecture).
-    params = sorted(c for c in frame.columns if c.startswith("param_") and c not in ("param_arch", "param_resize"))
+    params = sorted(c for c in frame.columns if c.startswith("params_") and c not in ("params_arch", "params_resize"))
     columns = ["study", "trial", "state", "arch", "resize", *params, *TABLE_METRICS, "test_accuracy",
-               "train_seconds", "seconds_per_epoch", "train_flops", "flops_per_example", "params", "peak_memory_bytes", "epochs_run", "device", "fail_reason"]
-    head = "".join(f"<th>{html.escape(c.removeprefix('param_'))}</th>" for c in columns) + "<th>MLflow</th>"
+               "train_seconds", "seconds_per_epoch", "train_flops", "flops_per_example", "param_count", "peak_memory_bytes", "epochs_run", "device", "fail_reason"]
+    head = "".join(f"<th>{html.escape(c.removeprefix('params_'))}</th>" for c in columns) + "<th>MLflow</th>"
     body = []
     for _, row in frame.iterrows():
         cells = "".join(f"<td>{html.escape(_cell(row.get(c)))}</td>" for c in columns)

@@ -152,7 +152,7 @@ class TrainResult:
     examples_per_second: float   # training examples / train_seconds
     flops_per_example: int       # forward FLOPs, torch.utils.flop_counter
     train_flops: int             # forward + backward FLOPs of every training example seen
-    params: int
+    param_count: int
     peak_memory_bytes: int
     peak_memory_source: str      # what peak_memory_bytes measured: objectives.memory.SOURCES
     device_name: str
@@ -407,7 +407,7 @@ def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetr
         # and VGG-11 at 224 px train 1.2x and 1.4x faster in fp32, ResNet-18 at 96 px 1.2x in bf16 (benchmarks/RESULTS.md).
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        params = parameter_count(model)
+        param_count = parameter_count(model)
         probe = _prepare(train_images[:1], resize, channels_last)
         flops_per_example, step_flops_per_example = _count_flops(model, probe)
         step_model = torch.compile(model) if config.compile else model
@@ -505,7 +505,7 @@ def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetr
         examples_per_second=examples_seen / train_seconds,
         flops_per_example=flops_per_example,
         train_flops=step_flops_per_example * examples_seen,
-        params=params,
+        param_count=param_count,
         peak_memory_bytes=peak_memory,
         peak_memory_source=peak_source,
         device_name=torch.cuda.get_device_name(device) if on_cuda else "cpu",

@@ -9,7 +9,7 @@ The cost model, in two numbers per configuration:
                         (TrainResult.wall_seconds, so model building and evaluation are in it too).
 Before the first trial on a device finishes, the throughput is a stated prior (PRIOR_FLOPS_PER_SECOND).
 
-Every trial records both predictions before it trains (record.PREDICTED_FLOPS, PREDICTED_SECONDS) beside
+Every trial records both predictions before it trains (records.PREDICTED_FLOPS, PREDICTED_SECONDS) beside
 what it measured (train_flops, wall_seconds), so `show` and the report can show the model's error.
 
 A launch (and confirm, finalize) says at its start how long its trials are predicted to take here (`Forecast`: the
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import optuna
 
-from dashboards import record
+import records
 from objectives.data import VAL_SIZE
 from objectives.train import TrainConfig
 from study.progress import Training, seconds_left
@@ -69,7 +69,7 @@ class Prediction:
 
 def throughput(trials: list[optuna.trial.FrozenTrial], device: str) -> float | None:
     """Training FLOPs per wall second of the finished trials on `device` (a device name); None before any."""
-    done = [t.user_attrs for t in trials if t.user_attrs.get(record.DEVICE) == device and t.user_attrs.get("wall_seconds")]
+    done = [t.user_attrs for t in trials if t.user_attrs.get(records.DEVICE) == device and t.user_attrs.get("wall_seconds")]
     seconds = sum(attrs["wall_seconds"] for attrs in done)
     return sum(attrs["train_flops"] for attrs in done) / seconds if seconds > 0 else None
 
@@ -87,9 +87,9 @@ def assumed_rate(trials: list[optuna.trial.FrozenTrial], earlier: list[optuna.tr
     what `earlier` trials (other studies) of the same architectures measured there, else the prior."""
     if (rate := throughput(trials, device)) is not None:
         return rate, f"measured by this study's trials on {device}"
-    same = [t for t in earlier if record.config(t).get("arch") in archs]
+    same = [t for t in earlier if records.config(t).get("arch") in archs]
     if (rate := throughput(same, device)) is not None:
-        count = sum(t.user_attrs.get(record.DEVICE) == device and bool(t.user_attrs.get("wall_seconds")) for t in same)
+        count = sum(t.user_attrs.get(records.DEVICE) == device and bool(t.user_attrs.get("wall_seconds")) for t in same)
         return rate, f"measured on {device} by {count} earlier trials of {', '.join(archs)} in this storage"
     prior = PRIOR_FLOPS_PER_SECOND["cpu" if device == "cpu" else "cuda"]
     return prior, f"a prior for {device}, where no trial of {', '.join(archs)} has run yet"
@@ -144,7 +144,7 @@ class Forecast:
                   history: list[optuna.trial.FrozenTrial] | None = None) -> list[str]:
         """The progress display's time fields (progress_fields) for `trials` of `total`: at the throughput measured so far on
         the device they train on, by them or by `history` (the study a confirm repeats), else at the forecast's."""
-        device = next((t.user_attrs[record.DEVICE] for t in reversed(trials) if record.DEVICE in t.user_attrs), None)
+        device = next((t.user_attrs[records.DEVICE] for t in reversed(trials) if records.DEVICE in t.user_attrs), None)
         measured = throughput([*trials, *(history or [])], device) if device is not None else None
         return progress_fields(trials, total, budget, measured or self.rate, self.flops, self.slots)
 
@@ -155,7 +155,7 @@ class Forecast:
                 f"at the start ({seconds / predicted:.2f}× the prediction)")
 
     def _count(self, n: int) -> str:
-        return record.count(n, self.unit)
+        return records.count(n, self.unit)
 
 
 def prediction_errors(trials: list[optuna.trial.FrozenTrial]) -> dict[str, list[float]]:
@@ -165,7 +165,7 @@ def prediction_errors(trials: list[optuna.trial.FrozenTrial]) -> dict[str, list[
         attrs = t.user_attrs
         if t.state != optuna.trial.TrialState.COMPLETE:
             continue
-        for key, predicted, measured in (("flops", record.PREDICTED_FLOPS, "train_flops"), ("seconds", record.PREDICTED_SECONDS, "wall_seconds")):
+        for key, predicted, measured in (("flops", records.PREDICTED_FLOPS, "train_flops"), ("seconds", records.PREDICTED_SECONDS, "wall_seconds")):
             if attrs.get(predicted) and attrs.get(measured):
                 errors[key].append(attrs[predicted] / attrs[measured] - 1.0)
     return errors
@@ -231,8 +231,8 @@ def progress_fields(trials: list[optuna.trial.FrozenTrial], total: int, budget: 
     A trial still to run costs the mean predicted FLOPs of the study's trials so far (`flops_per_trial`, the launch's
     forecast, before any), at `rate` FLOP/s, `slots` of them side by side. The time left is a function of the trainings
     in progress (progress.seconds_left), so that it grows while one runs over its prediction."""
-    done = record.count_done(trials)
-    predicted = [t.user_attrs[record.PREDICTED_FLOPS] for t in trials if record.PREDICTED_FLOPS in t.user_attrs]
+    done = records.count_done(trials)
+    predicted = [t.user_attrs[records.PREDICTED_FLOPS] for t in trials if records.PREDICTED_FLOPS in t.user_attrs]
     each = (statistics.fmean(predicted) if predicted else flops_per_trial) / rate
     cap = None
     if budget is not None:

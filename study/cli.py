@@ -175,7 +175,7 @@ def _tracking_ready(mlflow_wait: float | None = None) -> str:
 def _open_with_parent(request, spec, uri: str):
     """Create, resume or join the study, and open its MLflow parent run: what launch, worker and create share.
     Returns the session and its Tracker."""
-    from dashboards.record import STUDY_UID
+    from records import STUDY_UID
     from study.launch import pruner_name
     from study.session import open_session
     from study.storage import default_storage_url, home, mask, setup_lock
@@ -222,7 +222,7 @@ def cmd_create(args) -> int:
     machines then join it. Again with the same settings: says so and writes nothing."""
     import dataclasses
 
-    from dashboards.record import count
+    from records import count
     from study.session import Request, read_record, settle
     from study.specs import load_spec
     from study.storage import default_storage_url, mask
@@ -257,7 +257,7 @@ def cmd_create(args) -> int:
 def _launch(args, request, spec, slots: list[str], ray_slots, output: Path | None) -> int:
     from rich.markup import escape
 
-    from dashboards.record import count, count_done
+    from records import count, count_done
     from study.launch import run_launch
     from study.pool import cap_workers
     from study.storage import default_storage_url, mask
@@ -338,7 +338,7 @@ def _write_study_report(console, study, output: Path, uri: str) -> None:
 
 def _print_chance(console, trials, preset: str | None) -> None:
     """The study's (or an architecture's) no-better-than-chance line, if any, wrapped to the terminal: it is prose."""
-    from dashboards.record import chance_warnings
+    from records import chance_warnings
 
     for line in chance_warnings(trials, preset=preset):
         console.print(line, style="bold yellow", markup=False, soft_wrap=False)
@@ -444,7 +444,7 @@ def cmd_show(args) -> int:
     import optuna
     from optuna.trial import TrialState
 
-    from dashboards.record import count
+    from records import count
 
     study = _open_study(args.name, args.storage)
     trials = study.get_trials(deepcopy=False)
@@ -479,7 +479,7 @@ def cmd_show(args) -> int:
 
 def _show_pareto(study, console) -> int:
     """A multi-objective study: its Pareto front (Optuna's best_trials), cheapest first."""
-    from dashboards.record import count
+    from records import count
     from study.views import table
 
 
@@ -499,7 +499,7 @@ def _show_pareto(study, console) -> int:
 
 
 def cmd_export(args) -> int:
-    from dashboards.record import count
+    from records import count
     from study.export import trials_table, write_table
     from study.names import check_output
     from study.storage import home

@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 import objectives
-from dashboards import record
+import records
 from dashboards.confirmed import Confirmed, companion_name, confirmed, search_ranking
 from study import budget as costs
 from study.interrupts import Interrupts
@@ -50,8 +50,8 @@ def open_companion(session: Session) -> optuna.Study:
                                 load_if_exists=True, sampler=optuna.samplers.RandomSampler(), pruner=optuna.pruners.NopPruner())
     study.set_user_attr("confirm_of_study", session.study.study_name)
     study.set_user_attr("preset", session.settings.preset)
-    if record.STUDY_UID not in study.user_attrs:
-        study.set_user_attr(record.STUDY_UID, uuid.uuid4().hex)  # its identity in MLflow, as a launched study's
+    if records.STUDY_UID not in study.user_attrs:
+        study.set_user_attr(records.STUDY_UID, uuid.uuid4().hex)  # its identity in MLflow, as a launched study's
     if study.metric_names != ["val_accuracy"]:  # Optuna's plots and optuna-dashboard name the objective after it
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -61,15 +61,15 @@ def open_companion(session: Session) -> optuna.Study:
 
 def _origin(trials: list[optuna.trial.FrozenTrial], trial: optuna.trial.FrozenTrial) -> tuple[int, int]:
     """(CONFIRM_OF, CONFIRM_SEED) of a confirm trial, one of `trials` (the companion's). A retry carries them
-    (record.retry); one queued again before retries did takes them from the trial it repeats."""
-    while record.CONFIRM_OF not in trial.user_attrs and record.retry_source(trial) is not None:
-        trial = trials[record.retry_source(trial)]
-    return trial.user_attrs[record.CONFIRM_OF], trial.user_attrs[record.CONFIRM_SEED]
+    (records.retry); one queued again before retries did takes them from the trial it repeats."""
+    while records.CONFIRM_OF not in trial.user_attrs and records.retry_source(trial) is not None:
+        trial = trials[records.retry_source(trial)]
+    return trial.user_attrs[records.CONFIRM_OF], trial.user_attrs[records.CONFIRM_SEED]
 
 
 def _config(study: optuna.Study, number: int, seed: int) -> objectives.TrainConfig:
     """The configuration of the search's trial `number`, with another seed."""
-    return dataclasses.replace(record.train_config(study.get_trials(deepcopy=False)[number]), seed=seed)
+    return dataclasses.replace(records.train_config(study.get_trials(deepcopy=False)[number]), seed=seed)
 
 
 def further_seeds(own: int, count: int) -> list[int]:
@@ -99,24 +99,24 @@ def _settle_queue(study: optuna.Study, companion: optuna.Study, storage, wanted:
     for trial in (t for t in trials if t.state == TrialState.WAITING):
         number, seed = pair = _origin(trials, trial)
         # A queued trial with a fail reason was being closed when its call stopped: it is closed, not run.
-        if pair in wanted and pair not in taken | queued and record.FAIL_REASON not in trial.user_attrs:
+        if pair in wanted and pair not in taken | queued and records.FAIL_REASON not in trial.user_attrs:
             queued.add(pair)
-            if record.CONFIRM_OF not in trial.user_attrs:  # a retry queued before retries carried them: config_for reads them
-                storage.set_trial_user_attr(trial._trial_id, record.CONFIRM_OF, number)
-                storage.set_trial_user_attr(trial._trial_id, record.CONFIRM_SEED, seed)
+            if records.CONFIRM_OF not in trial.user_attrs:  # a retry queued before retries carried them: config_for reads them
+                storage.set_trial_user_attr(trial._trial_id, records.CONFIRM_OF, number)
+                storage.set_trial_user_attr(trial._trial_id, records.CONFIRM_SEED, seed)
             continue
-        reason = trial.user_attrs.get(record.FAIL_REASON) or (
+        reason = trial.user_attrs.get(records.FAIL_REASON) or (
             f"not run: trial {number} with seed {seed} has another confirm trial" if pair in wanted
             else f"not run: {asked} does not ask for trial {number} with seed {seed}")
-        attrs = {record.CONFIRM_OF: number, record.CONFIRM_SEED: seed, record.CONFIG: dataclasses.asdict(_config(study, number, seed)),
-                 record.FAIL_REASON: reason}
+        attrs = {records.CONFIRM_OF: number, records.CONFIRM_SEED: seed, records.CONFIG: dataclasses.asdict(_config(study, number, seed)),
+                 records.FAIL_REASON: reason}
         for key, value in attrs.items():
             storage.set_trial_user_attr(trial._trial_id, key, value)
         storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # its FAILED MLflow run: reconcile writes it
         console.print(f"confirm trial {trial.number}: {reason}; closed as FAIL")
     for pair in wanted:
         if pair not in taken | queued:
-            companion.enqueue_trial({}, user_attrs={record.CONFIRM_OF: pair[0], record.CONFIRM_SEED: pair[1]}, skip_if_exists=False)
+            companion.enqueue_trial({}, user_attrs={records.CONFIRM_OF: pair[0], records.CONFIRM_SEED: pair[1]}, skip_if_exists=False)
             queued.add(pair)
     return len(queued)
 
@@ -147,10 +147,10 @@ def run_confirm(session: Session, uri: str, artifact_root, console: Console, top
     if not chosen:
         raise ValueError(f"study {study.study_name} has no complete trial to confirm; launch it first")
     originals = {trial.number: trial for trial in chosen}
-    wanted = [(number, seed) for number, trial in originals.items() for seed in further_seeds(record.config(trial).get("seed", 0), seeds)]
+    wanted = [(number, seed) for number, trial in originals.items() for seed in further_seeds(records.config(trial).get("seed", 0), seeds)]
     companion = open_companion(session)
-    original_tracker = Tracker(study.study_name, uri, artifact_root=artifact_root, study_uid=study.user_attrs.get(record.STUDY_UID), reopen=False)
-    tracker = Tracker(companion.study_name, uri, artifact_root=artifact_root, study_uid=companion.user_attrs[record.STUDY_UID])
+    original_tracker = Tracker(study.study_name, uri, artifact_root=artifact_root, study_uid=study.user_attrs.get(records.STUDY_UID), reopen=False)
+    tracker = Tracker(companion.study_name, uri, artifact_root=artifact_root, study_uid=companion.user_attrs[records.STUDY_UID])
     try:
         tracker.client.set_tag(tracker.parent_run_id, "confirm.original_study", study.study_name)
         tracker.client.set_tag(tracker.parent_run_id, "confirm.original_parent_run_id", original_tracker.parent_run_id)
@@ -158,12 +158,12 @@ def run_confirm(session: Session, uri: str, artifact_root, console: Console, top
         companion_session = Session(settings=settings, study=companion, storage=storage, heartbeat=session.heartbeat)
 
         def config_for(trial: optuna.Trial) -> objectives.TrainConfig:
-            return _config(study, trial.user_attrs[record.CONFIRM_OF], trial.user_attrs[record.CONFIRM_SEED])
+            return _config(study, trial.user_attrs[records.CONFIRM_OF], trial.user_attrs[records.CONFIRM_SEED])
 
         def run_tags(trial: optuna.Trial) -> dict:
-            source = study.get_trials(deepcopy=False)[trial.user_attrs[record.CONFIRM_OF]]
+            source = study.get_trials(deepcopy=False)[trial.user_attrs[records.CONFIRM_OF]]
             return {"confirm.original_study": study.study_name, "confirm.original_trial": str(source.number),
-                    "confirm.original_run_id": source.user_attrs.get(record.MLFLOW_RUN_ID, ""), "seed": str(trial.user_attrs[record.CONFIRM_SEED])}
+                    "confirm.original_run_id": source.user_attrs.get(records.MLFLOW_RUN_ID, ""), "seed": str(trial.user_attrs[records.CONFIRM_SEED])}
 
         runner = TrialRunner(companion_session, tracker, console, log_model="none", config_for=config_for, run_tags=run_tags, cost_history=study,
                              label="confirm trial")
@@ -178,7 +178,7 @@ def run_confirm(session: Session, uri: str, artifact_root, console: Console, top
             slot = _Slot(runner.data, interrupts)
             forecast = _forecast(study, companion, [_config(study, *pair) for pair in wanted], queued)
             console.print(forecast.describe(None, []))
-            total = record.count_done(companion.get_trials(deepcopy=False)) + queued  # what the companion holds once they ran
+            total = records.count_done(companion.get_trials(deepcopy=False)) + queued  # what the companion holds once they ran
 
             def claim() -> bool:
                 interrupts.check()  # a signal held since the last trial: stop before asking for another
@@ -190,9 +190,9 @@ def run_confirm(session: Session, uri: str, artifact_root, console: Console, top
                 runner.progress = progress
                 while (frozen := runner.run_trial(slot, claim)) is not None:
                     ran += 1
-                    value = f"val_accuracy={frozen.value:.4f}" if frozen.state == TrialState.COMPLETE else f"{frozen.state.name} ({frozen.user_attrs.get(record.FAIL_REASON)})"
-                    progress.console.print(f"confirm trial {frozen.number}: trial {frozen.user_attrs[record.CONFIRM_OF]} with seed "
-                                           f"{frozen.user_attrs[record.CONFIRM_SEED]} -> {value}")
+                    value = f"val_accuracy={frozen.value:.4f}" if frozen.state == TrialState.COMPLETE else f"{frozen.state.name} ({frozen.user_attrs.get(records.FAIL_REASON)})"
+                    progress.console.print(f"confirm trial {frozen.number}: trial {frozen.user_attrs[records.CONFIRM_OF]} with seed "
+                                           f"{frozen.user_attrs[records.CONFIRM_SEED]} -> {value}")
                     progress.update(done=ran, status=_status(study, companion, forecast, total))
             if ran:
                 console.print(forecast.compare(ran, time.monotonic() - started))

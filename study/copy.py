@@ -2,7 +2,7 @@
 file of one machine to the PostgreSQL database that many machines share.
 
 The copy is the same study: its trials (numbers, states, values, parameters, attributes), its record (total,
-preset, objective, sampler, pruner, the spec's text) and its identity in MLflow (dashboards.record.STUDY_UID), so
+preset, objective, sampler, pruner, the spec's text) and its identity in MLflow (records.STUDY_UID), so
 its trials' `mlflow_run_id` name the runs they logged and a launch on the copy reopens the same MLflow parent run.
 MLflow runs are not copied: they stay in the tracking store they were logged in, which is the copy's too as long
 as its commands run with the same STUDY_HOME or MLFLOW_TRACKING_URI. The source is left as it was.

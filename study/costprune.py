@@ -6,7 +6,7 @@ accurate than one 10 times its size, which the cost objective may well prefer. A
 `n_startup_trials` complete trials of its bucket reached that epoch, a trial whose validation accuracy is
 below their median at that epoch is pruned (the median rule of Optuna's MedianPruner, within the bucket).
 Like Optuna's pruners it is not asked after a trial's last epoch (study.launch): a whole trial is COMPLETE.
-Accuracy per epoch is kept on each trial as `record.VAL_CURVE`, since trial.report is single-objective.
+Accuracy per epoch is kept on each trial as `records.VAL_CURVE`, since trial.report is single-objective.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
-from dashboards import record
+import records
 
 BUCKET_FACTOR = 4.0  # costs per epoch within this factor of each other share a bucket
 
@@ -28,10 +28,10 @@ def bucket(predicted_flops: float, epochs: int) -> int:
 
 
 def trial_bucket(trial: optuna.trial.FrozenTrial) -> int | None:
-    attrs, config = trial.user_attrs, record.config(trial)
-    if record.PREDICTED_FLOPS not in attrs or not config.get("epochs"):
+    attrs, config = trial.user_attrs, records.config(trial)
+    if records.PREDICTED_FLOPS not in attrs or not config.get("epochs"):
         return None
-    return bucket(attrs[record.PREDICTED_FLOPS], config["epochs"])
+    return bucket(attrs[records.PREDICTED_FLOPS], config["epochs"])
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,6 @@ class CostBucketPruner:
     def should_prune(self, study: optuna.Study, own_bucket: int, epoch: int, val_accuracy: float) -> bool:
         if epoch <= self.n_warmup_steps:
             return False
-        curves = [record.val_curve(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if trial_bucket(t) == own_bucket]
+        curves = [records.val_curve(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if trial_bucket(t) == own_bucket]
         at_epoch = [curve[epoch] for curve in curves if epoch in curve]
         return len(at_epoch) >= self.n_startup_trials and val_accuracy < statistics.median(at_epoch)

@@ -7,7 +7,7 @@ Column names: `params_<name>` are Optuna's hyperparameters, `param_count` the ne
 one column: the cost objective of an accuracy,cost study is also a recorded result (`train_seconds`), kept once.
 
 `mlflow_run_id` is the trial's run as MLflow holds it now, found by the study's identity and the trial number
-(dashboards.record): after a rebuilt store, the run written again, not the one the trial recorded."""
+(records): after a rebuilt store, the run written again, not the one the trial recorded."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import optuna
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from dashboards import record
+import records
 from dashboards.files import write_whole
 
 
@@ -32,28 +32,28 @@ def trials_table(study: optuna.Study, uri: str | None) -> pd.DataFrame:
     frame = frame.rename(columns={"value": "val_accuracy", "values_0": "val_accuracy", "values_1": cost or "values_1",
                                   **{f"{prefix}_{name}": name for prefix in ("value", "values") for name in study.metric_names or []}})
     frame.columns = [name.removeprefix("user_attrs_") for name in frame.columns]
-    frame = _one_column_per_name(frame)
+    # A result recorded under its old name (records.RENAMED, e.g. `params`) joins the column of the name written now.
+    frame = _one_column_per_name(frame.rename(columns=records.RENAMED))
     # The per-epoch record is a list per trial, which fits neither CSV nor Parquet: the `mlflow.` columns carry each
     # epoch metric's last value, and MLflow its curve.
-    frame = frame.drop(columns=record.HISTORY, errors="ignore")
-    # `params` (the recorded parameter count) would read as a sibling of the params_* hyperparameters.
-    frame = frame.rename(columns={"params": "param_count"})
+    frame = frame.drop(columns=records.HISTORY, errors="ignore")
     frame["duration"] = frame["duration"].dt.total_seconds()  # a number in CSV, not "0 days 00:00:12.3"
     frame = frame.rename(columns={"duration": "duration_seconds"})
-    if record.CONFIG in frame.columns:
+    if records.CONFIG in frame.columns:
         # The resolved TrainConfig, one column per setting (a nested dict fits neither CSV nor Parquet).
-        settings = pd.DataFrame([value if isinstance(value, dict) else {} for value in frame.pop(record.CONFIG)], index=frame.index)
-        frame = frame.join(settings.add_prefix(f"{record.CONFIG}."))
+        settings = pd.DataFrame([value if isinstance(value, dict) else {} for value in frame.pop(records.CONFIG)], index=frame.index)
+        frame = frame.join(settings.add_prefix(f"{records.CONFIG}."))
     client = MlflowClient(tracking_uri=uri) if uri else None  # None: no MLflow store yet, and none is created
     experiment = client.get_experiment_by_name(study.study_name) if client else None
-    live = record.live_trial_runs(client, experiment.experiment_id, study.user_attrs.get(record.STUDY_UID)) if experiment else {}
+    live = records.live_trial_runs(client, experiment.experiment_id, study.user_attrs.get(records.STUDY_UID)) if experiment else {}
     # The id the trial recorded may name a run a rebuilt store no longer holds: the live run's id replaces it.
-    frame = frame.drop(columns=record.MLFLOW_RUN_ID, errors="ignore")
-    # Only the metrics the trial does not record itself (e.g. the last epoch_seconds): no column twice.
-    held = {*frame.columns, "params"}
-    runs = [{"number": number, record.MLFLOW_RUN_ID: run.info.run_id, "mlflow.status": run.info.status,
+    frame = frame.drop(columns=records.MLFLOW_RUN_ID, errors="ignore")
+    # Only the metrics the trial does not record itself (e.g. the last epoch_seconds), nor one a run logged under its
+    # old name (records.RENAMED): no column twice.
+    held = {*frame.columns, *records.RENAMED}
+    runs = [{"number": number, records.MLFLOW_RUN_ID: run.info.run_id, "mlflow.status": run.info.status,
              **{f"mlflow.{key}": value for key, value in run.data.metrics.items() if key not in held}} for number, run in live.items()]
-    mlflow_frame = pd.DataFrame(runs, columns=None if runs else ["number", record.MLFLOW_RUN_ID, "mlflow.status"]).astype({"number": "int64"})
+    mlflow_frame = pd.DataFrame(runs, columns=None if runs else ["number", records.MLFLOW_RUN_ID, "mlflow.status"]).astype({"number": "int64"})
     return frame.merge(mlflow_frame, on="number", how="left")
 
 

@@ -38,7 +38,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 import objectives
-from dashboards import record
+import records
 from dashboards.confirmed import confirmed, load_companion, search_ranking
 from study import budget as costs
 from study.interrupts import Interrupts
@@ -47,7 +47,7 @@ from study.progress import LiveProgress, Training, seconds_left
 from study.tracking import Tracker, _now_ms, device_name, layer_table_csv
 
 # The epoch metrics of the final run: no val_* ones, as it trains on the validation split too.
-FINAL_EPOCH_METRICS = tuple(name for name in record.EPOCH_METRICS if not name.startswith("val_"))
+FINAL_EPOCH_METRICS = tuple(name for name in records.EPOCH_METRICS if not name.startswith("val_"))
 
 
 @dataclass(frozen=True)
@@ -109,12 +109,12 @@ def run_finalize(study: optuna.Study, uri: str, artifact_root, console: Console,
     interrupts = interrupts or Interrupts()
     interrupts.check()  # a signal while the command opened the study: stop before writing anything
     source, chosen_by = choose(study, number)
-    config = record.train_config(source)
+    config = records.train_config(source)
     if config is None:
         raise ValueError(f"trial {source.number} of {study.study_name} does not record its configuration; choose another with --trial")
     final_config = dataclasses.replace(config, n_train=None, n_val=None)  # the merged split is exactly what to train on
-    tracker = Tracker(study.study_name, uri, artifact_root=artifact_root, study_uid=study.user_attrs.get(record.STUDY_UID), reopen=False)
-    with claimed(storage_url, study.study_name, record.FINALIZE_CLAIM, "finalize") as claim:
+    tracker = Tracker(study.study_name, uri, artifact_root=artifact_root, study_uid=study.user_attrs.get(records.STUDY_UID), reopen=False)
+    with claimed(storage_url, study.study_name, records.FINALIZE_CLAIM, "finalize") as claim:
         close_dead_finals(tracker, console, study.study_name, claim.dead)
         done = finished_final(tracker, source.number)
         if done is None:
@@ -150,7 +150,7 @@ def _train_final(study: optuna.Study, tracker: Tracker, console: Console, source
     client = tracker.client
     tags = {**tracker.common_tags, "mlflow.source.name": "python -m study finalize", "study.role": "final",
             "study.parent_run_id": tracker.parent_run_id, "final.source_trial": str(source.number),
-            "final.source_run_id": source.user_attrs.get(record.MLFLOW_RUN_ID, ""), "final.chosen_by": chosen_by,
+            "final.source_run_id": source.user_attrs.get(records.MLFLOW_RUN_ID, ""), "final.chosen_by": chosen_by,
             "mlflow.note.content": f"Trial {source.number}'s configuration ({chosen_by}) trained on train + validation; reported on the test split only."}
     forecast = _forecast(study, final_config, len(data.train_labels))
     console.print(forecast.describe(None, []))
@@ -182,7 +182,7 @@ def _train_final(study: optuna.Study, tracker: Tracker, console: Console, source
         still_claimed()  # taken over meanwhile: the taker trains, this run is closed FAILED and nothing of it is kept
         console.print(forecast.compare(1, time.monotonic() - started))
         final = {"test_accuracy": result.test_accuracy, "train_seconds": result.train_seconds, "wall_seconds": result.wall_seconds,
-                 "train_flops": result.train_flops, "flops_per_example": result.flops_per_example, "params": result.params,
+                 "train_flops": result.train_flops, "flops_per_example": result.flops_per_example, "param_count": result.param_count,
                  "peak_memory_bytes": result.peak_memory_bytes}
         client.log_batch(run_id, metrics=[Metric(key, float(value), _now_ms(), result.epochs_run) for key, value in final.items()],
                          tags=[RunTag("device", result.device_name), RunTag("precision", result.precision)])

@@ -24,7 +24,7 @@ import optuna
 from optuna.trial import TrialState
 from rich.console import Console
 
-from dashboards import record
+import records
 from dashboards.files import named_file
 from objectives import EpochMetrics, FashionMNIST, TrainConfig, TrainResult, load_fashion_mnist
 from objectives.checkpoint import Checkpoint, CheckpointError, read_checkpoint
@@ -108,32 +108,32 @@ class TrialRunner:
                     # before its first beat would leave its trial RUNNING for ever.
                     storage.record_heartbeat(trial._trial_id)
                 else:
-                    trial.set_user_attr(record.LEASE, lease_until(self.session.heartbeat))  # first thing, as the heartbeat above
+                    trial.set_user_attr(records.LEASE, lease_until(self.session.heartbeat))  # first thing, as the heartbeat above
             self.in_flight.add(trial._trial_id)
-            trial.set_user_attr(record.HOST, socket.gethostname())
-            trial.set_user_attr(record.PID, os.getpid())
-            trial.set_user_attr(record.NODE, slot.node)
+            trial.set_user_attr(records.HOST, socket.gethostname())
+            trial.set_user_attr(records.PID, os.getpid())
+            trial.set_user_attr(records.NODE, slot.node)
             config = (self.config_for or self.session.settings.plan.trial_config)(trial)
             if slot.device is not None:
                 config = dataclasses.replace(config, device=slot.device)
-            trial.set_user_attr(record.CONFIG, dataclasses.asdict(config))
+            trial.set_user_attr(records.CONFIG, dataclasses.asdict(config))
             trials = self.study.get_trials(deepcopy=False)
             prediction = costs.predict(config, trials + (self.cost_history.get_trials(deepcopy=False) if self.cost_history else []))
-            trial.set_user_attr(record.PREDICTED_FLOPS, prediction.flops)
-            trial.set_user_attr(record.PREDICTED_SECONDS, prediction.seconds)
+            trial.set_user_attr(records.PREDICTED_FLOPS, prediction.flops)
+            trial.set_user_attr(records.PREDICTED_SECONDS, prediction.seconds)
             refusal = self.budget and self.budget.refusal(prediction, trials, sum(self.running_cost.values()))
-            run_id = self.track(self.tracker.start_trial, trial.number, record.run_name(trial), config, trial.params, self.data, self.run_tags(trial) if self.run_tags else None)
+            run_id = self.track(self.tracker.start_trial, trial.number, records.run_name(trial), config, trial.params, self.data, self.run_tags(trial) if self.run_tags else None)
             if run_id is not None:
-                trial.set_user_attr(record.MLFLOW_RUN_ID, run_id)
-                self.track(self.tracker.client.set_tag, run_id, record.NODE, slot.node)
+                trial.set_user_attr(records.MLFLOW_RUN_ID, run_id)
+                self.track(self.tracker.client.set_tag, run_id, records.NODE, slot.node)
             self._adopt_checkpoint(trial)  # before a refusal, so that the refused trial's own retry finds it
             if refusal:
                 # Not run; queued again, so a launch with a larger budget runs this configuration first.
-                trial.set_user_attr(record.FAIL_REASON, refusal)
-                trial.set_user_attr(record.OVER_BUDGET, True)
+                trial.set_user_attr(records.FAIL_REASON, refusal)
+                trial.set_user_attr(records.OVER_BUDGET, True)
                 frozen = self.study.tell(trial, state=TrialState.FAIL)
                 self._finish(run_id, "FAIL", reason=refusal)
-                record.retry(self.study, frozen)
+                records.retry(self.study, frozen)
                 self.in_flight.discard(trial._trial_id)
                 self.budget_stop = refusal
                 self.stopping.set()
@@ -160,16 +160,16 @@ class TrialRunner:
         cost = self.session.settings.cost
         curve: list[float] = []
         history: list[dict] = []
-        own_bucket = bucket(trial.user_attrs[record.PREDICTED_FLOPS], config.epochs) if cost is not None else None
+        own_bucket = bucket(trial.user_attrs[records.PREDICTED_FLOPS], config.epochs) if cost is not None else None
 
         def record_epoch(metrics: EpochMetrics) -> None:
             if run_id is not None:
                 self.track(self.tracker.log_epoch, run_id, metrics)
             history.append(dataclasses.asdict(metrics))
-            trial.set_user_attr(record.HISTORY, history)
+            trial.set_user_attr(records.HISTORY, history)
             if cost is not None:
                 curve.append(metrics.val_accuracy)
-                trial.set_user_attr(record.VAL_CURVE, curve)
+                trial.set_user_attr(records.VAL_CURVE, curve)
             else:
                 trial.report(metrics.val_accuracy, metrics.epoch)
 
@@ -186,7 +186,7 @@ class TrialRunner:
                 return not last and trial.should_prune()
 
         if self.progress is not None:
-            self.progress.start(trial.number, f"{self.label} {trial.number}", config.epochs, trial.user_attrs[record.PREDICTED_SECONDS])
+            self.progress.start(trial.number, f"{self.label} {trial.number}", config.epochs, trial.user_attrs[records.PREDICTED_SECONDS])
         if resume is not None:
             # The epochs the checkpoint holds, recorded again on this trial: the pruner and the MLflow run see the whole curve.
             with self.lock:
@@ -198,7 +198,7 @@ class TrialRunner:
         except TRIAL_ERRORS as error:
             reason = f"{error_kind(error)}: {error}"
             with self.lock:
-                trial.set_user_attr(record.FAIL_REASON, reason)
+                trial.set_user_attr(records.FAIL_REASON, reason)
                 self._finish(run_id, "FAIL", reason=reason)
                 self._drop_checkpoint(trial.number)
                 return self.study.tell(trial, state=TrialState.FAIL)
@@ -210,7 +210,7 @@ class TrialRunner:
         except BaseException as error:
             reason = f"{type(error).__name__}: {error}".splitlines()[0]
             with self.lock:
-                trial.set_user_attr(record.FAIL_REASON, reason)
+                trial.set_user_attr(records.FAIL_REASON, reason)
                 self.study.tell(trial, state=TrialState.FAIL)
                 self._finish(run_id, "FAIL", reason=reason)
                 self._drop_checkpoint(trial.number)
@@ -219,7 +219,7 @@ class TrialRunner:
             if self.progress is not None:
                 self.progress.finish(trial.number)
         with self.lock:
-            for key, value in record.results(result).items():
+            for key, value in records.results(result).items():
                 trial.set_user_attr(key, value)
             state = TrialState.PRUNED if result.stopped_early else TrialState.COMPLETE
             self._finish(run_id, state.name, result)
@@ -241,7 +241,7 @@ class TrialRunner:
     def _adopt_checkpoint(self, trial: optuna.Trial) -> None:
         """A retry takes over the checkpoint of the trial it repeats, under its own number: interrupted in turn, before
         its first epoch, it leaves the checkpoint to its own retry; finished, it removes it (study/launch._drop_checkpoint)."""
-        source = trial.user_attrs.get(record.RETRY_OF)
+        source = trial.user_attrs.get(records.RETRY_OF)
         if self.checkpoints is None or source is None:
             return
         for stale in self.checkpoints.glob(f".{source}.pt.*.tmp"):
@@ -254,7 +254,7 @@ class TrialRunner:
     def _resume_point(self, trial: optuna.Trial, config: TrainConfig, run_id: str | None) -> Checkpoint | None:
         """The checkpoint a retry resumes from (recorded as `resumed_from_epoch` on it and its MLflow run), None when it
         trains from epoch 1. One it cannot trust is set aside, under a name of its own, with one line."""
-        if self.checkpoints is None or record.RETRY_OF not in trial.user_attrs:
+        if self.checkpoints is None or records.RETRY_OF not in trial.user_attrs:
             return None
         path = self._checkpoint_path(trial.number)
         try:
@@ -265,12 +265,12 @@ class TrialRunner:
                 aside = path.with_name(f"{path.name}.set-aside-{int(time.time())}")
                 path.replace(aside)
                 note = f"; set aside as {aside}"
-            self.console.print(f"trial {trial.number} (retry of trial {trial.user_attrs[record.RETRY_OF]}): {error}{note}; training from epoch 1", markup=False)
+            self.console.print(f"trial {trial.number} (retry of trial {trial.user_attrs[records.RETRY_OF]}): {error}{note}; training from epoch 1", markup=False)
             return None
-        trial.set_user_attr(record.RESUMED_FROM_EPOCH, checkpoint.epoch)
+        trial.set_user_attr(records.RESUMED_FROM_EPOCH, checkpoint.epoch)
         if run_id is not None:
-            self.track(self.tracker.client.set_tag, run_id, record.RESUMED_FROM_EPOCH, str(checkpoint.epoch))
-        self.console.print(f"trial {trial.number} (retry of trial {trial.user_attrs[record.RETRY_OF]}): resumed from epoch {checkpoint.epoch}")
+            self.track(self.tracker.client.set_tag, run_id, records.RESUMED_FROM_EPOCH, str(checkpoint.epoch))
+        self.console.print(f"trial {trial.number} (retry of trial {trial.user_attrs[records.RETRY_OF]}): resumed from epoch {checkpoint.epoch}")
         return checkpoint
 
     def _drop_checkpoint(self, number: int) -> None:
@@ -281,11 +281,11 @@ class TrialRunner:
     def _interrupted(self, trial: optuna.Trial, run_id: str | None, reason: str) -> optuna.trial.FrozenTrial:
         """A trial that could not run to its end: FAIL with the reason, MLflow KILLED, queued once more."""
         with self.lock:
-            trial.set_user_attr(record.FAIL_REASON, reason)
-            trial.set_user_attr(record.INTERRUPTED, True)
+            trial.set_user_attr(records.FAIL_REASON, reason)
+            trial.set_user_attr(records.INTERRUPTED, True)
             frozen = self.study.tell(trial, state=TrialState.FAIL)
             self._finish(run_id, "INTERRUPTED", reason=reason)
-            record.retry(self.study, frozen)
+            records.retry(self.study, frozen)
             return frozen
 
     def _keeps_model(self, frozen: optuna.trial.FrozenTrial) -> bool:
@@ -301,13 +301,13 @@ class TrialRunner:
 
     def update_parent(self) -> None:
         trials = self.study.get_trials(deepcopy=False)
-        counts = {state.name: sum(t.state == state for t in trials) for state in record.FINISHED}
+        counts = {state.name: sum(t.state == state for t in trials) for state in records.FINISHED}
         best = max(self.study.best_trials, key=lambda t: t.values[0]) if counts["COMPLETE"] else None  # the most accurate, also on a Pareto front
-        # best_<name> on the parent; the parameter count as param_count, so it does not read like hyperparameters.
-        shown = {"test_accuracy": "test_accuracy", "train_seconds": "train_seconds", "epochs_run": "epochs_run", "param_count": "params"}
-        best_metrics = {name: best.user_attrs[key] for name, key in shown.items() if key in best.user_attrs} if best else None
+        # best_<name> on the parent.
+        attrs = records.user_attrs(best) if best else {}
+        best_metrics = {name: attrs[name] for name in ("test_accuracy", "train_seconds", "epochs_run", "param_count") if name in attrs} if best else None
         self.track(self.tracker.update_parent, best.number if best else None, best.values[0] if best else None, counts, best_metrics,
-                   best.user_attrs.get(record.MLFLOW_RUN_ID) if best else None)
+                   best.user_attrs.get(records.MLFLOW_RUN_ID) if best else None)
 
 
 @dataclass
@@ -349,7 +349,7 @@ class Scheduler:
                 # No more first trials than the study's total: one beyond it would stay WAITING for good.
                 for row in runner.session.settings.plan.enqueue[:total]:
                     self.study.enqueue_trial(row)
-            done = record.count_done(trials)
+            done = records.count_done(trials)
         if done >= total:
             runner.console.print(f"study {self.study.study_name} already holds {done} finished trials (asked for {total}); nothing to run")
             return 0
@@ -377,7 +377,7 @@ class Scheduler:
         if self.ran:
             runner.console.print(self.forecast.compare(self.ran, time.monotonic() - started))
         if runner.tracking_error is not None:
-            raise TrackingUnavailable(f"MLflow at {mask(runner.tracker.client.tracking_uri)} failed ({runner.tracking_error}); the {record.count(self.ran, 'trial')} of this launch "
+            raise TrackingUnavailable(f"MLflow at {mask(runner.tracker.client.tracking_uri)} failed ({runner.tracking_error}); the {records.count(self.ran, 'trial')} of this launch "
                                       "are kept in the Optuna storage; launch again once MLflow is back and their MLflow records are written then")
         return self.ran
 
@@ -424,7 +424,7 @@ class Scheduler:
                 return False
             self.recovery.recover()
             trials = self.study.get_trials(deepcopy=False)
-            counts["done"] = record.count_done(trials)
+            counts["done"] = records.count_done(trials)
             counts["running"] = sum(t.state == TrialState.RUNNING for t in trials)
             return counts["done"] + counts["running"] < total
 
@@ -436,7 +436,7 @@ class Scheduler:
                 return
             if not slot.ready(1.0):  # a Ray actor that no node has room for yet: ask for no trial until it has
                 with runner.lock:
-                    if runner.stopping.is_set() or record.count_done(self.study.get_trials(deepcopy=False)) >= total:
+                    if runner.stopping.is_set() or records.count_done(self.study.get_trials(deepcopy=False)) >= total:
                         return
                 continue
             frozen = runner.run_trial(slot, claim)
@@ -448,7 +448,7 @@ class Scheduler:
             with runner.lock:
                 self.ran += 1
                 self._log_line(frozen)
-                self.progress.update(done=record.count_done(self.study.get_trials(deepcopy=False)), status=self._status())
+                self.progress.update(done=records.count_done(self.study.get_trials(deepcopy=False)), status=self._status())
                 runner.update_parent()
 
     def _retire(self, slot) -> bool:
@@ -461,7 +461,7 @@ class Scheduler:
                 return False
             self.active -= 1
             self.progress.console.print(f"Ray's memory monitor killed an actor (its trial runs again); the launch goes on with the "
-                                        f"{record.count(self.active, 'actor')} that remain")
+                                        f"{records.count(self.active, 'actor')} that remain")
             return True
 
     def _beat(self, stop: threading.Event) -> None:
@@ -477,7 +477,7 @@ class Scheduler:
                     if beats:
                         storage.record_heartbeat(trial_id)
                     else:
-                        storage.set_trial_user_attr(trial_id, record.LEASE, lease_until(interval))
+                        storage.set_trial_user_attr(trial_id, records.LEASE, lease_until(interval))
                 except optuna.exceptions.UpdateFinishedTrialError:
                     pass  # it finished since the list was taken
                 except Exception:  # noqa: BLE001, S110 -- sqlalchemy, gRPC and file errors alike
@@ -495,7 +495,7 @@ class Scheduler:
     def _device_name(self, trials: list[optuna.trial.FrozenTrial]) -> str:
         """The device the trials train on: the slots', or with Ray the one its nodes recorded last (this machine's before any)."""
         if self.device is None:
-            return next((t.user_attrs[record.DEVICE] for t in reversed(trials) if record.DEVICE in t.user_attrs), device_name("auto"))
+            return next((t.user_attrs[records.DEVICE] for t in reversed(trials) if records.DEVICE in t.user_attrs), device_name("auto"))
         return device_name(self.device)
 
     def _earlier_trials(self) -> list[optuna.trial.FrozenTrial]:
@@ -512,7 +512,7 @@ class Scheduler:
     def _best(self) -> str:
         if self.runner.session.settings.cost is not None:
             front = len(self.study.best_trials)
-            return f"best: Pareto front of {record.count(front, 'trial')}" if front else "best: none yet"
+            return f"best: Pareto front of {records.count(front, 'trial')}" if front else "best: none yet"
         try:
             return f"best val_accuracy {self.study.best_value:.4f} (trial {self.study.best_trial.number})"
         except ValueError:
@@ -522,15 +522,15 @@ class Scheduler:
         cost = self.runner.session.settings.cost
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
         if trial.state == TrialState.FAIL:
-            outcome = f"FAIL ({trial.user_attrs.get(record.FAIL_REASON, 'unknown')})"
+            outcome = f"FAIL ({trial.user_attrs.get(records.FAIL_REASON, 'unknown')})"
         else:
             # A pruned trial: Optuna keeps the last reported val_accuracy; in a multi-objective study it keeps no values.
-            value = trial.values[0] if trial.values else record.last_val_accuracy(trial)
+            value = trial.values[0] if trial.values else records.last_val_accuracy(trial)
             shown = f" {cost}={trial.values[1]:.4g}" if cost and trial.state == TrialState.COMPLETE else ""
-            outcome = f"{trial.state.name} val_accuracy={value:.4f}{shown} after {record.count(trial.user_attrs.get('epochs_run'), 'epoch')}, {trial.user_attrs.get('train_seconds', 0):.1f} s"
-        if record.RESUMED_FROM_EPOCH in trial.user_attrs:
-            outcome += f", resumed from epoch {trial.user_attrs[record.RESUMED_FROM_EPOCH]}"
-        retry = record.retry_source(trial)
+            outcome = f"{trial.state.name} val_accuracy={value:.4f}{shown} after {records.count(trial.user_attrs.get('epochs_run'), 'epoch')}, {trial.user_attrs.get('train_seconds', 0):.1f} s"
+        if records.RESUMED_FROM_EPOCH in trial.user_attrs:
+            outcome += f", resumed from epoch {trial.user_attrs[records.RESUMED_FROM_EPOCH]}"
+        retry = records.retry_source(trial)
         again = f" (retry of trial {retry})" if retry is not None else ""
         self.progress.console.print(f"trial {trial.number}{again}: {params} -> {outcome}")
 
@@ -556,9 +556,9 @@ def run_launch(session: Session, tracker: Tracker, console: Console, devices: li
                           device=None if make_slots else devices[0])
     ran = scheduler.run()
     if scheduler.timed_out:
-        console.print(f"timeout of {timeout:g} s reached after {record.count(ran, 'trial')}; launch again to continue")
+        console.print(f"timeout of {timeout:g} s reached after {records.count(ran, 'trial')}; launch again to continue")
     if runner.budget_stop:
-        console.print(f"budget reached after {record.count(ran, 'trial')}: the next trial's {runner.budget_stop}; it is queued for a launch with a larger --budget")
+        console.print(f"budget reached after {records.count(ran, 'trial')}: the next trial's {runner.budget_stop}; it is queued for a launch with a larger --budget")
     return ran
 
 

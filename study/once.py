@@ -1,7 +1,7 @@
 """What must happen once per study: a claim in the study's storage that one process at a time holds.
 
 `finalize` trains the final model and registers it once; two finalizes at once would train twice and register two
-versions. So it first claims the study: a study user attribute (record.FINALIZE_CLAIM) naming the holder's host
+versions. So it first claims the study: a study user attribute (records.FINALIZE_CLAIM) naming the holder's host
 and pid, a token of its own, and the time of its last heartbeat. The claim is read and written under setup_lock (a
 file lock beside a journal or SQLite file, an advisory lock on PostgreSQL), so that checking it and taking it are
 one step: two processes never both hold it. The holder writes its heartbeat every BEAT seconds and gives the claim

@@ -158,14 +158,14 @@ def cpu_threads(workers: int) -> int:
 def cap_workers(devices: list[str], to_run: int) -> tuple[list[str], str]:
     """The trial slots a launch starts: no more than the trials still to run, and on the CPU no more than its cores
     (more would only share them). Returns the slots and why they are fewer than asked ("" when they are not)."""
-    from dashboards import record  # here, not at the top: trial worker processes import this module and need no Optuna
+    import records  # here, not at the top: trial worker processes import this module and need no Optuna
 
     reasons = []
     if to_run < len(devices):
-        reasons.append(f"{record.count(to_run, 'trial')} still to run")
+        reasons.append(f"{records.count(to_run, 'trial')} still to run")
     cores = cpu_cores()
     if devices[0] == "auto" and cores < len(devices):
-        reasons.append(f"{record.count(cores, 'CPU core')} here")
+        reasons.append(f"{records.count(cores, 'CPU core')} here")
     limit = min(to_run, cores) if devices[0] == "auto" else to_run
     return devices[:max(1, limit)], " and ".join(reasons)  # one slot also for a study already full: it finds nothing to run
 

@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 import objectives
-from dashboards import record
+import records
 from study.specs import Plan
 from study.storage import pid_alive
 from study.tracking import FINAL_METRICS, RUN_STATUS, Tracker
@@ -39,12 +39,12 @@ RETRAINED_TAG = "optuna.retrained"    # on a model trained again: its logging fa
 
 def child_runs(tracker: Tracker) -> dict[int, list]:
     """The study's trial runs by trial number (a list, so a duplicate would show)."""
-    return record.trial_runs(tracker.client, tracker.experiment_id, tracker.parent_run_id)
+    return records.trial_runs(tracker.client, tracker.experiment_id, tracker.parent_run_id)
 
 
 def expected_status(trial: optuna.trial.FrozenTrial) -> str:
     """The MLflow status of a finished trial's run: KILLED for one whose process was interrupted or died."""
-    return RUN_STATUS["INTERRUPTED" if trial.user_attrs.get(record.INTERRUPTED) else trial.state.name]
+    return RUN_STATUS["INTERRUPTED" if trial.user_attrs.get(records.INTERRUPTED) else trial.state.name]
 
 
 def reconcile(study: optuna.Study, tracker: Tracker, plan: Plan) -> list[int]:
@@ -54,31 +54,33 @@ def reconcile(study: optuna.Study, tracker: Tracker, plan: Plan) -> list[int]:
     """
     runs = child_runs(tracker)
     repaired = []
-    for trial in study.get_trials(deepcopy=False, states=record.FINISHED):
+    for trial in study.get_trials(deepcopy=False, states=records.FINISHED):
         found = runs.get(trial.number, [])
         run = found[0] if found else None
-        reason = trial.user_attrs.get(record.FAIL_REASON)
+        reason = trial.user_attrs.get(records.FAIL_REASON)
         if run is not None and run.info.status != "RUNNING" and run.data.tags.get("optuna.state") == trial.state.name:
             continue
-        epochs = record.epoch_values(trial)
+        epochs = records.epoch_values(trial)
         if run is None:
-            config = record.train_config(trial) or plan.config(trial.params)
-            run_id, logged = tracker.start_trial(trial.number, record.run_name(trial), config, trial.params), {}
+            config = records.train_config(trial) or plan.config(trial.params)
+            run_id, logged = tracker.start_trial(trial.number, records.run_name(trial), config, trial.params), set()
             logged_epochs = {name: set() for name in epochs}
         else:
-            run_id, logged = run.info.run_id, run.data.metrics
+            # A result the run logged under its old name (records.RENAMED) is not logged again under the new one.
+            run_id, logged = run.info.run_id, {records.RENAMED.get(name, name) for name in run.data.metrics}
             logged_epochs = {name: {m.step for m in tracker.client.get_metric_history(run_id, name)} for name in epochs}
         # What the trial recorded and MLflow lacks: its epoch metrics and its final results.
         now, step = int(time.time() * 1000), int(trial.user_attrs.get("epochs_run", 0))
         metrics = [Metric(name, float(value), now, int(epoch)) for name, values in epochs.items() for epoch, value in sorted(values.items())
                    if int(epoch) not in logged_epochs[name]]
-        metrics += [Metric(name, float(trial.user_attrs[name]), now, step) for name in FINAL_METRICS if name in trial.user_attrs and name not in logged]
+        attrs = records.user_attrs(trial)
+        metrics += [Metric(name, float(attrs[name]), now, step) for name in FINAL_METRICS if name in attrs and name not in logged]
         tracker.client.log_batch(run_id, metrics=metrics, tags=[RunTag(RECONCILED_TAG, "written after the trial from the Optuna storage")])
         tags = [RunTag("optuna.state", trial.state.name)]
         if reason:
             tags.append(RunTag("optuna.fail_reason", reason))
-        if record.DEVICE in trial.user_attrs:
-            tags.append(RunTag("device", trial.user_attrs[record.DEVICE]))
+        if records.DEVICE in trial.user_attrs:
+            tags.append(RunTag("device", trial.user_attrs[records.DEVICE]))
         tracker.client.log_batch(run_id, tags=tags)
         tracker.client.set_terminated(run_id, status=expected_status(trial))
         repaired.append(trial.number)
@@ -117,7 +119,7 @@ def repair_models(study: optuna.Study, tracker: Tracker, plan: Plan, keeps_model
         why = "its logging failed" if runs[trial.number].info.run_id in failed_runs else "its run was written again from the Optuna storage"
         console.print(f"trial {trial.number}: MLflow holds no network of it ({why}); training it again from its recorded "
                       "configuration and seed to log it")
-        config = record.train_config(trial) or plan.config(trial.params)
+        config = records.train_config(trial) or plan.config(trial.params)
         # The device it trained on may be another machine's (a Ray node's GPU): this machine's, unless it was the CPU.
         result = objectives.train(dataclasses.replace(config, device=config.device if config.device in ("auto", "cpu") else "auto"), data)
         model_uri = tracker.log_model(runs[trial.number].info.run_id, trial.number, result, data)
@@ -130,7 +132,7 @@ def repair_models(study: optuna.Study, tracker: Tracker, plan: Plan, keeps_model
 def _writer_gone(trial: optuna.trial.FrozenTrial) -> bool:
     """Whether the process that ran the trial, and logs its model, is known to be gone: one of this host that no longer
     runs (or this very process, which logs nothing while a launch starts)."""
-    pid = trial.user_attrs.get(record.PID)
-    if trial.user_attrs.get(record.HOST) != socket.gethostname() or pid is None:
+    pid = trial.user_attrs.get(records.PID)
+    if trial.user_attrs.get(records.HOST) != socket.gethostname() or pid is None:
         return False
     return pid == os.getpid() or not pid_alive(pid)

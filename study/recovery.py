@@ -24,7 +24,7 @@ import optuna
 from optuna.trial import TrialState
 from rich.console import Console
 
-from dashboards import record
+import records
 from study.reconcile import reconcile
 from study.specs import Plan
 from study.storage import heartbeat_enabled, pid_alive
@@ -50,14 +50,14 @@ class LeaseRecovery:
             if reason is None:
                 continue
             try:
-                self.storage.set_trial_user_attr(trial._trial_id, record.FAIL_REASON, reason)
-                self.storage.set_trial_user_attr(trial._trial_id, record.INTERRUPTED, True)
+                self.storage.set_trial_user_attr(trial._trial_id, records.FAIL_REASON, reason)
+                self.storage.set_trial_user_attr(trial._trial_id, records.INTERRUPTED, True)
                 self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # another process's recovery failed it first, and queued its retry
-            if run_id := trial.user_attrs.get(record.MLFLOW_RUN_ID):
+            if run_id := trial.user_attrs.get(records.MLFLOW_RUN_ID):
                 self.tracker.finish_trial(run_id, "INTERRUPTED", reason=reason)
-            record.retry(self.study, trial)
+            records.retry(self.study, trial)
             self.console.print(f"trial {trial.number}: {reason}; marked FAIL and queued again")
 
 
@@ -69,12 +69,12 @@ def lease_until(interval: float) -> float:
 def death(trial: optuna.trial.FrozenTrial, host: str, now: float) -> str | None:
     """Why a RUNNING trial's process is dead, or None while it may live. A pid means something only on its own host
     (another host's pid may be any process here); a lease, wherever it was written."""
-    pid = trial.user_attrs.get(record.PID)
-    if trial.user_attrs.get(record.HOST) == host and pid is not None and not pid_alive(pid):
+    pid = trial.user_attrs.get(records.PID)
+    if trial.user_attrs.get(records.HOST) == host and pid is not None and not pid_alive(pid):
         return "worker process died"
-    lease = trial.user_attrs.get(record.LEASE)
+    lease = trial.user_attrs.get(records.LEASE)
     if lease is not None and lease < now:
-        return f"worker stopped renewing its lease (host {trial.user_attrs.get(record.HOST)}, pid {pid})"
+        return f"worker stopped renewing its lease (host {trial.user_attrs.get(records.HOST)}, pid {pid})"
     return None
 
 
@@ -100,8 +100,8 @@ class HeartbeatRecovery:
         for trial_id in self.storage._get_stale_trial_ids(self.storage.get_study_id_from_name(self.study.study_name)):
             trial = self.storage.get_trial(trial_id)
             try:
-                self.storage.set_trial_user_attr(trial_id, record.FAIL_REASON, _stale_reason(trial))
-                self.storage.set_trial_user_attr(trial_id, record.INTERRUPTED, True)
+                self.storage.set_trial_user_attr(trial_id, records.FAIL_REASON, _stale_reason(trial))
+                self.storage.set_trial_user_attr(trial_id, records.INTERRUPTED, True)
                 if not self.storage.set_trial_state_values(trial_id, TrialState.FAIL):
                     continue
             except optuna.exceptions.UpdateFinishedTrialError:
@@ -111,8 +111,8 @@ class HeartbeatRecovery:
         any_failed = bool(failed)
         while failed:
             trial = failed.pop()
-            reason = trial.user_attrs[record.FAIL_REASON]
-            if run_id := trial.user_attrs.get(record.MLFLOW_RUN_ID):
+            reason = trial.user_attrs[records.FAIL_REASON]
+            if run_id := trial.user_attrs.get(records.MLFLOW_RUN_ID):
                 self.tracker.finish_trial(run_id, "INTERRUPTED", reason=reason)
             self.console.print(f"trial {trial.number}: {reason}; marked FAIL and queued again")
         if any_failed:
@@ -122,7 +122,7 @@ class HeartbeatRecovery:
 
 
 def _stale_reason(trial: optuna.trial.FrozenTrial) -> str:
-    return f"worker stopped sending heartbeats (host {trial.user_attrs.get(record.HOST)}, pid {trial.user_attrs.get(record.PID)})"
+    return f"worker stopped sending heartbeats (host {trial.user_attrs.get(records.HOST)}, pid {trial.user_attrs.get(records.PID)})"
 
 
 def recovery_for(study: optuna.Study, storage: optuna.storages.BaseStorage, tracker: Tracker, console: Console, plan: Plan,

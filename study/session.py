@@ -17,7 +17,7 @@ from pathlib import Path
 import optuna
 import torch
 
-from dashboards.record import STUDY_UID
+from records import STUDY_UID
 from study.specs import PRESETS, Plan, Spec, SpecError, load_spec, recorded_spec, resolve
 from study.storage import default_storage_url, home_holds_tracking, make_home, mask, open_storage, opened, setup_lock, storage_file
 from study.strategies import PRUNERS, SAMPLERS, strategy_class
@@ -289,5 +289,5 @@ def _create_or_load(request: Request, spec: Spec, storage: optuna.storages.BaseS
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.set_metric_names(metric_names)
         if not exists:
-            study.set_user_attr(STUDY_UID, uuid.uuid4().hex)  # its identity in MLflow (dashboards.record); older studies have none
+            study.set_user_attr(STUDY_UID, uuid.uuid4().hex)  # its identity in MLflow (records); older studies have none
     return Session(settings=settings, study=study, storage=storage, heartbeat=request.heartbeat)

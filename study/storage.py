@@ -24,7 +24,7 @@ from pathlib import Path
 
 import optuna
 
-from dashboards import record
+import records
 from dashboards.masking import mask
 
 CONNECT_TIMEOUT = 10  # seconds to connect to a database server
@@ -73,7 +73,7 @@ def default_storage_url() -> str:
 
 class RetryStaleTrial:
     """Optuna's heartbeat callback: a trial whose worker stopped sending heartbeats runs once more with the
-    same params (record.retry). It also keeps the trials it failed, for the launcher to close their MLflow
+    same params (records.retry). It also keeps the trials it failed, for the launcher to close their MLflow
     runs (this process failed them, so no other process does)."""
 
     def __init__(self):
@@ -81,7 +81,7 @@ class RetryStaleTrial:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         self.failed.append(trial)
-        record.retry(study, trial)
+        records.retry(study, trial)
 
 
 @dataclass(frozen=True)

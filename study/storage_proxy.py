@@ -22,7 +22,7 @@ from optuna.storages._grpc.auto_generated import api_pb2_grpc
 from optuna.storages._grpc.servicer import OptunaStorageProxyService
 from optuna.trial import TrialState
 
-from dashboards import record
+import records
 from study.errors import StudyFull
 
 FULL = "the study holds its total of trials"
@@ -35,7 +35,7 @@ def study_full(storage: optuna.storages.BaseStorage, study_id: int) -> bool:
         return False
     trials = storage.get_all_trials(study_id, deepcopy=False)
     pending = sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
-    return record.count_done(trials) + pending >= total
+    return records.count_done(trials) + pending >= total
 
 
 class _Service(OptunaStorageProxyService):

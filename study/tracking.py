@@ -33,7 +33,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput, 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from dashboards import record
+import records
 from dashboards.files import slug
 from objectives.data import FashionMNIST, cache_root
 from objectives.models import get_architecture
@@ -42,10 +42,10 @@ from study.mlflow_app import APP_NAME, MODEL_TRAINING
 from study.storage import home_holds_tracking, mask, pid_alive
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-EPOCH_METRICS = record.EPOCH_METRICS
+EPOCH_METRICS = records.EPOCH_METRICS
 # Logged once at the end: the trial's recorded results, less the per-epoch metrics, whose last value is the
 # final one (logging it again would add a second point at that step).
-FINAL_METRICS = tuple(name for name in record.RESULT_FIELDS if name not in EPOCH_METRICS)
+FINAL_METRICS = tuple(name for name in records.RESULT_FIELDS if name not in EPOCH_METRICS)
 # Optuna state -> MLflow run status. Pruned trials finished normally; their tag says they were pruned.
 # The settings a registered version's description and tags name.
 REGISTRY_CONFIG = ("arch", "resize", "ratio", "lr", "epochs", "batch_size", "momentum", "n_train")
@@ -409,14 +409,14 @@ class Tracker:
         """The study's parent run, found by the study's identity, not its name alone; a relaunch reuses it, so
         trials from every launch sit under one parent. reopen=False: only read it (confirm and finalize link to
         it without running the study)."""
-        mine = record.parent_runs(self.client, self.experiment_id, self.study_uid)
+        mine = records.parent_runs(self.client, self.experiment_id, self.study_uid)
         if mine:
             run_id = mine[0].info.run_id
             if reopen:
                 self.client.update_run(run_id, status="RUNNING")
             return run_id
-        self.other_studies = len(self.client.search_runs([self.experiment_id], filter_string=record.PARENT_FILTER, max_results=1000))
-        tags = {"study.role": "parent", "optuna.study_name": self.study_name, **({record.UID_TAG: self.study_uid} if self.study_uid else {})}
+        self.other_studies = len(self.client.search_runs([self.experiment_id], filter_string=records.PARENT_FILTER, max_results=1000))
+        tags = {"study.role": "parent", "optuna.study_name": self.study_name, **({records.UID_TAG: self.study_uid} if self.study_uid else {})}
         return self.client.create_run(self.experiment_id, run_name=self.study_name, tags=tags).info.run_id
 
     def describe_study(self, spec_text: str, preset: str, storage: str, sampler: str, pruner: str) -> None:
@@ -432,7 +432,7 @@ class Tracker:
 
     def start_trial(self, number: int, name: str, config: TrainConfig, sampled: dict, data: FashionMNIST | None = None,
                     extra_tags: dict | None = None) -> str:
-        """Open a trial's child run, named `name` (record.run_name): tags, every setting as a param, its layer table and its dataset input."""
+        """Open a trial's child run, named `name` (records.run_name): tags, every setting as a param, its layer table and its dataset input."""
         tags = {
             **(extra_tags or {}),
             **self.common_tags,
@@ -476,7 +476,7 @@ class Tracker:
         # The run page's description: the outcome in one sentence.
         note = f"Optuna state {tags[0].value}"
         if result is not None:
-            note += (f": val_accuracy {result.val_accuracy:.4f}, test_accuracy {result.test_accuracy:.4f} after {record.count(result.epochs_run, 'epoch')} "
+            note += (f": val_accuracy {result.val_accuracy:.4f}, test_accuracy {result.test_accuracy:.4f} after {records.count(result.epochs_run, 'epoch')} "
                      f"({result.train_seconds:.1f} s of training on {result.device_name})")
         tags.append(RunTag("mlflow.note.content", note + (f"; {reason}" if reason else "")))
         metrics = []
@@ -492,7 +492,7 @@ class Tracker:
     def trial_run_id(self, number: int, recorded: str | None) -> str | None:
         """Trial `number`'s run under this study's parent as MLflow holds it now, else the id the trial `recorded`: a
         rebuilt store holds a run written again, whose id the finished trial cannot record."""
-        runs = record.trial_runs(self.client, self.experiment_id, self.parent_run_id, number).get(number)
+        runs = records.trial_runs(self.client, self.experiment_id, self.parent_run_id, number).get(number)
         return runs[0].info.run_id if runs else recorded
 
     def update_parent(self, best_number: int | None, best_value: float | None, counts: dict[str, int],
@@ -575,10 +575,10 @@ class Tracker:
         `model_id`, and the logged model lists the version under `mlflow.modelVersions`, as mlflow.register_model
         does); its description and tags say the study, trial, accuracy and configuration. Registering the same model
         again returns its existing version."""
-        config = record.config(trial)
+        config = records.config(trial)
         test_accuracy = trial.user_attrs.get("test_accuracy")
         scores = {"val_accuracy": trial.values[0], **({"test_accuracy": test_accuracy} if test_accuracy is not None else {})}
-        run_id = self.trial_run_id(trial.number, trial.user_attrs.get(record.MLFLOW_RUN_ID))
+        run_id = self.trial_run_id(trial.number, trial.user_attrs.get(records.MLFLOW_RUN_ID))
         if run_id is None:
             return None
         return self.register_run_model(name, run_id, f"Optuna study {self.study_name}, trial {trial.number}",

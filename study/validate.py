@@ -23,7 +23,7 @@ import warnings
 
 import optuna
 
-from dashboards import record
+import records
 from objectives.train import TrainConfig, check_machine, memory_shortfall, resolve_device, total_memory_bytes
 from study.costprune import CostBucketPruner
 from study.session import Settings, make_pruner, make_sampler
@@ -50,7 +50,7 @@ def validate_trials(study: optuna.Study, trials: list[optuna.trial.FrozenTrial])
     """The configurations of `trials` of `study`, which `confirm` or `finalize` will train again in this process, on
     this machine: their devices, CUDA settings and memory. (A trial recorded without one cannot be trained again,
     which those commands say themselves.)"""
-    labelled = [(f"study {study.study_name}, trial {trial.number}", config) for trial in trials if (config := record.train_config(trial)) is not None]
+    labelled = [(f"study {study.study_name}, trial {trial.number}", config) for trial in trials if (config := records.train_config(trial)) is not None]
     _check_devices(labelled, ["auto"])
     _check_memory(labelled, ["auto"])
 

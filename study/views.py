@@ -9,7 +9,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from dashboards import record
+import records
 from dashboards.confirmed import NOISE_LEVEL, TEST_NAME, Confirmed, verdict
 from study.budget import median_abs, prediction_errors
 
@@ -46,18 +46,18 @@ def print_confirmed(console: Console, rows: list[Confirmed]) -> None:
 
 def print_costs(console: Console, study: optuna.Study, top: int) -> None:
     """Predicted against measured cost of the study's trials, and the model's median error."""
-    trials = [t for t in study.get_trials(deepcopy=False) if record.PREDICTED_FLOPS in t.user_attrs and "train_flops" in t.user_attrs]
+    trials = [t for t in study.get_trials(deepcopy=False) if records.PREDICTED_FLOPS in t.user_attrs and "train_flops" in t.user_attrs]
     if not trials:
         return
-    table = Table(title=f"cost model: predicted before each trial against measured (last {record.count(min(top, len(trials)), 'trial')})")
+    table = Table(title=f"cost model: predicted before each trial against measured (last {records.count(min(top, len(trials)), 'trial')})")
     for column in ("trial", "state", "predicted FLOPs", "measured FLOPs", "predicted s", "measured s (wall)"):
         table.add_column(column, justify="right")
     for t in trials[-top:]:
         attrs = t.user_attrs
-        table.add_row(str(t.number), t.state.name, f"{attrs[record.PREDICTED_FLOPS]:.3g}", f"{attrs['train_flops']:.3g}",
-                      f"{attrs[record.PREDICTED_SECONDS]:.1f}", f"{attrs['wall_seconds']:.1f}")
+        table.add_row(str(t.number), t.state.name, f"{attrs[records.PREDICTED_FLOPS]:.3g}", f"{attrs['train_flops']:.3g}",
+                      f"{attrs[records.PREDICTED_SECONDS]:.1f}", f"{attrs['wall_seconds']:.1f}")
     console.print(table)
     errors = prediction_errors(study.get_trials(deepcopy=False))
     parts = [f"{what} {value:.0%}" for what, values in errors.items() if (value := median_abs(values)) is not None]
     if parts:
-        console.print(f"cost model, median absolute error ({record.count(len(errors['flops']), 'complete trial')}): {', '.join(parts)}")
+        console.print(f"cost model, median absolute error ({records.count(len(errors['flops']), 'complete trial')}): {', '.join(parts)}")

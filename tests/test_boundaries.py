@@ -1,5 +1,5 @@
 """The dependency rules of the layout, checked in fresh interpreters: objectives runs with torch alone (no Optuna,
-no MLflow), and dashboards imports nothing of study."""
+no MLflow), the trial record's schema (records) imports no MLflow, study or dashboards, and dashboards nothing of study."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def _top_level(modules: list[str]) -> set[str]:
     return {name.split(".")[0] for name in modules}
 
 
-@pytest.mark.parametrize("package, forbidden", [("objectives", {"optuna", "mlflow", "study", "dashboards"}), ("dashboards", {"study"})])
+@pytest.mark.parametrize("package, forbidden", [("objectives", {"optuna", "mlflow", "records", "study", "dashboards"}),
+                                                ("records", {"mlflow", "study", "dashboards"}), ("dashboards", {"study"})])
 def test_package_imports_only_what_it_may(package, forbidden):
     modules = _modules_after_importing(package)
     assert package in modules

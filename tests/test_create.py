@@ -18,7 +18,7 @@ def pg_url():
 
 
 def _parent_runs(home, study: optuna.Study) -> list:
-    from dashboards.record import STUDY_UID, parent_runs
+    from records import STUDY_UID, parent_runs
 
     client = MlflowClient(tracking_uri=sqlite_uri(home))
     experiment = client.get_experiment_by_name(study.study_name)

@@ -176,6 +176,7 @@ def test_finalize_trains_on_train_and_validation_and_registers_the_model(launche
     assert run.data.tags["final.source_trial"] == str(chosen)
     assert run.data.params["n_train_final"] == str(128 + 64)  # the trials' train subset and validation subset together
     assert "test_accuracy" in run.data.metrics and "val_accuracy" not in run.data.metrics  # validation is not used to report it
+    assert run.data.metrics["param_count"] > 0 and "params" not in run.data.metrics
     epochs = study.trials[chosen].user_attrs["config"]["epochs"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, epochs + 1))
     [version] = client.search_model_versions("name = 'decide-final'")

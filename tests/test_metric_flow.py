@@ -13,8 +13,8 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
+import records
 from conftest import LENET, ROOT, command_env, hold_env, journal, make_spec, wait_for_holds
-from dashboards import record
 from study.reconcile import RECONCILED_TAG
 
 GRAD_NORM = 0.25  # what tests/metric_study.py's grad_norm always measures
@@ -39,7 +39,7 @@ def test_a_new_epoch_metric_reaches_mlflow_the_trial_record_export_and_the_repor
     # Its MLflow run lost: the next launch writes it again from the trial record (reconcile).
     client = MlflowClient(tracking_uri=f"sqlite:///{study_home / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("metric").experiment_id
-    [lost] = client.search_runs([experiment], filter_string=f"tags.`{record.TRIAL_NUMBER_TAG}` = '0'")
+    [lost] = client.search_runs([experiment], filter_string=f"tags.`{records.TRIAL_NUMBER_TAG}` = '0'")
     client.delete_run(lost.info.run_id)
 
     report, table = tmp_path / "report.html", tmp_path / "trials.csv"
@@ -50,22 +50,22 @@ def test_a_new_epoch_metric_reaches_mlflow_the_trial_record_export_and_the_repor
 
     # The trial record: every epoch of the interrupted trial and of its retry, which resumed from epoch 1.
     first, retry = optuna.load_study(study_name="metric", storage=journal(study_home)).trials
-    assert retry.user_attrs[record.RESUMED_FROM_EPOCH] == 1
-    assert [(e["epoch"], e["grad_norm"]) for e in first.user_attrs[record.HISTORY]] == [(1, GRAD_NORM)]
-    assert [(e["epoch"], e["grad_norm"]) for e in retry.user_attrs[record.HISTORY]] == [(1, GRAD_NORM), (2, GRAD_NORM)]
+    assert retry.user_attrs[records.RESUMED_FROM_EPOCH] == 1
+    assert [(e["epoch"], e["grad_norm"]) for e in first.user_attrs[records.HISTORY]] == [(1, GRAD_NORM)]
+    assert [(e["epoch"], e["grad_norm"]) for e in retry.user_attrs[records.HISTORY]] == [(1, GRAD_NORM), (2, GRAD_NORM)]
 
     # MLflow: the run reconcile wrote again, the retry's run (the resumed epoch too) and the final run.
     def points(run) -> list[tuple[int, float]]:
         return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "grad_norm"))
 
-    runs = {run.data.tags.get(record.TRIAL_NUMBER_TAG, run.data.tags.get("study.role")): run for run in client.search_runs([experiment])}
+    runs = {run.data.tags.get(records.TRIAL_NUMBER_TAG, run.data.tags.get("study.role")): run for run in client.search_runs([experiment])}
     assert RECONCILED_TAG in runs["0"].data.tags and points(runs["0"]) == [(1, GRAD_NORM)]
     assert points(runs["1"]) == [(1, GRAD_NORM), (2, GRAD_NORM)]
     assert points(runs["final"]) == [(1, GRAD_NORM), (2, GRAD_NORM)]
 
     # export: the metric's last value, from MLflow; the per-epoch record is not a column.
     rows = list(csv.DictReader(table.open()))
-    assert [float(row["mlflow.grad_norm"]) for row in rows] == [GRAD_NORM, GRAD_NORM] and record.HISTORY not in rows[0]
+    assert [float(row["mlflow.grad_norm"]) for row in rows] == [GRAD_NORM, GRAD_NORM] and records.HISTORY not in rows[0]
     # The report: a learning-curve panel of its own, and a column of the table of trials.
     page = report.read_text()
     assert "gradient norm (L2)" in page and "epoch %{x}: grad_norm" in page and "<th>grad_norm</th>" in page

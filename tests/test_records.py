@@ -11,8 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from reliability.checks import check_consistent
 
+import records
 from conftest import LENET, ROOT, journal, make_spec, run_cli, run_main
-from dashboards import record
 
 # Two trials of one epoch each: the first (lr 0.2) reaches 0.125 validation accuracy, the second (lr 1e-9) learns
 # nothing (0.070). A median pruner with one startup trial, asked after that epoch, would prune the second.
@@ -26,7 +26,7 @@ def test_a_trial_that_trained_every_epoch_is_complete(study_home, tmp_path, obje
     result = run_main("launch", str(spec), "--trials", "2", "--objective", objective)
     assert result.returncode == 0, result.stderr
     first, second = optuna.load_study(study_name="whole", storage=journal(study_home)).get_trials()
-    accuracy = [t.user_attrs[record.VAL_CURVE][-1] if record.VAL_CURVE in t.user_attrs else t.value for t in (first, second)]
+    accuracy = [t.user_attrs[records.VAL_CURVE][-1] if records.VAL_CURVE in t.user_attrs else t.value for t in (first, second)]
     assert accuracy[1] < accuracy[0]  # below the median of the trials before it: the pruner would stop it
     assert second.state.name == "COMPLETE" and second.user_attrs["epochs_run"] == 1, result.stdout
 
@@ -57,8 +57,8 @@ def test_a_trial_failed_by_a_stopped_heartbeat_says_why(study_home, tmp_path):
     # A trial whose worker is gone: it beat once, then nothing beats for it any more.
     storage = open_storage(url, heartbeat=1)
     trial = optuna.load_study(study_name="beat", storage=storage).ask({"lr": optuna.distributions.FloatDistribution(0.01, 0.1, log=True)})
-    trial.set_user_attr(record.HOST, "gone-host")
-    trial.set_user_attr(record.PID, 4242)
+    trial.set_user_attr(records.HOST, "gone-host")
+    trial.set_user_attr(records.PID, 4242)
     storage.record_heartbeat(trial._trial_id)
 
     # The next launch waits while that trial could still finish, then fails it as stale and runs it again.
@@ -67,7 +67,7 @@ def test_a_trial_failed_by_a_stopped_heartbeat_says_why(study_home, tmp_path):
     reason = "worker stopped sending heartbeats (host gone-host, pid 4242)"
     assert f"trial {trial.number}: {reason}; marked FAIL and queued again" in result.stdout
     dead = optuna.load_study(study_name="beat", storage=url).trials[trial.number]
-    assert dead.state.name == "FAIL" and dead.user_attrs[record.FAIL_REASON] == reason and dead.user_attrs[record.INTERRUPTED]
+    assert dead.state.name == "FAIL" and dead.user_attrs[records.FAIL_REASON] == reason and dead.user_attrs[records.INTERRUPTED]
     # Optuna's fail_reason and MLflow's optuna.fail_reason agree, and the trial ran again once.
     assert check_consistent("beat", url, f"sqlite:///{study_home / 'mlflow.db'}", total=2).lost == 0
     optuna.storages.RDBStorage(url).engine.dispose()

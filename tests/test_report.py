@@ -181,7 +181,7 @@ def _trial(state, arch, lr, values=None, epochs=None):
     if state != TrialState.FAIL:
         seconds = 2.0 + 10 * lr
         attrs |= {"test_accuracy": 0.5, "train_seconds": seconds, "wall_seconds": seconds + 1, "train_flops": 1e9 * seconds,
-                  "peak_memory_bytes": 2**28, "flops_per_example": 2.9e5, "params": 61706, "epochs_run": len(epochs or [1]), "device": "cpu"}
+                  "peak_memory_bytes": 2**28, "flops_per_example": 2.9e5, "param_count": 61706, "epochs_run": len(epochs or [1]), "device": "cpu"}
     else:
         attrs["fail_reason"] = "diverged: training loss became nan in epoch 1"
     return create_trial(state=state, values=values, params={"arch": arch, "lr": lr}, user_attrs=attrs,
@@ -260,7 +260,7 @@ def test_write_report_rejects_an_unknown_cost_axis(tmp_path):
         write_report([], tmp_path / "r.html", cost="seconds")
 
 
-# Two accuracy,cost studies, one per cost; their trials keep their per-epoch accuracy as a user attribute (record.VAL_CURVE),
+# Two accuracy,cost studies, one per cost; their trials keep their per-epoch accuracy as a user attribute (records.VAL_CURVE),
 # not as Optuna intermediate values, and their cost objective is also a recorded result of the same name.
 COSTS = {"seconds": "train_seconds", "flops": "train_flops"}
 

@@ -126,7 +126,7 @@ def test_four_workers_from_two_machines_on_postgresql(study_home, tmp_path, post
 @pytest.mark.slow
 def test_killed_worker_is_failed_by_heartbeat_and_retried(study_home, tmp_path, postgres, mlflow_server):
     """kill -9 in the middle of a trial: the heartbeat goes stale, the trial is FAIL, retried once, its MLflow run KILLED."""
-    from dashboards import record
+    import records
 
     spec = make_spec(tmp_path, "slow", LENET, fixed={"epochs": 2})
     url = postgres["optuna"]
@@ -146,7 +146,7 @@ def test_killed_worker_is_failed_by_heartbeat_and_retried(study_home, tmp_path, 
     trials = optuna.load_study(study_name="slow", storage=url).get_trials()
     dead = trials[killed]
     assert dead.state == TrialState.FAIL
-    retries = [t for t in trials if record.retry_source(t) == killed]
+    retries = [t for t in trials if records.retry_source(t) == killed]
     assert len(retries) == 1 and retries[0].params == dead.params and retries[0].state == TrialState.COMPLETE
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2 and not [t for t in trials if not t.state.is_finished()]
 

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+import records
 from conftest import ARTIFACTS, ROOT, journal, make_spec, run_cli
 
 # A LeNet study that trains in seconds; its first trial runs a single epoch ("after 1 epoch").
@@ -102,13 +103,15 @@ def test_optuna_metric_names(launched, tmp_path, monkeypatch):
     assert loaded.metric_names == ["val_accuracy", "train_flops"]
 
 
-def test_parent_run_names_the_parameter_count(launched):
+def test_parent_and_trial_runs_name_the_parameter_count(launched):
     home, _ = launched
     client = MlflowClient(tracking_uri=_uri(home))
     experiment = client.get_experiment_by_name("lenet_small")
     (parent,) = client.search_runs([experiment.experiment_id], filter_string="tags.`study.role` = 'parent'")
     assert parent.data.metrics["best_param_count"] == 61706  # LeNet
     assert "best_params" not in parent.data.metrics
+    runs = [run for found in records.trial_runs(client, experiment.experiment_id, parent.info.run_id).values() for run in found]
+    assert runs and all(run.data.metrics["param_count"] == 61706 and "params" not in run.data.metrics for run in runs)
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
@@ -250,7 +253,7 @@ def _big_study(storage, n: int) -> optuna.Study:
         if state != TrialState.FAIL:
             seconds = 0.5 * len(curve) / params["ratio"]
             attrs |= {"test_accuracy": curve[-1] - 0.01, "train_seconds": seconds, "wall_seconds": seconds + 1, "train_flops": 4e11 * len(curve),
-                      "peak_memory_bytes": 2**24 * params["ratio"], "flops_per_example": 4.2e5, "params": 61706, "epochs_run": len(curve),
+                      "peak_memory_bytes": 2**24 * params["ratio"], "flops_per_example": 4.2e5, "param_count": 61706, "epochs_run": len(curve),
                       "train_loss": 2.3 - curve[-1], "train_accuracy": curve[-1], "examples_per_second": 5000.0}
         else:
             attrs["fail_reason"] = "diverged: training loss became nan in epoch 1"

@@ -27,7 +27,7 @@ def test_cost_fields_agree_with_torchs_counter(fashion):
     assert result.flops_per_example == counter.get_total_flops() > 0
     # Training FLOPs: forward + backward (about three forwards) for every example seen.
     assert 2.5 * result.flops_per_example * 256 < result.train_flops < 3.5 * result.flops_per_example * 256
-    assert result.params == sum(p.numel() for p in net.parameters())
+    assert result.param_count == sum(p.numel() for p in net.parameters())
     assert result.train_seconds > 0 and result.wall_seconds >= result.train_seconds
     assert result.examples_per_second == pytest.approx(256 / result.train_seconds)
     assert result.peak_memory_bytes > 0 and result.device_name == "cpu"

@@ -50,7 +50,7 @@ def test_inspect_totals_match_rows_and_the_trainer(fashion, arch, resize, ratio)
     rows = json.loads(result.stdout)
     trained = train(TrainConfig(arch=arch, resize=resize, ratio=ratio, lr=0.01, epochs=1, batch_size=8, n_train=8, n_val=1, n_test=1), fashion)
     assert sum(row["flops"] for row in rows) == trained.flops_per_example
-    assert sum(row["params"] for row in rows) == trained.params
+    assert sum(row["params"] for row in rows) == trained.param_count
     table = run_main("inspect", arch, "--resize", str(resize), "--ratio", str(ratio))
     assert f"{sum(row['flops'] for row in rows):,}" in table.stdout  # the total row of the table
     assert "most compute: #" in table.stdout and "most activation memory: #" in table.stdout

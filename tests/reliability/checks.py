@@ -151,7 +151,7 @@ def check_consistent(study_name: str, storage, tracking_uri: str, total: int | N
     left RUNNING or WAITING; the study holds exactly `total` trials that count. Returns the counts, and fails
     with the list of problems after recording them.
     """
-    from dashboards.record import CONFIG, MLFLOW_RUN_ID, STUDY_UID, count_done, parent_runs, retry_source, trial_runs
+    from records import CONFIG, MLFLOW_RUN_ID, STUDY_UID, count_done, parent_runs, retry_source, trial_runs
 
     study = optuna.load_study(study_name=study_name, storage=storage)
     trials = study.get_trials()

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import LENET, hold_env, journal, make_spec, release, run_cli, run_main, start_hooked, wait_for_holds
 from dashboards.files import write_whole
-from dashboards.record import STUDY_UID, live_trial_runs
+from records import STUDY_UID, live_trial_runs
 from reliability.checks import check_consistent, fill, record_fault, sqlite_uri
 
 PREVIOUS = b"the previous file, which a failed write must leave as it was\n"

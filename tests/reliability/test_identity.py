@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import LENET, journal, make_spec, postgres_database, run_cli
-from dashboards.record import parent_runs, trial_runs
+from records import parent_runs, trial_runs
 from reliability.checks import check_consistent, record_fault, sqlite_uri
 from study.storage import APPLICATION_NAME, WAITING, open_storage, setup_lock
 

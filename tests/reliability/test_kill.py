@@ -34,7 +34,7 @@ def _child_runs(uri, name) -> int:
 
 def _strike(forks, argv, env, phase, holds, storage, uri, name, total) -> None:
     """Start the command held at the phase, check that it is there, kill -9 it, check that it stopped there."""
-    from dashboards.record import count_done
+    from records import count_done
 
     before = _child_runs(uri, name)
     command = forks.start(argv, holds.parent, {**env, **hold_env(holds, HOLD_AT[phase])})

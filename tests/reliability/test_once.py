@@ -43,7 +43,7 @@ def _finals(home) -> dict[str, list]:
 
 
 def _claim(storage: list[str], home):
-    from dashboards.record import FINALIZE_CLAIM
+    from records import FINALIZE_CLAIM
 
     return optuna.load_study(study_name="once", storage=storage[1] if storage else journal(home)).user_attrs.get(FINALIZE_CLAIM)
 
@@ -118,7 +118,7 @@ def test_a_killed_finalize_is_closed_killed_and_the_next_trains_once(study_home,
 
 
 def test_a_claim_from_another_host_holds_until_its_heartbeat_is_stale(study_home, tmp_path):
-    from dashboards.record import FINALIZE_CLAIM
+    from records import FINALIZE_CLAIM
     from study.once import LEASE
 
     _launched(tmp_path, [])
@@ -139,7 +139,7 @@ def test_a_claim_from_another_host_holds_until_its_heartbeat_is_stale(study_home
 
 @pytest.mark.parametrize("kind", ["journal", "postgresql"])
 def test_creates_started_together_make_one_study(tmp_path, kind):
-    from dashboards.record import STUDY_UID, parent_runs
+    from records import STUDY_UID, parent_runs
 
     spec = make_spec(tmp_path, "once", LENET)
     # Their collision on a fresh PostgreSQL database is a race that one round misses at times: three rounds, each on a

@@ -13,8 +13,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import LENET, hold_env, journal, make_spec, start_hooked, wait_for_holds
-from dashboards.record import CONFIG, MLFLOW_RUN_ID, RESUMED_FROM_EPOCH
 from objectives import TrainConfig, read_checkpoint, train
+from records import CONFIG, MLFLOW_RUN_ID, RESUMED_FROM_EPOCH
 from reliability.checks import begun_again, check_consistent, epochs_trained, record_fault, record_resume, sqlite_uri
 
 EPOCHS = 3

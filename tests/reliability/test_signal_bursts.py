@@ -12,7 +12,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import hold_env, journal, start_hooked, wait_for_holds
-from dashboards.record import retry_source
+from records import retry_source
 from reliability.checks import check_consistent, record_fault, sqlite_uri
 
 pytestmark = pytest.mark.slow  # repeated signal bursts: `make test` runs them, `make test-fast` does not

@@ -1,15 +1,18 @@
-"""What one Optuna trial records: its attribute keys, result fields, finished states and retries.
+"""The trial record's schema: what one Optuna trial records, its attribute keys, result fields, finished states and
+retries, and what its study records about itself.
 
 The launcher writes these, reconcile replays them into MLflow, and the report, `show`, `export` and
-the reliability checks read them back; this module is the one place that names them. It lives
-beside the report, which may not import study/, and study/ imports it from here.
+the reliability checks read them back; this module is the one place that names them. It is a package of its own
+because both sides read it: study/ and dashboards/ import it, and the report may not import study/. It imports
+objectives (the result it names) and Optuna, never study/, dashboards/ or MLflow.
 
 A trial of a launched study carries, as user attributes:
     config          the fully resolved TrainConfig (`dataclasses.asdict`): what trained, fixed settings included
     host, pid       the process running it, so a dead process is noticed (journal storage)
     node            where it trained: this host, or on a Ray cluster `hostname/Ray node id` (also an MLflow tag)
     mlflow_run_id   its MLflow child run
-    RESULT_FIELDS   the TrainResult numbers, once it finished training; `device` its device name,
+    RESULT_FIELDS   the TrainResult numbers, once it finished training (`param_count` the network's parameter
+                    count: `params` on trials recorded before, RENAMED); `device` its device name,
                     `peak_memory_source` what its peak memory measured
     fail_reason     why it failed; `interrupted` when its process was stopped or died (MLflow: KILLED)
     retry_of        on a trial queued again: the number of the trial it repeats
@@ -96,6 +99,15 @@ def number_fields(cls: type) -> tuple[str, ...]:
 # Every number a TrainResult holds, less val_accuracy (the trial's value): kept on the trial too, so
 # reports and `show` need no MLflow round trip.
 RESULT_FIELDS = tuple(name for name in number_fields(TrainResult) if name != "val_accuracy")
+
+# Results recorded under another name before: {old name: the name written now}. Trials and MLflow runs written
+# before keep their old name, so every reader takes either (user_attrs).
+RENAMED = {"params": "param_count"}
+
+
+def user_attrs(trial: optuna.trial.FrozenTrial) -> dict:
+    """The trial's user attributes, a result recorded under an old name (RENAMED) under the name written now."""
+    return {RENAMED.get(key, key): value for key, value in trial.user_attrs.items()}
 
 
 # What every epoch measures (EpochMetrics less its epoch number): logged to MLflow per epoch, kept in HISTORY.
