@@ -33,10 +33,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[test,ray]'
 	touch $@
 
+# As root with apt: `apt-get install` the Debian packages $(2) unless every command of $(1) is there already;
+# otherwise run $(3), the fallback (a message, or another way to get them).
+CAN_APT := [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null
+debian = missing=; for tool in $(1); do command -v $$tool >/dev/null || missing=$$tool; done; [ -z "$$missing" ] || { \
+	  if $(CAN_APT); then apt-get update -q && apt-get install -y -q $(2); else $(3); fi; }
+
 # Fashion-MNIST: Debian's package when we are root with apt, else torchvision's downloader.
 data: setup
 	@$(PY) -m objectives locate >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  if $(CAN_APT); then \
 	    apt-get update -q && apt-get install -y -q dataset-fashion-mnist; \
 	  else \
 	    $(PY) -m pip install -q -c constraints.txt -e '.[download]' && $(PY) -m objectives download; \
@@ -45,30 +51,15 @@ data: setup
 
 # Headless Chromium for the report and UI tests (Debian's, driven by Playwright).
 browser:
-	@command -v chromium >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -q && apt-get install -y -q chromium; \
-	  else \
-	    echo "chromium not found: install it, or browser tests are skipped"; \
-	  fi; }
+	@$(call debian,chromium,chromium,echo "chromium not found: install it; until then the browser tests are skipped")
 
 # tmux, a real terminal for tests/test_progress.py's terminal tests (slow, so only `make test`).
 terminal:
-	@command -v tmux >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -q && apt-get install -y -q tmux; \
-	  else \
-	    echo "tmux not found: install it, or the terminal tests fail"; \
-	  fi; }
+	@$(call debian,tmux,tmux,echo "tmux not found: install it; until then the terminal tests fail")
 
 # A one-node Slurm for tests/test_slurm.py (slow, so only `make test`): Debian's slurm-wlm and munge.
 slurm:
-	@command -v slurmd >/dev/null && command -v munged >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -q && apt-get install -y -q slurm-wlm munge; \
-	  else \
-	    echo "slurmd or munged not found: install slurm-wlm and munge, or the Slurm test is skipped"; \
-	  fi; }
+	@$(call debian,slurmd munged,slurm-wlm munge,echo "slurmd or munged not found: install slurm-wlm and munge; until then the Slurm test is skipped")
 
 clean:
 	rm -rf $(VENV) studies
