@@ -110,9 +110,10 @@ def tiny_spec(tmp_path):
 
 # The files that take longest go first: with one test file per test process at a time (`make test`), the processes
 # then finish together instead of one waiting on another's last long file.
-LONGEST_FIRST = ("test_scale.py", "reliability/test_matrix_local.py", "reliability/test_matrix_remote.py", "test_ray.py", "reliability/test_kill.py",
-                 "reliability/test_unresponsive.py", "test_records.py", "test_mlflow_ui.py", "test_report.py", "test_mlflow_server.py",
-                 "test_slurm.py", "reliability/test_faults.py", "test_tools.py", "test_decide.py")
+LONGEST_FIRST = ("test_ray.py", "test_scale.py", "test_mlflow_server.py", "test_progress.py", "reliability/test_secrets.py", "test_report.py",
+                 "test_records.py", "reliability/test_unresponsive.py", "reliability/test_matrix_remote.py", "test_mlflow_ui.py",
+                 "test_slurm.py", "reliability/test_matrix_local.py", "reliability/test_names.py", "reliability/test_kill.py",
+                 "test_tools.py", "reliability/test_faults.py", "test_decide.py", "reliability/test_once.py", "reliability/test_other_host.py")
 
 
 def pytest_collection_modifyitems(items):
