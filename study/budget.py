@@ -122,12 +122,12 @@ class CostModel:
         """This model scaled by the trials among `trials` that trained here from their first epoch (a resumed one measured
         only its last part): their wall seconds over what the timings predict for the epochs they ran."""
         archs = {t["arch"] for t in self.timings}
-        done = [t for t in trials if trained_on(t) == self.machine and t.user_attrs.get("wall_seconds") and record.RESUMED_FROM_EPOCH not in t.user_attrs
-                and (config := record.train_config(t)) is not None and config.arch in archs]
-        timed = sum(self.timed_seconds(dataclasses.replace(record.train_config(t), epochs=t.user_attrs["epochs_run"])) for t in done)
+        done = [(t.user_attrs, config) for t in trials if trained_on(t) == self.machine and t.user_attrs.get("wall_seconds")
+                and record.RESUMED_FROM_EPOCH not in t.user_attrs and (config := record.train_config(t)) is not None and config.arch in archs]
+        timed = sum(self.timed_seconds(dataclasses.replace(config, epochs=attrs["epochs_run"])) for attrs, config in done)
         if not timed > 0:
             return dataclasses.replace(self, scale=1.0, measured=0)
-        return dataclasses.replace(self, scale=sum(t.user_attrs["wall_seconds"] for t in done) / timed, measured=len(done))
+        return dataclasses.replace(self, scale=sum(attrs["wall_seconds"] for attrs, _ in done) / timed, measured=len(done))
 
     def basis(self) -> str:
         """What its predictions are based on, for the lines that state a time."""
@@ -145,7 +145,8 @@ def machine_model(study: optuna.Study, configs: list[TrainConfig], data: Fashion
     """The cost model of `configs` on this machine (their device): the timings `study` keeps for it, the shapes it lacks
     timed now ("timing this machine") and kept in it, refined by `trials`. Only commands that write the study call it."""
     key = machine(configs[0].device)
-    timings = list(study.user_attrs.get(timing_attr(key), []))
+    kept = study.user_attrs.get(timing_attr(key), [])
+    timings = list(kept)
     known = {tuple(t[name] for name in SHAPE_KEYS) for t in timings}
     for config in configs:
         if (wanted := shape(config)) in known:
@@ -156,7 +157,7 @@ def machine_model(study: optuna.Study, configs: list[TrainConfig], data: Fashion
         known.add(wanted)
         console.print(f"timing this machine ({key}): {config.arch} at {config.resize} px, ratio {config.ratio}, batch {config.batch_size}, "
                       f"{timing.precision}: {timing.step_seconds:.3g} s a training step, {timing.fixed_seconds:.1f} s to set up", markup=False)
-    if len(timings) > len(study.user_attrs.get(timing_attr(key), [])):
+    if len(timings) > len(kept):
         study.set_user_attr(timing_attr(key), timings)
     return CostModel(key, tuple(timings)).refined(trials)
 
