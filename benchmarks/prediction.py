@@ -40,7 +40,7 @@ def measure(name: str, trials: int, home: Path) -> tuple[float, float] | str:
     if done.returncode != 0:
         return f"launch exited {done.returncode}: {(done.stderr.strip().splitlines() or [''])[-1]}"
     storage = optuna.storages.JournalStorage(JournalFileBackend(str(home / "optuna.journal")))
-    study = optuna.load_study(study_name=name, storage=storage)
+    study = optuna.load_study(study_name=Path(name).stem, storage=storage)  # NAME, or a spec file's stem
     ran = [t for t in study.trials if t.datetime_start is not None and t.datetime_complete is not None]
     real = (max(t.datetime_complete for t in ran) - min(t.datetime_start for t in ran)).total_seconds()
     return study.user_attrs[record.FORECAST]["seconds"], real
