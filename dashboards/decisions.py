@@ -75,7 +75,8 @@ def cost_model_section(frame: pd.DataFrame) -> Section:
     section.parts.append(f'<p id="cost-model-error">Median absolute error over {len(complete)} complete trials: '
                          f'training FLOPs {medians[0]:.0%}, device seconds {medians[1]:.0%}.</p>')
     section.note("Predicted before each trial: 3 × forward FLOPs per example (torch's counter) × training examples × epochs, "
-                 "and those FLOPs divided by the throughput the study had measured on the device by then (a prior before the first trial). "
+                 "and seconds from training steps timed on its machine before the first trial, scaled by what the study's trials had measured "
+                 "there by then. "
                  "Measured: the trainer's training FLOPs and the trial's wall seconds. Pruned trials stop early, so they sit below the diagonal.")
     section.parts.append(("plot-cost-model", cost_model_figure(done)))
     return section

@@ -44,6 +44,8 @@ class DeviceOutOfMemoryError(RuntimeError):
 
 SPLIT_SIZES = {"n_train": TRAIN_SIZE, "n_val": VAL_SIZE, "n_test": TEST_SIZE}
 TIMING_STEPS = 16  # training steps cpu_bf16_pays takes to time a shape: 8 in each precision
+STEPS_TIMED = 4    # training steps in each of the three epochs time_training runs: the later two are timed warm
+TIMING_LR = 1e-6   # time_training's learning rate: the speed does not depend on it, and a loss that diverged would end the timing
 
 
 @dataclass(frozen=True)
@@ -354,6 +356,34 @@ def _graphed(train_step: Callable[[torch.Tensor], None], batch_size: int, device
             graph.replay()
 
     return step
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """What a training of one shape (arch, resize, ratio, batch size, precision) costs on this machine, in three parts:
+    a training's wall seconds = fixed + steps × step + evaluated examples × per example (time_training)."""
+    step_seconds: float         # one training step of a full batch, warm
+    eval_seconds: float         # one example of the validation or test split evaluated
+    fixed_seconds: float        # once per training: data subset, model build, FLOP count, the first epoch's warm-up
+    precision: str              # the precision it trained in: "bf16" or "fp32"
+
+
+def time_training(config: TrainConfig, data: FashionMNIST, steps: int = STEPS_TIMED) -> StepTiming:
+    """Time `config`'s shape with train() itself: three epochs of `steps` full batches, each evaluated on one evaluation
+    batch, in the precision `config` trains in. The later epochs' steps are timed warm (oneDNN and cuDNN choose their
+    kernels, a CUDA graph is recorded, in the first); an evaluation is the time from its epoch's training to on_epoch.
+    The fastest warm epoch and evaluation count: what the shape costs, less the noise of a busy machine."""
+    evaluated = min(config.eval_batch_size, config.n_val or VAL_SIZE)
+    timed = dataclasses.replace(config, epochs=3, n_train=steps * config.batch_size, n_val=evaluated, n_test=evaluated, lr=TIMING_LR,
+                                precision="bf16" if bf16_autocast(config) else "fp32")
+    epoch_ends: list[float] = []
+    result = train(timed, data, on_epoch=lambda metrics: epoch_ends.append(time.perf_counter()))
+    epochs = [metrics.epoch_seconds for metrics in result.history]
+    validations = [end - start - seconds for start, end, seconds in zip(epoch_ends, epoch_ends[1:], epochs[1:])]
+    warm, per_example = min(epochs[1:]), max(min(validations), 0.0) / evaluated
+    # Once per training: all but the epochs and their validations, the first validation and the test, plus the first epoch's warm-up.
+    fixed = result.wall_seconds - sum(epochs) - sum(validations) - 2 * evaluated * per_example + epochs[0] - warm
+    return StepTiming(warm / steps, per_example, max(fixed, 0.0), result.precision)
 
 
 def train(config: TrainConfig, data: FashionMNIST, on_epoch: Callable[[EpochMetrics], bool | None] | None = None,

@@ -21,7 +21,8 @@ A trial of a launched study carries, as user attributes:
                     (also an MLflow tag); absent when it trained from epoch 1
     predicted_flops, predicted_seconds
                     its training cost as predicted before it ran (study.budget): FLOPs from the network's
-                    forward FLOPs, seconds from the throughput the study had measured by then
+                    forward FLOPs, seconds from training steps timed on its machine, scaled by the trials
+                    the study had measured there by then
     over_budget     on a trial not run because its predicted cost did not fit in `launch --budget`
     val_curve       multi-objective studies: validation accuracy per epoch (Optuna's trial.report is single-objective)
     history         every epoch's EpochMetrics (`dataclasses.asdict`), as a checkpoint keeps them: what reconcile
@@ -37,7 +38,9 @@ The study itself carries `study_uid`, its identity in its storage: MLflow's pare
 tagged with it (`optuna.study_uid`), so that a study of the same name in another storage, or one that
 replaced a deleted journal, never shares a parent run (and its trial numbers) with this one. While a `finalize`
 runs, the study also carries `finalize_claim`: its host, pid, a token and its last heartbeat's time (study.once);
-None once it ended.
+None once it ended. For each machine it trained on, `step_timing <host>/<device>`: the training steps the cost
+model timed there (study.budget.machine_model); and `forecast`, the latest launch's start prediction (its machine,
+trials, seconds and what it was based on).
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ CONFIRM_SEED = "confirm_seed"
 CONFIRM_SUFFIX = ".confirm"  # the companion study of confirm runs: "<study>.confirm", in the same storage
 
 STUDY_UID = "study_uid"
+STEP_TIMING = "step_timing"  # a study's timings of one machine: "step_timing <host>/<device>"
+FORECAST = "forecast"
 FINALIZE_CLAIM = "finalize_claim"
 UID_TAG = "optuna.study_uid"
 TRIAL_NUMBER_TAG = "optuna.trial_number"

@@ -1,20 +1,26 @@
 """A trial's predicted cost, and `launch --budget`: stop the study when the next trial would not fit.
 
-The cost model, in two numbers per configuration:
+The cost model, per configuration:
     predicted FLOPs   = 3 × forward FLOPs per example × training examples × epochs
                         (forward FLOPs: objectives.inspect.layer_costs, torch's own counter; a training step
                         costs about 3 forwards: the forward pass and a backward pass of about twice its work)
-    predicted seconds = predicted FLOPs / the throughput this study has measured on this device: the training
-                        FLOPs its finished trials did (TrainResult.train_flops) per second of their wall time
-                        (TrainResult.wall_seconds, so model building and evaluation are in it too).
-Before the first trial on a device finishes, the throughput is a stated prior (PRIOR_FLOPS_PER_SECOND).
+    predicted seconds = (fixed + training steps × seconds per step + evaluated examples × seconds per example) × scale
+                        the three parts timed on this machine for the study's range ends (objectives.train.time_training:
+                        a few training steps of the real training, in the precision the trials train in), interpolated
+                        between them by a step's FLOPs; `scale`: the seconds the study's finished trials on this machine
+                        measured (TrainResult.wall_seconds) over what the timings predict for them, 1 before any.
+One rate of FLOP/s fits small networks badly (their steps are bound by overhead, not arithmetic), so each shape is timed.
+
+A launch, worker, confirm or finalize times the shapes its study lacks for this machine at its start ("timing this
+machine", a few seconds) and keeps them in the study (user attribute `step_timing <host>/<device>`), so that workers
+and later launches reuse them. Only those commands, which write the study, time or keep anything.
 
 Every trial records both predictions before it trains (records.PREDICTED_FLOPS, PREDICTED_SECONDS) beside
 what it measured (train_flops, wall_seconds), so `show` and the report can show the model's error.
 
-A launch (and confirm, finalize) says at its start how long its trials are predicted to take here (`Forecast`: the
-mean predicted FLOPs of the configurations they may train, at the throughput measured on the device, else by
-earlier trials of the same architectures in the storage, else the prior), and at its end what they took.
+A launch (and confirm, finalize) says at its start how long its trials are predicted to take here (`Forecast`: the mean
+predicted seconds of the configurations they may train, from the same model), its progress display the time left,
+and at its end what they took.
 
 `--budget 2h`, `30m`, `90s` is device time (the trials' wall seconds); a plain number such as `5e15` is
 training FLOPs (the trials' measured train_flops). What the study's finished trials used counts against
@@ -23,26 +29,28 @@ it, plus the predictions of the trials still running; a trial whose prediction d
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
+import socket
 import statistics
 from dataclasses import dataclass
 
+import numpy
 import optuna
+from optuna.trial import TrialState
+from rich.console import Console
 
 import records
-from objectives.data import VAL_SIZE
-from objectives.train import TrainConfig
+from objectives.data import TEST_SIZE, VAL_SIZE, FashionMNIST
+from objectives.train import TrainConfig, bf16_autocast, time_training
 from study.progress import Training, seconds_left
 from study.specs import Plan
 from study.tracking import device_name
 
 TRAIN_OVER_FORWARD = 3.0  # FLOPs of one training step per FLOP of a forward pass
 TRAIN_SPLIT = 60_000 - VAL_SIZE  # examples of a whole training split
-# Training FLOPs per second of device time assumed before a trial has measured it: a conservative
-# 2-core CPU, and a fraction of a data-centre GPU (small networks leave most of it idle).
-PRIOR_FLOPS_PER_SECOND = {"cpu": 2e10, "cuda": 2e13}
 UNITS = {"s": 1, "m": 60, "h": 3600}
 
 
@@ -59,40 +67,110 @@ def predicted_flops(config: TrainConfig) -> float:
     return TRAIN_OVER_FORWARD * forward_flops(config.arch, config.resize, config.ratio) * examples * config.epochs
 
 
+def step_flops(config: TrainConfig) -> float:
+    """The forward FLOPs of one full batch: what the timings of an architecture are interpolated by."""
+    return float(forward_flops(config.arch, config.resize, config.ratio) * config.batch_size)
+
+
+def machine(device: str) -> str:
+    """This machine as a study keys its timings: host/device name ("gpu7/NVIDIA H100 80GB HBM3", "laptop/cpu")."""
+    return f"{socket.gethostname()}/{device_name(device)}"
+
+
+def trained_on(trial: optuna.trial.FrozenTrial) -> str | None:
+    """The machine a trial trained on (host/device name), None before it finished training."""
+    attrs = trial.user_attrs
+    return f"{attrs[records.HOST]}/{attrs[records.DEVICE]}" if records.HOST in attrs and records.DEVICE in attrs else None
+
+
+def shape(config: TrainConfig) -> tuple:
+    """What a timing holds for: a training step's size, and the precision it trains in."""
+    return config.arch, config.resize, config.ratio, config.batch_size, "bf16" if bf16_autocast(config) else "fp32"
+
+
+SHAPE_KEYS = ("arch", "resize", "ratio", "batch_size", "precision")
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Predicted seconds of a training on one machine: its timed shapes, scaled by what its finished trials measured."""
+
+    machine: str             # host/device name
+    timings: tuple           # one dict per timed shape: SHAPE_KEYS, step_flops, step_seconds, eval_seconds, fixed_seconds
+    scale: float = 1.0       # measured / timed seconds of the trials finished on this machine
+    measured: int = 0        # how many trials `scale` is from
+
+    def timed_seconds(self, config: TrainConfig) -> float:
+        """The seconds the timings alone predict: fixed + steps × per step + evaluated examples × per example, each part
+        interpolated between the architecture's timed shapes by a step's FLOPs (held at the ends beyond them)."""
+        points = sorted((t for t in self.timings if t["arch"] == config.arch), key=lambda t: t["step_flops"])
+        if not points:
+            raise ValueError(f"no timing of {config.arch} on {self.machine}")
+        x = step_flops(config)
+
+        def part(name: str) -> float:
+            return float(numpy.interp(x, [p["step_flops"] for p in points], [p[name] for p in points]))
+
+        steps = config.epochs * math.ceil((config.n_train or TRAIN_SPLIT) / config.batch_size)
+        evaluated = config.epochs * (config.n_val or VAL_SIZE) + (config.n_test or TEST_SIZE)
+        return part("fixed_seconds") + steps * part("step_seconds") + evaluated * part("eval_seconds")
+
+    def seconds(self, config: TrainConfig) -> float:
+        return self.timed_seconds(config) * self.scale
+
+    def refined(self, trials: list[optuna.trial.FrozenTrial]) -> CostModel:
+        """This model scaled by the trials among `trials` that trained here from their first epoch (a resumed one measured
+        only its last part): their wall seconds over what the timings predict for the epochs they ran."""
+        archs = {t["arch"] for t in self.timings}
+        done = [(t.user_attrs, config) for t in trials if trained_on(t) == self.machine and t.user_attrs.get("wall_seconds")
+                and records.RESUMED_FROM_EPOCH not in t.user_attrs and (config := records.train_config(t)) is not None and config.arch in archs]
+        timed = sum(self.timed_seconds(dataclasses.replace(config, epochs=attrs["epochs_run"])) for attrs, config in done)
+        if not timed > 0:
+            return dataclasses.replace(self, scale=1.0, measured=0)
+        return dataclasses.replace(self, scale=sum(attrs["wall_seconds"] for attrs, _ in done) / timed, measured=len(done))
+
+    def basis(self) -> str:
+        """What its predictions are based on, for the lines that state a time."""
+        scaled = f", scaled by the {records.count(self.measured, 'trial')} measured there (×{self.scale:.2f})" if self.measured else ""
+        return f"from training steps timed on {self.machine}{scaled}"
+
+
+def timing_attr(key: str) -> str:
+    """The study's user attribute that keeps the timings of machine `key`."""
+    return f"{records.STEP_TIMING} {key}"
+
+
+def machine_model(study: optuna.Study, configs: list[TrainConfig], data: FashionMNIST, console: Console,
+                  trials: list[optuna.trial.FrozenTrial]) -> CostModel:
+    """The cost model of `configs` on this machine (their device): the timings `study` keeps for it, the shapes it lacks
+    timed now ("timing this machine") and kept in it, refined by `trials`. Only commands that write the study call it."""
+    key = machine(configs[0].device)
+    kept = study.user_attrs.get(timing_attr(key), [])
+    timings = list(kept)
+    known = {tuple(t[name] for name in SHAPE_KEYS) for t in timings}
+    for config in configs:
+        if (wanted := shape(config)) in known:
+            continue
+        timing = time_training(config, data)
+        timings.append({**dict(zip(SHAPE_KEYS, (*wanted[:4], timing.precision))), "step_flops": step_flops(config),
+                        "step_seconds": timing.step_seconds, "eval_seconds": timing.eval_seconds, "fixed_seconds": timing.fixed_seconds})
+        known.add(wanted)
+        console.print(f"timing this machine ({key}): {config.arch} at {config.resize} px, ratio {config.ratio}, batch {config.batch_size}, "
+                      f"{timing.precision}: {timing.step_seconds:.3g} s a training step, {timing.fixed_seconds:.1f} s to set up", markup=False)
+    if len(timings) > len(kept):
+        study.set_user_attr(timing_attr(key), timings)
+    return CostModel(key, tuple(timings)).refined(trials)
+
+
 @dataclass(frozen=True)
 class Prediction:
     flops: float
     seconds: float
-    throughput: float  # FLOP/s it assumed
-    measured: bool     # False: the prior
 
 
-def throughput(trials: list[optuna.trial.FrozenTrial], device: str) -> float | None:
-    """Training FLOPs per wall second of the finished trials on `device` (a device name); None before any."""
-    done = [t.user_attrs for t in trials if t.user_attrs.get(records.DEVICE) == device and t.user_attrs.get("wall_seconds")]
-    seconds = sum(attrs["wall_seconds"] for attrs in done)
-    return sum(attrs["train_flops"] for attrs in done) / seconds if seconds > 0 else None
-
-
-def predict(config: TrainConfig, trials: list[optuna.trial.FrozenTrial]) -> Prediction:
-    flops = predicted_flops(config)
-    device = device_name(config.device)
-    measured = throughput(trials, device)
-    rate = measured or PRIOR_FLOPS_PER_SECOND["cpu" if device == "cpu" else "cuda"]
-    return Prediction(flops, flops / rate, rate, measured is not None)
-
-
-def assumed_rate(trials: list[optuna.trial.FrozenTrial], earlier: list[optuna.trial.FrozenTrial], device: str, archs: tuple) -> tuple[float, str]:
-    """The throughput a study's prediction assumes on `device`, and where it comes from: what the study measured there, else
-    what `earlier` trials (other studies) of the same architectures measured there, else the prior."""
-    if (rate := throughput(trials, device)) is not None:
-        return rate, f"measured by this study's trials on {device}"
-    same = [t for t in earlier if records.config(t).get("arch") in archs]
-    if (rate := throughput(same, device)) is not None:
-        count = sum(t.user_attrs.get(records.DEVICE) == device and bool(t.user_attrs.get("wall_seconds")) for t in same)
-        return rate, f"measured on {device} by {count} earlier trials of {', '.join(archs)} in this storage"
-    prior = PRIOR_FLOPS_PER_SECOND["cpu" if device == "cpu" else "cuda"]
-    return prior, f"a prior for {device}, where no trial of {', '.join(archs)} has run yet"
+def predict(config: TrainConfig, model: CostModel, trials: list[optuna.trial.FrozenTrial]) -> Prediction:
+    """A trial's predicted cost, by `model` refined with the `trials` finished so far."""
+    return Prediction(predicted_flops(config), model.refined(trials).seconds(config))
 
 
 FORECAST_DRAWS = 16  # configurations drawn from a study's ranges to predict the mean cost of its trials
@@ -110,49 +188,76 @@ def likely_configs(plan: Plan) -> list[TrainConfig]:
         optuna.logging.set_verbosity(verbosity)
 
 
-def mean_flops(configs: list[TrainConfig]) -> float:
-    return statistics.fmean(predicted_flops(config) for config in configs)
-
-
 @dataclass(frozen=True)
 class Forecast:
-    """A launch's prediction at its start, from the cost model: how long the trials it still has to run take here."""
+    """A launch's prediction at its start, from the cost model: how long the trials it still has to run take here.
+    The start line, the progress display's time left and the end line all read it."""
 
-    trials: int    # trials still to run
-    flops: float   # predicted training FLOPs of one of them
-    rate: float    # training FLOP/s assumed
-    source: str    # where `rate` comes from
-    slots: int     # trials run side by side
+    trials: int          # trials still to run
+    configs: tuple       # the configurations they may train (likely_configs)
+    model: CostModel     # as refined at the start
+    slots: int           # trials run side by side
     unit: str = "trial"  # what a trial is called: "training" for confirm and finalize
+
+    @property
+    def flops(self) -> float:
+        """Predicted training FLOPs of one of them: the mean over `configs`."""
+        return statistics.fmean(predicted_flops(config) for config in self.configs)
+
+    def each(self, model: CostModel | None = None) -> float:
+        """Predicted seconds of one of them by `model` (default: the forecast's own): the mean over `configs`."""
+        return statistics.fmean((model or self.model).seconds(config) for config in self.configs)
 
     def seconds(self, trials: int | None = None) -> float:
         """Wall seconds of `trials` trials (default: all still to run), in rounds of `slots` side by side."""
-        return math.ceil((self.trials if trials is None else trials) / self.slots) * self.flops / self.rate
+        return math.ceil((self.trials if trials is None else trials) / self.slots) * self.each()
+
+    def held(self, budget: Budget, trials: list[optuna.trial.FrozenTrial], each: float | None = None) -> int:
+        """How many of the trials still to run `budget` holds after what `trials` used and the running ones are predicted
+        to use, at `each` seconds (default: the forecast's) or the forecast's FLOPs apiece."""
+        running = sum(budget.cost(Prediction(t.user_attrs.get(records.PREDICTED_FLOPS, 0.0), t.user_attrs.get(records.PREDICTED_SECONDS, 0.0)))
+                      for t in trials if t.state == TrialState.RUNNING)
+        apiece = (self.each() if each is None else each) if budget.unit == "seconds" else self.flops
+        return min(self.trials, int(max(budget.amount - budget.used(trials) - running, 0.0) // apiece))
 
     def describe(self, budget: Budget | None, trials: list[optuna.trial.FrozenTrial]) -> str:
-        """The launch's first line about time: the prediction, and how much of it `budget` holds."""
+        """The launch's first line about time: the prediction, what it is based on, and how much of it `budget` holds."""
         side_by_side = f", {self.slots} at a time" if self.slots > 1 else ""
         line = (f"predicted time: {self._count(self.trials)} in about {describe_seconds(self.seconds())}{side_by_side} "
-                f"({self.flops:.3g} training FLOPs each at {self.rate:.3g} FLOP/s, {self.source})")
+                f"({describe_seconds(self.each())} and {self.flops:.3g} training FLOPs each, {self.model.basis()})")
         if budget is None:
             return line
-        each = self.flops / self.rate if budget.unit == "seconds" else self.flops
-        fits = min(self.trials, int(max(budget.amount - budget.used(trials), 0.0) // each))
-        return line + f"; --budget {budget.describe(budget.amount)} holds {'all of them' if fits == self.trials else f'about {fits} of them'}"
+        fits = self.held(budget, trials)
+        held = "all of them" if fits == self.trials else f"about {fits} of them, {describe_seconds(self.seconds(fits))}"
+        return line + f"; --budget {budget.describe(budget.amount)} holds {held}"
 
     def time_left(self, trials: list[optuna.trial.FrozenTrial], total: int, budget: Budget | None = None,
-                  history: list[optuna.trial.FrozenTrial] | None = None) -> list[str]:
-        """The progress display's time fields (progress_fields) for `trials` of `total`: at the throughput measured so far on
-        the device they train on, by them or by `history` (the study a confirm repeats), else at the forecast's."""
-        device = next((t.user_attrs[records.DEVICE] for t in reversed(trials) if records.DEVICE in t.user_attrs), None)
-        measured = throughput([*trials, *(history or [])], device) if device is not None else None
-        return progress_fields(trials, total, budget, measured or self.rate, self.flops, self.slots)
+                  history: list[optuna.trial.FrozenTrial] | None = None) -> list:
+        """The progress display's time fields for `trials` of `total`: the time left (a function of the trainings in
+        progress, study.progress.seconds_left, so that it grows while one runs over its prediction), by the model refined
+        with the trials finished so far here (and `history`: the study a confirm repeats); and the budget used. A trial
+        still waiting counts only while the budget holds it, as at the start."""
+        each = self.each(self.model.refined([*trials, *(history or [])]))
+        done = records.count_done(trials)
+        fits = None if budget is None else self.held(budget, trials, each)
+
+        def time_left(running: list[Training]) -> str:
+            waiting = max(total - done - len(running), 0)
+            return time_left_field(seconds_left(running, waiting if fits is None else min(waiting, fits), each, self.slots))
+
+        if budget is None:
+            return [time_left]
+        return [time_left, f"budget {budget.describe(budget.used(trials))} of {budget.describe(budget.amount)} used"]
 
     def compare(self, ran: int, seconds: float) -> str:
         """The launch's last line about time: what `ran` trials took against what was predicted for them."""
         predicted = self.seconds(ran)
         return (f"time: {self._count(ran)} took {describe_seconds(seconds)}, predicted {describe_seconds(predicted)} "
-                f"at the start ({seconds / predicted:.2f}× the prediction)")
+                f"at the start ({seconds / predicted:.2f}× the prediction, {self.model.basis()})")
+
+    def kept(self) -> dict:
+        """What the study keeps of its latest start prediction (records.FORECAST)."""
+        return {"machine": self.model.machine, "trials": self.trials, "seconds": self.seconds(), "based_on": self.model.basis()}
 
     def _count(self, n: int) -> str:
         return records.count(n, self.unit)
@@ -222,31 +327,6 @@ def describe_seconds(value: float) -> str:
     if value < 10:
         return f"{value:.1f} s"
     return f"{value / 3600:.2f} h" if value >= 3600 else f"{value / 60:.1f} min" if value >= 120 else f"{value:.0f} s"
-
-
-def progress_fields(trials: list[optuna.trial.FrozenTrial], total: int, budget: Budget | None, rate: float, flops_per_trial: float,
-                    slots: int = 1) -> list:
-    """The predicted time left of the study and the budget used, for the progress display (study.progress).
-
-    A trial still to run costs the mean predicted FLOPs of the study's trials so far (`flops_per_trial`, the launch's
-    forecast, before any), at `rate` FLOP/s, `slots` of them side by side. The time left is a function of the trainings
-    in progress (progress.seconds_left), so that it grows while one runs over its prediction."""
-    done = records.count_done(trials)
-    predicted = [t.user_attrs[records.PREDICTED_FLOPS] for t in trials if records.PREDICTED_FLOPS in t.user_attrs]
-    each = (statistics.fmean(predicted) if predicted else flops_per_trial) / rate
-    cap = None
-    if budget is not None:
-        used = budget.used(trials)
-        left = max(budget.amount - used, 0.0)
-        cap = (left if budget.unit == "seconds" else left / rate) / slots
-
-    def time_left(running: list[Training]) -> str:
-        seconds = seconds_left(running, max(total - done - len(running), 0), each, slots)
-        return time_left_field(seconds if cap is None else min(seconds, cap))
-
-    if budget is None:
-        return [time_left]
-    return [time_left, f"budget {budget.describe(used)} of {budget.describe(budget.amount)} used"]
 
 
 def time_left_field(seconds: float) -> str:

@@ -39,7 +39,7 @@ from study.reconcile import reconcile
 from study.recovery import recovery_for
 from study.session import Session
 from study.storage import claim_lock, mask
-from study.tracking import Tracker, device_name
+from study.tracking import Tracker
 
 TAKEN = (TrialState.COMPLETE, TrialState.RUNNING)  # a (configuration, seed) pair that needs no further trial
 
@@ -121,11 +121,12 @@ def _settle_queue(study: optuna.Study, companion: optuna.Study, storage, wanted:
     return len(queued)
 
 
-def _forecast(study: optuna.Study, companion: optuna.Study, configs: list[objectives.TrainConfig], queued: int) -> costs.Forecast:
-    """The queued trainings' time here, from the cost model, at the throughput the search and earlier confirm trials measured."""
+def _forecast(study: optuna.Study, companion: optuna.Study, configs: list[objectives.TrainConfig], queued: int, data: objectives.FashionMNIST,
+              console: Console) -> costs.Forecast:
+    """The queued trainings' time here, from the cost model of the search study (its timings of this machine, else timed
+    now), scaled by what the search and earlier confirm trials measured."""
     trials = companion.get_trials(deepcopy=False) + study.get_trials(deepcopy=False)
-    rate, source = costs.assumed_rate(trials, [], device_name(configs[0].device), tuple(sorted({config.arch for config in configs})))
-    return costs.Forecast(queued, costs.mean_flops(configs), rate, source, 1, unit="training")
+    return costs.Forecast(queued, tuple(configs), costs.machine_model(study, configs, data, console, trials), 1, unit="training")
 
 
 def _status(study: optuna.Study, companion: optuna.Study, forecast: costs.Forecast, total: int) -> list[str]:
@@ -176,7 +177,8 @@ def run_confirm(session: Session, uri: str, artifact_root, console: Console, top
         if queued:
             runner.data = objectives.load_fashion_mnist(data_dir)
             slot = _Slot(runner.data, interrupts)
-            forecast = _forecast(study, companion, [_config(study, *pair) for pair in wanted], queued)
+            forecast = _forecast(study, companion, [_config(study, *pair) for pair in wanted], queued, runner.data, console)
+            runner.cost_model = forecast.model
             console.print(forecast.describe(None, []))
             total = records.count_done(companion.get_trials(deepcopy=False)) + queued  # what the companion holds once they ran
 

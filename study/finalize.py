@@ -44,7 +44,7 @@ from study import budget as costs
 from study.interrupts import Interrupts
 from study.once import claimed, holder
 from study.progress import LiveProgress, Training, seconds_left
-from study.tracking import Tracker, _now_ms, device_name, layer_table_csv
+from study.tracking import Tracker, _now_ms, layer_table_csv
 
 # The epoch metrics of the final run: no val_* ones, as it trains on the validation split too.
 FINAL_EPOCH_METRICS = tuple(name for name in records.EPOCH_METRICS if not name.startswith("val_"))
@@ -133,10 +133,11 @@ def run_finalize(study: optuna.Study, uri: str, artifact_root, console: Console,
     return dataclasses.replace(final, registered=f"{register} version {version.version}")
 
 
-def _forecast(study: optuna.Study, config: objectives.TrainConfig, images: int) -> costs.Forecast:
-    """The final training's time here, from the cost model, at the throughput the study's trials measured."""
-    rate, source = costs.assumed_rate(study.get_trials(deepcopy=False), [], device_name(config.device), (config.arch,))
-    return costs.Forecast(1, costs.predicted_flops(dataclasses.replace(config, n_train=images)), rate, source, 1, unit="training")
+def _forecast(study: optuna.Study, config: objectives.TrainConfig, images: int, data: objectives.FashionMNIST, console: Console) -> costs.Forecast:
+    """The final training's time here, from the study's cost model of this machine (timed now if it has none), scaled by
+    what its trials measured."""
+    model = costs.machine_model(study, [config], data, console, study.get_trials(deepcopy=False))
+    return costs.Forecast(1, (dataclasses.replace(config, n_train=images),), model, 1, unit="training")
 
 
 def _train_final(study: optuna.Study, tracker: Tracker, console: Console, source: optuna.trial.FrozenTrial, chosen_by: str,
@@ -144,7 +145,8 @@ def _train_final(study: optuna.Study, tracker: Tracker, console: Console, source
                  still_claimed: Callable[[], None]) -> Final:
     """The final run: the configuration trained on train + validation, tested, its model logged; FINISHED, not yet registered.
     `still_claimed` raises if another finalize took the study's claim over while this one trained (Claim.check)."""
-    data = objectives.load_fashion_mnist(data_dir).with_validation_in_train(config.n_train, config.n_val)
+    splits = objectives.load_fashion_mnist(data_dir)
+    data = splits.with_validation_in_train(config.n_train, config.n_val)
     console.print(f"finalize {study.study_name}: trial {source.number} ({chosen_by}) on {len(data.train_labels):,} training images "
                   f"(train + validation), tested once on {len(data.test_labels[:config.n_test]):,}")
     client = tracker.client
@@ -152,7 +154,7 @@ def _train_final(study: optuna.Study, tracker: Tracker, console: Console, source
             "study.parent_run_id": tracker.parent_run_id, "final.source_trial": str(source.number),
             "final.source_run_id": source.user_attrs.get(records.MLFLOW_RUN_ID, ""), "final.chosen_by": chosen_by,
             "mlflow.note.content": f"Trial {source.number}'s configuration ({chosen_by}) trained on train + validation; reported on the test split only."}
-    forecast = _forecast(study, final_config, len(data.train_labels))
+    forecast = _forecast(study, final_config, len(data.train_labels), splits, console)  # timed with a validation split, as the trials ran
     console.print(forecast.describe(None, []))
     interrupts.check()  # the last point where stopping leaves nothing behind
     run_id = client.create_run(tracker.experiment_id, run_name="final", tags=tags).info.run_id

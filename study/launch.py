@@ -38,7 +38,8 @@ from study.reconcile import reconcile, repair_models
 from study.recovery import HeartbeatRecovery, LeaseRecovery, lease_until, recovery_for
 from study.session import Session
 from study.storage import claim_lock, heartbeat_enabled, home, mask
-from study.tracking import Tracker, device_name
+from study.tracking import Tracker
+from study.validate import largest_configs
 
 # Optuna warns at every ask() on a storage with heartbeats that they are meant for study.optimize: this launcher records
 # them itself (Scheduler._beat) and fails stale trials itself (study.recovery).
@@ -70,7 +71,8 @@ class TrialRunner:
     config_for: Callable[[optuna.Trial], TrainConfig] | None = None
     run_tags: Callable[[optuna.Trial], dict] | None = None
     running_cost: dict[int, float] = field(default_factory=dict)  # trial id -> predicted cost counted against the budget
-    cost_history: optuna.Study | None = None  # confirm: the original study, whose trials measured this device's throughput too
+    cost_history: optuna.Study | None = None  # confirm: the original study, whose trials measured this machine too
+    cost_model: costs.CostModel | None = None  # the trials' predicted seconds: set by the command before the first trial
     checkpoints: Path | None = None  # the study's checkpoint folder (checkpoint_folder): one file per running trial; None: none kept
     progress: LiveProgress | None = None  # the display the running trials' epochs are shown in
     label: str = "trial"  # what a trial is called in it: "confirm trial" for confirm
@@ -118,7 +120,7 @@ class TrialRunner:
                 config = dataclasses.replace(config, device=slot.device)
             trial.set_user_attr(records.CONFIG, dataclasses.asdict(config))
             trials = self.study.get_trials(deepcopy=False)
-            prediction = costs.predict(config, trials + (self.cost_history.get_trials(deepcopy=False) if self.cost_history else []))
+            prediction = costs.predict(config, self.cost_model, trials + (self.cost_history.get_trials(deepcopy=False) if self.cost_history else []))
             trial.set_user_attr(records.PREDICTED_FLOPS, prediction.flops)
             trial.set_user_attr(records.PREDICTED_SECONDS, prediction.seconds)
             refusal = self.budget and self.budget.refusal(prediction, trials, sum(self.running_cost.values()))
@@ -359,6 +361,7 @@ class Scheduler:
         slots = self.make_slots(runner.data)[:total - done]
         self.forecast = self._forecast(total - done, len(slots))
         runner.console.print(self.forecast.describe(runner.budget, self.study.get_trials(deepcopy=False)))
+        self.study.set_user_attr(records.FORECAST, self.forecast.kept())
         stop = threading.Event()
         started = time.monotonic()
         with LiveProgress(runner.console, self.study.study_name, "trials", total, done, self._status()) as progress:
@@ -485,24 +488,15 @@ class Scheduler:
             stop.wait(interval)
 
     def _forecast(self, to_run: int, slots: int) -> costs.Forecast:
-        """The time the trials still to run are predicted to take here: the cost model's FLOPs of the configurations they
-        may train, at the throughput this study measured on the device, else earlier trials of the storage's other studies."""
+        """The time the trials still to run are predicted to take here: the cost model of the plan's range ends on the slots'
+        device (timed now if the study has no timing of them on this machine), over the configurations they may train."""
         trials = self.study.get_trials(deepcopy=False)
         plan = self.runner.session.settings.plan
-        rate, source = costs.assumed_rate(trials, self._earlier_trials(), self._device_name(trials), plan.archs())
-        return costs.Forecast(to_run, costs.mean_flops(costs.likely_configs(plan)), rate, source, slots)
-
-    def _device_name(self, trials: list[optuna.trial.FrozenTrial]) -> str:
-        """The device the trials train on: the slots', or with Ray the one its nodes recorded last (this machine's before any)."""
-        if self.device is None:
-            return next((t.user_attrs[records.DEVICE] for t in reversed(trials) if records.DEVICE in t.user_attrs), device_name("auto"))
-        return device_name(self.device)
-
-    def _earlier_trials(self) -> list[optuna.trial.FrozenTrial]:
-        """The trials of the storage's other studies, whose measured throughput predicts a new study's on the same device."""
-        storage = self.runner.session.storage
-        names = [name for name in optuna.get_all_study_names(storage) if name != self.study.study_name]
-        return [t for name in names for t in storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False)]
+        ends = largest_configs(plan) + largest_configs(plan, smallest=True)
+        if self.device not in (None, "auto"):  # as TrialRunner.run_trial puts them on the slot's device
+            ends = [dataclasses.replace(config, device=self.device) for config in ends]
+        self.runner.cost_model = costs.machine_model(self.study, ends, self.runner.data, self.runner.console, trials)
+        return costs.Forecast(to_run, tuple(costs.likely_configs(plan)), self.runner.cost_model, slots)
 
     def _status(self) -> list[str]:
         """The progress display's second line: best so far, predicted time left, budget used."""

@@ -55,16 +55,17 @@ def validate_trials(study: optuna.Study, trials: list[optuna.trial.FrozenTrial])
     _check_memory(labelled, ["auto"])
 
 
-def largest_configs(plan: Plan) -> list[TrainConfig]:
+def largest_configs(plan: Plan, smallest: bool = False) -> list[TrainConfig]:
     """Per architecture, the trial with the largest training step the plan can draw: the largest input and batch,
-    the smallest channel divisor. A training step's memory grows with each of these, whatever the others are."""
+    the smallest channel divisor (`smallest`: the other ends). A training step's memory and time grow with each of
+    these, whatever the others are."""
     configs = []
     for arch in plan.archs():
         params = {"arch": arch} if isinstance(plan.search.get("arch"), Choices) else {}
         for name, pick in LARGEST.items():
             dist = plan.space(arch).get(name)
             if dist is not None:
-                params[name] = pick(dist.edges())
+                params[name] = (min if pick is max else max)(dist.edges()) if smallest else pick(dist.edges())
         configs.append(plan.config(params))
     return configs
 

@@ -51,6 +51,8 @@ def held_phase() -> str | None:
 
 
 def hooked_train(config, data, on_epoch=None, checkpoint=None, resume=None):
+    if config.lr == sys.modules["objectives.train"].TIMING_LR:  # a command timing this machine (objectives.train.time_training), not a trial
+        return _train(config, data, on_epoch, checkpoint, resume)
     hold_at = held_phase()
     oom_lr, _, oom_epoch = os.environ.get("HOOKED_OOM", "").partition(":")
     if hold_at == "start" and _lr_matches(config):

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.prediction import main as prediction_main
+from benchmarks.prediction import measure as measure_prediction
 from benchmarks.presets import format_row, run_study
 from benchmarks.presets import main as presets_main
 from benchmarks.reference import _TextbookDataset, train_ch6
@@ -115,6 +117,23 @@ def test_presets_benchmark_refuses_an_unknown_study(capsys):
     assert capsys.readouterr().err.startswith("error: unknown study no_such_study; shipped: ")
     assert presets_main(["--workers", "0"]) == 1
     assert capsys.readouterr().err == "error: --workers must be >= 1; got 0\n"
+
+
+def test_prediction_benchmark_refuses_an_unknown_study(capsys):
+    assert prediction_main(["no_such_study"]) == 1
+    assert capsys.readouterr().err.startswith("error: unknown study no_such_study; shipped: ")
+
+
+@pytest.mark.slow
+def test_prediction_benchmark_reads_the_start_prediction_and_the_real_time_from_the_storage(tmp_path):
+    spec = make_spec(tmp_path, "tiny_prediction", {
+        "fixed": {"arch": "lenet", "batch_size": 64, "n_train": 256, "n_val": 128, "n_test": 128, "epochs": 1, "precision": "fp32"},
+        "search": {"lr": {"low": 0.01, "high": 0.1, "log": True}}, "presets.cpu": {}, "presets.full": {},
+    })
+    home = tmp_path / "home"
+    home.mkdir()
+    predicted, real = measure_prediction(str(spec), 2, home)
+    assert predicted > 0 and real > 0
 
 
 @pytest.mark.slow

@@ -13,10 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 from rich.console import Console
 
-from conftest import LENET, ROOT, command_env, hold_env, make_spec, release, run_main, wait_for_holds
+from conftest import LENET, ROOT, command_env, hold_env, journal, make_spec, release, run_main, wait_for_holds
 from study.progress import LiveProgress, Training, seconds_left
 
 # The longest fields the commands show: a study name from a spec file, a Pareto front, hours left, a budget.
@@ -56,24 +57,38 @@ def test_the_progress_display_reads_whole(width):
 
 
 def test_a_launch_says_its_predicted_time_and_how_it_compared(study_home, tmp_path):
+    from objectives.train import TrainConfig
+    from study.budget import CostModel, machine
+
     spec = make_spec(tmp_path, "timed", LENET)
     result = run_main("launch", str(spec), "--trials", "2", "--budget", "30m", env={"COLUMNS": "80"})
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    # At its start: the trials' predicted time here, from the cost model, and what the budget holds.
+    # A fresh study times this machine first, and predicts from those steps: not from a prior.
+    here = machine("auto")
+    assert re.search(rf"^timing this machine \({re.escape(here)}\): lenet at 28 px, ratio 1, batch 64, fp32: [0-9.e-]+ s a training step", out, re.MULTILINE), out
     number = r"[0-9.]+ (?:s|min|h)"
-    assert re.search(rf"^predicted time: 2 trials in about {number} \([0-9.e+]+ training FLOPs each at [0-9.e+]+ FLOP/s, "
-                     r"a prior for [^,]+, where no trial of lenet has run yet\); --budget 30\.0 min holds all of them$", out, re.MULTILINE), out
+    assert re.search(rf"^predicted time: 2 trials in about {number} \({number} and [0-9.e+]+ training FLOPs each, from training steps timed on "
+                     rf"{re.escape(here)}\); --budget 30\.0 min holds all of them$", out, re.MULTILINE), out
     # At its end: what they took against that prediction.
-    assert re.search(rf"^time: 2 trials took {number}, predicted {number} at the start \([0-9.]+× the prediction\)$", out, re.MULTILINE), out
+    assert re.search(rf"^time: 2 trials took {number}, predicted {number} at the start \([0-9.]+× the prediction, from training steps", out, re.MULTILINE), out
     # The progress display, whole at 80 columns: trial n of N, best so far, time left named as predicted, the budget.
     lines = _progress_lines(out, "timed")
     _check_whole(lines, 80, ["2 of 2 trials", "best val_accuracy", "left (predicted)", "budget"])
+    # The timings are kept in the study, keyed by this machine; the first trial's predicted seconds are theirs, the same model.
+    study = optuna.load_study(study_name="timed", storage=journal(study_home))
+    timings = study.user_attrs[f"step_timing {here}"]
+    assert [(t["arch"], t["resize"], t["batch_size"]) for t in timings] == [("lenet", 28, 64)]
+    first = study.trials[0]
+    assert first.user_attrs["predicted_seconds"] == pytest.approx(CostModel(here, tuple(timings)).timed_seconds(TrainConfig(**first.user_attrs["config"])))
 
-    # A second launch of the study predicts from the throughput its trials measured.
+    # A second launch reuses them, timing nothing, and scales them by what the study's trials measured here.
     again = run_main("launch", str(spec), "--trials", "3", env={"COLUMNS": "120"})
     assert again.returncode == 0, again.stderr
-    assert re.search(r"^predicted time: 1 trial in about .*, measured by this study's trials on [^)]+\)$", again.stdout, re.MULTILINE), again.stdout
+    assert "timing this machine" not in again.stdout, again.stdout
+    assert re.search(rf"^predicted time: 1 trial in about .*, from training steps timed on {re.escape(here)}, scaled by the 2 trials measured there "
+                     r"\(×[0-9.]+\)\)$", again.stdout, re.MULTILINE), again.stdout
+    assert optuna.load_study(study_name="timed", storage=journal(study_home)).user_attrs[f"step_timing {here}"] == timings
     _check_whole(_progress_lines(again.stdout, "timed"), 120, ["3 of 3 trials", "best val_accuracy", "left (predicted)"])
 
 
@@ -84,15 +99,16 @@ def test_confirm_and_finalize_show_the_same_progress(study_home, tmp_path):
 
     confirm = run_main("confirm", str(spec), "--top", "1", "--seeds", "2", env=env)
     assert confirm.returncode == 0, confirm.stderr
-    assert re.search(r"^predicted time: 2 trainings in about .*, measured by this study's trials on [^)]+\)$", confirm.stdout, re.MULTILINE)
+    assert "timing this machine" not in confirm.stdout, confirm.stdout  # the search study's timings of this machine
+    assert re.search(r"^predicted time: 2 trainings in about .*, scaled by the 2 trials measured there \(×[0-9.]+\)\)$", confirm.stdout, re.MULTILINE), confirm.stdout
     _check_whole(_progress_lines(confirm.stdout, "decided.confirm"), 80, ["2 of 2 trainings", "best val_accuracy", "left (predicted)"])
-    assert re.search(r"^time: 2 trainings took .*× the prediction\)$", confirm.stdout, re.MULTILINE), confirm.stdout
+    assert re.search(r"^time: 2 trainings took .*× the prediction, from training steps .*\)$", confirm.stdout, re.MULTILINE), confirm.stdout
 
     final = run_main("finalize", "decided", env=env)
     assert final.returncode == 0, final.stderr
-    assert re.search(r"^predicted time: 1 training in about .*, measured by this study's trials on [^)]+\)$", final.stdout, re.MULTILINE)
+    assert re.search(r"^predicted time: 1 training in about .*, scaled by the [0-9]+ trials measured there \(×[0-9.]+\)\)$", final.stdout, re.MULTILINE), final.stdout
     _check_whole(_progress_lines(final.stdout, "decided final"), 80, ["1 of 1 epochs", "train_accuracy", "left (predicted)"])
-    assert re.search(r"^time: 1 training took .*× the prediction\)$", final.stdout, re.MULTILINE), final.stdout
+    assert re.search(r"^time: 1 training took .*× the prediction, from training steps .*\)$", final.stdout, re.MULTILINE), final.stdout
 
 
 def test_a_training_over_its_prediction_makes_the_time_left_grow():

@@ -1,0 +1,71 @@
+"""The cost model (study.budget): timed training steps, a prediction per configuration, and one forecast that the
+start line, the progress display's time left and `--budget`'s plan all read."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import optuna
+import pytest
+
+from objectives.train import TrainConfig, time_training
+from study.budget import Budget, CostModel, Forecast, describe_seconds, step_flops, time_left_field
+
+LENET = TrainConfig(arch="lenet", resize=28, batch_size=64, epochs=2, n_train=256, n_val=128, n_test=128, precision="fp32", device="cpu")
+SMALL = dataclasses.replace(LENET, ratio=2)  # the other end of a ratio range: a smaller step
+
+
+def _timing(config: TrainConfig, step: float, per_example: float, fixed: float) -> dict:
+    return {"arch": config.arch, "resize": config.resize, "ratio": config.ratio, "batch_size": config.batch_size, "precision": "fp32",
+            "step_flops": step_flops(config), "step_seconds": step, "eval_seconds": per_example, "fixed_seconds": fixed}
+
+
+MODEL = CostModel("host/cpu", (_timing(LENET, 0.2, 0.001, 3.0), _timing(SMALL, 0.1, 0.0005, 1.0)))
+
+
+def test_time_training_times_the_real_step(fashion):
+    timing = time_training(LENET, fashion, steps=2)
+    assert timing.step_seconds > 0 and timing.eval_seconds >= 0 and timing.fixed_seconds >= 0
+    assert timing.precision == "fp32"  # as the config trains
+
+
+def test_a_prediction_is_steps_evaluations_and_setup_interpolated_between_the_timed_ends():
+    # 2 epochs of 4 steps, 2 validations of 128 and one test of 128 examples, and the set-up once.
+    assert MODEL.timed_seconds(LENET) == pytest.approx(3.0 + 8 * 0.2 + 3 * 128 * 0.001)
+    assert MODEL.timed_seconds(SMALL) == pytest.approx(1.0 + 8 * 0.1 + 3 * 128 * 0.0005)
+    # Between the ends by a step's FLOPs: a larger batch of the small network lies between them here.
+    middle = dataclasses.replace(SMALL, batch_size=96)
+    assert MODEL.timed_seconds(SMALL) < MODEL.timed_seconds(middle) < MODEL.timed_seconds(LENET)
+    with pytest.raises(ValueError, match="no timing of vgg11"):
+        MODEL.timed_seconds(dataclasses.replace(LENET, arch="vgg11", resize=32))
+
+
+def _finished(config: TrainConfig, wall: float, host: str = "host", device: str = "cpu") -> optuna.trial.FrozenTrial:
+    return optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, value=0.5, user_attrs={
+        "config": dataclasses.asdict(config), "host": host, "device": device, "wall_seconds": wall, "epochs_run": config.epochs})
+
+
+def test_finished_trials_on_the_machine_scale_the_model():
+    timed = MODEL.timed_seconds(LENET)
+    refined = MODEL.refined([_finished(LENET, 2 * timed), _finished(LENET, 10 * timed, host="other")])
+    assert (refined.scale, refined.measured) == (pytest.approx(2.0), 1)  # the other host's trial is not this machine's
+    assert refined.seconds(LENET) == pytest.approx(2 * timed)
+    assert "scaled by the 1 trial measured there" in refined.basis()
+    assert MODEL.refined([]).scale == 1.0 and MODEL.basis() == "from training steps timed on host/cpu"
+
+
+@pytest.mark.parametrize("unit", ["flops", "seconds"])
+def test_the_budget_plan_and_the_progress_line_agree_with_the_start_line(unit):
+    # The repro: a --budget that holds fewer trials than asked. The start line says how many it holds and their time;
+    # the progress display's time left, before any trial ran, is that same time.
+    forecast = Forecast(5, (dataclasses.replace(LENET, n_train=20_000),), MODEL, 1)
+    budget = Budget(2.5 * (forecast.flops if unit == "flops" else forecast.each()), unit)
+    held = forecast.held(budget, [])
+    assert held == 2
+    line = forecast.describe(budget, [])
+    assert f"holds about {held} of them, {describe_seconds(forecast.seconds(held))}" in line, line
+    assert line.startswith(f"predicted time: 5 trials in about {describe_seconds(forecast.seconds())} ({describe_seconds(forecast.each())} and ")
+    time_left = forecast.time_left([], 5, budget)[0]
+    assert time_left([]) == time_left_field(forecast.seconds(held))
+    # Without a budget, all of them.
+    assert forecast.time_left([], 5)[0]([]) == time_left_field(forecast.seconds())
