@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import statistics
 import time
 import typing
 from collections.abc import Callable
@@ -372,7 +373,8 @@ def time_training(config: TrainConfig, data: FashionMNIST, steps: int = STEPS_TI
     """Time `config`'s shape with train() itself: three epochs of `steps` full batches, each evaluated on one evaluation
     batch, in the precision `config` trains in. The later epochs' steps are timed warm (oneDNN and cuDNN choose their
     kernels, a CUDA graph is recorded, in the first); an evaluation is the time from its epoch's training to on_epoch.
-    The fastest warm epoch and evaluation count: what the shape costs, less the noise of a busy machine."""
+    The warm epochs' mean counts, not the fastest: the trials pay the machine's noise too, and the fastest epoch
+    predicted them about a tenth short on a 2-core machine."""
     evaluated = min(config.eval_batch_size, config.n_val or VAL_SIZE)
     timed = dataclasses.replace(config, epochs=3, n_train=steps * config.batch_size, n_val=evaluated, n_test=evaluated, lr=TIMING_LR,
                                 precision="bf16" if bf16_autocast(config) else "fp32")
@@ -380,7 +382,7 @@ def time_training(config: TrainConfig, data: FashionMNIST, steps: int = STEPS_TI
     result = train(timed, data, on_epoch=lambda metrics: epoch_ends.append(time.perf_counter()))
     epochs = [metrics.epoch_seconds for metrics in result.history]
     validations = [end - start - seconds for start, end, seconds in zip(epoch_ends, epoch_ends[1:], epochs[1:])]
-    warm, per_example = min(epochs[1:]), max(min(validations), 0.0) / evaluated
+    warm, per_example = statistics.fmean(epochs[1:]), max(statistics.fmean(validations), 0.0) / evaluated
     # Once per training: all but the epochs and their validations, the first validation and the test, plus the first epoch's warm-up.
     fixed = result.wall_seconds - sum(epochs) - sum(validations) - 2 * evaluated * per_example + epochs[0] - warm
     return StepTiming(warm / steps, per_example, max(fixed, 0.0), result.precision)

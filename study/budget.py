@@ -18,9 +18,9 @@ and later launches reuse them. Only those commands, which write the study, time 
 Every trial records both predictions before it trains (records.PREDICTED_FLOPS, PREDICTED_SECONDS) beside
 what it measured (train_flops, wall_seconds), so `show` and the report can show the model's error.
 
-A launch (and confirm, finalize) says at its start how long its trials are predicted to take here (`Forecast`: the mean
-predicted seconds of the configurations they may train, from the same model), its progress display the time left,
-and at its end what they took.
+A launch (and confirm, finalize) says at its start how long its trials are predicted to take here (`Forecast`: the
+predicted seconds of the configurations they will train, from the same model: a launch's queued trials and its sampler's
+next draws, `coming_configs`), its progress display the time left, and at its end what they took.
 
 `--budget 2h`, `30m`, `90s` is device time (the trials' wall seconds); a plain number such as `5e15` is
 training FLOPs (the trials' measured train_flops). What the study's finished trials used counts against
@@ -29,6 +29,7 @@ it, plus the predictions of the trials still running; a trial whose prediction d
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -173,17 +174,21 @@ def predict(config: TrainConfig, model: CostModel, trials: list[optuna.trial.Fro
     return Prediction(predicted_flops(config), model.refined(trials).seconds(config))
 
 
-FORECAST_DRAWS = 16  # configurations drawn from a study's ranges to predict the mean cost of its trials
+COMING_DRAWN = 200  # trials whose configurations a forecast draws one by one; later ones count at the drawn ones' mean
 
 
-def likely_configs(plan: Plan) -> list[TrainConfig]:
-    """What the study's trials may train: its first trials, and draws from its ranges (a seeded random sampler's, so
-    every launch predicts alike). Its own sampler goes where the good trials are, which is not known at the start."""
+def coming_configs(study: optuna.Study, plan: Plan, trials: int) -> list[TrainConfig]:
+    """What the study's next `trials` trials train (at most COMING_DRAWN of them), as far as a start can know it: its queued
+    trials, then what a copy of its sampler, random state included, draws on an empty in-memory study. While the sampler
+    draws at random (the random and grid samplers, TPE's and GP's first trials) those are the very configurations the
+    trials will train; once the study's results steer it, draws from the same ranges. Nothing of `study` changes."""
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the in-memory study below announces itself at INFO
     try:
-        draws = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-        return [plan.config(row) for row in plan.enqueue] + [plan.trial_config(draws.ask()) for _ in range(FORECAST_DRAWS)]
+        draws = optuna.create_study(sampler=copy.deepcopy(study.sampler), directions=study.directions)
+        for waiting in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            draws.enqueue_trial(waiting.system_attrs.get("fixed_params", {}), skip_if_exists=False)
+        return [plan.trial_config(draws.ask()) for _ in range(min(trials, COMING_DRAWN))]
     finally:
         optuna.logging.set_verbosity(verbosity)
 
@@ -194,7 +199,7 @@ class Forecast:
     The start line, the progress display's time left and the end line all read it."""
 
     trials: int          # trials still to run
-    configs: tuple       # the configurations they may train (likely_configs)
+    configs: tuple       # what they train, in order (coming_configs; the first ones of a longer run)
     model: CostModel     # as refined at the start
     slots: int           # trials run side by side
     unit: str = "trial"  # what a trial is called: "training" for confirm and finalize
@@ -204,21 +209,32 @@ class Forecast:
         """Predicted training FLOPs of one of them: the mean over `configs`."""
         return statistics.fmean(predicted_flops(config) for config in self.configs)
 
-    def each(self, model: CostModel | None = None) -> float:
-        """Predicted seconds of one of them by `model` (default: the forecast's own): the mean over `configs`."""
-        return statistics.fmean((model or self.model).seconds(config) for config in self.configs)
+    def each(self, model: CostModel | None = None, trials: int | None = None) -> float:
+        """Predicted seconds of one of the first `trials` of them (default: all) by `model` (default: the forecast's own):
+        the mean over their configurations, or over all of `configs` for more trials than it holds."""
+        configs = self.configs[:trials] if trials else self.configs
+        return statistics.fmean((model or self.model).seconds(config) for config in configs)
 
     def seconds(self, trials: int | None = None) -> float:
-        """Wall seconds of `trials` trials (default: all still to run), in rounds of `slots` side by side."""
-        return math.ceil((self.trials if trials is None else trials) / self.slots) * self.each()
+        """Wall seconds of the first `trials` trials (default: all still to run), in rounds of `slots` side by side."""
+        trials = self.trials if trials is None else trials
+        return math.ceil(trials / self.slots) * self.each(trials=trials) if trials else 0.0
 
-    def held(self, budget: Budget, trials: list[optuna.trial.FrozenTrial], each: float | None = None) -> int:
+    def held(self, budget: Budget, trials: list[optuna.trial.FrozenTrial], model: CostModel | None = None) -> int:
         """How many of the trials still to run `budget` holds after what `trials` used and the running ones are predicted
-        to use, at `each` seconds (default: the forecast's) or the forecast's FLOPs apiece."""
+        to use: the first ones, in order, at their predicted seconds by `model` (default: the forecast's) or FLOPs."""
         running = sum(budget.cost(Prediction(t.user_attrs.get(records.PREDICTED_FLOPS, 0.0), t.user_attrs.get(records.PREDICTED_SECONDS, 0.0)))
                       for t in trials if t.state == TrialState.RUNNING)
-        apiece = (self.each() if each is None else each) if budget.unit == "seconds" else self.flops
-        return min(self.trials, int(max(budget.amount - budget.used(trials) - running, 0.0) // apiece))
+        left = budget.amount - budget.used(trials) - running
+        costs = [budget.cost(Prediction(predicted_flops(config), (model or self.model).seconds(config))) for config in self.configs]
+        held = 0
+        while held < self.trials:
+            cost = costs[held] if held < len(costs) else statistics.fmean(costs)  # beyond the drawn ones, their mean
+            if cost > left:
+                break
+            left -= cost
+            held += 1
+        return held
 
     def describe(self, budget: Budget | None, trials: list[optuna.trial.FrozenTrial]) -> str:
         """The launch's first line about time: the prediction, what it is based on, and how much of it `budget` holds."""
@@ -237,9 +253,10 @@ class Forecast:
         progress, study.progress.seconds_left, so that it grows while one runs over its prediction), by the model refined
         with the trials finished so far here (and `history`: the study a confirm repeats); and the budget used. A trial
         still waiting counts only while the budget holds it, as at the start."""
-        each = self.each(self.model.refined([*trials, *(history or [])]))
+        model = self.model.refined([*trials, *(history or [])])
+        each = self.each(model)
         done = records.count_done(trials)
-        fits = None if budget is None else self.held(budget, trials, each)
+        fits = None if budget is None else self.held(budget, trials, model)
 
         def time_left(running: list[Training]) -> str:
             waiting = max(total - done - len(running), 0)

@@ -489,14 +489,14 @@ class Scheduler:
 
     def _forecast(self, to_run: int, slots: int) -> costs.Forecast:
         """The time the trials still to run are predicted to take here: the cost model of the plan's range ends on the slots'
-        device (timed now if the study has no timing of them on this machine), over the configurations they may train."""
+        device (timed now if the study has no timing of them on this machine), over the configurations they will train."""
         trials = self.study.get_trials(deepcopy=False)
         plan = self.runner.session.settings.plan
         ends = largest_configs(plan) + largest_configs(plan, smallest=True)
         if self.device not in (None, "auto"):  # as TrialRunner.run_trial puts them on the slot's device
             ends = [dataclasses.replace(config, device=self.device) for config in ends]
         self.runner.cost_model = costs.machine_model(self.study, ends, self.runner.data, self.runner.console, trials)
-        return costs.Forecast(to_run, tuple(costs.likely_configs(plan)), self.runner.cost_model, slots)
+        return costs.Forecast(to_run, tuple(costs.coming_configs(self.study, plan, to_run)), self.runner.cost_model, slots)
 
     def _status(self) -> list[str]:
         """The progress display's second line: best so far, predicted time left, budget used."""

@@ -9,6 +9,7 @@ joins the study.
 
 from __future__ import annotations
 
+import secrets
 import uuid
 import warnings
 from dataclasses import dataclass, fields
@@ -159,6 +160,9 @@ def make_sampler(settings: dict, plan: Plan) -> optuna.samplers.BaseSampler:
     name = settings.pop("name", "tpe")
     if name == "tpe":
         settings.setdefault("constant_liar", True)  # parallel trials do not all draw the same point
+    # A seed of its own when the spec names none: Optuna seeds an unseeded sampler at its first draw, so a copy made
+    # before it would draw otherwise; with one, a copy draws what the study will (study.budget.coming_configs).
+    settings.setdefault("seed", secrets.randbits(32))
     if name == "grid":
         return GridSampler(plan.grid(), **settings)
     with warnings.catch_warnings():
