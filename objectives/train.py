@@ -369,17 +369,23 @@ class StepTiming:
     precision: str              # the precision it trained in: "bf16" or "fp32"
 
 
-def time_training(config: TrainConfig, data: FashionMNIST, steps: int = STEPS_TIMED) -> StepTiming:
+def time_training(config: TrainConfig, data: FashionMNIST, steps: int = STEPS_TIMED, threads: int | None = None) -> StepTiming:
     """Time `config`'s shape with train() itself: three epochs of `steps` full batches, each evaluated on one evaluation
     batch, in the precision `config` trains in. The later epochs' steps are timed warm (oneDNN and cuDNN choose their
     kernels, a CUDA graph is recorded, in the first); an evaluation is the time from its epoch's training to on_epoch.
     The warm epochs' mean counts, not the fastest: the trials pay the machine's noise too, and the fastest epoch
-    predicted them about a tenth short on a 2-core machine."""
+    predicted them about a tenth short on a 2-core machine. With `threads`, torch runs it on that many CPU threads, as
+    a worker process given its share of the cores trains."""
     evaluated = min(config.eval_batch_size, config.n_val or VAL_SIZE)
     timed = dataclasses.replace(config, epochs=3, n_train=steps * config.batch_size, n_val=evaluated, n_test=evaluated, lr=TIMING_LR,
                                 precision="bf16" if bf16_autocast(config) else "fp32")
     epoch_ends: list[float] = []
-    result = train(timed, data, on_epoch=lambda metrics: epoch_ends.append(time.perf_counter()))
+    own_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or own_threads)
+    try:
+        result = train(timed, data, on_epoch=lambda metrics: epoch_ends.append(time.perf_counter()))
+    finally:
+        torch.set_num_threads(own_threads)
     epochs = [metrics.epoch_seconds for metrics in result.history]
     validations = [end - start - seconds for start, end, seconds in zip(epoch_ends, epoch_ends[1:], epochs[1:])]
     warm, per_example = statistics.fmean(epochs[1:]), max(statistics.fmean(validations), 0.0) / evaluated

@@ -9,6 +9,8 @@ objectives (the result it names) and Optuna, never study/, dashboards/ or MLflow
 A trial of a launched study carries, as user attributes:
     config          the fully resolved TrainConfig (`dataclasses.asdict`): what trained, fixed settings included
     host, pid       the process running it, so a dead process is noticed (journal storage)
+    cpu_threads     the CPU threads torch trained it with (a worker process gets its share of the cores): its
+                    measured time counts toward the cost model of that many threads (study.budget)
     node            where it trained: this host, or on a Ray cluster `hostname/Ray node id` (also an MLflow tag)
     mlflow_run_id   its MLflow child run
     RESULT_FIELDS   the TrainResult numbers, once it finished training (`param_count` the network's parameter
@@ -39,7 +41,7 @@ tagged with it (`optuna.study_uid`), so that a study of the same name in another
 replaced a deleted journal, never shares a parent run (and its trial numbers) with this one. While a `finalize`
 runs, the study also carries `finalize_claim`: its host, pid, a token and its last heartbeat's time (study.once);
 None once it ended. For each machine it trained on, `step_timing <host>/<device>`: the training steps the cost
-model timed there (study.budget.machine_model); and `forecast`, the latest launch's start prediction (its machine,
+model timed there, for each count of CPU threads (study.budget.machine_model); and `forecast`, the latest launch's start prediction (its machine,
 trials, seconds and what it was based on).
 """
 
@@ -57,6 +59,7 @@ from objectives.train import EpochMetrics, TrainConfig, TrainResult
 CONFIG = "config"
 HOST = "host"
 PID = "pid"
+CPU_THREADS = "cpu_threads"
 LEASE = "lease_until"  # wall-clock time (Unix seconds) until which the process running a trial vouches that it lives
 NODE = "node"
 MLFLOW_RUN_ID = "mlflow_run_id"

@@ -13,7 +13,8 @@ One rate of FLOP/s fits small networks badly (their steps are bound by overhead,
 
 A launch, worker, confirm or finalize times the shapes its study lacks for this machine at its start ("timing this
 machine", a few seconds) and keeps them in the study (user attribute `step_timing <host>/<device>`), so that workers
-and later launches reuse them. Only those commands, which write the study, time or keep anything.
+and later launches reuse them. A timing holds for a count of torch's CPU threads: a launch with worker processes times
+with each one's share of the cores (study.pool.cpu_threads), as they will train. Only those commands, which write the study, time or keep anything.
 
 Every trial records both predictions before it trains (records.PREDICTED_FLOPS, PREDICTED_SECONDS) beside
 what it measured (train_flops, wall_seconds), so `show` and the report can show the model's error.
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 
 import numpy
 import optuna
+import torch
 from optuna.trial import TrialState
 from rich.console import Console
 
@@ -84,12 +86,12 @@ def trained_on(trial: optuna.trial.FrozenTrial) -> str | None:
     return f"{attrs[records.HOST]}/{attrs[records.DEVICE]}" if records.HOST in attrs and records.DEVICE in attrs else None
 
 
-def shape(config: TrainConfig) -> tuple:
-    """What a timing holds for: a training step's size, and the precision it trains in."""
-    return config.arch, config.resize, config.ratio, config.batch_size, "bf16" if bf16_autocast(config) else "fp32"
+def shape(config: TrainConfig, threads: int) -> tuple:
+    """What a timing holds for: a training step's size, the precision it trains in, and torch's CPU threads."""
+    return config.arch, config.resize, config.ratio, config.batch_size, "bf16" if bf16_autocast(config) else "fp32", threads
 
 
-SHAPE_KEYS = ("arch", "resize", "ratio", "batch_size", "precision")
+SHAPE_KEYS = ("arch", "resize", "ratio", "batch_size", "precision", "threads")
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ class CostModel:
     """Predicted seconds of a training on one machine: its timed shapes, scaled by what its finished trials measured."""
 
     machine: str             # host/device name
+    threads: int             # torch's CPU threads a training runs with (a worker process gets its share of the cores)
     timings: tuple           # one dict per timed shape: SHAPE_KEYS, step_flops, step_seconds, eval_seconds, fixed_seconds
     scale: float = 1.0       # measured / timed seconds of the trials finished on this machine
     measured: int = 0        # how many trials `scale` is from
@@ -104,9 +107,9 @@ class CostModel:
     def timed_seconds(self, config: TrainConfig) -> float:
         """The seconds the timings alone predict: fixed + steps × per step + evaluated examples × per example, each part
         interpolated between the architecture's timed shapes by a step's FLOPs (held at the ends beyond them)."""
-        points = sorted((t for t in self.timings if t["arch"] == config.arch), key=lambda t: t["step_flops"])
+        points = sorted((t for t in self.timings if t["arch"] == config.arch and t.get("threads") == self.threads), key=lambda t: t["step_flops"])
         if not points:
-            raise ValueError(f"no timing of {config.arch} on {self.machine}")
+            raise ValueError(f"no timing of {config.arch} on {self.machine} with {records.count(self.threads, 'thread')}")
         x = step_flops(config)
 
         def part(name: str) -> float:
@@ -120,11 +123,13 @@ class CostModel:
         return self.timed_seconds(config) * self.scale
 
     def refined(self, trials: list[optuna.trial.FrozenTrial]) -> CostModel:
-        """This model scaled by the trials among `trials` that trained here from their first epoch (a resumed one measured
-        only its last part): their wall seconds over what the timings predict for the epochs they ran."""
-        archs = {t["arch"] for t in self.timings}
+        """This model scaled by the trials among `trials` that trained here, with its threads, from their first epoch (a
+        resumed one measured only its last part): their wall seconds over what the timings predict for the epochs they
+        ran. A trial recorded without its threads (before they were) counts as trained with them."""
+        archs = {t["arch"] for t in self.timings if t.get("threads") == self.threads}
         done = [(t.user_attrs, config) for t in trials if trained_on(t) == self.machine and t.user_attrs.get("wall_seconds")
-                and records.RESUMED_FROM_EPOCH not in t.user_attrs and (config := records.train_config(t)) is not None and config.arch in archs]
+                and t.user_attrs.get(records.CPU_THREADS, self.threads) == self.threads and records.RESUMED_FROM_EPOCH not in t.user_attrs
+                and (config := records.train_config(t)) is not None and config.arch in archs]
         timed = sum(self.timed_seconds(dataclasses.replace(config, epochs=attrs["epochs_run"])) for attrs, config in done)
         if not timed > 0:
             return dataclasses.replace(self, scale=1.0, measured=0)
@@ -142,25 +147,27 @@ def timing_attr(key: str) -> str:
 
 
 def machine_model(study: optuna.Study, configs: list[TrainConfig], data: FashionMNIST, console: Console,
-                  trials: list[optuna.trial.FrozenTrial]) -> CostModel:
-    """The cost model of `configs` on this machine (their device): the timings `study` keeps for it, the shapes it lacks
-    timed now ("timing this machine") and kept in it, refined by `trials`. Only commands that write the study call it."""
-    key = machine(configs[0].device)
+                  trials: list[optuna.trial.FrozenTrial], threads: int | None = None) -> CostModel:
+    """The cost model of `configs` on this machine (their device), for trainings on `threads` CPU threads (default: this
+    process's): the timings `study` keeps for it, the shapes it lacks timed now ("timing this machine") with that many
+    threads and kept in it, refined by `trials`. Only commands that write the study call it."""
+    key, threads = machine(configs[0].device), threads or torch.get_num_threads()
     kept = study.user_attrs.get(timing_attr(key), [])
     timings = list(kept)
-    known = {tuple(t[name] for name in SHAPE_KEYS) for t in timings}
+    known = {tuple(t.get(name) for name in SHAPE_KEYS) for t in timings}
     for config in configs:
-        if (wanted := shape(config)) in known:
+        if (wanted := shape(config, threads)) in known:
             continue
-        timing = time_training(config, data)
-        timings.append({**dict(zip(SHAPE_KEYS, (*wanted[:4], timing.precision))), "step_flops": step_flops(config),
+        timing = time_training(config, data, threads=threads)
+        timings.append({**dict(zip(SHAPE_KEYS, wanted)), "precision": timing.precision, "step_flops": step_flops(config),
                         "step_seconds": timing.step_seconds, "eval_seconds": timing.eval_seconds, "fixed_seconds": timing.fixed_seconds})
         known.add(wanted)
-        console.print(f"timing this machine ({key}): {config.arch} at {config.resize} px, ratio {config.ratio}, batch {config.batch_size}, "
-                      f"{timing.precision}: {timing.step_seconds:.3g} s a training step, {timing.fixed_seconds:.1f} s to set up", markup=False)
+        console.print(f"timing this machine ({key}, {records.count(threads, 'thread')}): {config.arch} at {config.resize} px, ratio {config.ratio}, "
+                      f"batch {config.batch_size}, {timing.precision}: {timing.step_seconds:.3g} s a training step, {timing.fixed_seconds:.1f} s to set up",
+                      markup=False)
     if len(timings) > len(kept):
         study.set_user_attr(timing_attr(key), timings)
-    return CostModel(key, tuple(timings)).refined(trials)
+    return CostModel(key, threads, tuple(timings)).refined(trials)
 
 
 @dataclass(frozen=True)

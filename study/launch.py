@@ -115,6 +115,7 @@ class TrialRunner:
             trial.set_user_attr(records.HOST, socket.gethostname())
             trial.set_user_attr(records.PID, os.getpid())
             trial.set_user_attr(records.NODE, slot.node)
+            trial.set_user_attr(records.CPU_THREADS, slot.threads)
             config = (self.config_for or self.session.settings.plan.trial_config)(trial)
             if slot.device is not None:
                 config = dataclasses.replace(config, device=slot.device)
@@ -359,7 +360,7 @@ class Scheduler:
         runner.data = load_fashion_mnist(self.data_dir)
         # No more slots than trials still to run: a Ray actor is placed for each slot, and one beyond would hold a CPU idle.
         slots = self.make_slots(runner.data)[:total - done]
-        self.forecast = self._forecast(total - done, len(slots))
+        self.forecast = self._forecast(total - done, slots)
         runner.console.print(self.forecast.describe(runner.budget, self.study.get_trials(deepcopy=False)))
         self.study.set_user_attr(records.FORECAST, self.forecast.kept())
         stop = threading.Event()
@@ -487,16 +488,17 @@ class Scheduler:
                     pass  # a connection dropped mid-beat: the next beat, well within the grace period, gets a new one
             stop.wait(interval)
 
-    def _forecast(self, to_run: int, slots: int) -> costs.Forecast:
+    def _forecast(self, to_run: int, slots: list) -> costs.Forecast:
         """The time the trials still to run are predicted to take here: the cost model of the plan's range ends on the slots'
-        device (timed now if the study has no timing of them on this machine), over the configurations they will train."""
+        device and CPU threads (timed now if the study has no timing of them on this machine), over the configurations
+        they will train."""
         trials = self.study.get_trials(deepcopy=False)
         plan = self.runner.session.settings.plan
         ends = largest_configs(plan) + largest_configs(plan, smallest=True)
         if self.device not in (None, "auto"):  # as TrialRunner.run_trial puts them on the slot's device
             ends = [dataclasses.replace(config, device=self.device) for config in ends]
-        self.runner.cost_model = costs.machine_model(self.study, ends, self.runner.data, self.runner.console, trials)
-        return costs.Forecast(to_run, tuple(costs.coming_configs(self.study, plan, to_run)), self.runner.cost_model, slots)
+        self.runner.cost_model = costs.machine_model(self.study, ends, self.runner.data, self.runner.console, trials, slots[0].threads)
+        return costs.Forecast(to_run, tuple(costs.coming_configs(self.study, plan, to_run)), self.runner.cost_model, len(slots))
 
     def _status(self) -> list[str]:
         """The progress display's second line: best so far, predicted time left, budget used."""

@@ -1,10 +1,11 @@
 """Trial slots on this machine: each holds the data on its device, trains one config at a time, and streams
 per-epoch metrics back to the launcher, which reports, prunes and logs.
 
-A trial slot is any object with `device` (None or "cuda:N"), `node` (where it trains), `ready(timeout)` (True
-once it can train), `train(config, on_epoch, checkpoint, resume) -> TrainResult` and `stop()`: `checkpoint`, a path
-where the slot's trainer keeps the trial's checkpoint (None: none), from which it resumes when `resume`. Two kinds live here: `InProcess`
-(one slot, in the launcher's process) and `Worker` (a process of its own); study.ray_slots adds Ray actors.
+A trial slot is any object with `device` (None or "cuda:N"), `node` (where it trains), `threads` (torch's CPU
+threads it trains with), `ready(timeout)` (True once it can train), `train(config, on_epoch, checkpoint, resume) ->
+TrainResult` and `stop()`: `checkpoint`, a path where the slot's trainer keeps the trial's checkpoint (None: none),
+from which it resumes when `resume`. Two kinds live here: `InProcess` (one slot, in the launcher's process) and
+`Worker` (a process of its own); study.ray_slots adds Ray actors.
 
 So locally the launcher stays the only writer of the Optuna storage and the MLflow store, and the
 trainer stays free of Optuna and MLflow. A worker is a spawned process (CUDA cannot be forked); the launcher
@@ -20,6 +21,8 @@ import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 import objectives
 from objectives import EpochMetrics, FashionMNIST, TrainConfig, TrainResult
@@ -57,6 +60,7 @@ class InProcess:
         self.device = None if device == "auto" else device
         self.data = data
         self.node = socket.gethostname()
+        self.threads = torch.get_num_threads()  # the launcher's own: it trains here
 
     def ready(self, timeout: float) -> bool:
         return True

@@ -4,13 +4,15 @@ start line, the progress display's time left and `--budget`'s plan all read."""
 from __future__ import annotations
 
 import dataclasses
+import unittest.mock
 
 import optuna
 import pytest
+import torch
 
 from conftest import LENET as LENET_SPEC
 from conftest import make_spec
-from objectives.train import TrainConfig, time_training
+from objectives.train import TrainConfig, time_training, train
 from study.budget import Budget, CostModel, Forecast, coming_configs, describe_seconds, step_flops, time_left_field
 from study.session import make_sampler
 from study.specs import load_spec, resolve
@@ -21,17 +23,22 @@ SMALL = dataclasses.replace(LENET, ratio=2)  # the other end of a ratio range: a
 
 
 def _timing(config: TrainConfig, step: float, per_example: float, fixed: float) -> dict:
-    return {"arch": config.arch, "resize": config.resize, "ratio": config.ratio, "batch_size": config.batch_size, "precision": "fp32",
+    return {"arch": config.arch, "resize": config.resize, "ratio": config.ratio, "batch_size": config.batch_size, "precision": "fp32", "threads": 1,
             "step_flops": step_flops(config), "step_seconds": step, "eval_seconds": per_example, "fixed_seconds": fixed}
 
 
-MODEL = CostModel("host/cpu", (_timing(LENET, 0.2, 0.001, 3.0), _timing(SMALL, 0.1, 0.0005, 1.0)))
+MODEL = CostModel("host/cpu", 1, (_timing(LENET, 0.2, 0.001, 3.0), _timing(SMALL, 0.1, 0.0005, 1.0)))
 
 
 def test_time_training_times_the_real_step(fashion):
     timing = time_training(LENET, fashion, steps=2)
     assert timing.step_seconds > 0 and timing.eval_seconds >= 0 and timing.fixed_seconds >= 0
     assert timing.precision == "fp32"  # as the config trains
+    # With a worker's share of the cores: timed on that many threads, and this process's own count is left as it was.
+    own, seen = torch.get_num_threads(), []
+    with unittest.mock.patch("objectives.train.train", side_effect=lambda *args, **kwargs: seen.append(torch.get_num_threads()) or train(*args, **kwargs)):
+        time_training(LENET, fashion, steps=2, threads=1)
+    assert seen == [1] and torch.get_num_threads() == own
 
 
 def test_a_prediction_is_steps_evaluations_and_setup_interpolated_between_the_timed_ends():
@@ -43,17 +50,20 @@ def test_a_prediction_is_steps_evaluations_and_setup_interpolated_between_the_ti
     assert MODEL.timed_seconds(SMALL) < MODEL.timed_seconds(middle) < MODEL.timed_seconds(LENET)
     with pytest.raises(ValueError, match="no timing of vgg11"):
         MODEL.timed_seconds(dataclasses.replace(LENET, arch="vgg11", resize=32))
+    with pytest.raises(ValueError, match="no timing of lenet on host/cpu with 2 threads"):  # timed with one thread only
+        dataclasses.replace(MODEL, threads=2).timed_seconds(LENET)
 
 
-def _finished(config: TrainConfig, wall: float, host: str = "host", device: str = "cpu") -> optuna.trial.FrozenTrial:
+def _finished(config: TrainConfig, wall: float, host: str = "host", device: str = "cpu", **attrs) -> optuna.trial.FrozenTrial:
     return optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, value=0.5, user_attrs={
-        "config": dataclasses.asdict(config), "host": host, "device": device, "wall_seconds": wall, "epochs_run": config.epochs})
+        "config": dataclasses.asdict(config), "host": host, "device": device, "wall_seconds": wall, "epochs_run": config.epochs, **attrs})
 
 
 def test_finished_trials_on_the_machine_scale_the_model():
     timed = MODEL.timed_seconds(LENET)
-    refined = MODEL.refined([_finished(LENET, 2 * timed), _finished(LENET, 10 * timed, host="other")])
-    assert (refined.scale, refined.measured) == (pytest.approx(2.0), 1)  # the other host's trial is not this machine's
+    refined = MODEL.refined([_finished(LENET, 2 * timed), _finished(LENET, 10 * timed, host="other"), _finished(LENET, 5 * timed, cpu_threads=2)])
+    # The other host's trial is not this machine's, nor is one that trained with other threads than the model's.
+    assert (refined.scale, refined.measured) == (pytest.approx(2.0), 1)
     assert refined.seconds(LENET) == pytest.approx(2 * timed)
     assert "scaled by the 1 trial measured there" in refined.basis()
     assert MODEL.refined([]).scale == 1.0 and MODEL.basis() == "from training steps timed on host/cpu"

@@ -66,7 +66,8 @@ def test_a_launch_says_its_predicted_time_and_how_it_compared(study_home, tmp_pa
     out = result.stdout
     # A fresh study times this machine first, and predicts from those steps: not from a prior.
     here = machine("auto")
-    assert re.search(rf"^timing this machine \({re.escape(here)}\): lenet at 28 px, ratio 1, batch 64, fp32: [0-9.e-]+ s a training step", out, re.MULTILINE), out
+    assert re.search(rf"^timing this machine \({re.escape(here)}, [0-9]+ threads?\): lenet at 28 px, ratio 1, batch 64, fp32: [0-9.e-]+ s a training step",
+                     out, re.MULTILINE), out
     number = r"[0-9.]+ (?:s|min|h)"
     assert re.search(rf"^predicted time: 2 trials in about {number} \({number} and [0-9.e+]+ training FLOPs each, from training steps timed on "
                      rf"{re.escape(here)}\); --budget 30\.0 min holds all of them$", out, re.MULTILINE), out
@@ -80,7 +81,9 @@ def test_a_launch_says_its_predicted_time_and_how_it_compared(study_home, tmp_pa
     timings = study.user_attrs[f"step_timing {here}"]
     assert [(t["arch"], t["resize"], t["batch_size"]) for t in timings] == [("lenet", 28, 64)]
     first = study.trials[0]
-    assert first.user_attrs["predicted_seconds"] == pytest.approx(CostModel(here, tuple(timings)).timed_seconds(TrainConfig(**first.user_attrs["config"])))
+    threads = first.user_attrs["cpu_threads"]
+    assert [t["threads"] for t in timings] == [threads]  # timed as the trial trains
+    assert first.user_attrs["predicted_seconds"] == pytest.approx(CostModel(here, threads, tuple(timings)).timed_seconds(TrainConfig(**first.user_attrs["config"])))
 
     # A second launch reuses them, timing nothing, and scales them by what the study's trials measured here.
     again = run_main("launch", str(spec), "--trials", "3", env={"COLUMNS": "120"})
@@ -90,6 +93,25 @@ def test_a_launch_says_its_predicted_time_and_how_it_compared(study_home, tmp_pa
                      r"\(×[0-9.]+\)\)$", again.stdout, re.MULTILINE), again.stdout
     assert optuna.load_study(study_name="timed", storage=journal(study_home)).user_attrs[f"step_timing {here}"] == timings
     _check_whole(_progress_lines(again.stdout, "timed"), 120, ["3 of 3 trials", "best val_accuracy", "left (predicted)"])
+
+
+def test_worker_processes_are_timed_with_their_share_of_the_cores(study_home, tmp_path):
+    # The repro: with --workers the launcher timed the steps on all the cores while each worker process trains on its share
+    # (study.pool.cpu_threads), so the start prediction was short by up to the number of workers.
+    from study.budget import machine
+    from study.pool import cpu_cores, cpu_threads
+
+    if cpu_cores() < 2:
+        pytest.skip("two worker processes need two cores")
+    share = cpu_threads(2)
+    spec = make_spec(tmp_path, "shared", LENET)
+    result = run_main("launch", str(spec), "--trials", "2", "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    here = machine("auto")
+    assert f"timing this machine ({here}, {share} thread{'' if share == 1 else 's'}): lenet at 28 px" in result.stdout, result.stdout
+    study = optuna.load_study(study_name="shared", storage=journal(study_home))
+    assert [t["threads"] for t in study.user_attrs[f"step_timing {here}"]] == [share]
+    assert [t.user_attrs["cpu_threads"] for t in study.trials] == [share, share]
 
 
 def test_confirm_and_finalize_show_the_same_progress(study_home, tmp_path):
