@@ -103,6 +103,7 @@ class CostModel:
     timings: tuple           # one dict per timed shape: SHAPE_KEYS, step_flops, step_seconds, eval_seconds, fixed_seconds
     scale: float = 1.0       # measured / timed seconds of the trials finished on this machine
     measured: int = 0        # how many trials `scale` is from
+    elsewhere: bool = False  # its trials train on other machines (Ray's nodes): the trials finished on any of them scale it
 
     def timed_seconds(self, config: TrainConfig) -> float:
         """The seconds the timings alone predict: fixed + steps × per step + evaluated examples × per example, each part
@@ -123,11 +124,11 @@ class CostModel:
         return self.timed_seconds(config) * self.scale
 
     def refined(self, trials: list[optuna.trial.FrozenTrial]) -> CostModel:
-        """This model scaled by the trials among `trials` that trained here, with its threads, from their first epoch (a
-        resumed one measured only its last part): their wall seconds over what the timings predict for the epochs they
-        ran. A trial recorded without its threads (before they were) counts as trained with them."""
+        """This model scaled by the trials among `trials` that trained here (`elsewhere`: on any machine), with its threads,
+        from their first epoch (a resumed one measured only its last part): their wall seconds over what the timings
+        predict for the epochs they ran. A trial recorded without its threads (before they were) counts as trained with them."""
         archs = {t["arch"] for t in self.timings if t.get("threads") == self.threads}
-        done = [(t.user_attrs, config) for t in trials if trained_on(t) == self.machine and t.user_attrs.get("wall_seconds")
+        done = [(t.user_attrs, config) for t in trials if (trained_on(t) == self.machine or self.elsewhere and trained_on(t)) and t.user_attrs.get("wall_seconds")
                 and t.user_attrs.get(records.CPU_THREADS, self.threads) == self.threads and records.RESUMED_FROM_EPOCH not in t.user_attrs
                 and (config := records.train_config(t)) is not None and config.arch in archs]
         timed = sum(self.timed_seconds(dataclasses.replace(config, epochs=attrs["epochs_run"])) for attrs, config in done)
@@ -137,8 +138,10 @@ class CostModel:
 
     def basis(self) -> str:
         """What its predictions are based on, for the lines that state a time."""
-        scaled = f", scaled by the {records.count(self.measured, 'trial')} measured there (×{self.scale:.2f})" if self.measured else ""
-        return f"from training steps timed on {self.machine}{scaled}"
+        where = "on them" if self.elsewhere else "there"
+        scaled = f", scaled by the {records.count(self.measured, 'trial')} measured {where} (×{self.scale:.2f})" if self.measured else ""
+        timed = f"{self.machine}, the launcher, not on the Ray nodes that train" if self.elsewhere else self.machine
+        return f"from training steps timed on {timed}{scaled}"
 
 
 def timing_attr(key: str) -> str:
@@ -147,10 +150,11 @@ def timing_attr(key: str) -> str:
 
 
 def machine_model(study: optuna.Study, configs: list[TrainConfig], data: FashionMNIST, console: Console,
-                  trials: list[optuna.trial.FrozenTrial], threads: int | None = None) -> CostModel:
+                  trials: list[optuna.trial.FrozenTrial], threads: int | None = None, elsewhere: bool = False) -> CostModel:
     """The cost model of `configs` on this machine (their device), for trainings on `threads` CPU threads (default: this
     process's): the timings `study` keeps for it, the shapes it lacks timed now ("timing this machine") with that many
-    threads and kept in it, refined by `trials`. Only commands that write the study call it."""
+    threads and kept in it, refined by `trials`. `elsewhere`: the trials train on other machines (Ray's nodes), which
+    this one stands for until their finished trials scale it. Only commands that write the study call it."""
     key, threads = machine(configs[0].device), threads or torch.get_num_threads()
     kept = study.user_attrs.get(timing_attr(key), [])
     timings = list(kept)
@@ -167,7 +171,7 @@ def machine_model(study: optuna.Study, configs: list[TrainConfig], data: Fashion
                       markup=False)
     if len(timings) > len(kept):
         study.set_user_attr(timing_attr(key), timings)
-    return CostModel(key, threads, tuple(timings)).refined(trials)
+    return CostModel(key, threads, tuple(timings), elsewhere=elsewhere).refined(trials)
 
 
 @dataclass(frozen=True)

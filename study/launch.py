@@ -497,7 +497,8 @@ class Scheduler:
         ends = largest_configs(plan) + largest_configs(plan, smallest=True)
         if self.device not in (None, "auto"):  # as TrialRunner.run_trial puts them on the slot's device
             ends = [dataclasses.replace(config, device=self.device) for config in ends]
-        self.runner.cost_model = costs.machine_model(self.study, ends, self.runner.data, self.runner.console, trials, slots[0].threads)
+        self.runner.cost_model = costs.machine_model(self.study, ends, self.runner.data, self.runner.console, trials, slots[0].threads,
+                                                     elsewhere=slots[0].elsewhere)
         return costs.Forecast(to_run, tuple(costs.coming_configs(self.study, plan, to_run)), self.runner.cost_model, len(slots))
 
     def _status(self) -> list[str]:

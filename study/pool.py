@@ -1,11 +1,12 @@
 """Trial slots on this machine: each holds the data on its device, trains one config at a time, and streams
 per-epoch metrics back to the launcher, which reports, prunes and logs.
 
-A trial slot is any object with `device` (None or "cuda:N"), `node` (where it trains), `threads` (torch's CPU
-threads it trains with), `ready(timeout)` (True once it can train), `train(config, on_epoch, checkpoint, resume) ->
-TrainResult` and `stop()`: `checkpoint`, a path where the slot's trainer keeps the trial's checkpoint (None: none),
-from which it resumes when `resume`. Two kinds live here: `InProcess` (one slot, in the launcher's process) and
-`Worker` (a process of its own); study.ray_slots adds Ray actors.
+A trial slot is any object with `device` (None or "cuda:N"), `node` (where it trains), `elsewhere` (whether that
+may be another machine than the launcher's), `threads` (torch's CPU threads it trains with), `ready(timeout)` (True
+once it can train), `train(config, on_epoch, checkpoint, resume) -> TrainResult` and `stop()`: `checkpoint`, a path
+where the slot's trainer keeps the trial's checkpoint (None: none), from which it resumes when `resume`. Two kinds
+live here: `InProcess` (one slot, in the launcher's process) and `Worker` (a process of its own); study.ray_slots
+adds Ray actors.
 
 So locally the launcher stays the only writer of the Optuna storage and the MLflow store, and the
 trainer stays free of Optuna and MLflow. A worker is a spawned process (CUDA cannot be forked); the launcher
@@ -55,6 +56,7 @@ class InProcess:
     """The one trial slot of a single-device launch: trains in the launcher's process, on the data it holds."""
 
     retiring = False  # only a Ray slot retires (study.ray_slots.RaySlot)
+    elsewhere = False  # it trains on this machine; a Ray slot wherever Ray places it
 
     def __init__(self, device: str, data: FashionMNIST):
         self.device = None if device == "auto" else device
@@ -77,6 +79,7 @@ class Worker:
     """One trial slot: a process pinned to one device."""
 
     retiring = False  # a worker process that died is started again; only a Ray slot retires (study.ray_slots.RaySlot)
+    elsewhere = False
 
     def __init__(self, device: str, data_dir: str | None, threads: int):
         self.device = None if device == "auto" else device  # None: the CPU here

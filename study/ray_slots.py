@@ -137,6 +137,7 @@ class RaySlot:
     node's memory holds the actors that remain."""
 
     device = None  # the actor trains on what Ray gave it: "auto" finds its GPU (CUDA_VISIBLE_DEVICES) or the CPU
+    elsewhere = True  # on the node Ray places it on: the launcher's timings stand for it until its trials finish (study.budget)
 
     def __init__(self, arrays_ref: ray.ObjectRef, options: dict, threads: int):
         self.arrays_ref, self.options, self.threads = arrays_ref, options, threads

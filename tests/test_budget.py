@@ -67,6 +67,12 @@ def test_finished_trials_on_the_machine_scale_the_model():
     assert refined.seconds(LENET) == pytest.approx(2 * timed)
     assert "scaled by the 1 trial measured there" in refined.basis()
     assert MODEL.refined([]).scale == 1.0 and MODEL.basis() == "from training steps timed on host/cpu"
+    # A launch whose trials train on Ray's nodes (a GPU there, a CPU here): the launcher's timings stand for them until
+    # their trials, on any machine, scale the model.
+    ray = dataclasses.replace(MODEL, elsewhere=True).refined([_finished(LENET, timed / 10, host="head", device="NVIDIA H100")])
+    assert (ray.scale, ray.measured) == (pytest.approx(0.1), 1)
+    assert ray.basis() == ("from training steps timed on host/cpu, the launcher, not on the Ray nodes that train, "
+                           "scaled by the 1 trial measured on them (×0.10)")
 
 
 @pytest.mark.parametrize("unit", ["flops", "seconds"])

@@ -142,9 +142,12 @@ def test_a_study_spreads_over_both_nodes(cluster, launch, study_home):
     assert code == 0, output
     # No more actors than trials to run: 4 slots, not 9 (two of them wait for a CPU of the two nodes).
     assert "trials run as Ray actors, 4 (not 9: 4 trials still to run) at once" in output and "4 at a time" in output, output
+    # Predicted from the launcher's timings, with an actor's one thread, and said so: the nodes are not timed.
+    assert "from training steps timed on" in output and ", the launcher, not on the Ray nodes that train" in output, output
     trials = _study(study_home).get_trials()
     nodes = {t.user_attrs["node"] for t in trials}
     assert len(nodes) == 2, nodes  # hostname/Ray node id: the two nodes share this host's name
+    assert {t.user_attrs["cpu_threads"] for t in trials} == {1}
     client = MlflowClient(tracking_uri=sqlite_uri(study_home))
     for trial in trials:
         assert client.get_run(trial.user_attrs["mlflow_run_id"]).data.tags["node"] == trial.user_attrs["node"]

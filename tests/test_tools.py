@@ -185,9 +185,9 @@ def test_cpu_peak_memory_is_each_trials_own():
     assert {source for _, source in peaks} == {"cpu_rss_above_start"}
     lenets, vgg = [bytes_ for bytes_, _ in peaks[:3]], peaks[3][0]
     assert min(lenets) > 0
-    # No growth from trial to trial, as the process-wide peak had (each trial would add its own on top):
-    # identical LeNets measure within the allocator's noise of the first (fp32 on an AVX2 CPU: 15-21 MB).
-    assert max(lenets[1:]) < 1.5 * lenets[0] and max(lenets) < 3 * min(lenets), lenets
+    # No growth from trial to trial, as the process-wide peak had (each trial adds its own on top: 3x the first by the
+    # third): identical LeNets measure within the allocator's noise of each other (fp32 on an AVX2 CPU: 15-22.5 MB).
+    assert max(lenets) < 2 * min(lenets), lenets
     assert vgg > 3 * max(lenets), (vgg, lenets)
 
 
