@@ -239,13 +239,12 @@ class Forecast:
         left = budget.amount - budget.used(trials) - running
         costs = [budget.cost(Prediction(predicted_flops(config), (model or self.model).seconds(config))) for config in self.configs]
         held = 0
-        while held < self.trials:
-            cost = costs[held] if held < len(costs) else statistics.fmean(costs)  # beyond the drawn ones, their mean
+        for cost in costs[:self.trials]:
             if cost > left:
-                break
+                return held
             left -= cost
             held += 1
-        return held
+        return min(self.trials, held + int(left // statistics.fmean(costs)))  # beyond the drawn ones, at their mean
 
     def describe(self, budget: Budget | None, trials: list[optuna.trial.FrozenTrial]) -> str:
         """The launch's first line about time: the prediction, what it is based on, and how much of it `budget` holds."""
